@@ -1,0 +1,141 @@
+"""Shared benchmark plumbing (BENCH.md): device naming, headers, timing, floors, writers.
+
+Timing is interleaved: the candidates of one case run in turn within each repetition, so a
+noisy neighbour slows them alike, and ratios are medians of per-repetition ratios.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key in ("h200", "h100", "a100", "l40s", "l4", "a10g", "4090"):
+            if key in name:
+                return f"nvidia-{key}"
+        return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1]
+                break
+    except OSError:
+        pass
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
+    slug = "-".join(w for w in slug.split("-") if w not in ("processor", "core", "tm", "r"))[:24]
+    return f"cpu-{slug}-{torch.get_num_threads()}t"
+
+
+def header(device: torch.device, title: str) -> list[str]:
+    lines = [f"# {title}", "",
+             f"- device: {device_name(device)}"
+             + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                f" ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
+             f"- torch {torch.__version__}, CUDA {torch.version.cuda or 'n/a'}, "
+             f"threads {torch.get_num_threads()}, python {platform.python_version()}"]
+    try:
+        import importlib.metadata as md
+        lines.append(f"- triton {md.version('triton')}, transformers {md.version('transformers')}")
+    except Exception:
+        pass
+    lines.append(f"- command: `{' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}`")
+    return lines
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 10,
+                     warmup: int = 2, budget_s: float = 20.0) -> dict[str, float]:
+    """Median seconds per candidate, running the candidates in turn within each repetition.
+    A candidate slower than budget_s/reps per call is measured fewer times (min 1)."""
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    deadline = time.perf_counter() + budget_s
+    for rep in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(_time_once(fn, device))
+        if time.perf_counter() > deadline and rep >= 2:
+            break
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """FLOP/s of a large dense matmul in `dtype`: the arithmetic roof on this machine."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_interleaved({"mm": lambda: a @ b}, device, reps=5)["mm"]
+    return 2 * n ** 3 / t
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large copy (bytes read plus written): the memory roof on this machine."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    t = time_interleaved({"copy": lambda: dst.copy_(src)}, device, reps=5)["copy"]
+    return 2 * n / t
+
+
+def write_results(device: torch.device, name: str, title: str, rows: list[dict],
+                  notes: list[str] | None = None, md_columns: list[str] | None = None) -> Path:
+    out_dir = RESULTS / device_name(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    head = header(device, title)
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
+        for line in head:
+            f.write(f"# {line.lstrip('# ')}\n")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cols = md_columns or list(rows[0])
+    md = head + [""] + (notes or []) + ["", "| " + " | ".join(cols) + " |",
+                                        "|" + "---|" * len(cols)]
+    for row in rows:
+        md.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    return out_dir
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if v != v:
+            return "n/a"
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)

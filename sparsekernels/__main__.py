@@ -1,0 +1,5 @@
+import sys
+
+from sparsekernels.cli import main
+
+sys.exit(main())
