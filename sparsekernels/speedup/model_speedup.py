@@ -1,0 +1,325 @@
+"""ModelSpeedup: masks -> a faster model, by resizing, by sparse kernels, or both.
+
+    ModelSpeedup(model, dummy_input, masks, mode="resize").speedup_model()
+
+resize: remove what is whole (heads, FFN units, hidden channels), exactly (analysis.py).
+kernel: keep shapes; masked Linear / Conv1D layers become SparseLinear.
+auto:   resize, then SparseLinear for layers still block-sparse below the dense crossover.
+The model is changed in place and returned; `self.report` says what changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekernels.formats.block_sparse import SUPPORTED_BLOCK_SIZES, block_mask_from_mask
+from sparsekernels.nn.sparse_linear import SparseLinear
+from sparsekernels.ops.crossover import dense_crossover
+from sparsekernels.pruning import layers
+from sparsekernels.pruning.masks import MaskError, validate_masks
+from sparsekernels.speedup import surgery
+from sparsekernels.speedup.analysis import Plan, analyze
+
+MODES = ("resize", "kernel", "auto")
+STRUCTURE_ATTR = "sparsekernels_structure"
+_SPARSE_TYPES = ("Linear", "Conv1D")
+
+
+def run_model(model: nn.Module, dummy_input: Any):
+    if isinstance(dummy_input, dict):
+        return model(**dummy_input)
+    if isinstance(dummy_input, (tuple, list)):
+        return model(*dummy_input)
+    return model(dummy_input)
+
+
+def count_params(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def count_flops(model: nn.Module, dummy_input: Any) -> int:
+    """Multiply-add FLOPs (x2) of the weight layers and attention products on one forward."""
+    from sparsekernels.pruning.heads import find_attention_blocks
+
+    total = [0]
+    handles = []
+
+    def weight_hook(module, args, out):
+        if not isinstance(out, torch.Tensor):
+            return
+        name = layers.type_name(module)
+        if isinstance(module, SparseLinear):
+            tokens = out.numel() // module.out_features
+            total[0] += 2 * tokens * module.values.numel()
+        elif name in ("Linear", "Conv1D"):
+            out_f, in_f = layers.canonical_shape(module)
+            total[0] += 2 * (out.numel() // max(out_f, 1)) * out_f * in_f
+        elif name in ("Conv2d", "Conv1d"):
+            w = module.weight
+            total[0] += 2 * out.numel() * w[0].numel() // max(module.groups, 1)
+
+    def attention_hook(block):
+        def hook(module, args, kwargs, out):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if isinstance(x, torch.Tensor) and x.dim() >= 3:
+                b, length = x.shape[0], x.shape[1]
+                heads = _current_heads(module, block)
+                total[0] += 4 * b * length * length * heads * block.head_dim
+        return hook
+
+    for module in model.modules():
+        if isinstance(module, SparseLinear) or layers.type_name(module) in (
+                "Linear", "Conv1D", "Conv2d", "Conv1d"):
+            handles.append(module.register_forward_hook(weight_hook))
+    for block in find_attention_blocks(model):
+        handles.append(model.get_submodule(block.name).register_forward_hook(
+            attention_hook(block), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run_model(model, dummy_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def _current_heads(module, block) -> int:
+    for attr in ("num_attention_heads", "num_heads", "n_heads", "n_head"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    return block.num_heads
+
+
+@dataclass
+class SpeedupReport:
+    mode: str
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    heads_removed: dict[str, list[int]] = field(default_factory=dict)
+    resized: dict[str, str] = field(default_factory=dict)  # module -> "old -> new" shape
+    sparse: dict[str, float] = field(default_factory=dict)  # module -> block density
+    dense: dict[str, str] = field(default_factory=dict)  # masked module kept dense -> why
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def ratio(a, b):
+            return f"{b / a:.3f}" if a else "n/a"
+
+        lines = [f"ModelSpeedup ({self.mode})",
+                 f"  parameters: {self.params_before:,} -> {self.params_after:,} "
+                 f"(x{ratio(self.params_before, self.params_after)})",
+                 f"  FLOPs:      {self.flops_before:,} -> {self.flops_after:,} "
+                 f"(x{ratio(self.flops_before, self.flops_after)})"]
+        if self.heads_removed:
+            n = sum(len(v) for v in self.heads_removed.values())
+            lines.append(f"  heads removed: {n} in {len(self.heads_removed)} attention blocks")
+            lines += [f"    {k}: {v}" for k, v in self.heads_removed.items()]
+        if self.resized:
+            lines.append(f"  resized modules: {len(self.resized)}")
+            lines += [f"    {k}: {v}" for k, v in self.resized.items()]
+        if self.sparse:
+            lines.append(f"  block-sparse modules (SparseLinear): {len(self.sparse)}")
+            lines += [f"    {k}: density {v:.3f}" for k, v in self.sparse.items()]
+        if self.dense:
+            lines.append("  masked modules left dense:")
+            lines += [f"    {k}: {v}" for k, v in self.dense.items()]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+class ModelSpeedup:
+    """NNI's ModelSpeedup, for torch 2.x and transformers 4.x / 5.x.
+
+    model: the model the masks were computed for (changed in place).
+    dummy_input: a tensor, tuple or dict of model inputs (one forward is traced).
+    masks: NNI masks {module_name: {"weight": 0/1, "bias": 0/1}}, e.g. a pruner's.
+    mode: "resize", "kernel" or "auto". block_size: SparseLinear blocks (kernel and auto).
+    """
+
+    def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
+                 block_size=(32, 32), backend: str = "auto"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(dummy_input, (torch.Tensor, tuple, list, dict)):
+            raise TypeError("dummy_input must be a tensor, a tuple of tensors or a dict of model "
+                            f"inputs, got {type(dummy_input).__name__}")
+        if not isinstance(masks, dict):
+            raise TypeError(f"masks must be a dict {{module: {{'weight': mask}}}}, got {type(masks).__name__}")
+        validate_masks(model, masks)
+        self.model, self.dummy_input, self.masks, self.mode = model, dummy_input, masks, mode
+        self.block_size = tuple(block_size)
+        self.backend = backend
+        self.report = SpeedupReport(mode)
+        self.structure: dict[str, list[dict]] = defaultdict(list)
+
+    # -- steps -----------------------------------------------------------------------------
+    def _check_supported(self) -> None:
+        modules = dict(self.model.named_modules())
+        for name, entry in self.masks.items():
+            module = modules[name]
+            if layers.type_name(module) not in layers.WEIGHT_TYPES + layers.NORM_TYPES:
+                raise MaskError(f"cannot speed up {name!r} ({type(module).__name__}): masks are "
+                                "supported on Linear, Conv1D, Conv1d/2d, Embedding and norm layers")
+
+    def _apply_masks(self) -> None:
+        modules = dict(self.model.named_modules())
+        for name, entry in self.masks.items():
+            for pname, mask in entry.items():
+                p = getattr(modules[name], pname)
+                p.mul_(mask.to(device=p.device, dtype=p.dtype))
+
+    def _resize(self) -> Plan:
+        plan = analyze(self.model, self.dummy_input)
+        cache = surgery.ParamCache()
+        modules = dict(self.model.named_modules())
+        for name, delta in plan.bias_folds.items():
+            module = modules[name]
+            if not layers.has_bias(module):
+                self.structure[name].append(surgery.add_bias(module, cache))
+            module.bias.data += torch.as_tensor(delta).to(module.bias)
+        for block_name, head in plan.zero_heads.items():
+            block = plan.blocks[block_name]
+            v = modules[block.v]
+            h, d = block.num_heads, block.head_dim
+            start = (2 * h * d if block.fused else 0) + head * d
+            cv = layers.to_canonical(v, v.weight.data)
+            cv[start:start + d] = 0
+            if layers.has_bias(v):
+                v.bias.data[start:start + d] = 0
+        for block_name, kept in plan.heads.items():
+            block = plan.blocks[block_name]
+            if len(kept) == block.num_heads:
+                continue
+            h, d = block.num_heads, block.head_dim
+            per_head = torch.zeros(h, d, dtype=torch.bool)
+            per_head[kept] = True
+            flat = per_head.flatten()
+            if block.fused:
+                plan.rows[block.q] = plan.keep_rows(block.q, 3 * h * d, "cpu") & flat.repeat(3)
+            else:
+                for proj in (block.q, block.k, block.v):
+                    plan.rows[proj] = plan.keep_rows(proj, h * d, "cpu") & flat
+            plan.cols[block.o] = plan.keep_cols(block.o, h * d, "cpu") & flat
+            self.report.heads_removed[block_name] = [i for i in range(h) if i not in kept]
+            self.structure[block_name].append(
+                surgery.set_head_count(modules[block_name], h, len(kept), d))
+            if hasattr(modules[block_name], "has_relative_attention_bias"):  # T5's shared bias
+                self.structure[block_name].append(
+                    surgery.install_head_subset(modules[block_name], kept, h))
+        for name in sorted(set(plan.rows) | set(plan.cols)):
+            module = modules[name]
+            rows, cols = plan.rows.get(name), plan.cols.get(name)
+            if (rows is None or rows.all()) and (cols is None or cols.all()):
+                continue
+            before = tuple(module.weight.shape)
+            self.structure[name].append(surgery.shrink_weight_layer(
+                module, None if rows is None else rows.nonzero().view(-1),
+                None if cols is None else cols.nonzero().view(-1), cache))
+            self.report.resized[name] = f"{list(before)} -> {list(module.weight.shape)}"
+        for name, keep in plan.norms.items():
+            if keep.all():
+                continue
+            before = modules[name].weight.shape[0]
+            self.structure[name].append(surgery.shrink_norm(modules[name], keep.nonzero().view(-1), cache))
+            self.report.resized[name] = f"[{before}] -> [{int(keep.sum())}] (normalised over {before})"
+        for (owner, attr), keep in plan.params.items():
+            if keep.all():
+                continue
+            self.structure[owner].append(surgery.shrink_param(modules[owner], attr,
+                                                              keep.nonzero().view(-1), cache))
+            self.report.resized[f"{owner}.{attr}"] = f"last dim -> {int(keep.sum())}"
+        self._retie_weights()
+        self.report.notes += plan.notes
+        return plan
+
+    def _retie_weights(self) -> None:
+        # transformers re-ties input and output embeddings on demand; keep that working
+        tie = getattr(self.model, "tie_weights", None)
+        if callable(tie) and getattr(getattr(self.model, "config", None), "tie_word_embeddings", False):
+            try:
+                tie()
+            except Exception:  # tying is a convenience here; shapes were already made equal
+                pass
+
+    def _to_kernels(self, only_below_crossover: bool) -> None:
+        modules = dict(self.model.named_modules())
+        for name in self.masks:
+            module = modules.get(name)
+            if module is None or layers.type_name(module) not in _SPARSE_TYPES:
+                continue
+            weight = layers.to_canonical(module, module.weight.detach())
+            if bool((weight != 0).all()):
+                continue  # nothing left masked (e.g. removed by the resize)
+            block = self._block_for(weight.shape)
+            if block is None:
+                self.report.dense[name] = (f"shape {list(weight.shape)} is not divisible by any "
+                                           f"block size <= {self.block_size}")
+                continue
+            density = float(block_mask_from_mask(weight, block).float().mean())
+            if only_below_crossover and density >= dense_crossover(weight.device.type, weight.dtype, block):
+                self.report.dense[name] = f"block density {density:.2f} is above the dense crossover"
+                continue
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=layers.has_bias(module),
+                               device=weight.device, dtype=weight.dtype)
+            linear.weight.data.copy_(weight)
+            if layers.has_bias(module):
+                linear.bias.data.copy_(module.bias.detach())
+            sparse = SparseLinear.from_linear(linear, block, mask=(weight != 0), backend=self.backend)
+            sparse.train(module.training)
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else self.model, child, sparse)
+            self.report.sparse[name] = sparse.density
+            self.structure[name].append({"op": "sparse_linear", "in_features": sparse.in_features,
+                                         "out_features": sparse.out_features,
+                                         "block_size": list(block), "bias": sparse.bias is not None,
+                                         "backend": self.backend})
+
+    def _block_for(self, shape) -> tuple[int, int] | None:
+        bm, bk = self.block_size
+        for cand in ((bm, bk),) + tuple((b, b) for b in sorted(SUPPORTED_BLOCK_SIZES, reverse=True)
+                                       if b <= max(bm, bk)):
+            if shape[0] % cand[0] == 0 and shape[1] % cand[1] == 0:
+                return cand
+        return None
+
+    # -- entry point -----------------------------------------------------------------------
+    def speedup_model(self) -> nn.Module:
+        self._check_supported()
+        was_training = self.model.training
+        self.model.eval()  # dropout off: the analysis reads constants from one forward
+        try:
+            with torch.no_grad():
+                self.report.params_before = count_params(self.model)
+                self.report.flops_before = count_flops(self.model, self.dummy_input)
+                self._apply_masks()
+                if self.mode in ("resize", "auto"):
+                    self._resize()
+                if self.mode in ("kernel", "auto"):
+                    self._to_kernels(only_below_crossover=self.mode == "auto")
+                self.report.params_after = count_params(self.model)
+                self.report.flops_after = count_flops(self.model, self.dummy_input)
+        finally:
+            self.model.train(was_training)
+        record = dict(getattr(self.model, "_" + STRUCTURE_ATTR, {}) or {})
+        for name, changes in self.structure.items():
+            record.setdefault(name, []).extend(changes)
+        setattr(self.model, "_" + STRUCTURE_ATTR, record)
+        config = getattr(self.model, "config", None)
+        if config is not None:
+            setattr(config, STRUCTURE_ATTR, record)
+        return self.model
