@@ -159,22 +159,25 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
     """Give a freshly built model the shapes recorded by a speedup, before loading weights."""
     from sparsekernels.nn.sparse_linear import SparseLinear
 
-    cache = ParamCache()
+    cache = ParamCache()  # a parameter shared by several modules (tied) stays shared
+
+    def empty(module, attr, shape):
+        cache.replace(module, attr, getattr(module, attr).detach().new_empty(shape))
+
     for name, changes in structure.items():
         for change in changes:
             module = model.get_submodule(name)
             op = change["op"]
             if op == "weight_layer":
-                module.weight = nn.Parameter(module.weight.new_empty(change["weight"]))
+                empty(module, "weight", change["weight"])
                 if change["bias"] is not None:
-                    module.bias = nn.Parameter(module.weight.new_empty(change["bias"]))
+                    empty(module, "bias", change["bias"])
                 for attr, value in change["attrs"].items():
                     setattr(module, attr, value)
             elif op == "add_bias":
                 module.bias = nn.Parameter(module.weight.new_zeros(change["bias"]))
             elif op == "param":
-                setattr(module, change["attr"],
-                        nn.Parameter(getattr(module, change["attr"]).new_empty(change["shape"])))
+                empty(module, change["attr"], change["shape"])
             elif op == "norm":
                 shrink_norm(module, torch.arange(change["size"]), cache)
                 module.virtual_features = change["virtual"]
@@ -231,9 +234,16 @@ def install_head_subset(module: nn.Module, kept: list[int], total: int) -> Chang
     def post_hook(mod, args, kwargs, output):
         full = getattr(mod, "_sk_full_bias", None)
         mod._sk_full_bias = None
-        if full is not None and isinstance(output, tuple) and len(output) > 1:
-            return (output[0], full) + tuple(output[2:])
-        return output
+        if not (isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor)):
+            return output
+        if full is None and not getattr(mod, "has_relative_attention_bias", False):
+            # a layer without relative bias made a zero bias with its own head count: hand
+            # the next layer a zero bias with every head, from which it picks its own
+            shape = output[1].shape
+            full = output[1].new_zeros((shape[0], total, *shape[2:]))
+        if full is None:
+            return output
+        return (output[0], full) + tuple(output[2:])
 
     module.compute_bias = compute_bias
     module.register_forward_pre_hook(pre_hook, with_kwargs=True)

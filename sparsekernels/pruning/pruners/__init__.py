@@ -1,0 +1,15 @@
+"""The pruners (NNI 2.10 names, parameters and defaults)."""
+
+from sparsekernels.pruning.pruners.activation import (
+    ActivationAPoZRankPruner, ActivationMeanRankPruner)
+from sparsekernels.pruning.pruners.base import Pruner
+from sparsekernels.pruning.pruners.data_driven import DataDrivenPruner
+from sparsekernels.pruning.pruners.movement import MovementPruner
+from sparsekernels.pruning.pruners.slim import SlimPruner
+from sparsekernels.pruning.pruners.taylor import TaylorFOWeightPruner
+from sparsekernels.pruning.pruners.weight import (
+    FPGMPruner, L1NormPruner, L2NormPruner, LevelPruner)
+
+__all__ = ["ActivationAPoZRankPruner", "ActivationMeanRankPruner", "DataDrivenPruner",
+           "FPGMPruner", "L1NormPruner", "L2NormPruner", "LevelPruner", "MovementPruner", "Pruner",
+           "SlimPruner", "TaylorFOWeightPruner"]
