@@ -36,6 +36,14 @@ def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
         t.div_(n)
 
 
+def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum tensors across ranks, in place (statistics gathered on each rank's own data)."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+
+
 def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
     """Copy rank `src`'s tensors to every rank, in place."""
     if not is_distributed():

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekernels.pruning import layers
+from sparsekernels.pruning.distributed import all_reduce_sum_
 from sparsekernels.pruning.evaluator import Evaluator
 from sparsekernels.pruning.pruners.data_driven import DataDrivenPruner
 
@@ -69,6 +70,11 @@ class _ActivationPruner(DataDrivenPruner):
         if missing:
             raise RuntimeError(f"{type(self).__name__}: {missing[0]!r} never ran during "
                                "training, so it has no activation statistics")
+        # under DDP each rank saw its own batches: add the statistics of every rank
+        names = sorted(self._counts)
+        counts = torch.tensor([float(self._counts[n]) for n in names], dtype=torch.float64)
+        all_reduce_sum_([self._zeros[n] for n in names] + [self._sums[n] for n in names] + [counts])
+        self._counts = {n: float(c) for n, c in zip(names, counts.tolist())}
 
     def _channel_scores(self, name: str) -> torch.Tensor:
         raise NotImplementedError

@@ -25,6 +25,7 @@ from sparsekernels.pruning import layers
 from sparsekernels.pruning.config import (
     GRANULARITIES, ConfigError, PruningConfig, parse_config_list, select_targets)
 from sparsekernels.pruning.dependency import dependency_plan
+from sparsekernels.pruning.distributed import is_main_process
 from sparsekernels.pruning.granularity import (
     BlockPool, ChannelMember, ChannelPool, ElementPool, Pool, channel_pool, select_global,
     select_local)
@@ -239,6 +240,8 @@ class Pruner:
             for name, entry in masks.items():
                 for pname, mask in entry.items():
                     getattr(modules[name], pname).mul_(mask)
+        if not is_main_process():
+            return  # under DDP every rank holds the same model and masks; rank 0 writes
         save_model(self.model, os.fspath(model_path))
         if masks_path is not None:
             save_masks(masks, masks_path)
