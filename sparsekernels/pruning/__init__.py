@@ -23,12 +23,14 @@ from sparsekernels.pruning.dependency import (
     ChannelGroup, GroupMember, TracingError, find_channel_groups)
 from sparsekernels.pruning.evaluator import Evaluator, TorchEvaluator, TransformersEvaluator
 from sparsekernels.pruning.pruners import (
-    ActivationAPoZRankPruner, ActivationMeanRankPruner, FPGMPruner, L1NormPruner,
+    ADMMPruner, AGPPruner, AMCPruner, AutoCompressPruner, LinearPruner, LotteryTicketPruner,
+    SimulatedAnnealingPruner, ActivationAPoZRankPruner, ActivationMeanRankPruner, FPGMPruner, L1NormPruner,
     L2NormPruner, LevelPruner, MovementPruner, Pruner, SlimPruner, TaylorFOWeightPruner)
 from sparsekernels.pruning.wrapper import MaskHandle, apply_masks_
 
 __all__ = [
-    "ActivationAPoZRankPruner", "ActivationMeanRankPruner", "ChannelGroup", "Evaluator",
+    "ADMMPruner", "AGPPruner", "AMCPruner", "AutoCompressPruner", "LinearPruner",
+    "LotteryTicketPruner", "SimulatedAnnealingPruner", "ActivationAPoZRankPruner", "ActivationMeanRankPruner", "ChannelGroup", "Evaluator",
     "GroupMember", "SlimPruner", "TaylorFOWeightPruner", "TorchEvaluator", "TracingError",
     "TransformersEvaluator", "find_channel_groups",
     "AttentionBlock", "ConfigError", "FPGMPruner", "L1NormPruner", "L2NormPruner",
