@@ -1,6 +1,6 @@
 # make test  : set up .venv (torch 2.13.0 CPU first), build the extension, compile-check
 #              the CUDA sources, run the CPU test suite (Triton under its interpreter)
-# make demo  : same set-up, then the demo
+# make demo  : same set-up, then the pruning recipe on the embedded default (quick config)
 # make test-gpu : on a GPU machine, with its own torch: build in place, run the GPU suite
 PYTHON_SYS ?= python3
 VENV       ?= .venv
@@ -49,7 +49,7 @@ test-gpu:
 	$(PYTHON_SYS) -m pytest -m gpu -q
 
 demo: build
-	$(PY) -m sparsekernels demo
+	$(PY) -m sparsekernels demo --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 bench: build
 	$(PY) bench/bench_bsr_linear.py

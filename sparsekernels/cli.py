@@ -1,9 +1,14 @@
 """The `sparsekernels` command.
 
-    sparsekernels demo                  sparsify a BERT-base FFN and print the speed table
-    sparsekernels bench linear [ARGS]   bench/bench_bsr_linear.py (from a source checkout)
+  sparsekernels prune CONFIG [--full] [--resume]   the Transformer pruning recipe
+  sparsekernels demo [--full] [--resume] [--ffn]   the recipe on the embedded default
+                                                   (all-MiniLM-L6-v2, tweet sentiment)
+  sparsekernels speedup MODEL MASKS -o OUT          masks -> a faster model (resize/kernel/auto)
+  sparsekernels bench {linear,attention,model} ...  the benchmark scripts (source checkout)
+  sparsekernels report RUN_DIR                      (re)write a run's report
 
-Exit codes: 0 success, 1 failure while running, 2 bad usage or input.
+Exit codes: 0 success; 1 the job failed while running; 2 bad usage, bad config or a
+missing file (one line, no traceback); 130 interrupted (continue with --resume).
 """
 
 from __future__ import annotations
@@ -13,20 +18,25 @@ import runpy
 import sys
 from pathlib import Path
 
-EXAMPLE = """example:
-  sparsekernels demo --tokens 1024 --threads 2
-  sparsekernels bench linear --smoke
+EXAMPLE = """examples:
+  sparsekernels demo                          # quick recipe run, minutes on 2 CPU cores
+  sparsekernels prune configs/quick.yaml --resume
+  sparsekernels speedup ./my-bert masks.safetensors --mode auto -o ./my-bert-fast
+  sparsekernels report runs/demo
 """
 BENCH_SCRIPTS = {"linear": "bench_bsr_linear.py", "attention": "bench_attention.py",
                  "model": "bench_models.py"}
 
 
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
 def _bench(kind: str, rest: list[str]) -> int:
     script = Path(__file__).resolve().parents[1] / "bench" / BENCH_SCRIPTS[kind]
     if not script.exists():
-        print(f"sparsekernels: {script} not found; `bench` runs from a source checkout "
-              "(git clone, then pip install -e . --no-build-isolation)", file=sys.stderr)
-        return 2
+        raise UsageError(f"{script} not found; `bench` runs from a source checkout "
+                         "(git clone, then pip install -e . --no-build-isolation)")
     sys.argv = [str(script), *rest]
     try:
         runpy.run_path(str(script), run_name="__main__")
@@ -35,25 +45,125 @@ def _bench(kind: str, rest: list[str]) -> int:
     return 0
 
 
+def _prune(config_path: str | None, full: bool, resume: bool, output_dir: str | None) -> int:
+    import dataclasses
+
+    from sparsekernels.recipes.config import load_config, preset
+    from sparsekernels.recipes.transformer import run_recipe
+
+    config = load_config(config_path, full=full) if config_path else preset("full" if full else "quick")
+    if output_dir:
+        config = dataclasses.replace(config, output_dir=output_dir)
+    record = run_recipe(config, resume=resume)
+    final = record.get("final", {})
+    print(f"done: accuracy {final.get('accuracy', float('nan')):.2f} (dense "
+          f"{final.get('dense_accuracy', float('nan')):.2f}) at encoder sparsity "
+          f"{final.get('sparsity', float('nan')):.3f}, x{final.get('speedup') or float('nan'):.2f} "
+          f"faster; report in {config.output_dir}/report.md")
+    return 0
+
+
+def _speedup(model_dir: str, masks_path: str, mode: str, output: str, seq_len: int) -> int:
+    import torch
+    import transformers
+
+    from sparsekernels.pruning.masks import load_masks_file
+    from sparsekernels.speedup import ModelSpeedup, save_model
+
+    for p in (model_dir, masks_path):
+        if not Path(p).exists():
+            raise UsageError(f"{p} not found")
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    archs = getattr(config, "architectures", None) or ["AutoModel"]
+    cls = getattr(transformers, archs[0], transformers.AutoModel)
+    model = cls.from_pretrained(model_dir).eval()
+    masks = load_masks_file(masks_path)
+    vocab = getattr(config, "vocab_size", 1000)
+    dummy = {"input_ids": torch.randint(0, vocab, (2, seq_len))}
+    speedup = ModelSpeedup(model, dummy, masks, mode=mode)
+    speedup.speedup_model()
+    print(speedup.report)
+    save_model(model, output)
+    print(f"saved to {output} (load with sparsekernels.speedup.load_model)")
+    return 0
+
+
+def _report(run_dir: str) -> int:
+    from sparsekernels.recipes.report import load_record, write_report
+
+    if not (Path(run_dir) / "record.json").exists():
+        raise UsageError(f"{run_dir} holds no run (record.json missing)")
+    path = write_report(Path(run_dir), load_record(Path(run_dir)))
+    print(f"report: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparsekernels", description=__doc__,
-                                     epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="sparsekernels", description=__doc__, epilog=EXAMPLE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="sparsify a BERT-base FFN and print the speed table")
-    demo.add_argument("--tokens", type=int, default=1024)
-    demo.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128))
+    prune = sub.add_parser("prune", help="run the Transformer pruning recipe from a config file")
+    prune.add_argument("config", help="a YAML or JSON recipe config (see configs/)")
+    demo = sub.add_parser("demo", help="the recipe on the embedded default model and task")
+    for p in (prune, demo):
+        p.add_argument("--full", action="store_true", help="the full configuration (a GPU's job)")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        p.add_argument("--output-dir", default=None)
+    demo.add_argument("--ffn", action="store_true",
+                      help="only the BERT-base FFN kernel speed table (seconds)")
+    demo.add_argument("--tokens", type=int, default=1024, help="(--ffn) tokens")
     demo.add_argument("--threads", type=int, default=None)
-    demo.add_argument("--reps", type=int, default=10)
+    speed = sub.add_parser("speedup", help="turn a model and its masks into a faster model")
+    speed.add_argument("model", help="a transformers model directory")
+    speed.add_argument("masks", help="a masks file (safetensors, from a pruner's export_model)")
+    speed.add_argument("--mode", choices=("resize", "kernel", "auto"), default="auto")
+    speed.add_argument("--seq-len", type=int, default=16, help="dummy input length for tracing")
+    speed.add_argument("-o", "--output", required=True, help="output directory")
     bench = sub.add_parser("bench", help="run a benchmark script (extra args are passed on)")
     bench.add_argument("kind", choices=sorted(BENCH_SCRIPTS))
+    report = sub.add_parser("report", help="(re)write the report of a run directory")
+    report.add_argument("run_dir")
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        return _bench(args.kind, rest)
-    if rest:
+    if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from sparsekernels import demo as demo_module
 
-    demo_module.run(tokens=args.tokens, block=args.block, threads=args.threads, reps=args.reps)
+    from sparsekernels.pruning.config import ConfigError
+    from sparsekernels.pruning.masks import MaskError
+    from sparsekernels.recipes.config import RecipeConfigError
+
+    try:
+        if args.command == "bench":
+            return _bench(args.kind, rest)
+        if args.command == "prune":
+            return _prune(args.config, args.full, args.resume, args.output_dir)
+        if args.command == "demo":
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            if args.ffn:
+                from sparsekernels import demo as ffn_demo
+
+                ffn_demo.run(tokens=args.tokens)
+                return 0
+            return _prune(None, args.full, args.resume, args.output_dir)
+        if args.command == "speedup":
+            return _speedup(args.model, args.masks, args.mode, args.output, args.seq_len)
+        if args.command == "report":
+            return _report(args.run_dir)
+    except (UsageError, FileNotFoundError, RecipeConfigError, ConfigError, MaskError) as exc:
+        print(f"sparsekernels: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsekernels: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the job itself failed: say what, keep the trace short
+        from sparsekernels.recipes.transformer import RecipeError
+
+        if isinstance(exc, RecipeError):
+            print(f"sparsekernels: error: {exc}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

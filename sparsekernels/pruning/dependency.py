@@ -31,6 +31,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from sparsekernels.pruning import layers
+from sparsekernels.pruning.inputs import run_model
 from sparsekernels.pruning.config import PruningConfig
 from sparsekernels.pruning.granularity import ChannelMember, ChannelPool, Pool
 from sparsekernels.pruning.heads import find_attention_blocks
@@ -337,11 +338,7 @@ def _space_kind(module: torch.nn.Module, stored_dim: int) -> str:
 
 
 def _run(model: torch.nn.Module, dummy_input: Any):
-    if isinstance(dummy_input, Mapping):
-        return model(**dummy_input)
-    if isinstance(dummy_input, tuple):
-        return model(*dummy_input)
-    return model(dummy_input)
+    return run_model(model, dummy_input)
 
 
 def _trace(model: torch.nn.Module, dummy_input: Any):

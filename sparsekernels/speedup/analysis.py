@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sparsekernels.pruning import layers
+from sparsekernels.pruning.inputs import run_model
 from sparsekernels.pruning.dependency import ChannelGroup, find_channel_groups
 from sparsekernels.pruning.heads import AttentionBlock, find_attention_blocks
 
@@ -67,8 +68,6 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 
 def capture_inputs(model: nn.Module, dummy_input: Any, names: set[str]) -> dict[str, torch.Tensor]:
     """The first input of each named module on one forward of the dummy batch."""
-    from sparsekernels.speedup.model_speedup import run_model
-
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in model.named_modules():

@@ -30,8 +30,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     structure = getattr(model, "_" + STRUCTURE_ATTR, {}) or {}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
-        if not getattr(config, "architectures", None):
-            config.architectures = [type(model).__name__]
+        config.architectures = [type(model).__name__]  # the class to rebuild, not the base's
         config.save_pretrained(path)
     tmp = path / (WEIGHTS + ".tmp")
     st_save_model(model, str(tmp))

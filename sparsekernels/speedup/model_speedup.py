@@ -14,7 +14,7 @@ import copy
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -23,21 +23,28 @@ from sparsekernels.formats.block_sparse import SUPPORTED_BLOCK_SIZES, block_mask
 from sparsekernels.nn.sparse_linear import SparseLinear
 from sparsekernels.ops.crossover import dense_crossover
 from sparsekernels.pruning import layers
+from sparsekernels.pruning.inputs import run_model
 from sparsekernels.pruning.masks import MaskError, validate_masks
 from sparsekernels.speedup import surgery
 from sparsekernels.speedup.analysis import Plan, analyze
 
 MODES = ("resize", "kernel", "auto")
+ATTENTION_BLOCK = (64, 64)
 STRUCTURE_ATTR = "sparsekernels_structure"
 _SPARSE_TYPES = ("Linear", "Conv1D")
 
 
-def run_model(model: nn.Module, dummy_input: Any):
-    if isinstance(dummy_input, dict):
-        return model(**dummy_input)
-    if isinstance(dummy_input, (tuple, list)):
-        return model(*dummy_input)
-    return model(dummy_input)
+def _max_sequence_length(model: nn.Module, dummy_input: Any) -> int:
+    """The longest sequence an attention layout must cover (layouts crop to shorter ones)."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    tensors = dummy_input.values() if isinstance(dummy_input, dict) else (
+        dummy_input if isinstance(dummy_input, (tuple, list)) else [dummy_input])
+    lengths = [t.shape[1] for t in tensors if isinstance(t, torch.Tensor) and t.dim() >= 2]
+    return max(lengths + [512])
 
 
 def count_params(model: nn.Module) -> int:
@@ -76,7 +83,11 @@ def count_flops(model: nn.Module, dummy_input: Any) -> int:
             if isinstance(x, torch.Tensor) and x.dim() >= 3:
                 b, length = x.shape[0], x.shape[1]
                 heads = _current_heads(module, block)
-                total[0] += 4 * b * length * length * heads * block.head_dim
+                flops = 4 * b * length * length * heads * block.head_dim
+                sparse = getattr(module, "_sparsekernels_attention", None)
+                if sparse is not None and sparse.layout is not None:
+                    flops *= float(sparse.layout.float().mean())  # skipped blocks cost nothing
+                total[0] += int(flops)
         return hook
 
     for module in model.modules():
@@ -155,7 +166,7 @@ class ModelSpeedup:
                  block_size=(32, 32), backend: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(dummy_input, (torch.Tensor, tuple, list, dict)):
+        if not isinstance(dummy_input, (torch.Tensor, tuple, list, Mapping)):
             raise TypeError("dummy_input must be a tensor, a tuple of tensors or a dict of model "
                             f"inputs, got {type(dummy_input).__name__}")
         if not isinstance(masks, dict):
@@ -187,11 +198,7 @@ class ModelSpeedup:
         plan = analyze(self.model, self.dummy_input)
         cache = surgery.ParamCache()
         modules = dict(self.model.named_modules())
-        for name, delta in plan.bias_folds.items():
-            module = modules[name]
-            if not layers.has_bias(module):
-                self.structure[name].append(surgery.add_bias(module, cache))
-            module.bias.data += torch.as_tensor(delta).to(module.bias)
+        self._fold_biases(plan, cache)
         for block_name, head in plan.zero_heads.items():
             block = plan.blocks[block_name]
             v = modules[block.v]
@@ -247,6 +254,55 @@ class ModelSpeedup:
         self.report.notes += plan.notes
         return plan
 
+    def _fold_biases(self, plan: Plan, cache: "surgery.ParamCache") -> None:
+        modules = dict(self.model.named_modules())
+        for name, delta in plan.bias_folds.items():
+            module = modules[name]
+            if not layers.has_bias(module):
+                self.structure[name].append(surgery.add_bias(module, cache))
+            module.bias.data += torch.as_tensor(delta).to(module.bias)
+
+    def _heads_to_layouts(self) -> None:
+        """Kernel mode: removable heads become all-false rows of the block-sparse attention
+        layout (no FLOPs, no loads); their constant contribution is folded as in resize."""
+        from sparsekernels.pruning.heads import find_attention_blocks
+        from sparsekernels.speedup.analysis import plan_heads
+
+        plan = Plan()
+        plan_heads(self.model, find_attention_blocks(self.model), plan)
+        removed = {}
+        for name, kept in plan.heads.items():
+            heads = plan.blocks[name].num_heads
+            drop = [h for h in range(heads) if h not in kept or plan.zero_heads.get(name) == h]
+            if drop:
+                removed[name] = (heads, drop)
+        if not removed:
+            return
+        try:
+            from sparsekernels.attention import attention_modules
+        except ImportError as exc:  # the attention package is optional at this layer
+            self.report.notes.append(f"heads stay dense: block-sparse attention unavailable ({exc})")
+            return
+        runnable = {n for n, _ in attention_modules(self.model)}
+        layouts = {}
+        for name, (heads, drop) in removed.items():
+            if name not in runnable:
+                self.report.notes.append(f"{name}: heads {drop} stay dense (this attention "
+                                         "module cannot run the block-sparse op)")
+                continue
+            keep = [h not in drop for h in range(heads)]
+            layouts[name] = keep
+            self.report.heads_removed[name] = drop
+        if not layouts:
+            return
+        self._fold_biases(plan, surgery.ParamCache())
+        seq = _max_sequence_length(self.model, self.dummy_input)
+        for name, keep in layouts.items():
+            self.structure[name].append({"op": "attention_layout", "keep": keep, "seq_len": seq,
+                                         "block_size": list(ATTENTION_BLOCK)})
+        surgery.enable_head_layouts(self.model, {n: c[-1] for n, c in self.structure.items()
+                                                 if c and c[-1]["op"] == "attention_layout"})
+
     def _retie_weights(self) -> None:
         # transformers re-ties input and output embeddings on demand; keep that working
         tie = getattr(self.model, "tie_weights", None)
@@ -258,9 +314,17 @@ class ModelSpeedup:
 
     def _to_kernels(self, only_below_crossover: bool) -> None:
         modules = dict(self.model.named_modules())
+        owners: dict[int, int] = {}
+        for module in modules.values():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
         for name in self.masks:
             module = modules.get(name)
             if module is None or layers.type_name(module) not in _SPARSE_TYPES:
+                continue
+            if owners.get(id(module.weight), 0) > 1:
+                self.report.dense[name] = ("its weight is tied to another module (e.g. an LM "
+                                           "head tied to the embeddings): kept dense and tied")
                 continue
             weight = layers.to_canonical(module, module.weight.detach())
             if bool((weight != 0).all()):
@@ -309,6 +373,8 @@ class ModelSpeedup:
                 self._apply_masks()
                 if self.mode in ("resize", "auto"):
                     self._resize()
+                if self.mode == "kernel":
+                    self._heads_to_layouts()
                 if self.mode in ("kernel", "auto"):
                     self._to_kernels(only_below_crossover=self.mode == "auto")
                 self.report.params_after = count_params(self.model)

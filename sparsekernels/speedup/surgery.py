@@ -184,6 +184,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
             elif op == "heads":
                 for attr, value in change["attrs"].items():
                     setattr(module, attr, value)
+            elif op == "attention_layout":
+                enable_head_layouts(model, {name: change})
             elif op == "t5_heads":
                 install_head_subset(module, change["kept"], change["total"])
             elif op == "sparse_linear":
@@ -249,3 +251,20 @@ def install_head_subset(module: nn.Module, kept: list[int], total: int) -> Chang
     module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     module.register_forward_hook(post_hook, with_kwargs=True)
     return {"op": "t5_heads", "kept": list(kept), "total": total}
+
+
+def enable_head_layouts(model: nn.Module, changes: dict[str, Change]) -> None:
+    """Run the named attention modules through the block-sparse op with the recorded head
+    masks as layouts (pruned heads: all-false rows). Modules not named stay dense."""
+    from sparsekernels.attention import enable_, head_mask_layout
+
+    existing = {}
+    for module_name, module in model.named_modules():
+        config = getattr(module, "_sparsekernels_attention", None)
+        if config is not None and config.layout is not None:
+            existing[module_name] = config.layout
+    for name, change in changes.items():
+        keep = torch.tensor(change["keep"], dtype=torch.bool)
+        existing[name] = head_mask_layout(keep, change["seq_len"], change["seq_len"],
+                                          tuple(change["block_size"]))
+    enable_(model, layouts=existing, block_size=tuple(next(iter(changes.values()))["block_size"]))

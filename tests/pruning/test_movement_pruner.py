@@ -77,6 +77,7 @@ def test_soft_mode_thresholds_scores():
     mask = next(iter(masks.values()))["weight"]
     pruned = mask == 0
     assert pruned.any()
+    assert float(pruned.float().mean()) <= 0.5  # the entry's sparsity caps soft pruning
     # what soft movement prunes is what training pushed toward zero
     assert bool(pruned[~zero].sum() == 0)
 

