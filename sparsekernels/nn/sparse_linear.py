@@ -59,6 +59,7 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
         self._dense_cache: tuple | None = None
+        self._route: dict = {}  # (device type, dtype) -> run dense
 
     def reset_parameters(self) -> None:
         # nn.Linear's initialisation, restricted to the stored blocks
@@ -149,8 +150,16 @@ class SparseLinear(nn.Module):
 
         weight = self.weight
         check_inputs(x, weight, self.bias)
-        if not torch.compiler.is_compiling() and prefers_dense(weight, x.device, self.backend):
-            return torch.nn.functional.linear(x, self._dense_weight(), self.bias)
+        # auto's routing (dense above the crossover) is decided in eager calls and reused by
+        # torch.compile, which cannot run the backend probing inside a graph
+        key = (x.device.type, x.dtype)
+        if torch.compiler.is_compiling():
+            if self._route.get(key, False):
+                return torch.nn.functional.linear(x, weight.to_dense(), self.bias)
+        else:
+            self._route[key] = prefers_dense(weight, x.device, self.backend)
+            if self._route[key]:
+                return torch.nn.functional.linear(x, self._dense_weight(), self.bias)
         return torch.ops.sparsekernels.bsr_linear(
             x, self.values, self.crow_indices, self.col_indices, self.row_indices,
             self.ccol_indices, self.row_indices_t, self.transpose_perm, self.bias,
@@ -158,6 +167,7 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._dense_cache = None
+        self._route = {}
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

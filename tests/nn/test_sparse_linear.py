@@ -101,6 +101,21 @@ def test_torch_compile_same_output():
     assert model[0].values.grad is not None
 
 
+def test_torch_compile_keeps_auto_routing(monkeypatch):
+    monkeypatch.setenv("SPARSEKERNELS_DENSE_CROSSOVER", "0.4")
+    sl = SparseLinear.from_linear(nn.Linear(64, 64), (32, 32), sparsity=0.25)  # density 0.75
+    x = torch.randn(3, 64)
+    eager = sl(x)  # decides: dense
+    assert sl._route[("cpu", torch.float32)] is True
+    calls = []
+    real = torch.ops.sparsekernels.bsr_linear
+    monkeypatch.setattr(torch.ops.sparsekernels, "bsr_linear",
+                        lambda *a: calls.append(1) or real(*a), raising=False)
+    compiled = torch.compile(sl, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager)
+    assert calls == []
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor():
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))

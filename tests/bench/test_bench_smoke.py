@@ -1,0 +1,22 @@
+"""The bench suite's --smoke mode runs (CI): each script as a real command, in seconds."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.mark.parametrize("script", ["bench_bsr_linear.py", "bench_models.py", "bench_attention.py"])
+def test_smoke(script):
+    path = BENCH / script
+    if not path.exists():
+        pytest.fail(f"{path} is missing")
+    env = dict(os.environ, TRITON_INTERPRET="0")  # smoke runs time real kernels, not the interpreter
+    out = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.strip(), "a smoke run prints its rows"
