@@ -207,44 +207,47 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
 def install_head_subset(module: nn.Module, kept: list[int], total: int) -> Change:
     """Let a head-pruned T5 attention use its own heads of the shared position bias.
 
-    T5 computes the relative position bias [1, heads, q, k] once (first layer) and hands the
-    same tensor to every layer, so a layer with fewer heads must pick its own heads from it
-    and pass the full bias on. transformers 4.x does this itself through `pruned_heads`;
-    on 5.x a pre-hook slices the incoming bias, `compute_bias` is wrapped for the layer that
-    computes it, and a hook returns the full bias to the next layer.
+    T5 computes the relative position bias [batch or 1, heads, q, k] once (first layer) and
+    hands the same tensor to every later layer (transformers 4.x also folds the attention
+    mask into it), so a layer with fewer heads must take its own heads from it and pass a
+    bias with every head on. A pre-hook slices the incoming bias; `compute_bias` is wrapped
+    for the layer that computes it; a post-hook hands the next layer a full-head bias.
+    Works on transformers 4.x and 5.x alike (4.x's own `pruned_heads` is not used: it
+    assumes every layer prunes the same heads).
     """
-    removed = sorted(set(range(total)) - set(kept))
-    if isinstance(getattr(module, "pruned_heads", None), set):
-        module.pruned_heads = set(removed)  # transformers 4.x slices the bias itself
-        return {"op": "t5_heads", "kept": list(kept), "total": total}
     index = torch.tensor(kept, dtype=torch.long)
     module._sk_head_index = index
     compute = module.compute_bias
 
     def compute_bias(*args, **kwargs):
         full = compute(*args, **kwargs)
-        module._sk_full_bias = full
+        module._sk_computed_bias = full
         return full[:, index.to(full.device)]
 
     def pre_hook(mod, args, kwargs):
+        mod._sk_incoming_bias = None
         bias = kwargs.get("position_bias")
         if bias is not None and bias.shape[1] == total:
-            mod._sk_full_bias = bias
+            mod._sk_incoming_bias = bias
             kwargs = dict(kwargs, position_bias=bias[:, index.to(bias.device)])
         return args, kwargs
 
     def post_hook(mod, args, kwargs, output):
-        full = getattr(mod, "_sk_full_bias", None)
-        mod._sk_full_bias = None
+        incoming = getattr(mod, "_sk_incoming_bias", None)
+        computed = getattr(mod, "_sk_computed_bias", None)
+        mod._sk_incoming_bias = mod._sk_computed_bias = None
         if not (isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor)):
             return output
-        if full is None and not getattr(mod, "has_relative_attention_bias", False):
-            # a layer without relative bias made a zero bias with its own head count: hand
-            # the next layer a zero bias with every head, from which it picks its own
-            shape = output[1].shape
-            full = output[1].new_zeros((shape[0], total, *shape[2:]))
-        if full is None:
-            return output
+        returned = output[1]
+        if incoming is not None:
+            full = incoming  # it already had every head (and the mask, on 4.x)
+        elif computed is not None:
+            # returned = computed[kept] (+ a mask shared by all heads, on 4.x): add the same
+            # difference to every head; exact where the mask is 0, stays masked elsewhere
+            idx = index[:1].to(returned.device)
+            full = computed + (returned[:, :1] - computed[:, idx])
+        else:  # a layer without relative bias made zeros (+ mask) with its own head count
+            full = returned[:, :1].expand(returned.shape[0], total, *returned.shape[2:])
         return (output[0], full) + tuple(output[2:])
 
     module.compute_bias = compute_bias

@@ -1,0 +1,220 @@
+"""Run a transformers model's attention through sparsekernels::block_sparse_attention.
+
+transformers 5 (and the 4.x releases whose models call `ALL_ATTENTION_FUNCTIONS`) looks the
+attention function up by `config._attn_implementation`. `register()` adds ours under the name
+"sparsekernels" to `AttentionInterface` (and the SDPA-style bool mask to
+`AttentionMaskInterface`), so `from_pretrained(..., attn_implementation="sparsekernels")`
+works once sparsekernels.attention is imported; `enable_(model, layouts)` attaches one layout
+per attention module and switches the model over.
+
+Supported and tested: BERT, RoBERTa, GPT-2 (causal), BART (encoder, causal decoder, cross
+attention), T5 (its relative position bias is added per block as an additive mask, with its
+gradient) and ViT. A model whose attention modules do not call the attention interface raises
+a clear error instead of silently running dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from sparsekernels.attention.layouts import crop, grid
+
+IMPLEMENTATION = "sparsekernels"
+_ATTR = "_sparsekernels_attention"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SparseAttentionConfig:
+    """What one attention module runs: its layout (None: every block), block size, backend."""
+
+    layout: Optional[Tensor] = None
+    block_size: tuple[int, int] = (64, 64)
+    backend: str = "auto"
+
+    def layout_for(self, heads: int, lq: int, lk: int, device) -> Tensor:
+        nq, nk = grid(lq, lk, self.block_size)
+        if self.layout is None:
+            return _dense(heads, nq, nk, device)
+        lay = self.layout
+        if lay.shape[-3] != heads:
+            raise ValueError(f"the layout has {lay.shape[-3]} heads, the attention module "
+                             f"{heads}: build one layout row per head")
+        lay = crop(lay, nq, nk)
+        return lay if lay.device == device else lay.to(device)
+
+
+_DENSE_CACHE: dict = {}
+
+
+def _dense(heads: int, nq: int, nk: int, device) -> Tensor:
+    key = (heads, nq, nk, str(device))
+    lay = _DENSE_CACHE.get(key)
+    if lay is None:
+        lay = torch.ones(heads, nq, nk, dtype=torch.bool, device=device)
+        if len(_DENSE_CACHE) < 256:
+            _DENSE_CACHE[key] = lay
+    return lay
+
+
+def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    if n_rep == 1:
+        return x
+    b, h, l, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, l, d).reshape(b, h * n_rep, l, d)
+
+
+def sparsekernels_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
+                                    value: Tensor, attention_mask: Optional[Tensor],
+                                    dropout: float = 0.0, scaling: Optional[float] = None,
+                                    is_causal: Optional[bool] = None,
+                                    position_bias: Optional[Tensor] = None, **kwargs):
+    """The attention function transformers calls (the `sdpa_attention_forward` contract):
+    query [B, H, Lq, D], key/value [B, Hkv, Lk, D] -> ([B, Lq, H, D], None)."""
+    from sparsekernels.ops.block_sparse_attention import block_sparse_attention
+
+    if kwargs.get("output_attentions", False):
+        raise ValueError("attn_implementation='sparsekernels' does not return attention "
+                         "probabilities: use 'eager' for output_attentions=True")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attn_implementation='sparsekernels' does not support softcap")
+    cfg: SparseAttentionConfig = getattr(module, _ATTR, None) or SparseAttentionConfig()
+    heads = query.shape[1]
+    if key.shape[1] != heads:  # grouped-query attention
+        key = _repeat_kv(key, heads // key.shape[1])
+        value = _repeat_kv(value, heads // value.shape[1])
+    lq, lk = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    # as in transformers' SDPA path: a mask, when given, already holds the causal pattern
+    causal = bool(is_causal) and lq > 1 and attention_mask is None
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4 and mask.shape[-1] != lk:
+        mask = mask[..., :lk]
+    if position_bias is not None:  # T5: the relative position bias is an additive mask
+        bias = position_bias[..., -lk:] if position_bias.shape[-1] != lk else position_bias
+        if mask is None:
+            mask = bias
+        elif mask.dtype == torch.bool:
+            mask = bias.masked_fill(~mask, float("-inf"))
+        else:
+            mask = bias + mask
+    layout = cfg.layout_for(heads, lq, lk, query.device)
+    out = block_sparse_attention(query, key, value, layout, cfg.block_size, attn_mask=mask,
+                                 causal=causal, scale=scaling,
+                                 dropout_p=dropout if module.training else 0.0,
+                                 backend=cfg.backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register "sparsekernels" with transformers' attention (and mask) interfaces."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError as exc:  # transformers < 4.48
+        raise RuntimeError(
+            "sparsekernels.attention needs transformers with AttentionInterface (>= 4.48): "
+            f"{exc}; upgrade with `pip install -U 'transformers>=4.48'`") from None
+    AttentionInterface.register(IMPLEMENTATION, sparsekernels_attention_forward)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:
+        return  # transformers 4.x builds its masks per model: the 4-D additive mask works
+    AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _calls_attention_interface(module: torch.nn.Module) -> bool:
+    try:
+        src = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in src
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every module that dispatches through the attention interface, in
+    model order: the layers `enable_`'s `layouts` are indexed by."""
+    return [(n, m) for n, m in model.named_modules() if _calls_attention_interface(m)]
+
+
+_UNSUPPORTED_HINT = (
+    "its attention modules do not call transformers' AttentionInterface (a transformers 4.x "
+    "model with hand-written attention classes): upgrade transformers (>= 5.0 for T5 and BART)")
+
+
+def _set_implementation(model: torch.nn.Module) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(IMPLEMENTATION)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            if config._attn_implementation != IMPLEMENTATION:
+                try:
+                    config._attn_implementation = IMPLEMENTATION
+                except Exception:
+                    config._attn_implementation_internal = IMPLEMENTATION
+
+
+LayoutsArg = Union[None, Tensor, Sequence[Optional[Tensor]], Mapping[str, Optional[Tensor]]]
+
+
+def enable_(model: torch.nn.Module, layouts: LayoutsArg = None, block_size=(64, 64),
+            backend: str = "auto") -> torch.nn.Module:
+    """Make `model` run its attention through sparsekernels::block_sparse_attention, in place.
+
+    layouts: None (every block: output equal to the eager model), one bool layout
+    [heads, nq, nk] for every attention module, a sequence with one per attention module
+    (None entries stay dense), or a mapping from module name to layout. A layout built for
+    the longest sequence serves shorter ones (its top-left corner is used).
+    Returns the model.
+    """
+    register()
+    mods = attention_modules(model)
+    if not mods:
+        raise RuntimeError(f"sparsekernels.attention.enable_: {type(model).__name__} has no "
+                           f"attention module to run sparse; {_UNSUPPORTED_HINT}")
+    if isinstance(block_size, int):
+        block_size = (block_size, block_size)
+    block_size = (int(block_size[0]), int(block_size[1]))
+    names = [n for n, _ in mods]
+    if layouts is None or isinstance(layouts, Tensor):
+        per_module = [layouts] * len(mods)
+    elif isinstance(layouts, Mapping):
+        unknown = sorted(set(layouts) - set(names))
+        if unknown:
+            raise KeyError(f"no attention module named {unknown}; attention modules: {names}")
+        per_module = [layouts.get(n) for n in names]
+    else:
+        per_module = list(layouts)
+        if len(per_module) != len(mods):
+            raise ValueError(f"got {len(per_module)} layouts for {len(mods)} attention modules "
+                             f"({names}); pass one per module, or a dict by name")
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    for (name, module), layout in zip(mods, per_module):
+        if layout is not None:
+            if (not isinstance(layout, Tensor) or layout.dtype != torch.bool
+                    or layout.dim() not in (3, 4)):
+                raise ValueError(f"{name}: a layout is a bool [heads, nq, nk] tensor, got "
+                                 f"{getattr(layout, 'dtype', type(layout).__name__)} "
+                                 f"{list(getattr(layout, 'shape', []))}")
+            layout = layout.to(device)  # once here, not on every forward
+            heads = _num_heads(module)
+            if heads is not None and layout.shape[-3] != heads:
+                raise ValueError(f"{name}: layout has {layout.shape[-3]} heads, the module "
+                                 f"{heads}")
+        setattr(module, _ATTR, SparseAttentionConfig(layout, block_size, backend))
+    _set_implementation(model)
+    return model
+
+
+def _num_heads(module) -> Optional[int]:
+    for attr in ("num_attention_heads", "num_heads", "n_heads", "n_head"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    config = getattr(module, "config", None)
+    value = getattr(config, "num_attention_heads", None)
+    return value if isinstance(value, int) else None
