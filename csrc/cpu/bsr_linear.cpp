@@ -38,9 +38,16 @@ void dsd(const T* A, int64_t rows, int64_t lda, const T* blocks, const SparseOpe
   using V = typename Vec<T>::type;
   const int64_t bi = s.bi;
   const int64_t block_elems = bi * BO;
-  // A token chunk of ~192 rows keeps its A panel in L2 while the output block's weights
-  // are reused from L1/L2 by every register tile of the chunk.
-  const int64_t mc = std::max<int64_t>(MR, (192 / MR) * MR);
+  // Partial sums are kept in registers over `group` stored blocks (about 128 reduction
+  // terms, as a BLAS K panel) and then added to the output tile in L1: two-level
+  // summation, as accurate as BLAS, for a few memory operations per 128 FMAs.
+  const int32_t group = static_cast<int32_t>(std::max<int64_t>(1, 128 / bi));
+  // Token chunk: about 2 MFLOP of work per (chunk, output block) item, so scheduling stays
+  // cheap at low density, between 96 and 512 rows (the A panel's stored columns in L2).
+  const int64_t nnz = s.ptr[s.n_out] - s.ptr[0];
+  const double per_row = 2.0 * BO * bi * std::max<double>(1.0, double(nnz) / std::max<int64_t>(1, s.n_out));
+  const int64_t target = std::min<int64_t>(512, std::max<int64_t>(96, static_cast<int64_t>(2e6 / per_row)));
+  const int64_t mc = std::max<int64_t>(MR, (target / MR) * MR);
   const int64_t n_chunks = (rows + mc - 1) / mc;
   const int64_t items = n_chunks * s.n_out;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
@@ -52,29 +59,32 @@ void dsd(const T* A, int64_t rows, int64_t lda, const T* blocks, const SparseOpe
     const int32_t e0 = s.ptr[o], e1 = s.ptr[o + 1];
     V init[NV];
     for (int j = 0; j < NV; ++j) init[j] = bias ? loadu<T>(bias + o * BO + j * L) : V{};
-    // Each stored block's bk-term partial sum is formed in registers and then added to
-    // the output tile (in L1): two-level summation, as accurate as a BLAS K-panel loop,
-    // for 2/bk extra memory operations per FMA.
     for (int64_t t = t0; t < t1; t += MR) {
       const int mr = static_cast<int>(std::min<int64_t>(MR, t1 - t));
       T* c = out + t * ldo + o * BO;
-      for (int r = 0; r < mr; ++r)
-        for (int j = 0; j < NV; ++j) storeu<T>(c + r * ldo + j * L, init[j]);
-      for (int32_t e = e0; e < e1; ++e) {
-        const T* a = A + t * lda + static_cast<int64_t>(s.in_idx[e]) * bi;
-        const T* b = blocks + static_cast<int64_t>(s.blk_idx ? s.blk_idx[e] : e) * block_elems;
+      if (e0 == e1) {  // an empty block row: the bias (or zeros)
+        for (int r = 0; r < mr; ++r)
+          for (int j = 0; j < NV; ++j) storeu<T>(c + r * ldo + j * L, init[j]);
+        continue;
+      }
+      for (int32_t g0 = e0; g0 < e1; g0 += group) {
+        const int32_t g1 = std::min(e1, g0 + group);
         V acc[MR][NV];
         for (int r = 0; r < MR; ++r)
-          for (int j = 0; j < NV; ++j) acc[r][j] = V{};
-        if (mr == MR) {
-          micro_kernel<T, BO, MR>(a, lda, 1, b, BO, bi, acc);
-        } else {
-          micro_kernel_tail<T, BO, MR>(mr, a, lda, 1, b, BO, bi, acc);
+          for (int j = 0; j < NV; ++j) acc[r][j] = g0 == e0 ? init[j] : V{};
+        for (int32_t e = g0; e < g1; ++e) {
+          const T* a = A + t * lda + static_cast<int64_t>(s.in_idx[e]) * bi;
+          const T* b = blocks + static_cast<int64_t>(s.blk_idx ? s.blk_idx[e] : e) * block_elems;
+          if (mr == MR) {
+            micro_kernel<T, BO, MR>(a, lda, 1, b, BO, bi, acc);
+          } else {
+            micro_kernel_tail<T, BO, MR>(mr, a, lda, 1, b, BO, bi, acc);
+          }
         }
         for (int r = 0; r < mr; ++r)
           for (int j = 0; j < NV; ++j) {
             T* cp = c + r * ldo + j * L;
-            storeu<T>(cp, loadu<T>(cp) + acc[r][j]);
+            storeu<T>(cp, g0 == e0 ? acc[r][j] : loadu<T>(cp) + acc[r][j]);
           }
       }
     }
