@@ -150,17 +150,22 @@ def _prune_2_4(w: torch.Tensor) -> torch.Tensor:
 
 
 def crossover_from(rows: list[dict], margin: float = 1.05) -> dict[str, float]:
-    """Per block size: the lowest measured density at which the kernel is not `margin` ahead
-    of dense on some shape at the largest token count (conservative: auto then runs dense)."""
-    big = max(r["tokens"] for r in rows)
-    out: dict[str, float] = {}
+    """Per block size, the density above which auto should run dense: the kernel's time
+    grows with the density (speedup(d) ~ speedup_i * d_i / d), so from each shape's densest
+    measured point at the largest token count the crossover is speedup_i * d_i / margin;
+    the smallest over shapes is kept (conservative: auto never picks a slower kernel)."""
+    big = max(int(r["tokens"]) for r in rows)
+    densest: dict[tuple, dict] = {}
     for r in rows:
-        if r["tokens"] != big:
+        if int(r["tokens"]) != big:
             continue
-        if r["speedup"] < margin:
-            out[r["block"]] = min(out.get(r["block"], 1.0), r["density"])
-    for r in rows:
-        out.setdefault(r["block"], 1.0)
+        key = (r["block"], r["k"], r["n"])
+        if key not in densest or float(r["density"]) > float(densest[key]["density"]):
+            densest[key] = r
+    out: dict[str, float] = {}
+    for (block, _, _), r in densest.items():
+        estimate = min(1.0, float(r["speedup"]) * float(r["density"]) / margin)
+        out[block] = round(min(out.get(block, 1.0), estimate), 3)
     return out
 
 
@@ -189,6 +194,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_crossover(device: torch.device, rows: list[dict], dtypes) -> None:
+    path = Path(__file__).resolve().parents[1] / "sparsekernels" / "ops" / "crossover.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    for dtype in dtypes:
+        measured = crossover_from([r for r in rows if r["dtype"] == dtype])
+        table.setdefault(device.type, {}).setdefault(dtype, {}).update(measured)
+    path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {path}: {table}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -198,7 +213,16 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="a few tiny cases; nothing written")
     p.add_argument("--write-crossover", action="store_true")
     p.add_argument("--limit", type=int, default=0, help="run only the first N cases")
+    p.add_argument("--crossover-from-csv", default=None,
+                   help="recompute ops/crossover.json from a results CSV (no measurement)")
     args = p.parse_args(argv)
+    if args.crossover_from_csv:
+        import csv
+
+        with open(args.crossover_from_csv) as f:
+            rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+        write_crossover(torch.device(args.device), rows, sorted({r["dtype"] for r in rows}))
+        return 0
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -235,13 +259,7 @@ def main(argv=None) -> int:
          f"{out_dir.name}")
     print(f"wrote {out_dir}/bsr_linear.{{csv,md,png}}")
     if args.write_crossover:
-        path = Path(__file__).resolve().parents[1] / "sparsekernels" / "ops" / "crossover.json"
-        table = json.loads(path.read_text()) if path.exists() else {}
-        for dtype in dtypes:
-            measured = crossover_from([r for r in rows if r["dtype"] == dtype])
-            table.setdefault(device.type, {}).setdefault(dtype, {}).update(measured)
-        path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {path}: {table}")
+        write_crossover(device, rows, dtypes)
     return 0
 
 

@@ -119,7 +119,8 @@ def write_results(device: torch.device, name: str, title: str, rows: list[dict],
     with open(out_dir / f"{name}.csv", "w", newline="") as f:
         for line in head:
             f.write(f"# {line.lstrip('# ')}\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for row in rows for k in row))  # every row's columns
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     cols = md_columns or list(rows[0])
