@@ -52,7 +52,10 @@ def build(name: str, smoke: bool):
                           num_decoder_layers=6, decoder_start_token_id=0)
         return tf.T5Model(cfg), "encoder."
     if name == "vit-b16":
-        return tf.ViTModel(tf.ViTConfig(), add_pooling_layer=False), "encoder"
+        model = tf.ViTModel(tf.ViTConfig(), add_pooling_layer=False)
+        # transformers 5 keeps ViT's blocks in `layers`, 4.x in `encoder.layer`
+        scope = "layers." if any(n.startswith("layers.") for n, _ in model.named_modules()) else "encoder"
+        return model, scope
     raise ValueError(name)
 
 
@@ -116,6 +119,26 @@ def apply(model, masks):
     return model
 
 
+def _saved_rows(device) -> list[dict]:
+    """Rows of the existing models.csv, numbers as numbers."""
+    import csv
+
+    from common import RESULTS, device_name
+
+    path = RESULTS / device_name(device) / "models.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    for row in rows:
+        for key, value in row.items():
+            try:
+                row[key] = float(value) if key not in ("model", "masks", "dtype") else value
+            except ValueError:
+                pass
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
@@ -123,6 +146,10 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="bert-base,gpt2,t5-small,vit-b16")
     p.add_argument("--sparsities", default="0.5,0.7,0.9")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--merge", action="store_true",
+                   help="replace only these models' rows in the existing results file")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite models.md from models.csv (no measurement)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -134,6 +161,8 @@ def main(argv=None) -> int:
     if args.smoke:
         batch, seq = 2, 32
     rows = []
+    if args.render_only:
+        models, rows = [], _saved_rows(device)
     for name in models:
         base, scope = build(name, args.smoke)
         base = base.eval().to(device=device, dtype=dtype)
@@ -181,7 +210,13 @@ def main(argv=None) -> int:
         return 0
     notes = [f"- batch {batch} x {seq} tokens, {str(dtype)}, random weights; block masks: 32x32 "
              "blocks kept at random in every encoder Linear; structured: FFN units and heads",
-             "- *_speedup = dense / mode; auto_vs_best = auto / min(kernel, resize) (target <= 1.05)"]
+             "- *_speedup = dense / mode; auto_vs_best = auto / min(kernel, resize) (target <= 1.05)",
+             "- provenance (2026-11-24, quiet machine): bert-base, gpt2, t5-small rows from "
+             "`bench_models.py --threads 2 --reps 5`; vit-b16 rows from `bench_models.py "
+             "--threads 2 --reps 5 --models vit-b16 --merge` (its first run selected no layers: "
+             "transformers 5 names ViT's blocks `layers.N`)"]
+    if args.merge:
+        rows = [r for r in _saved_rows(device) if r["model"] not in models] + rows
     out = write_results(device, "models", "End-to-end model latency after ModelSpeedup", rows, notes)
     print(f"wrote {out}/models.{{csv,md}}")
     return 0
