@@ -161,7 +161,9 @@ def _final_latency(final: dict, latency: list[dict],
     final.variant nearest final.sparsity, else dense / final.speedup, else the fastest row
     nearest final.sparsity."""
     if final.get("ms") is not None:
-        return float(final["ms"]), "final.ms"
+        variant = final.get("variant")
+        return float(final["ms"]), ("measured on the final model"
+                                    + (f" ({variant} mode)" if variant else ""))
     rows = [r for r in latency if r["variant"] != "dense"]
     if final.get("variant"):
         rows = [r for r in rows if r["variant"] == final["variant"]]
@@ -328,8 +330,11 @@ def write_report(run_dir: str | os.PathLike, record: dict) -> Path:
     md = ["# sparsekernels pruning report", ""]
     config = record.get("config")
     model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict):
+        model = ", ".join([f"`{model.get('name_or_path', '?')}`"]
+                          + [f"{k} {v}" for k, v in model.items() if k != "name_or_path"])
     if model:
-        md += [f"Model: `{model}`", ""]
+        md += [f"Model: {model}", ""]
     md += [_headline(record), ""]
 
     def plot(key: str, ok: bool, draw: Callable[[Path], None], why: str) -> list[str]:
