@@ -3,7 +3,9 @@ the transformers integration (`enable_`, the "sparsekernels" attention implement
 
 Importing this package registers attn_implementation="sparsekernels" with transformers when
 transformers is installed, so `from_pretrained(..., attn_implementation="sparsekernels")` works
-after `import sparsekernels.attention`; `enable_(model, layouts)` also attaches the layouts.
+after `import sparsekernels.attention`; `enable_(model, layouts)` also attaches the layouts
+(and, on transformers 4.x, patches BERT / RoBERTa / T5 attention modules, which that name
+cannot reach); `disable_(model)` undoes it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from sparsekernels.attention.integration import (
     IMPLEMENTATION,
     SparseAttentionConfig,
     attention_modules,
+    disable_,
     enable_,
     register,
     sparsekernels_attention_forward,
@@ -37,8 +40,9 @@ from sparsekernels.attention.layouts import (
 __all__ = [
     "AttentionMassCollector", "IMPLEMENTATION", "SparseAttentionConfig", "attention_modules",
     "block_attention_mass", "calibrate_layouts", "causal_layout", "crop", "dense_layout",
-    "density", "enable_", "global_window_layout", "grid", "head_mask_layout", "random_layout",
-    "register", "sliding_window_layout", "sparsekernels_attention_forward", "topk_layout",
+    "density", "disable_", "enable_", "global_window_layout", "grid", "head_mask_layout",
+    "random_layout", "register", "sliding_window_layout", "sparsekernels_attention_forward",
+    "topk_layout",
 ]
 
 if importlib.util.find_spec("transformers") is not None:

@@ -1,16 +1,20 @@
 """Run a transformers model's attention through sparsekernels::block_sparse_attention.
 
-transformers 5 (and the 4.x releases whose models call `ALL_ATTENTION_FUNCTIONS`) looks the
-attention function up by `config._attn_implementation`. `register()` adds ours under the name
+transformers 5 (and the 4.x models that call `ALL_ATTENTION_FUNCTIONS`) looks the attention
+function up by `config._attn_implementation`. `register()` adds ours under the name
 "sparsekernels" to `AttentionInterface` (and the SDPA-style bool mask to
 `AttentionMaskInterface`), so `from_pretrained(..., attn_implementation="sparsekernels")`
 works once sparsekernels.attention is imported; `enable_(model, layouts)` attaches one layout
-per attention module and switches the model over.
+per attention module and switches the model over. On transformers 4.x, the models whose
+attention classes compute attention by hand (BERT, RoBERTa, T5 on 4.57) have those modules
+patched by `enable_` instead (`sparsekernels.attention.legacy`); there the name works only
+through `enable_`, not at construction. `disable_` undoes either.
 
 Supported and tested: BERT, RoBERTa, GPT-2 (causal), BART (encoder, causal decoder, cross
 attention), T5 (its relative position bias is added per block as an additive mask, with its
-gradient) and ViT. A model whose attention modules do not call the attention interface raises
-a clear error instead of silently running dense.
+gradient) and ViT, on transformers 5 and 4.57. A model whose attention modules neither call
+the attention interface nor are classes `legacy` patches raises a clear error instead of
+silently running dense.
 """
 
 from __future__ import annotations
@@ -68,6 +72,29 @@ def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     return x[:, :, None].expand(b, h, n_rep, l, d).reshape(b, h * n_rep, l, d)
 
 
+def refuse_output_attentions(output_attentions) -> None:
+    if output_attentions:
+        raise ValueError("attn_implementation='sparsekernels' does not return attention "
+                         "probabilities: for output_attentions=True run the model without it "
+                         "(sparsekernels.attention.disable_(model), or attn_implementation="
+                         "'eager')")
+
+
+def attend(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+           mask: Optional[Tensor], causal: bool, scale: Optional[float],
+           dropout: float) -> Tensor:
+    """One attention module's block-sparse attention with its layout (dense if it has none):
+    query [B, H, Lq, D], key/value [B, H, Lk, D], mask bool or additive -> [B, H, Lq, D]."""
+    from sparsekernels.ops.block_sparse_attention import block_sparse_attention
+
+    cfg: SparseAttentionConfig = getattr(module, _ATTR, None) or SparseAttentionConfig()
+    layout = cfg.layout_for(query.shape[1], query.shape[2], key.shape[2], query.device)
+    return block_sparse_attention(query, key, value, layout, cfg.block_size, attn_mask=mask,
+                                  causal=causal, scale=scale,
+                                  dropout_p=dropout if module.training else 0.0,
+                                  backend=cfg.backend)
+
+
 def sparsekernels_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
                                     value: Tensor, attention_mask: Optional[Tensor],
                                     dropout: float = 0.0, scaling: Optional[float] = None,
@@ -75,14 +102,9 @@ def sparsekernels_attention_forward(module: torch.nn.Module, query: Tensor, key:
                                     position_bias: Optional[Tensor] = None, **kwargs):
     """The attention function transformers calls (the `sdpa_attention_forward` contract):
     query [B, H, Lq, D], key/value [B, Hkv, Lk, D] -> ([B, Lq, H, D], None)."""
-    from sparsekernels.ops.block_sparse_attention import block_sparse_attention
-
-    if kwargs.get("output_attentions", False):
-        raise ValueError("attn_implementation='sparsekernels' does not return attention "
-                         "probabilities: use 'eager' for output_attentions=True")
+    refuse_output_attentions(kwargs.get("output_attentions", False))
     if kwargs.get("softcap") is not None:
         raise ValueError("attn_implementation='sparsekernels' does not support softcap")
-    cfg: SparseAttentionConfig = getattr(module, _ATTR, None) or SparseAttentionConfig()
     heads = query.shape[1]
     if key.shape[1] != heads:  # grouped-query attention
         key = _repeat_kv(key, heads // key.shape[1])
@@ -102,11 +124,7 @@ def sparsekernels_attention_forward(module: torch.nn.Module, query: Tensor, key:
             mask = bias.masked_fill(~mask, float("-inf"))
         else:
             mask = bias + mask
-    layout = cfg.layout_for(heads, lq, lk, query.device)
-    out = block_sparse_attention(query, key, value, layout, cfg.block_size, attn_mask=mask,
-                                 causal=causal, scale=scaling,
-                                 dropout_p=dropout if module.training else 0.0,
-                                 backend=cfg.backend)
+    out = attend(module, query, key, value, mask, causal, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -135,27 +153,34 @@ def _calls_attention_interface(module: torch.nn.Module) -> bool:
 
 
 def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every module that dispatches through the attention interface, in
-    model order: the layers `enable_`'s `layouts` are indexed by."""
-    return [(n, m) for n, m in model.named_modules() if _calls_attention_interface(m)]
+    """(name, module) of every module that dispatches through the attention interface or is
+    a transformers 4.x attention class `enable_` patches, in model order: the layers
+    `enable_`'s `layouts` are indexed by."""
+    from sparsekernels.attention import legacy
+
+    return [(n, m) for n, m in model.named_modules()
+            if _calls_attention_interface(m) or legacy.can_patch(m)]
 
 
 _UNSUPPORTED_HINT = (
-    "its attention modules do not call transformers' AttentionInterface (a transformers 4.x "
-    "model with hand-written attention classes): upgrade transformers (>= 5.0 for T5 and BART)")
+    "its attention modules neither call transformers' AttentionInterface nor are transformers "
+    "4.57 classes that sparsekernels patches (BERT, RoBERTa, T5): upgrade transformers "
+    "(>= 5.0, or 4.57 for those families)")
 
 
-def _set_implementation(model: torch.nn.Module) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(IMPLEMENTATION)
+def _set_implementation(model: torch.nn.Module, name: str, legacy_only: bool) -> None:
+    # transformers 4.x refuses (with a warning) to switch a model with hand-written attention
+    # classes; their patched modules ignore the name, the config still records it
+    if hasattr(model, "set_attn_implementation") and not legacy_only:
+        model.set_attn_implementation(name)
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
-            if config._attn_implementation != IMPLEMENTATION:
+            if config._attn_implementation != name:
                 try:
-                    config._attn_implementation = IMPLEMENTATION
+                    config._attn_implementation = name
                 except Exception:
-                    config._attn_implementation_internal = IMPLEMENTATION
+                    config._attn_implementation_internal = name
 
 
 LayoutsArg = Union[None, Tensor, Sequence[Optional[Tensor]], Mapping[str, Optional[Tensor]]]
@@ -169,8 +194,11 @@ def enable_(model: torch.nn.Module, layouts: LayoutsArg = None, block_size=(64, 
     [heads, nq, nk] for every attention module, a sequence with one per attention module
     (None entries stay dense), or a mapping from module name to layout. A layout built for
     the longest sequence serves shorter ones (its top-left corner is used).
-    Returns the model.
+    On transformers 4.x, BERT / RoBERTa / T5 attention modules are patched (see
+    `sparsekernels.attention.legacy`). Returns the model.
     """
+    from sparsekernels.attention import legacy
+
     register()
     mods = attention_modules(model)
     if not mods:
@@ -206,7 +234,23 @@ def enable_(model: torch.nn.Module, layouts: LayoutsArg = None, block_size=(64, 
                 raise ValueError(f"{name}: layout has {layout.shape[-3]} heads, the module "
                                  f"{heads}")
         setattr(module, _ATTR, SparseAttentionConfig(layout, block_size, backend))
-    _set_implementation(model)
+    patched = [legacy.patch_(m) for _, m in mods if legacy.can_patch(m)]
+    _set_implementation(model, IMPLEMENTATION, legacy_only=len(patched) == len(mods))
+    return model
+
+
+def disable_(model: torch.nn.Module, attn_implementation: str = "eager") -> torch.nn.Module:
+    """Undo `enable_`: drop the layouts, give patched transformers 4.x attention modules their
+    own forward back and switch the model to `attn_implementation`. Returns the model."""
+    from sparsekernels.attention import legacy
+
+    mods = attention_modules(model)
+    for _, module in mods:
+        if hasattr(module, _ATTR):
+            delattr(module, _ATTR)
+        legacy.unpatch_(module)
+    legacy_only = bool(mods) and all(legacy.can_patch(m) for _, m in mods)
+    _set_implementation(model, attn_implementation, legacy_only)
     return model
 
 

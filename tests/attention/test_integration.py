@@ -135,12 +135,22 @@ def test_all_true_layouts_equal_eager(family, backend):
     assert max_rel_err(got, want) <= 1e-4
 
 
-def test_attn_implementation_name_works_at_construction():
-    model, inputs, pick = bert()
+# transformers 4.x builds BERT's attention module from a fixed {"eager", "sdpa"} table, so
+# the name cannot select it at construction there (enable_ patches the built model instead)
+LEGACY = int(transformers.__version__.split(".")[0]) < 5
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param("bert", marks=pytest.mark.skipif(
+        LEGACY, reason="transformers 4.x picks BERT's attention class at construction from "
+                       "{eager, sdpa}: there enable_ patches the built model")),
+    "gpt2"])
+def test_attn_implementation_name_works_at_construction(family):
+    model, inputs, pick = FAMILIES[family]()
     model.eval()
     cfg = copy.deepcopy(model.config)
     cfg._attn_implementation = "sparsekernels"
-    other = transformers.BertModel(cfg).eval()
+    other = type(model)(cfg).eval()
     other.load_state_dict(model.state_dict())
     assert other.config._attn_implementation == "sparsekernels"
     with torch.no_grad():
@@ -224,3 +234,92 @@ def test_output_attentions_is_refused():
     sparse = sa.enable_(copy.deepcopy(model).eval(), block_size=BLOCK)
     with pytest.raises(ValueError, match="output_attentions"):
         sparse(**inputs, output_attentions=True)
+
+
+def test_disable_restores_the_model():
+    model, inputs, pick = FAMILIES["t5"]()
+    model.eval()
+    classes = [type(m) for _, m in sa.attention_modules(model)]
+    sparse = sa.enable_(copy.deepcopy(model), layouts=torch.zeros(4, 3, 3, dtype=torch.bool),
+                        block_size=BLOCK)
+    with torch.no_grad():
+        assert max_rel_err(pick(sparse(**inputs)), pick(model(**inputs))) > 1e-2
+        sa.disable_(sparse)
+        assert [type(m) for _, m in sa.attention_modules(sparse)] == classes
+        assert not any(hasattr(m, "_sparsekernels_attention") for m in sparse.modules())
+        assert sparse.config._attn_implementation == "eager"
+        assert max_rel_err(pick(sparse(**inputs)), pick(model(**inputs))) <= 1e-4
+        assert sparse(**inputs, output_attentions=True).encoder_attentions[0] is not None
+
+
+def bert_decoder(attn_implementation):
+    cfg = transformers.BertConfig(**dict(ENC, attn_implementation=attn_implementation),
+                                  is_decoder=True, add_cross_attention=True)
+    enc, enc_mask = torch.randn(B, LD, 64), torch.ones(B, LD, dtype=torch.long)
+    enc_mask[1, 15:] = 0
+    ids = _ids(10)
+    cross = dict(encoder_hidden_states=enc, encoder_attention_mask=enc_mask)
+    first = dict(input_ids=ids[:, :9], attention_mask=torch.ones(B, 9, dtype=torch.long), **cross)
+    then = dict(input_ids=ids[:, 9:], attention_mask=torch.ones(B, 10, dtype=torch.long), **cross)
+    return transformers.BertLMHeadModel(cfg), first, then
+
+
+def t5_decoder(attn_implementation):
+    cfg = transformers.T5Config(d_model=64, d_kv=16, num_heads=4, num_layers=2,
+                                num_decoder_layers=2, d_ff=128,
+                                **dict(SEQ2SEQ, attn_implementation=attn_implementation))
+    enc = dict(input_ids=_ids(), attention_mask=_right_padded())
+    ids = _ids(LD)
+    return (transformers.T5ForConditionalGeneration(cfg), dict(enc, decoder_input_ids=ids[:, :-1]),
+            dict(enc, decoder_input_ids=ids[:, -1:]))
+
+
+def _prefix_then_step(model, first, then):
+    out = model(**first, use_cache=True)
+    step = model(**then, past_key_values=out.past_key_values, use_cache=True)
+    return out.logits, step.logits
+
+
+# (transformers 4.x's T5 has no SDPA class; its BERT has one, patched separately)
+@pytest.mark.parametrize("family, attn_implementation",
+                         [("bert-decoder", "eager"), ("bert-decoder", "sdpa"), ("t5", "eager")])
+def test_cached_decoding_equals_eager(family, attn_implementation):
+    """A prefix with use_cache=True, then one token from the cache: causal self attention,
+    cross attention over a padded encoder output, and both caches (the cross one reused)."""
+    build = {"bert-decoder": bert_decoder, "t5": t5_decoder}[family]
+    model, first, then = build(attn_implementation)
+    model.eval()
+    sparse = sa.enable_(copy.deepcopy(model), block_size=BLOCK)
+    with torch.no_grad():
+        want = _prefix_then_step(model, first, then)
+        got = _prefix_then_step(sparse, first, then)
+    for g, w in zip(got, want):
+        assert max_rel_err(g, w) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_resized_heads_with_pruned_layouts(family):
+    """After ModelSpeedup's resize (one head fewer per module, T5's shared position bias
+    sliced per layer), layouts index the module's own heads: a further all-false head equals
+    zeroing that head's value rows."""
+    from sparsekernels.pruning.heads import find_attention_blocks
+    from sparsekernels.speedup import ModelSpeedup
+    from tests.speedup.families import build, head_masks, output_of
+
+    model, dummy = build(family)
+    model = ModelSpeedup(model, dummy, head_masks(model), mode="resize").speedup_model()
+    names = [n for n, _ in sa.attention_modules(model)]
+    blocks = {b.name: b for b in find_attention_blocks(model)}
+    assert set(names) <= set(blocks)
+    zeroed, layouts = copy.deepcopy(model), {}
+    for name in names:
+        heads = 3  # 4 - the one ModelSpeedup removed
+        d = blocks[name].head_dim
+        assert model.get_submodule(blocks[name].v).weight.shape[0] == heads * d
+        with torch.no_grad():
+            zeroed.get_submodule(blocks[name].v).weight[d:2 * d] = 0  # head 1
+        keep = torch.tensor([True, False, True])
+        layouts[name] = sa.head_mask_layout(keep, 32, block_size=BLOCK)
+    sparse = sa.enable_(copy.deepcopy(model), layouts=layouts, block_size=BLOCK)
+    with torch.no_grad():
+        assert max_rel_err(output_of(sparse, dummy), output_of(zeroed, dummy)) <= 1e-4
