@@ -16,8 +16,14 @@ from sparsekernels.pruning import layers
 
 def _inputs(model: nn.Module, batch: int, seq: int) -> dict:
     vocab = getattr(model.config, "vocab_size", 1000)
-    return {"input_ids": torch.randint(0, vocab, (batch, seq)),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    device = next(model.parameters()).device
+    return {"input_ids": torch.randint(0, vocab, (batch, seq), device=device),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
+
+
+def _sync(inputs: dict) -> None:
+    if any(v.is_cuda for v in inputs.values()):  # time the kernels, not their launch
+        torch.cuda.synchronize()
 
 
 def time_models(models: dict[str, nn.Module], inputs: dict, reps: int) -> dict[str, float]:
@@ -28,8 +34,10 @@ def time_models(models: dict[str, nn.Module], inputs: dict, reps: int) -> dict[s
             m(**inputs)
         for _ in range(reps):
             for name, m in models.items():
+                _sync(inputs)
                 t0 = time.perf_counter()
                 m(**inputs)
+                _sync(inputs)
                 samples[name].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in samples.items()}
 
@@ -46,7 +54,7 @@ def block_masks(model: nn.Module, sparsity: float, block=(32, 32), scope: str = 
         keep = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
         keep[torch.randperm(keep.numel())[: round((1 - sparsity) * keep.numel())]] = True
         mask = keep.view(grid).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1).float()
-        masks[name] = {"weight": layers.from_canonical(module, mask)}
+        masks[name] = {"weight": layers.from_canonical(module, mask).to(module.weight.device)}
     return masks
 
 

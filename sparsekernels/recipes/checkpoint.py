@@ -38,26 +38,28 @@ class RunDir:
             write_json_atomic(self.record_path, record)
 
     def save_checkpoint(self, record: dict, key: str, stage: str, model, extra: dict | None = None) -> None:
-        """Write model (and extra tensors) to a new directory, then commit record[key] -> it."""
+        """Write model (and extra tensors) to a new directory, then commit record[key] -> it.
+        Under DDP every rank updates its record, rank 0 alone writes, and all wait for it."""
         from safetensors.torch import save_file
 
+        from sparsekernels.recipes.parallel import barrier
         from sparsekernels.speedup.io import save_model
 
-        if not is_main_process():
-            return
         counter = record.setdefault("_checkpoint_counter", 0) + 1
         record["_checkpoint_counter"] = counter
         rel = f"checkpoints/{stage}-{counter:04d}"
-        path = self.root / rel
-        save_model(model, path)
-        for name, tensors in (extra or {}).items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      str(path / f"{name}.safetensors"))
         previous = record.get(key)
         record[key] = rel
-        self.commit(record)
-        if previous and previous != rel and previous not in record.values():
-            shutil.rmtree(self.root / previous, ignore_errors=True)
+        if is_main_process():
+            path = self.root / rel
+            save_model(model, path)
+            for name, tensors in (extra or {}).items():
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                          str(path / f"{name}.safetensors"))
+            self.commit(record)
+            if previous and previous != rel and previous not in record.values():
+                shutil.rmtree(self.root / previous, ignore_errors=True)
+        barrier()  # the other ranks read this checkpoint next
 
     def path(self, rel: str) -> Path:
         return self.root / rel

