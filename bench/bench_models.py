@@ -1,7 +1,12 @@
-"""End-to-end latency of sped-up models: dense, masked, kernel, resize and auto.
+"""End-to-end latency and peak memory of sped-up models: dense, masked, kernel, resize, auto.
 
     python bench/bench_models.py            # BERT-base, GPT-2 small, T5-small, ViT-B/16 shapes
     python bench/bench_models.py --smoke    # a tiny BERT, seconds (CI)
+    python bench/bench_models.py --memory-only   # add the memory columns to saved rows
+
+Peak memory (*_MB) = the model's parameters and buffers + the peak allocated above them
+during one forward (GPU: the caching allocator's peak; CPU: the malloc heap sampled after
+every aten op). The masked model's memory is the dense model's.
 
 Random weights (speed does not depend on training). At each sparsity s:
 - block masks: every encoder Linear keeps a random (1 - s) of its 32x32 blocks; run as
@@ -24,7 +29,7 @@ import torch
 import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import time_interleaved, write_results  # noqa: E402
+from common import model_bytes, peak_activation_bytes, time_interleaved, write_results  # noqa: E402
 
 from sparsekernels.pruning import layers  # noqa: E402
 from sparsekernels.pruning.heads import find_attention_blocks  # noqa: E402
@@ -139,6 +144,14 @@ def _saved_rows(device) -> list[dict]:
     return rows
 
 
+def _with_memory(row: dict, memory: dict) -> dict:
+    out = dict(row)
+    for mode in ("dense", "kernel", "resize", "auto"):
+        value = memory.get(mode)
+        out[f"{mode}_MB"] = value if value is not None else float("nan")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
@@ -148,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--merge", action="store_true",
                    help="replace only these models' rows in the existing results file")
+    p.add_argument("--memory-only", action="store_true",
+                   help="measure peak memory and merge it into the saved rows (no timing: "
+                        "memory does not need a quiet machine)")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite models.md from models.csv (no measurement)")
     args = p.parse_args(argv)
@@ -163,6 +179,7 @@ def main(argv=None) -> int:
     rows = []
     if args.render_only:
         models, rows = [], _saved_rows(device)
+    saved = {(r["model"], float(r["sparsity"]), r["masks"]): r for r in _saved_rows(device)}
     for name in models:
         base, scope = build(name, args.smoke)
         base = base.eval().to(device=device, dtype=dtype)
@@ -186,6 +203,21 @@ def main(argv=None) -> int:
                         out = m(**dummy)[0].float()
                         err = ((out - ref).abs().max() / ref.abs().max()).item()
                         assert err < (1e-3 if dtype == torch.float32 else 5e-2), f"{name} {mode}: {err}"
+                    memory = {}
+                    for mode, m in variants.items():
+                        if mode != "masked":
+                            act = peak_activation_bytes(lambda m=m: m(**dummy), device)
+                            memory[mode] = (model_bytes(m) + act) / 1e6 if act is not None else None
+                    if args.memory_only:
+                        key = (name, float(s), kind)
+                        if key not in saved:
+                            print(f"{name} s={s} {kind}: no saved row to add memory to; skipped")
+                            continue
+                        row = saved[key]
+                        rows.append(_with_memory(row, memory))
+                        print(f"{name} s={s} {kind}: " + ", ".join(
+                            f"{k} {v:.0f} MB" for k, v in memory.items() if v is not None))
+                        continue
                     t = time_interleaved({k: (lambda m=m: m(**dummy)) for k, m in variants.items()},
                                          device, reps=3 if args.smoke else args.reps)
                 row = {"model": name, "batch": batch, "seq": seq, "sparsity": s, "masks": kind,
@@ -201,11 +233,12 @@ def main(argv=None) -> int:
                 row["auto_vs_best"] = t["auto"] / best
                 row["params_dense_M"] = count_params(base) / 1e6
                 row["params_auto_M"] = count_params(variants["auto"]) / 1e6
-                rows.append(row)
+                rows.append(_with_memory(row, memory))
                 print(f"{name} s={s} {kind}: dense {row['dense_ms']:.1f} ms, "
                       + ", ".join(f"{m} x{row[f'{m}_speedup']:.2f}" for m in ("kernel", "resize", "auto")
                                   if row[f"{m}_ms"] == row[f"{m}_ms"])
-                      + f", auto/best {row['auto_vs_best']:.3f}", flush=True)
+                      + f", auto/best {row['auto_vs_best']:.3f}; peak MB dense "
+                      f"{row['dense_MB']:.0f}, auto {row['auto_MB']:.0f}", flush=True)
     if args.smoke:
         return 0
     notes = [f"- batch {batch} x {seq} tokens, {str(dtype)}, random weights; block masks: 32x32 "
@@ -215,9 +248,16 @@ def main(argv=None) -> int:
              "`bench_models.py --threads 2 --reps 5`; vit-b16 rows from `bench_models.py "
              "--threads 2 --reps 5 --models vit-b16 --merge` (its first run selected no layers: "
              "transformers 5 names ViT's blocks `layers.N`)"]
-    if args.merge:
-        rows = [r for r in _saved_rows(device) if r["model"] not in models] + rows
-    out = write_results(device, "models", "End-to-end model latency after ModelSpeedup", rows, notes)
+    if args.memory_only:
+        notes.append("- memory columns from `bench_models.py --memory-only` (same shapes and "
+                     "mask kinds; its own random masks)")
+    if args.merge or args.memory_only:
+        done = {(r["model"], float(r["sparsity"]), r["masks"]) for r in rows}
+        rows = [r for r in _saved_rows(device)
+                if (r["model"], float(r["sparsity"]), r["masks"]) not in done] + rows
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    out = write_results(device, "models", "End-to-end model latency and peak memory after "
+                        "ModelSpeedup", rows, notes, md_columns=columns)
     print(f"wrote {out}/models.{{csv,md}}")
     return 0
 

@@ -140,3 +140,81 @@ def _fmt(v) -> str:
             return "n/a"
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+# -- peak memory ----------------------------------------------------------------------------
+
+def _is_wrapper(t: torch.Tensor) -> bool:
+    return type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a wrapper subclass (BlockSparseTensor) counts its inner tensors."""
+    if _is_wrapper(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.untyped_storage().nbytes() if t.numel() else 0
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers, each storage once (tied weights are shared)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = id(t) if _is_wrapper(t) else t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor_bytes(t)
+    return total
+
+
+def _heap_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back (arena + mmapped chunks)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                    "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                    "keepcost")]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = MallInfo2
+    info = fn()
+    return info.uordblks + info.hblkhd
+
+
+def peak_activation_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak bytes allocated above what was live before fn() ran (activations, workspaces).
+    CUDA: the caching allocator's peak. CPU: the malloc heap sampled after every aten op
+    (a TorchDispatchMode), so temporaries freed inside one kernel are not seen."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if _heap_in_use() is None:
+        return None
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sampler(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Sampler.peak = max(Sampler.peak, _heap_in_use())
+            return out
+
+    import gc
+
+    for _ in range(2):  # the first pass pays one-time allocations (MKL buffers, the mode itself)
+        gc.collect()
+        base = _heap_in_use()
+        Sampler.peak = base
+        with Sampler():
+            out = fn()
+        del out
+    return Sampler.peak - base
