@@ -12,7 +12,7 @@ EXT_STAMP  := $(VENV)/.ext-stamp
 CSRC       := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 PYTEST_CPU := -m "not slow and not gpu"
 
-.PHONY: setup build test test-all test-gpu check-cuda demo bench clean
+.PHONY: setup build test test-all test-gpu check-cuda check-triton demo bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ build: $(EXT_STAMP)
 
 check-cuda:
 	bash tools/check_cuda.sh
+
+# Every Triton kernel compiled for sm_90 on the CPU (no GPU needed; minutes, not in `make test`)
+check-triton: build
+	$(PY) tools/check_triton.py 90
 
 test: build check-cuda
 	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_CPU) -q

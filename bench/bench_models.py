@@ -233,7 +233,8 @@ def main(argv=None) -> int:
                 row["auto_vs_best"] = t["auto"] / best
                 row["params_dense_M"] = count_params(base) / 1e6
                 row["params_auto_M"] = count_params(variants["auto"]) / 1e6
-                rows.append(_with_memory(row, memory))
+                row = _with_memory(row, memory)
+                rows.append(row)
                 print(f"{name} s={s} {kind}: dense {row['dense_ms']:.1f} ms, "
                       + ", ".join(f"{m} x{row[f'{m}_speedup']:.2f}" for m in ("kernel", "resize", "auto")
                                   if row[f"{m}_ms"] == row[f"{m}_ms"])

@@ -93,7 +93,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _upcast_dot(dtype: torch.dtype) -> bool:
     """The Triton interpreter's tl.dot multiplies bf16 tiles as their raw uint16 bits
-    (triton 3.8, runtime/interpreter.py create_dot), so there the tiles are cast to fp32
+    (triton 3.6 and 3.8, runtime/interpreter.py create_dot), so there the tiles are cast to fp32
     first: the same math, since a product of two bf16 values is exact in fp32. Compiled
     kernels always multiply bf16 on the tensor cores."""
     return dtype == torch.bfloat16 and triton_interpret()
