@@ -256,6 +256,8 @@ def main(argv=None) -> int:
         done = {(r["model"], float(r["sparsity"]), r["masks"]) for r in rows}
         rows = [r for r in _saved_rows(device)
                 if (r["model"], float(r["sparsity"]), r["masks"]) not in done] + rows
+        order = list(dict.fromkeys(r["model"] for r in rows))  # the table's order, not the run's
+        rows.sort(key=lambda r: (order.index(r["model"]), float(r["sparsity"]), r["masks"]))
     columns = list(dict.fromkeys(k for row in rows for k in row))
     out = write_results(device, "models", "End-to-end model latency and peak memory after "
                         "ModelSpeedup", rows, notes, md_columns=columns)
