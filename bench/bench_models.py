@@ -144,6 +144,11 @@ def _saved_rows(device) -> list[dict]:
     return rows
 
 
+def _key(row: dict) -> tuple:
+    """A results row's identity: model, sparsity, mask kind."""
+    return row["model"], float(row["sparsity"]), row["masks"]
+
+
 def _with_memory(row: dict, memory: dict) -> dict:
     out = dict(row)
     for mode in ("dense", "kernel", "resize", "auto"):
@@ -176,10 +181,10 @@ def main(argv=None) -> int:
     sparsities = [0.7] if args.smoke else [float(s) for s in args.sparsities.split(",")]
     if args.smoke:
         batch, seq = 2, 32
-    rows = []
+    rows, saved_rows = [], _saved_rows(device)
     if args.render_only:
-        models, rows = [], _saved_rows(device)
-    saved = {(r["model"], float(r["sparsity"]), r["masks"]): r for r in _saved_rows(device)}
+        models, rows = [], saved_rows
+    saved = {_key(r): r for r in saved_rows}
     for name in models:
         base, scope = build(name, args.smoke)
         base = base.eval().to(device=device, dtype=dtype)
@@ -209,11 +214,10 @@ def main(argv=None) -> int:
                             act = peak_activation_bytes(lambda m=m: m(**dummy), device)
                             memory[mode] = (model_bytes(m) + act) / 1e6 if act is not None else None
                     if args.memory_only:
-                        key = (name, float(s), kind)
-                        if key not in saved:
+                        row = saved.get((name, float(s), kind))
+                        if row is None:
                             print(f"{name} s={s} {kind}: no saved row to add memory to; skipped")
                             continue
-                        row = saved[key]
                         rows.append(_with_memory(row, memory))
                         print(f"{name} s={s} {kind}: " + ", ".join(
                             f"{k} {v:.0f} MB" for k, v in memory.items() if v is not None))
@@ -253,9 +257,8 @@ def main(argv=None) -> int:
         notes.append("- memory columns from `bench_models.py --memory-only` (same shapes and "
                      "mask kinds; its own random masks)")
     if args.merge or args.memory_only:
-        done = {(r["model"], float(r["sparsity"]), r["masks"]) for r in rows}
-        rows = [r for r in _saved_rows(device)
-                if (r["model"], float(r["sparsity"]), r["masks"]) not in done] + rows
+        done = {_key(r) for r in rows}
+        rows = [r for r in saved_rows if _key(r) not in done] + rows
         order = list(dict.fromkeys(r["model"] for r in rows))  # the table's order, not the run's
         rows.sort(key=lambda r: (order.index(r["model"]), float(r["sparsity"]), r["masks"]))
     columns = list(dict.fromkeys(k for row in rows for k in row))

@@ -72,6 +72,10 @@ def model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def distill_loss(distiller, batch: dict) -> torch.Tensor:
+    return distiller(labels=batch["labels"], **{k: v for k, v in batch.items() if k != "labels"}).loss
+
+
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
@@ -244,10 +248,6 @@ class TransformerRecipe:
         bar = _progress(cfg.steps, "distill")
         bar.update(progress["step"])
 
-        def loss_fn(d, batch):
-            labels = batch["labels"]
-            return d(labels=labels, **{k: v for k, v in batch.items() if k != "labels"}).loss
-
         def optimizer():
             remaining = max(1, cfg.steps - progress["step"])
             return make_optimizer(distiller.parameters(), cfg.lr * remaining / max(1, cfg.steps),
@@ -260,7 +260,7 @@ class TransformerRecipe:
                 continue
             prune_cfg = self.config.ffn if kind == "ffn" else self.config.hidden
             plain = max(0, at - prune_cfg.taylor_steps - progress["step"])
-            train_steps(net, batches, plain, opt, sched, loss_fn, bar)
+            train_steps(net, batches, plain, opt, sched, distill_loss, bar)
             progress["step"] += plain
             if plain and progress["done"]:  # the previous prune's state after recovery
                 self._point("recovered", student, progress["step"])
@@ -268,9 +268,11 @@ class TransformerRecipe:
             after = prune_cfg.sparsity * (index + 1) / prune_cfg.times
             relative = 1 - (1 - after) / (1 - before)
             if kind == "ffn":
-                self._prune_ffn(distiller, batches, opt, sched, prune_cfg.taylor_steps, relative, bar)
+                self._prune_ffn(distiller, net, batches, opt, sched, prune_cfg.taylor_steps,
+                                relative, bar)
             else:
-                self._prune_hidden(distiller, batches, opt, sched, prune_cfg.taylor_steps, relative, bar)
+                self._prune_hidden(distiller, net, batches, opt, sched, prune_cfg.taylor_steps,
+                                   relative, bar)
             progress["step"] += prune_cfg.taylor_steps
             progress["done"].append(f"{kind}-{index}")
             self._point(f"{kind}-{index + 1}", student, progress["step"])
@@ -283,7 +285,7 @@ class TransformerRecipe:
             opt, sched = optimizer()
             net = parallel.wrap(distiller)
         rest = max(0, cfg.steps - progress["step"])
-        train_steps(net, batches, rest, opt, sched, loss_fn, bar)
+        train_steps(net, batches, rest, opt, sched, distill_loss, bar)
         progress["step"] += rest
         bar.close()
         self._point("distilled", student, progress["step"])
@@ -303,15 +305,7 @@ class TransformerRecipe:
         if self.device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
-    def _distill_training(self, distiller, batches, opt, sched, bar):
-        def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
-                          max_epochs=None):
-            train_steps(parallel.wrap(distiller), batches, max_steps, opt, sched,
-                        lambda d, b: d(labels=b["labels"], **{k: v for k, v in b.items()
-                                                              if k != "labels"}).loss, bar)
-        return training_func
-
-    def _prune_ffn(self, distiller, batches, opt, sched, taylor_steps, sparsity, bar) -> None:
+    def _prune_ffn(self, distiller, net, batches, opt, sched, taylor_steps, sparsity, bar) -> None:
         """Taylor-prune FFN units (rows of each FFN's first layer) over `taylor_steps`
         distillation steps, then remove them."""
         from sparsekernels.pruning import TaylorFOWeightPruner, TorchEvaluator
@@ -320,7 +314,11 @@ class TransformerRecipe:
 
         student = distiller.student
         layers = ffn_input_layers(student, self.dummy)
-        evaluator = TorchEvaluator(self._distill_training(distiller, batches, opt, sched, bar), opt,
+        def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
+                          max_epochs=None):  # the Taylor statistics come from distillation steps
+            train_steps(net, batches, max_steps, opt, sched, distill_loss, bar)
+
+        evaluator = TorchEvaluator(training_func, opt,
                                    lambda batch, m: m(**batch).loss)
         pruner = TaylorFOWeightPruner(student, [{"op_names": layers, "sparsity": sparsity,
                                                  "granularity": "out_channel"}],
@@ -330,7 +328,7 @@ class TransformerRecipe:
         masks = {n: {"weight": e["weight"]} for n, e in masks.items()}  # biases fold exactly
         ModelSpeedup(student, self.dummy, masks, mode="resize").speedup_model()
 
-    def _prune_hidden(self, distiller, batches, opt, sched, taylor_steps, sparsity, bar) -> None:
+    def _prune_hidden(self, distiller, net, batches, opt, sched, taylor_steps, sparsity, bar) -> None:
         """Taylor-prune hidden channels, dependency-aware: a channel's importance is summed
         over every layer on the residual stream, and a pruned channel is masked in all of
         them, so the speedup removes it everywhere."""
@@ -339,12 +337,9 @@ class TransformerRecipe:
 
         student = distiller.student
         importance = StreamImportance(student, self.dummy)
-        loss_fn = (lambda d, b: d(labels=b["labels"], **{k: v for k, v in b.items()
-                                                        if k != "labels"}).loss)
         distiller.train()
-        net = parallel.wrap(distiller)  # gradients averaged: the same importance on every rank
-        for _ in range(taylor_steps):
-            loss = loss_fn(net, next(batches))
+        for _ in range(taylor_steps):  # net averages gradients: the same importance on every rank
+            loss = distill_loss(net, next(batches))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             importance.accumulate()
@@ -369,24 +364,20 @@ class TransformerRecipe:
         report.speedup_model()
         self.log("[4/4] evaluate, benchmark and report")
         final = self._point("final", student, cfg.distill.steps)
-        if not is_main_process():  # rank 0 benchmarks and writes the report
-            self.record["stages_done"].append("final")
-            self.run_dir.save_checkpoint(self.record, "final_model", "final", student)
-            parallel.barrier()
-            return
-        self.record["params"] = {"before": params_by_component(teacher),
-                                 "after": params_by_component(student)}
-        bench = benchmark(teacher, student, self.record, cfg.bench, self.log)
-        self.record.update(bench)
-        resized = next(r for r in bench["latency"][::-1] if r["variant"] == "resize")
-        self.record["final"] = {"accuracy": final["accuracy"], "sparsity": final["sparsity"],
-                                "dense_accuracy": self.record["dense"]["accuracy"],
-                                "speedup": bench.get("speedup"), "variant": "resize",
-                                "ms": resized["ms"]}
+        if is_main_process():  # rank 0 alone benchmarks and writes the report
+            self.record["params"] = {"before": params_by_component(teacher),
+                                     "after": params_by_component(student)}
+            bench = benchmark(teacher, student, self.record, cfg.bench, self.log)
+            self.record.update(bench)
+            resized = next(r for r in bench["latency"][::-1] if r["variant"] == "resize")
+            self.record["final"] = {"accuracy": final["accuracy"], "sparsity": final["sparsity"],
+                                    "dense_accuracy": self.record["dense"]["accuracy"],
+                                    "speedup": bench.get("speedup"), "variant": "resize",
+                                    "ms": resized["ms"]}
         self.record["stages_done"].append("final")
         self.run_dir.save_checkpoint(self.record, "final_model", "final", student)
-        report_path = write_report(self.run_dir.root, self.record)
-        self.log(f"report: {report_path}")
+        if is_main_process():
+            self.log(f"report: {write_report(self.run_dir.root, self.record)}")
         parallel.barrier()
 
     # -- driver ----------------------------------------------------------------------------------
