@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 from common import (measure_bandwidth, measure_peak_flops, time_interleaved,  # noqa: E402
-                    write_results)
+                    read_results, write_results)
 
 from sparsekernels import BlockSparseTensor, SparseLinear  # noqa: E402
 from sparsekernels.ops.backend import Backend, select  # noqa: E402
@@ -217,10 +217,7 @@ def main(argv=None) -> int:
                    help="recompute ops/crossover.json from a results CSV (no measurement)")
     args = p.parse_args(argv)
     if args.crossover_from_csv:
-        import csv
-
-        with open(args.crossover_from_csv) as f:
-            rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+        rows = read_results(args.crossover_from_csv)
         write_crossover(torch.device(args.device), rows, sorted({r["dtype"] for r in rows}))
         return 0
     device = torch.device(args.device)

@@ -125,23 +125,10 @@ def apply(model, masks):
 
 
 def _saved_rows(device) -> list[dict]:
-    """Rows of the existing models.csv, numbers as numbers."""
-    import csv
+    """Rows of the existing models.csv."""
+    from common import RESULTS, device_name, read_results
 
-    from common import RESULTS, device_name
-
-    path = RESULTS / device_name(device) / "models.csv"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    for row in rows:
-        for key, value in row.items():
-            try:
-                row[key] = float(value) if key not in ("model", "masks", "dtype") else value
-            except ValueError:
-                pass
-    return rows
+    return read_results(RESULTS / device_name(device) / "models.csv")
 
 
 def _key(row: dict) -> tuple:

@@ -132,6 +132,23 @@ def write_results(device: torch.device, name: str, title: str, rows: list[dict],
     return out_dir
 
 
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """Rows of a results CSV written by write_results (its # header skipped), numbers as
+    floats, text as text; [] when the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path) as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    for row in rows:
+        for key, value in row.items():
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                pass
+    return rows
+
+
 def _fmt(v) -> str:
     if v is None:
         return "n/a"

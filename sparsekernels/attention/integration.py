@@ -20,6 +20,7 @@ silently running dense.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Mapping, Optional, Sequence, Union
 
@@ -27,14 +28,17 @@ import torch
 from torch import Tensor
 
 from sparsekernels.attention.layouts import crop, grid
+from sparsekernels.formats.block_sparse import check_block_size
 
 IMPLEMENTATION = "sparsekernels"
 _ATTR = "_sparsekernels_attention"
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(eq=False)
 class SparseAttentionConfig:
-    """What one attention module runs: its layout (None: every block), block size, backend."""
+    """What one attention module runs: its layout (None: every block), block size, backend.
+    The layout is not a module buffer, so it follows `model.to(device)` on the next forward
+    (moved once, then kept there)."""
 
     layout: Optional[Tensor] = None
     block_size: tuple[int, int] = (64, 64)
@@ -44,12 +48,13 @@ class SparseAttentionConfig:
         nq, nk = grid(lq, lk, self.block_size)
         if self.layout is None:
             return _dense(heads, nq, nk, device)
+        if self.layout.device != device:
+            self.layout = self.layout.to(device)
         lay = self.layout
         if lay.shape[-3] != heads:
             raise ValueError(f"the layout has {lay.shape[-3]} heads, the attention module "
                              f"{heads}: build one layout row per head")
-        lay = crop(lay, nq, nk)
-        return lay if lay.device == device else lay.to(device)
+        return crop(lay, nq, nk)
 
 
 _DENSE_CACHE: dict = {}
@@ -145,8 +150,13 @@ def register() -> None:
 
 
 def _calls_attention_interface(module: torch.nn.Module) -> bool:
+    return _class_calls_attention_interface(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_calls_attention_interface(cls: type) -> bool:  # source read once per class
     try:
-        src = inspect.getsource(type(module).forward)
+        src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in src
@@ -204,9 +214,7 @@ def enable_(model: torch.nn.Module, layouts: LayoutsArg = None, block_size=(64, 
     if not mods:
         raise RuntimeError(f"sparsekernels.attention.enable_: {type(model).__name__} has no "
                            f"attention module to run sparse; {_UNSUPPORTED_HINT}")
-    if isinstance(block_size, int):
-        block_size = (block_size, block_size)
-    block_size = (int(block_size[0]), int(block_size[1]))
+    block_size = check_block_size(block_size)  # refused here, not at the first forward
     names = [n for n, _ in mods]
     if layouts is None or isinstance(layouts, Tensor):
         per_module = [layouts] * len(mods)
@@ -255,10 +263,6 @@ def disable_(model: torch.nn.Module, attn_implementation: str = "eager") -> torc
 
 
 def _num_heads(module) -> Optional[int]:
-    for attr in ("num_attention_heads", "num_heads", "n_heads", "n_head"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    config = getattr(module, "config", None)
-    value = getattr(config, "num_attention_heads", None)
-    return value if isinstance(value, int) else None
+    from sparsekernels.pruning.heads import read_heads
+
+    return read_heads(module, getattr(module, "config", None))

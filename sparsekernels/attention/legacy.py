@@ -199,11 +199,6 @@ def _patch_for(cls: type):
     return entry if args == entry[1] else None
 
 
-def original_class(module: torch.nn.Module) -> type:
-    """The transformers class of a patched module (the module's own class otherwise)."""
-    return getattr(type(module), "_sparsekernels_original", type(module))
-
-
 def is_patched(module: torch.nn.Module) -> bool:
     return "_sparsekernels_original" in vars(type(module))
 

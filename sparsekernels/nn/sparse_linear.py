@@ -192,6 +192,7 @@ class SparseLinear(nn.Module):
                 for name in INDEX_NAMES:
                     setattr(self, name, getattr(self, name).new_empty(state_dict[prefix + name].shape))
         self._dense_cache = None
+        self._route = {}  # a loaded layout can change the density, so the dense routing
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -20,12 +20,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from sparsekernels.formats.block_sparse import check_block_size
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend, available, requested_backend, select
 from sparsekernels.ops.reference import block_sparse_attention as ref
 
 OP = "block_sparse_attention"
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+CPU_HEAD_DIMS = (16, 32, 64, 128)  # head dims the C++ kernel vectorises
 
 
 def _triton():
@@ -73,9 +74,7 @@ def _index(lay: Tensor, batch: int, contiguous: bool) -> tuple[Tensor, Tensor]:
     return idx.expand(batch, *idx.shape[1:]), cnt.expand(batch, *cnt.shape[1:])
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The softmax statistics are fp32, fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+stats_dtype = ref.stats_dtype
 
 
 def _mask4(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -88,7 +87,7 @@ def _mask4(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 def _cpu_kernel_ok(q: Tensor, dropout_p: float) -> bool:
     # the C++ kernel draws no dropout bits and vectorises head dims 16, 32, 64, 128
-    return dropout_p == 0.0 and q.shape[-1] in SUPPORTED_BLOCK_SIZES
+    return dropout_p == 0.0 and q.shape[-1] in CPU_HEAD_DIMS
 
 
 def _cuda_kernel_ok(q: Tensor, dropout_p: float, for_backward: bool) -> bool:
@@ -106,7 +105,7 @@ def _choose(backend: str, q: Tensor, dropout_p: float, for_backward: bool) -> Ba
     if chosen is Backend.CPU and not _cpu_kernel_ok(q, dropout_p):
         if explicit:
             raise RuntimeError(
-                f"sparsekernels.{OP}: the cpu kernel runs head dims {SUPPORTED_BLOCK_SIZES} "
+                f"sparsekernels.{OP}: the cpu kernel runs head dims {CPU_HEAD_DIMS} "
                 f"without dropout, got head dim {q.shape[-1]}, dropout_p={dropout_p}; use "
                 "backend='auto' or 'reference'")
         return Backend.REFERENCE
@@ -193,17 +192,6 @@ def _block_sparse_attention_backward(
                                             q_cnt, mask, causal, scale, block_q, block_k,
                                             dropout_p, seed, need_dmask)
         return dq, dk, dv, (ds if need_dmask else empty)
-    chosen = _choose(backend, q, dropout_p, for_backward=True)
-    b = q.shape[0]
-    mask = _mask4(attn_mask)
-    grad_out = grad_out.contiguous()
-    empty = q.new_empty((0,), dtype=torch.float32)
-    if chosen is Backend.CPU:
-        dq, dk, dv, ds = _ext.op(OP + "_backward", "cpu")(
-            grad_out, q, k, v, out, stats, _layout4(layout), mask, causal, scale, block_q,
-            block_k, need_dmask)
-        return dq, dk, dv, (ds if need_dmask else empty)
-    lay = _layout4(effective_layout(layout, causal, block_q, block_k))
     drop = _dropout_mask(seed, (b, q.shape[1], q.shape[2], k.shape[2]), dropout_p, q.device)
     dq, dk, dv, ds = ref.block_sparse_attention_backward(grad_out, q, k, v, lay, (block_q, block_k),
                                                          mask, causal, scale, drop, dropout_p)
@@ -257,25 +245,10 @@ _block_sparse_attention.register_autograd(_backward, setup_context=_setup_contex
 
 
 # --- public entry point --------------------------------------------------------------------
-def _check_block_size(block_size) -> tuple[int, int]:
-    if isinstance(block_size, int):
-        block_size = (block_size, block_size)
-    try:
-        bq, bk = (int(b) for b in block_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"block_size must be an int or a pair (bq, bk), got {block_size!r}"
-                         ) from None
-    for b in (bq, bk):
-        if b not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"unsupported block size {(bq, bk)}: each side must be one of "
-                             f"{SUPPORTED_BLOCK_SIZES}")
-    return bq, bk
-
-
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size,
                  attn_mask: Optional[Tensor]) -> tuple[int, int]:
     """Validate shapes, dtypes and devices; returns the block size (bq, bk)."""
-    bq, bk = _check_block_size(block_size)
+    bq, bk = check_block_size(block_size)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [batch, heads, seq, head_dim], got "

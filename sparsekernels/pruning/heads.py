@@ -56,7 +56,8 @@ class AttentionBlock:
                 (self.o, 1, per_head)]
 
 
-def _read_heads(*objects) -> int | None:
+def read_heads(*objects) -> int | None:
+    """The head count: the first positive integer head attribute of `objects`, in order."""
     for obj in objects:
         if obj is None:
             continue
@@ -101,7 +102,7 @@ def find_attention_blocks(model: torch.nn.Module) -> list[AttentionBlock]:
         if found is None:
             continue
         q, k, v, o, fused = found
-        heads = _read_heads(module, parent, config)
+        heads = read_heads(module, parent, config)
         if heads is None:
             raise ValueError(f"attention block {name!r}: cannot read the number of heads; "
                              f"set one of {', '.join(_HEAD_ATTRS)} on the module or "

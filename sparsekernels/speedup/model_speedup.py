@@ -107,11 +107,9 @@ def count_flops(model: nn.Module, dummy_input: Any) -> int:
 
 
 def _current_heads(module, block) -> int:
-    for attr in ("num_attention_heads", "num_heads", "n_heads", "n_head"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    return block.num_heads
+    from sparsekernels.pruning.heads import read_heads
+
+    return read_heads(module) or block.num_heads
 
 
 @dataclass

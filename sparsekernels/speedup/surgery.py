@@ -215,21 +215,23 @@ def install_head_subset(module: nn.Module, kept: list[int], total: int) -> Chang
     Works on transformers 4.x and 5.x alike (4.x's own `pruned_heads` is not used: it
     assumes every layer prunes the same heads).
     """
-    index = torch.tensor(kept, dtype=torch.long)
-    module._sk_head_index = index
+    # a buffer, so `model.to(device)` moves it with the model (no copy per forward)
+    module.register_buffer("_sk_head_index", torch.tensor(kept, dtype=torch.long),
+                           persistent=False)
+    first = kept[0]
     compute = module.compute_bias
 
     def compute_bias(*args, **kwargs):
         full = compute(*args, **kwargs)
         module._sk_computed_bias = full
-        return full[:, index.to(full.device)]
+        return full[:, module._sk_head_index]
 
     def pre_hook(mod, args, kwargs):
         mod._sk_incoming_bias = None
         bias = kwargs.get("position_bias")
         if bias is not None and bias.shape[1] == total:
             mod._sk_incoming_bias = bias
-            kwargs = dict(kwargs, position_bias=bias[:, index.to(bias.device)])
+            kwargs = dict(kwargs, position_bias=bias[:, mod._sk_head_index])
         return args, kwargs
 
     def post_hook(mod, args, kwargs, output):
@@ -244,8 +246,7 @@ def install_head_subset(module: nn.Module, kept: list[int], total: int) -> Chang
         elif computed is not None:
             # returned = computed[kept] (+ a mask shared by all heads, on 4.x): add the same
             # difference to every head; exact where the mask is 0, stays masked elsewhere
-            idx = index[:1].to(returned.device)
-            full = computed + (returned[:, :1] - computed[:, idx])
+            full = computed + (returned[:, :1] - computed[:, first:first + 1])
         else:  # a layer without relative bias made zeros (+ mask) with its own head count
             full = returned[:, :1].expand(returned.shape[0], total, *returned.shape[2:])
         return (output[0], full) + tuple(output[2:])

@@ -12,6 +12,11 @@ from torch import Tensor
 LOG2E = 1.4426950408889634
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The softmax statistics are fp32, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def element_mask(layout: Tensor, block_size, lq: int, lk: int) -> Tensor:
     """Bool layout [(B,) H, nq, nk] -> bool element mask [B or 1, H, Lq, Lk]."""
     bq, bk = block_size
@@ -71,7 +76,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, bloc
         m2 = m2.masked_fill(dead, float("inf"))
         logl2 = logl2.masked_fill(dead, 0.0)
         stats = torch.cat([m2, logl2], dim=-1).transpose(-1, -2)
-        stats = stats.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        stats = stats.to(stats_dtype(q.dtype))
     return out, stats
 
 

@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from sparsekernels.ops.reference.block_sparse_attention import stats_dtype
+
+# 1.4426950408889634 below is log2(e): the kernels use exp2, scaling the scores by it
 
 
 @triton.jit
@@ -321,7 +323,7 @@ def forward(q, k, v, kv_idx, kv_cnt, mask, causal: bool, scale: float, block_q: 
     lk = k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     stats = torch.empty((b, h, 2, lq), device=q.device,
-                        dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+                        dtype=stats_dtype(q.dtype))
     m, ms, mask_bool = _mask_args(mask, q, k)
     grid = (triton.cdiv(lq, block_q), b * h)
     _bsa_fwd_kernel[grid](
