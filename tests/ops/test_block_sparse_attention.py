@@ -99,13 +99,14 @@ GRAD_FACTOR = 4.0
 OUT_FACTOR = 3.0
 
 
-def check(out, grads, truth, base, names=("out", "dq", "dk", "dv")):
+def check(out, grads, truth, base, names=("out", "dq", "dk", "dv"), grad_reduction=1):
     # in float64 the truth is the same dtype: torch's "own error" is 0, allow a few ulps
     f = 4.0 if out.dtype == torch.float64 else 1.0
     assert_close_to_reference(out, truth[0], base[0], factor=OUT_FACTOR * f, name=names[0])
     if grads is not None:
         for g, t, bl, name in zip(grads, truth[1], base[1], names[1:]):
-            assert_close_to_reference(g, t, bl, factor=GRAD_FACTOR * f, name=name)
+            assert_close_to_reference(g, t, bl, factor=GRAD_FACTOR * f, name=name,
+                                      reduction=grad_reduction)
 
 
 # --- the reference itself -------------------------------------------------------------------
@@ -371,7 +372,10 @@ def test_auto_on_cpu_runs_all_true_layouts_dense(monkeypatch, mask_kind, causal)
     g = torch.randn_like(out)
     out.backward(g)
     truth, base = expected(q, k, v, layout, (16, 16), mask, causal, g)
-    check(out, (q.grad, k.grad, v.grad), truth, base)
+    # the dense route's gradients come from SDPA's CPU backward, not our kernels: it sums
+    # each gradient over 40 keys / queries in its own blocked order, so the bound is the
+    # rounding of a 40-term sum (up to ~9x the reference's fp32 error seen on random inputs)
+    check(out, (q.grad, k.grad, v.grad), truth, base, grad_reduction=40)
 
 
 def test_auto_on_cpu_picks_an_available_backend(monkeypatch):
