@@ -12,7 +12,6 @@ copy bandwidth (BENCH.md); efficiency = floor / time.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -25,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import (measure_bandwidth, measure_peak_flops, time_interleaved,  # noqa: E402
-                    read_results, write_results)
+from common import (kernel_bench_parser, kernel_bench_setup, read_results,  # noqa: E402
+                    time_interleaved, write_results)
 
 from sparsekernels import BlockSparseTensor, SparseLinear  # noqa: E402
-from sparsekernels.ops.backend import Backend, select  # noqa: E402
+from sparsekernels.ops.backend import Backend  # noqa: E402
 from sparsekernels.ops.bsr_linear import bsr_linear  # noqa: E402
 from sparsekernels.testing import random_block_mask  # noqa: E402
 
@@ -205,14 +204,8 @@ def write_crossover(device: torch.device, rows: list[dict], dtypes) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", help="kernel to time (auto: best for device)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--smoke", action="store_true", help="a few tiny cases; nothing written")
+    p = kernel_bench_parser(__doc__)
     p.add_argument("--write-crossover", action="store_true")
-    p.add_argument("--limit", type=int, default=0, help="run only the first N cases")
     p.add_argument("--crossover-from-csv", default=None,
                    help="recompute ops/crossover.json from a results CSV (no measurement)")
     args = p.parse_args(argv)
@@ -220,17 +213,8 @@ def main(argv=None) -> int:
         rows = read_results(args.crossover_from_csv)
         write_crossover(torch.device(args.device), rows, sorted({r["dtype"] for r in rows}))
         return 0
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    backend = select(args.backend if args.backend != "auto" else None, device, "bsr_linear")
-    all_cases = cases(device, args.smoke)
-    if args.limit:
-        all_cases = all_cases[: args.limit]
-    dtypes = sorted({c.dtype for c in all_cases})
-    peaks = {d: measure_peak_flops(device, getattr(torch, d), n=1024 if args.smoke else None)
-             for d in dtypes}
-    bw = measure_bandwidth(device)
+    device, backend, all_cases, peaks, bw = kernel_bench_setup(args, cases, "bsr_linear")
+    dtypes = sorted(peaks)
     rows = []
     for i, c in enumerate(all_cases):
         row = run_case(c, device, backend, peaks[c.dtype], bw, 3 if args.smoke else args.reps)

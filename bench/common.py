@@ -235,3 +235,33 @@ def peak_activation_bytes(fn: Callable[[], object], device: torch.device) -> int
             out = fn()
         del out
     return Sampler.peak - base
+
+
+def kernel_bench_parser(doc: str) -> "argparse.ArgumentParser":
+    """The options every kernel bench takes (bench_bsr_linear, bench_ffn)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="auto", help="kernel to time (auto: best for device)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="a few tiny cases; nothing written")
+    p.add_argument("--limit", type=int, default=0, help="run only the first N cases")
+    return p
+
+
+def kernel_bench_setup(args, cases_fn: Callable, op: str):
+    """(device, backend, cases, peak FLOP/s per dtype, copy bandwidth) for a kernel bench."""
+    from sparsekernels.ops.backend import select
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    backend = select(args.backend if args.backend != "auto" else None, device, op)
+    cases = cases_fn(device, args.smoke)
+    if args.limit:
+        cases = cases[: args.limit]
+    peaks = {d: measure_peak_flops(device, getattr(torch, d), n=1024 if args.smoke else None)
+             for d in sorted({c.dtype for c in cases})}
+    return device, backend, cases, peaks, measure_bandwidth(device)

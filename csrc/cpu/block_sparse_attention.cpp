@@ -21,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "glue.h"
 #include "microkernel.h"
 
 namespace sparsekernels {
@@ -29,19 +30,6 @@ namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kMaskFloor = -1.0e30;  // finite masks stay finite in log2 units
-
-// --- dispatch --------------------------------------------------------------------------------
-template <typename F>
-void dispatch_width(int64_t bo, F&& f) {
-  switch (bo) {
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    case 32: f(std::integral_constant<int, 32>{}); break;
-    case 64: f(std::integral_constant<int, 64>{}); break;
-    case 128: f(std::integral_constant<int, 128>{}); break;
-    default: TORCH_CHECK(false, "sparsekernels: block_sparse_attention_cpu supports block sizes "
-                         "and head dims 16, 32, 64 and 128, got ", bo);
-  }
-}
 
 // C[m, BO] (+)= A[m, kdim] * B[kdim, BO]; A(r, k) = a[r * sa_r + k * sa_k], B row k at b + k*ldb.
 template <typename T, int BO>
@@ -69,9 +57,12 @@ void gemm_fixed(int64_t m, const T* a, int64_t sa_r, int64_t sa_k, const T* b, i
 template <typename T>
 void gemm(int64_t width, int64_t m, const T* a, int64_t sa_r, int64_t sa_k, const T* b,
           int64_t ldb, int64_t kdim, T* c, int64_t ldc, bool accumulate) {
-  dispatch_width(width, [&](auto bo) {
-    gemm_fixed<T, decltype(bo)::value>(m, a, sa_r, sa_k, b, ldb, kdim, c, ldc, accumulate);
-  });
+  dispatch_block(
+      width,
+      [&](auto bo) {
+        gemm_fixed<T, decltype(bo)::value>(m, a, sa_r, sa_k, b, ldb, kdim, c, ldc, accumulate);
+      },
+      "attention block size or head dim");
 }
 
 // --- exp2 ------------------------------------------------------------------------------------

@@ -12,84 +12,13 @@
 
 #include <algorithm>
 
+#include "dsd.h"
+#include "glue.h"
 #include "microkernel.h"
 
 namespace sparsekernels {
 namespace cpu {
 namespace {
-
-// The sparse operand of out = A @ S: output block o (BO wide) sums, over entries e in
-// [ptr[o], ptr[o+1]), A's columns [in_idx[e]*BI, +BI) times the [BI, BO] row-major block
-// at blocks + blk(e)*BI*BO, where blk(e) = blk_idx ? blk_idx[e] : e.
-struct SparseOperand {
-  const int32_t* ptr;
-  const int32_t* in_idx;
-  const int32_t* blk_idx;
-  int64_t n_out;
-  int64_t bi;
-};
-
-template <typename T, int BO>
-void dsd(const T* A, int64_t rows, int64_t lda, const T* blocks, const SparseOperand& s,
-         const T* bias, T* out, int64_t ldo) {
-  constexpr int L = Vec<T>::L;
-  constexpr int NV = BO / L;
-  constexpr int MR = tile_rows<T, BO>();
-  using V = typename Vec<T>::type;
-  const int64_t bi = s.bi;
-  const int64_t block_elems = bi * BO;
-  // Partial sums are kept in registers over `group` stored blocks (about 128 reduction
-  // terms, as a BLAS K panel) and then added to the output tile in L1: two-level
-  // summation, as accurate as BLAS, for a few memory operations per 128 FMAs.
-  const int32_t group = static_cast<int32_t>(std::max<int64_t>(1, 128 / bi));
-  // Token chunk: about 2 MFLOP of work per (chunk, output block) item, so scheduling stays
-  // cheap at low density, between 96 and 512 rows (the A panel's stored columns in L2).
-  const int64_t nnz = s.ptr[s.n_out] - s.ptr[0];
-  const double per_row = 2.0 * BO * bi * std::max<double>(1.0, double(nnz) / std::max<int64_t>(1, s.n_out));
-  const int64_t target = std::min<int64_t>(512, std::max<int64_t>(96, static_cast<int64_t>(2e6 / per_row)));
-  const int64_t mc = std::max<int64_t>(MR, (target / MR) * MR);
-  const int64_t n_chunks = (rows + mc - 1) / mc;
-  const int64_t items = n_chunks * s.n_out;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t chunk = item / s.n_out;
-    const int64_t o = item % s.n_out;
-    const int64_t t0 = chunk * mc;
-    const int64_t t1 = std::min(rows, t0 + mc);
-    const int32_t e0 = s.ptr[o], e1 = s.ptr[o + 1];
-    V init[NV];
-    for (int j = 0; j < NV; ++j) init[j] = bias ? loadu<T>(bias + o * BO + j * L) : V{};
-    for (int64_t t = t0; t < t1; t += MR) {
-      const int mr = static_cast<int>(std::min<int64_t>(MR, t1 - t));
-      T* c = out + t * ldo + o * BO;
-      if (e0 == e1) {  // an empty block row: the bias (or zeros)
-        for (int r = 0; r < mr; ++r)
-          for (int j = 0; j < NV; ++j) storeu<T>(c + r * ldo + j * L, init[j]);
-        continue;
-      }
-      for (int32_t g0 = e0; g0 < e1; g0 += group) {
-        const int32_t g1 = std::min(e1, g0 + group);
-        V acc[MR][NV];
-        for (int r = 0; r < MR; ++r)
-          for (int j = 0; j < NV; ++j) acc[r][j] = g0 == e0 ? init[j] : V{};
-        for (int32_t e = g0; e < g1; ++e) {
-          const T* a = A + t * lda + static_cast<int64_t>(s.in_idx[e]) * bi;
-          const T* b = blocks + static_cast<int64_t>(s.blk_idx ? s.blk_idx[e] : e) * block_elems;
-          if (mr == MR) {
-            micro_kernel<T, BO, MR>(a, lda, 1, b, BO, bi, acc);
-          } else {
-            micro_kernel_tail<T, BO, MR>(mr, a, lda, 1, b, BO, bi, acc);
-          }
-        }
-        for (int r = 0; r < mr; ++r)
-          for (int j = 0; j < NV; ++j) {
-            T* cp = c + r * ldo + j * L;
-            storeu<T>(cp, g0 == e0 ? acc[r][j] : loadu<T>(cp) + acc[r][j]);
-          }
-      }
-    }
-  }
-}
 
 // Few tokens (fewer than a register tile): a dot product per output along k, in vector
 // lanes, on the natural [bm, bk] blocks. It reads each weight once (the floor at T=1),
@@ -153,43 +82,7 @@ void sdd(const T* G, int64_t ldg, const T* X, int64_t ldx, int64_t rows, const i
   }
 }
 
-// ---- torch glue ------------------------------------------------------------------------
-void check_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == 1 &&
-                  t.is_contiguous(),
-              "sparsekernels: ", name, " must be a contiguous 1-D int32 CPU tensor, got ",
-              t.scalar_type(), " ", t.sizes());
-}
-
-void check_rows(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (x.size(0) <= 1 || x.stride(1) == 1),
-              "sparsekernels: ", name, " must be a 2-D CPU tensor with unit column stride, got ",
-              x.sizes(), " strides ", x.strides());
-}
-
-// Half and bfloat16 compute in float: the CPU has no fast native path for them here.
-at::ScalarType compute_type(at::ScalarType t) {
-  return (t == at::kFloat || t == at::kDouble) ? t : at::kFloat;
-}
-
-template <typename F>
-void dispatch_block(int64_t bo, F&& f) {
-  switch (bo) {
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    case 32: f(std::integral_constant<int, 32>{}); break;
-    case 64: f(std::integral_constant<int, 64>{}); break;
-    case 128: f(std::integral_constant<int, 128>{}); break;
-    default: TORCH_CHECK(false, "sparsekernels: unsupported block size ", bo,
-                         "; use 16, 32, 64 or 128");
-  }
-}
-
-template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  if (t == at::kDouble) f(double{});
-  else f(float{});
-}
-
+// ---- torch entry points ------------------------------------------------------------
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                           const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const std::optional<at::Tensor>& bias) {

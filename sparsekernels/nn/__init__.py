@@ -1,5 +1,6 @@
 """Modules that run sparse weights: drop-in replacements for their dense counterparts."""
 
+from sparsekernels.nn.sparse_ffn import SparseFFN, fuse_ffn_, unfuse_ffn_
 from sparsekernels.nn.sparse_linear import SparseLinear, sparsify_
 
-__all__ = ["SparseLinear", "sparsify_"]
+__all__ = ["SparseFFN", "SparseLinear", "fuse_ffn_", "sparsify_", "unfuse_ffn_"]

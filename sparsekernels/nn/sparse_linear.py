@@ -16,6 +16,7 @@ from torch import nn
 
 from sparsekernels.formats.block_sparse import (
     INDEX_NAMES,
+    INNER_NAMES,
     BlockSparseTensor,
     build_index,
     check_block_size,
@@ -145,25 +146,30 @@ class SparseLinear(nn.Module):
             self._dense_cache = (key, self.weight.to_dense().detach())
         return self._dense_cache[1]
 
+    def runs_dense(self, x: torch.Tensor) -> bool:
+        """auto's routing for this input: True when plain dense F.linear is the faster path.
+        Decided in eager calls and reused by torch.compile, which cannot run the backend
+        probing inside a graph."""
+        key = (x.device.type, x.dtype)
+        if torch.compiler.is_compiling():
+            return self._route.get(key, False)
+        self._route[key] = prefers_dense(self.weight, x.device, self.backend)
+        return self._route[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from sparsekernels.ops.bsr_linear import check_inputs
 
-        weight = self.weight
-        check_inputs(x, weight, self.bias)
-        # auto's routing (dense above the crossover) is decided in eager calls and reused by
-        # torch.compile, which cannot run the backend probing inside a graph
-        key = (x.device.type, x.dtype)
-        if torch.compiler.is_compiling():
-            if self._route.get(key, False):
-                return torch.nn.functional.linear(x, weight.to_dense(), self.bias)
-        else:
-            self._route[key] = prefers_dense(weight, x.device, self.backend)
-            if self._route[key]:
-                return torch.nn.functional.linear(x, self._dense_weight(), self.bias)
-        return torch.ops.sparsekernels.bsr_linear(
-            x, self.values, self.crow_indices, self.col_indices, self.row_indices,
-            self.ccol_indices, self.row_indices_t, self.transpose_perm, self.bias,
-            self.backend.value)
+        check_inputs(x, self.weight, self.bias)
+        if self.runs_dense(x):
+            weight = (self.weight.to_dense() if torch.compiler.is_compiling()
+                      else self._dense_weight())
+            return torch.nn.functional.linear(x, weight, self.bias)
+        return torch.ops.sparsekernels.bsr_linear(x, *self.op_args(), self.bias,
+                                                  self.backend.value)
+
+    def op_args(self) -> tuple:
+        """The stored blocks and index, in the order the sparsekernels ops take them."""
+        return tuple(getattr(self, name) for name in INNER_NAMES)
 
     def _apply(self, fn, recurse=True):
         self._dense_cache = None

@@ -123,6 +123,7 @@ class SpeedupReport:
     resized: dict[str, str] = field(default_factory=dict)  # module -> "old -> new" shape
     sparse: dict[str, float] = field(default_factory=dict)  # module -> block density
     dense: dict[str, str] = field(default_factory=dict)  # masked module kept dense -> why
+    fused_ffn: dict[str, str] = field(default_factory=dict)  # FFN -> "fused (act)" or why not
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -144,6 +145,11 @@ class SpeedupReport:
         if self.sparse:
             lines.append(f"  block-sparse modules (SparseLinear): {len(self.sparse)}")
             lines += [f"    {k}: density {v:.3f}" for k, v in self.sparse.items()]
+        fused = [k for k, v in self.fused_ffn.items() if v.startswith("fused")]
+        if self.fused_ffn:
+            lines.append(f"  fused block-sparse FFNs (bsr_ffn): {len(fused)} of "
+                         f"{len(self.fused_ffn)}")
+            lines += [f"    {k}: {v}" for k, v in self.fused_ffn.items() if k not in fused]
         if self.dense:
             lines.append("  masked modules left dense:")
             lines += [f"    {k}: {v}" for k, v in self.dense.items()]
@@ -158,10 +164,12 @@ class ModelSpeedup:
     dummy_input: a tensor, tuple or dict of model inputs (one forward is traced).
     masks: NNI masks {module_name: {"weight": 0/1, "bias": 0/1}}, e.g. a pruner's.
     mode: "resize", "kernel" or "auto". block_size: SparseLinear blocks (kernel and auto).
+    fuse_ffn: in kernel and auto modes, run each FFN whose two layers became SparseLinear as
+    one fused op (sparsekernels.nn.fuse_ffn_; names and state_dict unchanged).
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
-                 block_size=(32, 32), backend: str = "auto"):
+                 block_size=(32, 32), backend: str = "auto", fuse_ffn: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(dummy_input, (torch.Tensor, tuple, list, Mapping)):
@@ -173,10 +181,19 @@ class ModelSpeedup:
         self.model, self.dummy_input, self.masks, self.mode = model, dummy_input, masks, mode
         self.block_size = tuple(block_size)
         self.backend = backend
+        self.fuse_ffn = bool(fuse_ffn)
         self.report = SpeedupReport(mode)
         self.structure: dict[str, list[dict]] = defaultdict(list)
 
     # -- steps -----------------------------------------------------------------------------
+    def _fuse_ffn(self) -> None:
+        from sparsekernels.nn.sparse_ffn import fuse_ffn_
+
+        self.report.fused_ffn = fuse_ffn_(self.model)
+        for name, status in self.report.fused_ffn.items():
+            if status.startswith("fused"):
+                self.structure[name].append({"op": "fuse_ffn"})
+
     def _check_supported(self) -> None:
         modules = dict(self.model.named_modules())
         for name, entry in self.masks.items():
@@ -377,6 +394,8 @@ class ModelSpeedup:
                     self._to_kernels(only_below_crossover=self.mode == "auto")
                 self.report.params_after = count_params(self.model)
                 self.report.flops_after = count_flops(self.model, self.dummy_input)
+                if self.mode in ("kernel", "auto") and self.fuse_ffn:
+                    self._fuse_ffn()
         finally:
             self.model.train(was_training)
         record = dict(getattr(self.model, "_" + STRUCTURE_ATTR, {}) or {})

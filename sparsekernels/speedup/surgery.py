@@ -160,6 +160,7 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
     from sparsekernels.nn.sparse_linear import SparseLinear
 
     cache = ParamCache()  # a parameter shared by several modules (tied) stays shared
+    fuse = False  # FFNs are fused once every SparseLinear exists
 
     def empty(module, attr, shape):
         cache.replace(module, attr, getattr(module, attr).detach().new_empty(shape))
@@ -198,9 +199,15 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                                       block_mask=torch.zeros(grid, dtype=torch.bool),
                                       backend=change.get("backend", "auto"))
                 setattr(parent, child, sparse)
+            elif op == "fuse_ffn":
+                fuse = True
             else:
                 raise ValueError(f"unknown structure change {op!r} for {name!r}: this file was "
                                  "written by a newer sparsekernels")
+    if fuse:
+        from sparsekernels.nn.sparse_ffn import fuse_ffn_
+
+        fuse_ffn_(model)
 
 
 # --- T5: one relative position bias shared by every layer -----------------------------------

@@ -167,17 +167,22 @@ def test_zero_tokens(interp):
     assert torch.equal(dw, torch.zeros(w.nnz_blocks, 16, 16))
 
 
+_EPILOGUES = {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+              "relu": F.relu, "none": lambda h: h}
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_fused_gelu_epilogue(interp, dtype, with_bias):
+@pytest.mark.parametrize("activation", list(_EPILOGUES))
+def test_fused_activation_epilogue(interp, dtype, with_bias, activation):
     w = _weight(N_OUT, K_IN, (32, 64), 0.5, dtype)
     x = torch.randn(97, K_IN, dtype=dtype)
     bias = torch.randn(N_OUT, dtype=dtype) if with_bias else None
-    y = interp.bsr_linear(x, w.values, w.crow_indices, w.col_indices, bias, activation="gelu")
-    y64 = F.gelu(F.linear(x.double(), w.to_dense().double(),
-                          bias.double() if with_bias else None))
-    y_torch = F.gelu(F.linear(x, w.to_dense(), bias))
-    assert_close_to_reference(y, y64, y_torch, "bias+gelu")
+    act = _EPILOGUES[activation]
+    y = interp.bsr_linear(x, w.values, w.crow_indices, w.col_indices, bias, activation=activation)
+    y64 = act(F.linear(x.double(), w.to_dense().double(), bias.double() if with_bias else None))
+    y_torch = act(F.linear(x, w.to_dense(), bias))
+    assert_close_to_reference(y, y64, y_torch, f"bias+{activation}")
     with pytest.raises(ValueError, match="activation"):
         interp.bsr_linear(x, w.values, w.crow_indices, w.col_indices, bias, activation="relu6")
 

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from sparsekernels.ops.backend import triton_interpret
 
-ACTIVATIONS = (None, "gelu")
+ACTIVATIONS = (None, "none", "gelu", "gelu_tanh", "relu")  # as sparsekernels.ops.bsr_ffn
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SDD_SPLIT_QUANTUM = 32  # T per split is a multiple of this
 
@@ -159,6 +159,10 @@ def _bsr_rowblock_kernel(
         acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
     if ACTIVATION == "gelu":  # exact (erf) GELU, as torch.nn.functional.gelu
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi)(a + 0.044715 a^3)
+        acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
+    elif ACTIVATION == "relu":
+        acc = tl.maximum(acc, 0.0)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
 
@@ -266,7 +270,8 @@ def bsr_linear(x2: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tenso
                activation: Optional[str] = None) -> torch.Tensor:
     """y2[T, N] = activation(x2[T, K] @ W.T + bias), W the BSR [N, K] of (values, crow, col).
 
-    activation: None or "gelu" (exact, erf form), fused into the epilogue.
+    activation: None/"none", "gelu" (exact, erf form), "gelu_tanh" or "relu", fused into
+    the epilogue.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")

@@ -1,0 +1,218 @@
+"""Fused block-sparse feed-forward blocks: SparseFFN, and fuse_ffn_ for transformers models.
+
+An FFN is fc2(act(fc1(x))). With both layers SparseLinear it runs as one
+sparsekernels.ops.bsr_ffn call (on the CPU, without writing the [tokens, 4 x hidden]
+intermediate); when either layer is too dense for its kernel, each layer runs as its own
+SparseLinear would (dense above the crossover).
+
+fuse_ffn_(model) does this inside transformers models after ModelSpeedup's kernel or auto
+mode, without changing module names or the state_dict: the FFN's first SparseLinear becomes
+a `FusedFFNInput` that computes the whole block, the activation an identity, and the second
+SparseLinear a `FusedFFNOutput` that passes its input through (its parameters stay where
+they were; the first layer reads them). unfuse_ffn_ undoes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sparsekernels.nn.sparse_linear import SparseLinear
+from sparsekernels.ops.bsr_ffn import ACTIVATIONS, activate, check_ffn_inputs
+
+
+def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.Tensor):
+    """fc2(act(fc1(x))): fused when both layers run their kernels, else layer by layer."""
+    if fc1.runs_dense(x) or fc2.runs_dense(x):
+        return SparseLinear.forward(fc2, activate(SparseLinear.forward(fc1, x), activation))
+    check_ffn_inputs(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation)
+    return torch.ops.sparsekernels.bsr_ffn(x, *fc1.op_args(), fc1.bias, *fc2.op_args(), fc2.bias,
+                                           activation, fc1.backend.value)
+
+
+def _check_pair(fc1, fc2, activation: str) -> None:
+    for name, layer in (("fc1", fc1), ("fc2", fc2)):
+        if not isinstance(layer, SparseLinear):
+            raise TypeError(f"{name} must be a SparseLinear, got {type(layer).__name__}: convert "
+                            "it with SparseLinear.from_linear(linear, block_size, sparsity=...)")
+    if fc2.in_features != fc1.out_features:
+        raise ValueError(f"fc2 reads {fc2.in_features} features but fc1 produces "
+                         f"{fc1.out_features}: pass the FFN's two layers in order")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of "
+                         f"{', '.join(ACTIVATIONS)}")
+
+
+class SparseFFN(nn.Module):
+    """fc2(activation(fc1(x))) with two SparseLinear layers, run as one fused op."""
+
+    def __init__(self, fc1: SparseLinear, fc2: SparseLinear, activation: str = "gelu"):
+        super().__init__()
+        _check_pair(fc1, fc2, activation)
+        self.fc1, self.fc2, self.activation = fc1, fc2, activation
+
+    @classmethod
+    def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, activation: str = "gelu",
+                     block_size=(32, 32), sparsity: float | None = None,
+                     backend: str = "auto") -> "SparseFFN":
+        """Both layers to SparseLinear (see SparseLinear.from_linear), then fused."""
+        if activation not in ACTIVATIONS:  # before converting anything
+            raise ValueError(f"unknown activation {activation!r}: expected one of "
+                             f"{', '.join(ACTIVATIONS)}")
+        convert = lambda layer: layer if isinstance(layer, SparseLinear) else \
+            SparseLinear.from_linear(layer, block_size, sparsity=sparsity, backend=backend)
+        return cls(convert(fc1), convert(fc2), activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ffn_forward(self.fc1, self.fc2, self.activation, x)
+
+
+# --- fusing inside transformers models -------------------------------------------------
+class FusedFFNInput(SparseLinear):
+    """The first layer of a fused FFN: computes fc2(act(fc1(x))) with the second layer's
+    parameters (which stay registered where they were). In training with dropout between
+    the activation and fc2 (BART, T5), it returns act(fc1(x)) and leaves fc2 to the second
+    layer, so the model's own dropout runs where it should."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.__dict__["_ffn"]
+        if self.training and state.dropout_p() > 0:
+            return activate(SparseLinear.forward(self, x), state.activation)
+        return ffn_forward(self, state.fc2, state.activation, x)
+
+
+class FusedFFNOutput(SparseLinear):
+    """The second layer of a fused FFN: passes the FFN's output through, or applies itself
+    to an intermediate (the training-with-dropout route). fuse_ffn_ only fuses FFNs whose
+    input and intermediate widths differ, so the width tells the two apart."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.out_features:
+            return x
+        return SparseLinear.forward(self, x)
+
+
+@dataclass
+class _Fused:
+    """What fuse_ffn_ changed at one FFN, to run it and to undo it."""
+
+    fc2: SparseLinear
+    activation: str
+    act_owner: nn.Module
+    act_attr: str
+    act: object
+    dropout_p: Callable[[], float]
+
+
+# transformers' activation modules (4.x and 5.x names) -> bsr_ffn's activation names
+_ACTIVATION_CLASSES = {
+    "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh", "ReLU": "relu",
+}
+
+
+def activation_name(act) -> str | None:
+    """bsr_ffn's name for a model's activation module or function, None if it has none."""
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    if act is torch.nn.functional.gelu:
+        return "gelu"
+    if act is torch.nn.functional.relu or act is torch.relu:
+        return "relu"
+    return _ACTIVATION_CLASSES.get(type(act).__name__)
+
+
+@dataclass
+class _Site:
+    """Where a model keeps one FFN: fc1, the activation and fc2 as (owner, attribute), and
+    the probability of the dropout between the activation and fc2 (read at call time)."""
+
+    name: str
+    fc1: tuple
+    act: tuple
+    fc2: tuple
+    dropout_p: Callable[[], float] = lambda: 0.0
+    gated: bool = False
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    """FFNs found by structure (not by class name, which differs across versions):
+    BERT / RoBERTa style `intermediate.{dense, intermediate_act_fn}` + `output.dense`,
+    GPT-2 `{c_fc, act, c_proj}`, ViT / BART `{fc1, activation_fn, fc2}` (BART's
+    `activation_dropout` between), T5 v1.0 `{wi, act, dropout, wo}`. Gated FFNs (T5 v1.1,
+    `wi_0`/`wi_1`) have no single first layer and are not fused."""
+    sites = []
+    for name, m in model.named_modules():
+        inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
+        if (isinstance(inter, nn.Module) and isinstance(out, nn.Module)
+                and hasattr(inter, "dense") and hasattr(inter, "intermediate_act_fn")
+                and hasattr(out, "dense")):
+            sites.append(_Site(name, (inter, "dense"), (inter, "intermediate_act_fn"),
+                               (out, "dense")))
+        elif all(hasattr(m, a) for a in ("c_fc", "act", "c_proj")):
+            sites.append(_Site(name, (m, "c_fc"), (m, "act"), (m, "c_proj")))
+        elif all(hasattr(m, a) for a in ("fc1", "activation_fn", "fc2")):
+            sites.append(_Site(name, (m, "fc1"), (m, "activation_fn"), (m, "fc2"),
+                               lambda m=m: float(getattr(m, "activation_dropout", 0.0) or 0.0)))
+        elif all(hasattr(m, a) for a in ("wi_0", "wi_1", "wo")):
+            sites.append(_Site(name, (m, "wi_0"), (m, "act"), (m, "wo"), gated=True))
+        elif all(hasattr(m, a) for a in ("wi", "act", "wo")):
+            sites.append(_Site(name, (m, "wi"), (m, "act"), (m, "wo"),
+                               lambda m=m: float(getattr(getattr(m, "dropout", None), "p", 0.0))))
+    return sites
+
+
+def fuse_ffn_(model: nn.Module) -> dict[str, str]:
+    """Fuse every FFN of `model` whose two layers are SparseLinear, in place.
+
+    Returns {FFN module name: "fused (activation)" or why it was left as it is}. Module
+    names and the state_dict do not change, so saving and loading work as before (a loaded
+    model is fused again by calling this). Undo with unfuse_ffn_.
+    """
+    report, plan = {}, []
+    for site in _sites(model):
+        if site.gated:
+            report[site.name] = "left as is: a gated FFN (two first layers) has no fused kernel"
+            continue
+        fc1, fc2, act = getattr(*site.fc1), getattr(*site.fc2), getattr(*site.act)
+        if isinstance(fc1, FusedFFNInput):
+            report[site.name] = "already fused"
+            continue
+        if not (type(fc1) is SparseLinear and type(fc2) is SparseLinear):
+            report[site.name] = (f"left as is: layers are {type(fc1).__name__} and "
+                                 f"{type(fc2).__name__} (both must be SparseLinear)")
+            continue
+        name = activation_name(act)
+        if name is None:
+            report[site.name] = f"left as is: activation {type(act).__name__} is not supported"
+            continue
+        if fc2.in_features != fc1.out_features or fc2.in_features == fc2.out_features:
+            report[site.name] = ("left as is: the layers' widths do not chain, or the "
+                                 "intermediate is as wide as the output")
+            continue
+        plan.append((site, fc1, fc2, act, name))
+    for site, fc1, fc2, act, name in plan:  # every check passed: now mutate
+        fc1.__dict__["_ffn"] = _Fused(fc2, name, site.act[0], site.act[1], act, site.dropout_p)
+        fc1.__class__, fc2.__class__ = FusedFFNInput, FusedFFNOutput
+        setattr(site.act[0], site.act[1], nn.Identity())
+        report[site.name] = f"fused ({name})"
+    return report
+
+
+def unfuse_ffn_(model: nn.Module) -> int:
+    """Undo fuse_ffn_: the layers become plain SparseLinear again. Returns how many FFNs."""
+    count = 0
+    for module in list(model.modules()):
+        if isinstance(module, FusedFFNInput):
+            state = module.__dict__.pop("_ffn")
+            setattr(state.act_owner, state.act_attr, state.act)
+            module.__class__, state.fc2.__class__ = SparseLinear, SparseLinear
+            count += 1
+    return count

@@ -1,0 +1,173 @@
+"""sparsekernels::bsr_ffn: a block-sparse feed-forward block, act(x @ W1.T + b1) @ W2.T + b2.
+
+How much is fused depends on the backend:
+  cpu        one C++ kernel: each thread keeps its rows' intermediate in an L2-sized buffer
+             (bias and activation applied there), so the [T, N1] intermediate never
+             reaches memory (csrc/cpu/bsr_ffn.cpp);
+  triton     FFN1 with bias + activation in its epilogue, then FFN2: the intermediate is
+             written once and read once, with no separate activation pass;
+  cuda       bsr_linear, activation, bsr_linear;
+  reference  the same composition in dense math (the oracle, float64-capable).
+Training recomputes the intermediate in the backward instead of saving it (as activation
+checkpointing does), so a fused FFN also holds no [T, N1] tensor between forward and
+backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsekernels.formats.block_sparse import BlockSparseTensor
+from sparsekernels.ops import _ext
+from sparsekernels.ops.backend import Backend, select
+from sparsekernels.ops.bsr_linear import bsr_linear, check_inputs, prefers_dense
+from sparsekernels.ops.reference import bsr_linear as ref
+
+OP = "bsr_ffn"
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
+# Below this many rows the C++ kernel cannot fill its register tiles; bsr_linear's
+# few-token path (one read of each weight) is then the faster route.
+_MIN_FUSED_ROWS = 24
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "relu":
+        return F.relu(h)
+    return h
+
+
+def _activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    if activation in ("gelu", "gelu_tanh"):
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        return torch.ops.aten.gelu_backward(grad, h, approximate=approximate)
+    if activation == "relu":
+        return grad * (h > 0).to(grad.dtype)
+    return grad
+
+
+def _rows(x: Tensor) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+# --- forward -------------------------------------------------------------------------
+@torch.library.custom_op("sparsekernels::bsr_ffn", mutates_args=())
+def _bsr_ffn(x: Tensor,
+             values1: Tensor, crow1: Tensor, col1: Tensor, row1: Tensor, ccol1: Tensor,
+             row_t1: Tensor, perm1: Tensor, bias1: Optional[Tensor],
+             values2: Tensor, crow2: Tensor, col2: Tensor, row2: Tensor, ccol2: Tensor,
+             row_t2: Tensor, perm2: Tensor, bias2: Optional[Tensor],
+             activation: str, backend: str) -> Tensor:
+    n1 = (crow1.numel() - 1) * values1.shape[1]
+    n2 = (crow2.numel() - 1) * values2.shape[1]
+    x2 = _rows(x)
+    chosen = select(backend, x.device, "bsr_linear")
+    if chosen is Backend.CPU and x2.shape[0] >= _MIN_FUSED_ROWS and _ext.has_op(OP, "cpu"):
+        y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
+                               activation)
+    elif chosen is Backend.TRITON:
+        from sparsekernels.ops.triton import bsr_linear as tri
+
+        h = tri.bsr_linear(x2, values1, crow1, col1, bias1, activation=activation)
+        y = tri.bsr_linear(h, values2, crow2, col2, bias2)
+    elif chosen is Backend.REFERENCE:
+        h = activate(ref.bsr_linear(x2, values1, row1, col1, n1, bias1), activation)
+        y = ref.bsr_linear(h, values2, row2, col2, n2, bias2)
+    else:  # cpu with few rows, cuda: two bsr_linear calls around the activation
+        h = torch.ops.sparsekernels.bsr_linear(x2, values1, crow1, col1, row1, ccol1, row_t1,
+                                               perm1, bias1, chosen.value)
+        y = torch.ops.sparsekernels.bsr_linear(activate(h, activation), values2, crow2, col2,
+                                               row2, ccol2, row_t2, perm2, bias2, chosen.value)
+    return y.reshape(*x.shape[:-1], n2)
+
+
+@_bsr_ffn.register_fake
+def _(x, values1, crow1, col1, row1, ccol1, row_t1, perm1, bias1,
+      values2, crow2, col2, row2, ccol2, row_t2, perm2, bias2, activation, backend):
+    n2 = (crow2.shape[0] - 1) * values2.shape[1]
+    return x.new_empty((*x.shape[:-1], n2))
+
+
+# --- autograd: recompute the intermediate, then the bsr_linear backward ops twice ------
+def _setup_context(ctx, inputs, output):
+    (x, values1, crow1, col1, row1, ccol1, row_t1, perm1, bias1,
+     values2, crow2, col2, row2, ccol2, row_t2, perm2, bias2, activation, backend) = inputs
+    ctx.save_for_backward(x, values1, crow1, col1, row1, ccol1, row_t1, perm1, bias1,
+                          values2, col2, row2, ccol2, row_t2, perm2)
+    ctx.has_bias = (bias1 is not None, bias2 is not None)
+    ctx.activation, ctx.backend = activation, backend
+
+
+def _backward(ctx, grad):
+    (x, values1, crow1, col1, row1, ccol1, row_t1, perm1, bias1,
+     values2, col2, row2, ccol2, row_t2, perm2) = ctx.saved_tensors
+    ops, backend = torch.ops.sparsekernels, ctx.backend
+    need = ctx.needs_input_grad
+    g = _rows(grad)
+    x2 = _rows(x)
+    h = ops.bsr_linear(x2, values1, crow1, col1, row1, ccol1, row_t1, perm1, bias1, backend)
+    a = activate(h, ctx.activation)
+    grad_v2 = ops.bsr_sdd(g, a, row2, col2, values2.shape[1], values2.shape[2],
+                          backend) if need[9] else None
+    grad_b2 = g.sum(0) if ctx.has_bias[1] and need[16] else None
+    grad_x = grad_v1 = grad_b1 = None
+    if need[0] or need[1] or need[8]:
+        grad_h = _activation_backward(ops.bsr_dsd(g, values2, ccol2, row_t2, perm2, backend), h,
+                                      ctx.activation)
+        if need[0]:
+            grad_x = ops.bsr_dsd(grad_h, values1, ccol1, row_t1, perm1,
+                                 backend).reshape(x.shape)
+        if need[1]:
+            grad_v1 = ops.bsr_sdd(grad_h, x2, row1, col1, values1.shape[1], values1.shape[2],
+                                  backend)
+        if ctx.has_bias[0] and need[8]:
+            grad_b1 = grad_h.sum(0)
+    return (grad_x, grad_v1, None, None, None, None, None, None, grad_b1,
+            grad_v2, None, None, None, None, None, None, grad_b2, None, None)
+
+
+_bsr_ffn.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public entry point ----------------------------------------------------------------
+def check_ffn_inputs(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tensor],
+                     activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    check_inputs(x, w1, b1)
+    hidden = w1.shape[0]
+    if not isinstance(w2, BlockSparseTensor):
+        raise TypeError(f"bsr_ffn needs BlockSparseTensor weights, got {type(w2).__name__} for "
+                        "w2: build one with BlockSparseTensor.from_dense(weight, block_size)")
+    if w2.shape[1] != hidden:
+        raise ValueError(f"w2 reads {w2.shape[1]} features but w1 produces {hidden}: w2 must "
+                         f"be the FFN's second layer, shaped [out, {hidden}]")
+    check_inputs(x.new_empty(0, hidden), w2, b2)
+
+
+def bsr_ffn(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tensor],
+            activation: str = "gelu", backend: "Backend | str" = "auto") -> Tensor:
+    """act(x[..., K] @ w1.T + b1) @ w2.T + b2 for BlockSparseTensor weights w1 [N1, K] and
+    w2 [N2, N1]; activation: none, gelu (erf), gelu_tanh or relu.
+
+    auto runs the fused kernel when both weights are sparse enough for their kernels, and
+    otherwise each layer as bsr_linear would (dense above the measured crossover).
+    """
+    check_ffn_inputs(x, w1, b1, w2, b2, activation)
+    backend = Backend.parse(backend)
+    if prefers_dense(w1, x.device, backend) or prefers_dense(w2, x.device, backend):
+        return bsr_linear(activate(bsr_linear(x, w1, b1, backend), activation), w2, b2, backend)
+    return torch.ops.sparsekernels.bsr_ffn(
+        x, w1.values, w1.crow_indices, w1.col_indices, w1.row_indices, w1.ccol_indices,
+        w1.row_indices_t, w1.transpose_perm, b1,
+        w2.values, w2.crow_indices, w2.col_indices, w2.row_indices, w2.ccol_indices,
+        w2.row_indices_t, w2.transpose_perm, b2, activation, backend.value)
