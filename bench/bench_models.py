@@ -183,9 +183,12 @@ def main(argv=None) -> int:
                 masks = (block_masks if kind == "block" else structured_masks)(base, scope, s)
                 masked = apply(copy.deepcopy(base), masks)
                 variants = {"dense": base, "masked": masked}
-                for mode in (("kernel", "auto") if kind == "block" else ("resize", "auto")):
+                for mode in (("kernel", "kernel_unfused", "auto") if kind == "block"
+                             else ("resize", "auto")):
                     m = copy.deepcopy(base)
-                    ModelSpeedup(m, dummy, masks, mode=mode, block_size=(32, 32)).speedup_model()
+                    ModelSpeedup(m, dummy, masks, mode=mode.replace("_unfused", ""),
+                                 block_size=(32, 32), fuse_ffn=mode != "kernel_unfused",
+                                 ).speedup_model()
                     variants[mode] = m
                 with torch.no_grad():
                     ref = masked(**dummy)[0].float()
@@ -197,7 +200,7 @@ def main(argv=None) -> int:
                         assert err < (1e-3 if dtype == torch.float32 else 5e-2), f"{name} {mode}: {err}"
                     memory = {}
                     for mode, m in variants.items():
-                        if mode != "masked":
+                        if mode not in ("masked", "kernel_unfused"):
                             act = peak_activation_bytes(lambda m=m: m(**dummy), device)
                             memory[mode] = (model_bytes(m) + act) / 1e6 if act is not None else None
                     if args.memory_only:
@@ -220,6 +223,9 @@ def main(argv=None) -> int:
                         row[f"{mode}_speedup"] = t["dense"] / t[mode]
                     else:
                         row[f"{mode}_ms"] = row[f"{mode}_speedup"] = float("nan")
+                if "kernel_unfused" in t:  # ModelSpeedup(fuse_ffn=False): SparseLinear pairs
+                    row["kernel_unfused_ms"] = t["kernel_unfused"] * 1e3
+                    row["ffn_fusion_gain"] = t["kernel_unfused"] / t["kernel"]
                 best = min(t.get("kernel", float("inf")), t.get("resize", float("inf")))
                 row["auto_vs_best"] = t["auto"] / best
                 row["params_dense_M"] = count_params(base) / 1e6
@@ -236,10 +242,11 @@ def main(argv=None) -> int:
     notes = [f"- batch {batch} x {seq} tokens, {str(dtype)}, random weights; block masks: 32x32 "
              "blocks kept at random in every encoder Linear; structured: FFN units and heads",
              "- *_speedup = dense / mode; auto_vs_best = auto / min(kernel, resize) (target <= 1.05)",
-             "- provenance (2026-11-24, quiet machine): bert-base, gpt2, t5-small rows from "
-             "`bench_models.py --threads 2 --reps 5`; vit-b16 rows from `bench_models.py "
-             "--threads 2 --reps 5 --models vit-b16 --merge` (its first run selected no layers: "
-             "transformers 5 names ViT's blocks `layers.N`)"]
+             "- kernel and auto fuse each FFN whose two layers are SparseLinear (bsr_ffn); "
+             "kernel_unfused = kernel mode with ModelSpeedup(fuse_ffn=False); ffn_fusion_gain = "
+             "kernel_unfused / kernel",
+             "- t5-small: only the encoder's Linears are masked; the decoder (a quarter of the "
+             "tokens, but self + cross attention and the LM-sized projections) stays dense"]
     if args.memory_only:
         notes.append("- memory columns from `bench_models.py --memory-only` (same shapes and "
                      "mask kinds; its own random masks)")

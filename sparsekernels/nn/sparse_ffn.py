@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from sparsekernels.nn.sparse_linear import SparseLinear
-from sparsekernels.ops.bsr_ffn import ACTIVATIONS, activate, check_ffn_inputs
+from sparsekernels.ops.bsr_ffn import ACTIVATIONS, activate
 
 
 def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.Tensor):
     """fc2(act(fc1(x))): fused when both layers run their kernels, else layer by layer."""
     if fc1.runs_dense(x) or fc2.runs_dense(x):
         return SparseLinear.forward(fc2, activate(SparseLinear.forward(fc1, x), activation))
-    check_ffn_inputs(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation)
+    fc1.check_input(x)  # fc2 and the activation were checked when the pair was made
     return torch.ops.sparsekernels.bsr_ffn(x, *fc1.op_args(), fc1.bias, *fc2.op_args(), fc2.bias,
                                            activation, fc1.backend.value)
 

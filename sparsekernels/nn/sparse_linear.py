@@ -8,6 +8,7 @@ tensors; `.weight` gives the same storage as a BlockSparseTensor.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Callable
 
@@ -23,8 +24,9 @@ from sparsekernels.formats.block_sparse import (
     check_divisible,
     topk_block_mask,
 )
-from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.backend import ENV_BACKEND, Backend
 from sparsekernels.ops.bsr_linear import prefers_dense
+from sparsekernels.ops.crossover import ENV_CROSSOVER
 
 
 class SparseLinear(nn.Module):
@@ -60,7 +62,7 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
         self._dense_cache: tuple | None = None
-        self._route: dict = {}  # (device type, dtype) -> run dense
+        self._route: dict = {}  # (device type, dtype) -> (run dense, what it depends on)
 
     def reset_parameters(self) -> None:
         # nn.Linear's initialisation, restricted to the stored blocks
@@ -148,18 +150,30 @@ class SparseLinear(nn.Module):
 
     def runs_dense(self, x: torch.Tensor) -> bool:
         """auto's routing for this input: True when plain dense F.linear is the faster path.
-        Decided in eager calls and reused by torch.compile, which cannot run the backend
+        Decided in eager calls, remembered per (device, dtype) until the layout or the
+        backend / crossover environment changes (a layer is called often: deciding costs
+        more than a small kernel), and reused by torch.compile, which cannot run the backend
         probing inside a graph."""
         key = (x.device.type, x.dtype)
         if torch.compiler.is_compiling():
-            return self._route.get(key, False)
-        self._route[key] = prefers_dense(self.weight, x.device, self.backend)
-        return self._route[key]
+            return self._route.get(key, (False,))[0]
+        stamp = (self.values.shape[0], os.environ.get(ENV_BACKEND), os.environ.get(ENV_CROSSOVER))
+        cached = self._route.get(key)
+        if cached is None or cached[1] != stamp:
+            cached = self._route[key] = (prefers_dense(self.weight, x.device, self.backend), stamp)
+        return cached[0]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """The fast path of ops.bsr_linear.check_inputs (a layer checks its own bias once,
+        when built); on a mismatch the full check raises the error that names the fix."""
+        if (x.shape[-1] != self.in_features or x.dtype != self.values.dtype
+                or x.device != self.values.device):
+            from sparsekernels.ops.bsr_linear import check_inputs
+
+            check_inputs(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from sparsekernels.ops.bsr_linear import check_inputs
-
-        check_inputs(x, self.weight, self.bias)
+        self.check_input(x)
         if self.runs_dense(x):
             weight = (self.weight.to_dense() if torch.compiler.is_compiling()
                       else self._dense_weight())

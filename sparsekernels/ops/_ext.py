@@ -41,6 +41,7 @@ def load() -> str | None:
     return f"the compiled extension sparsekernels._C is not importable ({first_error})"
 
 
+@functools.lru_cache(maxsize=None)  # the extension, once loaded, never changes
 def has_op(name: str, device_type: str) -> bool:
     """True when the extension has a `device_type` kernel for `sparsekernels_C::<name>`."""
     if load() is not None:
@@ -53,6 +54,7 @@ def has_op(name: str, device_type: str) -> bool:
         getattr(torch.ops, NAMESPACE), f"{name}_{device_type}")
 
 
+@functools.lru_cache(maxsize=None)
 def op(name: str, device_type: str):
     """The compiled kernel `sparsekernels_C::<name>_<device_type>`."""
     import torch

@@ -7,6 +7,7 @@ cannot run raises with the command that would make it available.
 from __future__ import annotations
 
 import enum
+import functools
 import importlib.util
 import os
 
@@ -91,11 +92,24 @@ def select(backend: "Backend | str | None", device: torch.device, op: str,
         if reason is not None:
             raise RuntimeError(f"sparsekernels.{op}: {reason}")
         return chosen
-    order = (preference or {}).get(device.type) or _DEFAULT_ORDER.get(device.type, ())
+    if preference is None:
+        return _auto(device.type, op)
+    order = preference.get(device.type) or _DEFAULT_ORDER.get(device.type, ())
+    return _first_available(order, device, op)
+
+
+def _first_available(order, device: torch.device, op: str) -> Backend:
     for candidate in order:
         if available(candidate, device, op) is None:
             return candidate
     return Backend.REFERENCE
+
+
+@functools.lru_cache(maxsize=None)
+def _auto(device_type: str, op: str) -> Backend:
+    """auto's default choice: what is installed and built does not change within a process,
+    so it is resolved once per device type and op (every layer call asks)."""
+    return _first_available(_DEFAULT_ORDER.get(device_type, ()), torch.device(device_type), op)
 
 
 # auto's order of preference per device type; the reference backend is the last resort

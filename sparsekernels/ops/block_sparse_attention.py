@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsekernels.formats.block_sparse import check_block_size
 from sparsekernels.ops import _ext
@@ -72,6 +73,32 @@ def _index(lay: Tensor, batch: int, contiguous: bool) -> tuple[Tensor, Tensor]:
         return block_index(lay.expand(batch, *lay.shape[1:]))
     idx, cnt = block_index(lay)
     return idx.expand(batch, *idx.shape[1:]), cnt.expand(batch, *cnt.shape[1:])
+
+
+# layout tensor -> {(its version, how it is indexed): (idx, cnt)}. enable_ hands every forward
+# and backward of a layer the same layout tensor: building its index (a handful of small
+# kernels, host-side launch cost that rivals the attention kernel at short sequences) once
+# is enough. Keyed by identity, dropped with the layout; an in-place change bumps _version.
+_INDEX_CACHE = WeakIdKeyDictionary()
+
+
+def layout_index(layout: Tensor, causal: bool, block_q: int, block_k: int, batch: int,
+                 contiguous: bool, transposed: bool = False) -> tuple[Tensor, Tensor]:
+    """The block index of `layout` with causal masking applied: over key blocks per query
+    block, or (transposed) over query blocks per key block, for the GPU kernels."""
+    def build():
+        lay = _layout4(effective_layout(layout, causal, block_q, block_k))
+        return _index(lay.transpose(-1, -2) if transposed else lay, batch, contiguous)
+
+    if torch.compiler.is_compiling():
+        return build()
+    per_layout = _INDEX_CACHE.setdefault(layout, {})
+    key = (layout._version, causal, block_q, block_k, batch, contiguous, transposed)
+    if key not in per_layout:
+        if any(k[0] != layout._version for k in per_layout):
+            per_layout.clear()  # changed in place: every older index is stale
+        per_layout[key] = build()
+    return per_layout[key]
 
 
 stats_dtype = ref.stats_dtype
@@ -143,14 +170,14 @@ def _block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     if chosen is Backend.CPU:  # builds its block lists (causal included) in C++
         return _ext.op(OP, "cpu")(q, k, v, _layout4(layout), mask, causal, scale, block_q,
                                   block_k)
-    lay = _layout4(effective_layout(layout, causal, block_q, block_k))
     if chosen is Backend.TRITON:
-        idx, cnt = _index(lay, b, contiguous=False)
+        idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False)
         return _triton().forward(q, k, v, idx, cnt, mask, causal, scale, block_q, block_k,
                                  dropout_p, seed)
     if chosen is Backend.CUDA:
-        idx, cnt = _index(lay, b, contiguous=True)
+        idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=True)
         return _ext.op(OP, "cuda")(q, k, v, idx, cnt, mask, causal, scale, block_q, block_k)
+    lay = _layout4(effective_layout(layout, causal, block_q, block_k))
     drop = _dropout_mask(seed, (b, q.shape[1], q.shape[2], k.shape[2]), dropout_p, q.device)
     out, stats = ref.block_sparse_attention(q, k, v, lay, (block_q, block_k), mask, causal,
                                             scale, drop, dropout_p)
@@ -184,14 +211,15 @@ def _block_sparse_attention_backward(
             grad_out, q, k, v, out, stats, _layout4(layout), mask, causal, scale, block_q,
             block_k, need_dmask)
         return dq, dk, dv, (ds if need_dmask else empty)
-    lay = _layout4(effective_layout(layout, causal, block_q, block_k))
     if chosen is Backend.TRITON:
-        kv_idx, kv_cnt = _index(lay, b, contiguous=False)
-        q_idx, q_cnt = _index(lay.transpose(-1, -2), b, contiguous=False)
+        kv_idx, kv_cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False)
+        q_idx, q_cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False,
+                                    transposed=True)
         dq, dk, dv, ds = _triton().backward(grad_out, q, k, v, out, stats, kv_idx, kv_cnt, q_idx,
                                             q_cnt, mask, causal, scale, block_q, block_k,
                                             dropout_p, seed, need_dmask)
         return dq, dk, dv, (ds if need_dmask else empty)
+    lay = _layout4(effective_layout(layout, causal, block_q, block_k))
     drop = _dropout_mask(seed, (b, q.shape[1], q.shape[2], k.shape[2]), dropout_p, q.device)
     dq, dk, dv, ds = ref.block_sparse_attention_backward(grad_out, q, k, v, lay, (block_q, block_k),
                                                          mask, causal, scale, drop, dropout_p)

@@ -18,7 +18,6 @@ import copy
 import os
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,6 +30,7 @@ from sparsekernels.pruning.distributed import is_main_process
 from sparsekernels.recipes import parallel
 from sparsekernels.recipes.checkpoint import RunDir
 from sparsekernels.recipes.config import EMBEDDED_MODEL, RecipeConfig
+from sparsekernels.recipes.progress import LogProgress, progress
 from sparsekernels.recipes.training import (accuracy, classification_loss, cycle, make_optimizer,
                                             steps_for_epochs, train_steps)
 
@@ -76,12 +76,6 @@ def distill_loss(distiller, batch: dict) -> torch.Tensor:
     return distiller(labels=batch["labels"], **{k: v for k, v in batch.items() if k != "labels"}).loss
 
 
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=None, file=sys.stderr)
-
-
 class TransformerRecipe:
     def __init__(self, config: RecipeConfig, resume: bool = False, log: Callable[[str], None] = print):
         self.config = config
@@ -101,6 +95,12 @@ class TransformerRecipe:
     def log(self, message: str) -> None:
         if is_main_process():  # one copy of each line under DDP
             self._log(message)
+
+    def _progress(self, total: int, desc: str):
+        """A bar on a terminal, log lines in a log file; one copy under DDP."""
+        if not is_main_process():
+            return LogProgress(total, desc, lambda message: None)
+        return progress(total, desc, self._log)
 
     # -- data and models -------------------------------------------------------------------
     def _prepare_data(self) -> None:
@@ -159,7 +159,7 @@ class TransformerRecipe:
         steps = steps_for_epochs(cfg.epochs, len(self.train_batches))
         opt, sched = make_optimizer(model.parameters(), cfg.lr, steps, cfg.warmup_ratio, cfg.weight_decay)
         self.log(f"[1/4] fine-tune: {steps} steps")
-        with _progress(steps, "fine-tune") as bar:
+        with self._progress(steps, "fine-tune") as bar:
             train_steps(parallel.wrap(model), cycle(self.train_batches, self.config.seed), steps,
                         opt, sched, classification_loss, bar)
         acc = accuracy(model, self.eval_batches)
@@ -182,7 +182,7 @@ class TransformerRecipe:
         config_list = [{"op_names": projections, "sparsity": cfg.sparsity}]
         opt, sched = make_optimizer(model.parameters(), cfg.lr, max(cfg.steps, 1))
         batches = cycle(self.train_batches, self.config.seed + 1)
-        bar = _progress(cfg.steps, "movement")
+        bar = self._progress(cfg.steps, "movement")
 
         def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
                           max_epochs=None):
@@ -245,7 +245,7 @@ class TransformerRecipe:
         batches = cycle(self.train_batches, self.config.seed + 2, skip=progress["step"])
         self.log(f"[3/4] distill {cfg.steps} steps; prunes: "
                  + ", ".join(f"{k}@{s}" for s, k, _ in self._events()))
-        bar = _progress(cfg.steps, "distill")
+        bar = self._progress(cfg.steps, "distill")
         bar.update(progress["step"])
 
         def optimizer():

@@ -106,7 +106,7 @@ def test_torch_compile_keeps_auto_routing(monkeypatch):
     sl = SparseLinear.from_linear(nn.Linear(64, 64), (32, 32), sparsity=0.25)  # density 0.75
     x = torch.randn(3, 64)
     eager = sl(x)  # decides: dense
-    assert sl._route[("cpu", torch.float32)] is True
+    assert sl._route[("cpu", torch.float32)][0] is True
     calls = []
     real = torch.ops.sparsekernels.bsr_linear
     monkeypatch.setattr(torch.ops.sparsekernels, "bsr_linear",

@@ -438,3 +438,22 @@ def test_gpu_forward_backward(backend, dtype, head_dim, causal):
     out.backward(g)  # the cuda backend's backward runs on Triton
     truth, base = expected(q, k, v, layout, bs, mask, causal, g)
     check(out, (q.grad, k.grad, v.grad), truth, base)
+
+
+def test_layout_index_is_built_once_per_layout_until_it_changes():
+    """The GPU paths index a layer's layout once, not every forward and backward."""
+    from sparsekernels.ops.block_sparse_attention import (block_index, effective_layout,
+                                                          layout_index)
+
+    layout = torch.rand(3, 5, 4) < 0.5
+    first = layout_index(layout, True, 32, 32, batch=2, contiguous=False)
+    assert layout_index(layout, True, 32, 32, batch=2, contiguous=False) is first
+    want = block_index(effective_layout(layout, True, 32, 32).unsqueeze(0))
+    assert torch.equal(first[0][0], want[0][0]) and torch.equal(first[1][1], want[1][0])
+    transposed = layout_index(layout, True, 32, 32, batch=2, contiguous=True, transposed=True)
+    want_t = block_index(effective_layout(layout, True, 32, 32).transpose(-1, -2))
+    assert torch.equal(transposed[0][1], want_t[0]) and torch.equal(transposed[1][0], want_t[1])
+    layout[0].logical_not_()  # in place: the cached index is stale
+    again = layout_index(layout, True, 32, 32, batch=2, contiguous=False)
+    assert again is not first
+    assert torch.equal(again[1][0], block_index(effective_layout(layout, True, 32, 32))[1])
