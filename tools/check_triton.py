@@ -6,7 +6,8 @@ cubin with the ptxas bundled in triton), over the constexpr combinations the lau
 Catches frontend, API and lowering errors that the CPU interpreter (TRITON_INTERPRET=1, what
 CI runs) cannot see, e.g. against the GPU image's triton 3.6. It proves the kernels compile,
 not that they compute the right numbers: that is `make test-gpu`. Exit code 1 on any failure.
-Checked 2026-11-24: 819 of 819 compile on triton 3.6.0 and 3.8.0 for sm_90.
+Checked 2026-11-24: 819 of 819 compile on triton 3.6.0 and 3.8.0 for sm_90; the 6 cases
+added since (bsr_ffn's gelu_tanh and relu epilogues) compile on both.
 """
 import itertools
 import sys
@@ -54,6 +55,13 @@ for dt, (bo, bi), bias, perm, act, in itertools.product(
                        ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32"),
                   dict(BLOCK_OUT=bo, BLOCK_IN=bi, HAS_BIAS=bias, HAS_PERM=perm, ACTIVATION=act,
                        DOT_PRECISION=prec, UPCAST_DOT=False, BLOCK_M=64, GROUP_M=8)))
+for dt, act in itertools.product(["fp32", "fp16", "bf16"], ["gelu_tanh", "relu"]):  # bsr_ffn's
+    cases.append((f"rowblock {dt} 32x64 bias=True perm=False {act}", bl._bsr_rowblock_kernel,
+                  dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", out_ptr=f"*{dt}", bias_ptr=f"*{dt}",
+                       ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32"),
+                  dict(BLOCK_OUT=32, BLOCK_IN=64, HAS_BIAS=True, HAS_PERM=False, ACTIVATION=act,
+                       DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False,
+                       BLOCK_M=64, GROUP_M=8)))
 cases.append(("rowblock fp32 tf32", bl._bsr_rowblock_kernel,
               dict(x_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", bias_ptr="*fp32",
                    ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32"),
