@@ -158,6 +158,8 @@ def main(argv=None) -> int:
                         "memory does not need a quiet machine)")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite models.md from models.csv (no measurement)")
+    p.add_argument("--note", action="append", default=[],
+                   help="a provenance line for the notes (e.g. which run made which rows)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -247,6 +249,7 @@ def main(argv=None) -> int:
              "kernel_unfused / kernel",
              "- t5-small: only the encoder's Linears are masked; the decoder (a quarter of the "
              "tokens, but self + cross attention and the LM-sized projections) stays dense"]
+    notes += [f"- {line}" for line in args.note]
     if args.memory_only:
         notes.append("- memory columns from `bench_models.py --memory-only` (same shapes and "
                      "mask kinds; its own random masks)")
