@@ -41,11 +41,13 @@ check-cuda:
 check-triton: build
 	$(PY) tools/check_triton.py 90
 
+# SPARSEKERNELS_REQUIRE_EXT=1: a broken extension build fails a test instead of skipping
+# every test that needs the compiled kernels
 test: build check-cuda
-	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_CPU) -q
+	SPARSEKERNELS_REQUIRE_EXT=1 TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_CPU) -q
 
 test-all: build check-cuda
-	TRITON_INTERPRET=1 $(PY) -m pytest -m "not gpu" -q
+	SPARSEKERNELS_REQUIRE_EXT=1 TRITON_INTERPRET=1 $(PY) -m pytest -m "not gpu" -q
 
 # On the GPU machine: use its python and torch (no venv, no network).
 test-gpu:

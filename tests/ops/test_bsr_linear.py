@@ -40,7 +40,9 @@ def test_extension_is_built_when_required():
     if os.environ.get("SPARSEKERNELS_REQUIRE_EXT", "0") == "0":
         pytest.skip("SPARSEKERNELS_REQUIRE_EXT not set")
     assert _ext.load() is None, _ext.load()
-    assert _ext.has_op("bsr_linear", "cpu")
+    for op in ("bsr_linear", "bsr_dsd", "bsr_sdd", "bsr_ffn", "block_sparse_attention",
+               "block_sparse_attention_backward"):
+        assert _ext.has_op(op, "cpu"), f"the extension has no CPU kernel for {op}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
