@@ -23,6 +23,12 @@ INDEX_NAMES = ("crow_indices", "col_indices", "row_indices", "ccol_indices", "ro
 INNER_NAMES = ("values",) + INDEX_NAMES
 
 
+def inner_tensors(obj) -> tuple:
+    """The stored blocks and index of a BlockSparseTensor (or a SparseLinear), in the order
+    the sparsekernels ops take them."""
+    return tuple(getattr(obj, name) for name in INNER_NAMES)
+
+
 def check_block_size(block_size) -> tuple[int, int]:
     if isinstance(block_size, int):
         block_size = (block_size, block_size)
@@ -209,7 +215,7 @@ class BlockSparseTensor(torch.Tensor):
         return BlockSparseTensor(*(inner[name] for name in INNER_NAMES), shape=shape)
 
     def __reduce_ex__(self, protocol):
-        return (_rebuild, (tuple(getattr(self, n) for n in INNER_NAMES), tuple(self.shape)))
+        return (_rebuild, (inner_tensors(self), tuple(self.shape)))
 
     def _with_values(self, values, index_fn=lambda t: t):
         return BlockSparseTensor(values, *(index_fn(getattr(self, n)) for n in INDEX_NAMES),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sparsekernels.nn.sparse_linear import SparseLinear
-from sparsekernels.ops.bsr_ffn import ACTIVATIONS, activate
+from sparsekernels.ops.bsr_ffn import activate, check_activation
 
 
 def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.Tensor):
@@ -41,9 +41,7 @@ def _check_pair(fc1, fc2, activation: str) -> None:
     if fc2.in_features != fc1.out_features:
         raise ValueError(f"fc2 reads {fc2.in_features} features but fc1 produces "
                          f"{fc1.out_features}: pass the FFN's two layers in order")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}: expected one of "
-                         f"{', '.join(ACTIVATIONS)}")
+    check_activation(activation)
 
 
 class SparseFFN(nn.Module):
@@ -59,9 +57,7 @@ class SparseFFN(nn.Module):
                      block_size=(32, 32), sparsity: float | None = None,
                      backend: str = "auto") -> "SparseFFN":
         """Both layers to SparseLinear (see SparseLinear.from_linear), then fused."""
-        if activation not in ACTIVATIONS:  # before converting anything
-            raise ValueError(f"unknown activation {activation!r}: expected one of "
-                             f"{', '.join(ACTIVATIONS)}")
+        check_activation(activation)  # before converting anything
         convert = lambda layer: layer if isinstance(layer, SparseLinear) else \
             SparseLinear.from_linear(layer, block_size, sparsity=sparsity, backend=backend)
         return cls(convert(fc1), convert(fc2), activation)
@@ -82,7 +78,7 @@ class FusedFFNInput(SparseLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.__dict__["_ffn"]
-        if self.training and state.dropout_p() > 0:
+        if self.training and state.site.dropout_p() > 0:
             return activate(SparseLinear.forward(self, x), state.activation)
         return ffn_forward(self, state.fc2, state.activation, x)
 
@@ -102,12 +98,10 @@ class FusedFFNOutput(SparseLinear):
 class _Fused:
     """What fuse_ffn_ changed at one FFN, to run it and to undo it."""
 
+    site: "_Site"
     fc2: SparseLinear
     activation: str
-    act_owner: nn.Module
-    act_attr: str
-    act: object
-    dropout_p: Callable[[], float]
+    act: object  # the model's activation module, replaced by an identity
 
 
 # transformers' activation modules (4.x and 5.x names) -> bsr_ffn's activation names
@@ -199,7 +193,7 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
             continue
         plan.append((site, fc1, fc2, act, name))
     for site, fc1, fc2, act, name in plan:  # every check passed: now mutate
-        fc1.__dict__["_ffn"] = _Fused(fc2, name, site.act[0], site.act[1], act, site.dropout_p)
+        fc1.__dict__["_ffn"] = _Fused(site, fc2, name, act)
         fc1.__class__, fc2.__class__ = FusedFFNInput, FusedFFNOutput
         setattr(site.act[0], site.act[1], nn.Identity())
         report[site.name] = f"fused ({name})"
@@ -212,7 +206,7 @@ def unfuse_ffn_(model: nn.Module) -> int:
     for module in list(model.modules()):
         if isinstance(module, FusedFFNInput):
             state = module.__dict__.pop("_ffn")
-            setattr(state.act_owner, state.act_attr, state.act)
+            setattr(*state.site.act, state.act)
             module.__class__, state.fc2.__class__ = SparseLinear, SparseLinear
             count += 1
     return count

@@ -17,11 +17,11 @@ from torch import nn
 
 from sparsekernels.formats.block_sparse import (
     INDEX_NAMES,
-    INNER_NAMES,
     BlockSparseTensor,
     build_index,
     check_block_size,
     check_divisible,
+    inner_tensors,
     topk_block_mask,
 )
 from sparsekernels.ops.backend import ENV_BACKEND, Backend
@@ -183,7 +183,7 @@ class SparseLinear(nn.Module):
 
     def op_args(self) -> tuple:
         """The stored blocks and index, in the order the sparsekernels ops take them."""
-        return tuple(getattr(self, name) for name in INNER_NAMES)
+        return inner_tensors(self)
 
     def _apply(self, fn, recurse=True):
         self._dense_cache = None

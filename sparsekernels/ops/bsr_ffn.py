@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsekernels.formats.block_sparse import BlockSparseTensor
+from sparsekernels.formats.block_sparse import BlockSparseTensor, inner_tensors
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend, select
 from sparsekernels.ops.bsr_linear import bsr_linear, check_inputs, prefers_dense
@@ -138,11 +138,15 @@ _bsr_ffn.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- public entry point ----------------------------------------------------------------
-def check_ffn_inputs(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tensor],
-                     activation: str) -> None:
+def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of "
                          f"{', '.join(ACTIVATIONS)}")
+
+
+def check_ffn_inputs(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tensor],
+                     activation: str) -> None:
+    check_activation(activation)
     check_inputs(x, w1, b1)
     hidden = w1.shape[0]
     if not isinstance(w2, BlockSparseTensor):
@@ -166,8 +170,5 @@ def bsr_ffn(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tensor],
     backend = Backend.parse(backend)
     if prefers_dense(w1, x.device, backend) or prefers_dense(w2, x.device, backend):
         return bsr_linear(activate(bsr_linear(x, w1, b1, backend), activation), w2, b2, backend)
-    return torch.ops.sparsekernels.bsr_ffn(
-        x, w1.values, w1.crow_indices, w1.col_indices, w1.row_indices, w1.ccol_indices,
-        w1.row_indices_t, w1.transpose_perm, b1,
-        w2.values, w2.crow_indices, w2.col_indices, w2.row_indices, w2.ccol_indices,
-        w2.row_indices_t, w2.transpose_perm, b2, activation, backend.value)
+    return torch.ops.sparsekernels.bsr_ffn(x, *inner_tensors(w1), b1, *inner_tensors(w2), b2,
+                                           activation, backend.value)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from sparsekernels.formats.block_sparse import inner_tensors
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend, select
 from sparsekernels.ops.crossover import dense_crossover
@@ -181,6 +182,4 @@ def bsr_linear(x: Tensor, weight, bias: Optional[Tensor] = None,
     backend = Backend.parse(backend)
     if prefers_dense(weight, x.device, backend):
         return torch.nn.functional.linear(x, weight.to_dense(), bias)
-    return torch.ops.sparsekernels.bsr_linear(
-        x, weight.values, weight.crow_indices, weight.col_indices, weight.row_indices,
-        weight.ccol_indices, weight.row_indices_t, weight.transpose_perm, bias, backend.value)
+    return torch.ops.sparsekernels.bsr_linear(x, *inner_tensors(weight), bias, backend.value)
