@@ -2,6 +2,7 @@
 #              the CUDA sources, run the CPU test suite (Triton under its interpreter)
 # make demo  : same set-up, then the pruning recipe on the embedded default (quick config)
 # make test-gpu : on a GPU machine, with its own torch: build in place, run the GPU suite
+# make bench-gpu: on a GPU machine: every bench's GPU matrix into bench/results/<device>/
 PYTHON_SYS ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
@@ -12,7 +13,7 @@ EXT_STAMP  := $(VENV)/.ext-stamp
 CSRC       := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 PYTEST_CPU := -m "not slow and not gpu"
 
-.PHONY: setup build test test-all test-gpu check-cuda check-triton demo bench clean
+.PHONY: setup build test test-all test-gpu bench-gpu check-cuda check-triton demo bench clean
 
 setup: $(STAMP)
 
@@ -53,6 +54,15 @@ test-all: build check-cuda
 test-gpu:
 	$(PYTHON_SYS) setup.py -q build_ext --inplace
 	$(PYTHON_SYS) -m pytest -m gpu -q
+
+# On a GPU machine: each bench's GPU matrix (bf16 where the issues ask for it), results
+# under bench/results/<device>/, and the measured dense/sparse crossover into ops/crossover.json
+bench-gpu:
+	$(PYTHON_SYS) setup.py -q build_ext --inplace
+	$(PYTHON_SYS) bench/bench_bsr_linear.py --write-crossover
+	$(PYTHON_SYS) bench/bench_ffn.py
+	$(PYTHON_SYS) bench/bench_attention.py
+	$(PYTHON_SYS) bench/bench_models.py
 
 demo: build
 	$(PY) -m sparsekernels demo --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)

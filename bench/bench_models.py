@@ -37,6 +37,9 @@ from sparsekernels.speedup import ModelSpeedup  # noqa: E402
 from sparsekernels.speedup.model_speedup import count_params  # noqa: E402
 
 
+MODELS = "bert-base,gpt2,t5-small,vit-b16"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelCase:
     name: str
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--models", default="bert-base,gpt2,t5-small,vit-b16")
+    p.add_argument("--models", default=MODELS)
     p.add_argument("--sparsities", default="0.5,0.7,0.9")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--merge", action="store_true",
@@ -270,7 +273,8 @@ def main(argv=None) -> int:
     if args.merge or args.memory_only:
         done = {_key(r) for r in rows}
         rows = [r for r in saved_rows if _key(r) not in done] + rows
-        order = list(dict.fromkeys(r["model"] for r in rows))  # the table's order, not the run's
+        # the models' canonical order (the --models default), so a merged model keeps its place
+        order = list(dict.fromkeys(MODELS.split(",") + [r["model"] for r in rows]))
         rows.sort(key=lambda r: (order.index(r["model"]), float(r["sparsity"]), r["masks"]))
     columns = list(dict.fromkeys(k for row in rows for k in row))
     out = write_results(device, "models", "End-to-end model latency and peak memory after "

@@ -61,10 +61,26 @@ class DistillConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ChannelPruneConfig:
-    """Iterative Taylor pruning during distillation: `times` prunes to `sparsity` in total."""
+    """Iterative Taylor pruning during distillation: `times` prunes to `sparsity` in total.
+    `schedule` spreads the total over the prunes (see `prune_targets`): "cubic" (AGP's
+    s_f * (1 - (1 - i/n)^3), Zhu & Gupta 2017) removes most early, while the network is
+    redundant and has the most recovery ahead, and little at the end; "linear" removes an
+    equal share of the units each time, so the last prunes take the largest bites."""
     sparsity: float = 0.7
     times: int = 3
     taylor_steps: int = 20  # optimizer steps over which (w * g)^2 is accumulated per prune
+    schedule: str = "cubic"
+
+
+SCHEDULES = ("cubic", "linear")
+
+
+def prune_targets(cfg: ChannelPruneConfig) -> list[float]:
+    """The cumulative sparsity after each of the `cfg.times` prunes; the last is cfg.sparsity."""
+    n = cfg.times
+    if cfg.schedule == "linear":
+        return [cfg.sparsity * i / n for i in range(1, n + 1)]
+    return [cfg.sparsity * (1 - (1 - i / n) ** 3) for i in range(1, n + 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +129,8 @@ class RecipeConfig:
             cfg = getattr(self, section)
             check(cfg.times >= 0, section, "times", "must be >= 0")
             check(cfg.taylor_steps >= 1, section, "taylor_steps", "must be >= 1")
+            check(cfg.schedule in SCHEDULES, section, "schedule",
+                  f"must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
         check(self.attention.movement_mode in ("soft", "hard"), "attention", "movement_mode",
               f"must be 'soft' or 'hard', got {self.attention.movement_mode!r}")
         check(0 <= self.attention.warm_up_ratio < self.attention.cool_down_ratio <= 1, "attention",

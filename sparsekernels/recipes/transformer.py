@@ -29,7 +29,7 @@ import sparsekernels
 from sparsekernels.pruning.distributed import is_main_process
 from sparsekernels.recipes import parallel
 from sparsekernels.recipes.checkpoint import RunDir
-from sparsekernels.recipes.config import EMBEDDED_MODEL, RecipeConfig
+from sparsekernels.recipes.config import EMBEDDED_MODEL, RecipeConfig, prune_targets
 from sparsekernels.recipes.progress import LogProgress, progress
 from sparsekernels.recipes.training import (accuracy, classification_loss, cycle, make_optimizer,
                                             steps_for_epochs, train_steps)
@@ -76,6 +76,36 @@ def distill_loss(distiller, batch: dict) -> torch.Tensor:
     return distiller(labels=batch["labels"], **{k: v for k, v in batch.items() if k != "labels"}).loss
 
 
+# Keys a run recorded before they existed had these values (runs before the schedule
+# option pruned linearly).
+_LEGACY = {"ffn.schedule": "linear", "hidden.schedule": "linear"}
+# Sections that change how a run is measured or where it lives, not what it computes.
+_FREE_ON_RESUME = ("bench.", "output_dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_resume_config(recorded: dict, given: dict, where) -> None:
+    """A resumed run must compute what the interrupted one did: refuse a config that differs
+    from the recorded one (bench settings and output_dir may change)."""
+    old, new = _flat(recorded), _flat(given)
+    diffs = [k for k in sorted(new) if not k.startswith(_FREE_ON_RESUME)
+             and old.get(k, _LEGACY.get(k, new[k])) != new[k]]
+    if diffs:
+        shown = "; ".join(f"{k}: run {old.get(k, _LEGACY.get(k))!r}, now {new[k]!r}" for k in diffs[:4])
+        raise RecipeError(f"the config differs from the run being resumed in {where} ({shown}); "
+                          "resume with the run's config (its record.json holds it) or start a "
+                          "new output_dir")
+
+
 class TransformerRecipe:
     def __init__(self, config: RecipeConfig, resume: bool = False, log: Callable[[str], None] = print):
         self.config = config
@@ -87,6 +117,9 @@ class TransformerRecipe:
                               "it, or choose another output_dir")
         if resume and not self.run_dir.exists():
             raise RecipeError(f"nothing to resume in {self.run_dir.root} (no record.json)")
+        if resume:
+            check_resume_config(self.run_dir.load_record().get("config", {}), config.to_dict(),
+                                self.run_dir.root)
         self.record = self.run_dir.load_record() if resume else {
             "config": config.to_dict(), "versions": versions(), "seed": config.seed,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages_done": [], "points": [],
@@ -264,8 +297,8 @@ class TransformerRecipe:
             progress["step"] += plain
             if plain and progress["done"]:  # the previous prune's state after recovery
                 self._point("recovered", student, progress["step"])
-            before = prune_cfg.sparsity * index / prune_cfg.times
-            after = prune_cfg.sparsity * (index + 1) / prune_cfg.times
+            targets = [0.0] + prune_targets(prune_cfg)
+            before, after = targets[index], targets[index + 1]
             relative = 1 - (1 - after) / (1 - before)
             if kind == "ffn":
                 self._prune_ffn(distiller, net, batches, opt, sched, prune_cfg.taylor_steps,

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from sparsekernels.recipes.config import RecipeConfigError, from_dict, load_config, preset
-from sparsekernels.recipes.transformer import TransformerRecipe
+from sparsekernels.recipes.config import (ChannelPruneConfig, RecipeConfigError, from_dict, load_config,
+                                         preset, prune_targets)
+from sparsekernels.recipes.transformer import RecipeError, TransformerRecipe, check_resume_config
 
 TINY = {
     "model": {"max_length": 24},
@@ -102,6 +103,36 @@ def test_config_validation(tmp_path):
     path.write_text("preset: quick\nseed: 3\n")
     assert load_config(path).seed == 3 and load_config(path).distill == preset("quick").distill
     assert load_config(path, full=True).ffn.times == 19
+    with pytest.raises(RecipeConfigError, match=r"ffn.schedule: must be one of cubic, linear, got 'cube'"):
+        from_dict({"ffn": {"schedule": "cube"}})
+
+
+@pytest.mark.parametrize("schedule", ["cubic", "linear"])
+def test_prune_targets(schedule):
+    cfg = ChannelPruneConfig(sparsity=0.87, times=6, schedule=schedule)
+    targets = prune_targets(cfg)
+    assert len(targets) == 6 and targets[-1] == pytest.approx(0.87)
+    assert all(a < b for a, b in zip([0.0] + targets, targets))  # every prune removes some
+    steps = [b - a for a, b in zip([0.0] + targets, targets)]
+    if schedule == "linear":  # equal shares of the original units
+        assert steps == pytest.approx([0.87 / 6] * 6)
+    else:  # AGP: most early, least at the end
+        assert all(a > b for a, b in zip(steps, steps[1:]))
+        assert targets[0] == pytest.approx(0.87 * (1 - (5 / 6) ** 3))
+    assert prune_targets(ChannelPruneConfig(sparsity=0.5, times=0)) == []
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    recorded = tiny(tmp_path).to_dict()
+    check_resume_config(recorded, dict(recorded, bench=dict(recorded["bench"], threads=1)), "x")
+    changed = dict(recorded, ffn=dict(recorded["ffn"], sparsity=0.6))
+    with pytest.raises(RecipeError, match=r"ffn.sparsity: run 0.5, now 0.6.*record.json"):
+        check_resume_config(recorded, changed, "x")
+    # a run recorded before the schedule option pruned linearly
+    legacy = dict(recorded, ffn={k: v for k, v in recorded["ffn"].items() if k != "schedule"})
+    with pytest.raises(RecipeError, match=r"ffn.schedule: run 'linear', now 'cubic'"):
+        check_resume_config(legacy, recorded, "x")
+    check_resume_config(legacy, dict(recorded, ffn=dict(recorded["ffn"], schedule="linear")), "x")
 
 
 def run_cli(*args):
