@@ -41,6 +41,10 @@ def _check_pair(fc1, fc2, activation: str) -> None:
     if fc2.in_features != fc1.out_features:
         raise ValueError(f"fc2 reads {fc2.in_features} features but fc1 produces "
                          f"{fc1.out_features}: pass the FFN's two layers in order")
+    if fc1.backend != fc2.backend:
+        raise ValueError(f"fc1 and fc2 have different backends ({fc1.backend.value}, "
+                         f"{fc2.backend.value}) but the fused op runs both with one: give both "
+                         "the same backend")
     check_activation(activation)
 
 
@@ -182,6 +186,10 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
         if not (type(fc1) is SparseLinear and type(fc2) is SparseLinear):
             report[site.name] = (f"left as is: layers are {type(fc1).__name__} and "
                                  f"{type(fc2).__name__} (both must be SparseLinear)")
+            continue
+        if fc1.backend != fc2.backend:
+            report[site.name] = (f"left as is: the layers' backends differ ({fc1.backend.value}, "
+                                 f"{fc2.backend.value}); the fused op runs both with one")
             continue
         name = activation_name(act)
         if name is None:

@@ -12,6 +12,7 @@ from torch import nn
 from sparsekernels.nn import SparseFFN, SparseLinear, fuse_ffn_, unfuse_ffn_
 from sparsekernels.nn.sparse_ffn import FusedFFNInput, FusedFFNOutput
 from sparsekernels.ops import _ext
+from sparsekernels.ops.backend import Backend
 from sparsekernels.speedup import ModelSpeedup, load_model, save_model
 from sparsekernels.testing import assert_close_to_reference
 from tests.speedup.families import FAMILIES, apply_masks, block_masks, build, output_of
@@ -70,6 +71,9 @@ def test_sparse_ffn_refuses_bad_pairs_before_converting():
     a = SparseLinear.from_linear(fc1, (16, 16), sparsity=0.5)
     with pytest.raises(ValueError, match="pass the FFN's two layers in order"):
         SparseFFN(a, a)
+    b = SparseLinear.from_linear(fc2, (16, 16), sparsity=0.5, backend="reference")
+    with pytest.raises(ValueError, match=r"different backends \(auto, reference\)"):
+        SparseFFN(a, b)
 
 
 def test_torch_compile_same_output():
@@ -152,6 +156,13 @@ def test_fuse_is_idempotent_and_skips_dense_layers():
     assert all(v.startswith("left as is") for v in fuse_ffn_(model).values())  # nn.Linear
     model, *_ = kernel_model("bert")
     assert all(v == "already fused" for v in fuse_ffn_(model).values())
+    unfuse_ffn_(model)
+    fc2 = model.bert.encoder.layer[0].output.dense
+    fc2.backend = Backend.parse("reference")  # one FFN whose layers disagree stays unfused
+    report = fuse_ffn_(model)
+    assert report["bert.encoder.layer.0"].startswith("left as is: the layers' backends differ")
+    assert type(fc2) is SparseLinear
+    assert all(v.startswith("fused") for k, v in report.items() if k != "bert.encoder.layer.0")
 
 
 def test_training_with_dropout_between_runs_the_models_dropout():
