@@ -15,27 +15,29 @@ from sparsekernels.speedup.analysis import attention_channels
 
 
 def ffn_input_layers(model: nn.Module, dummy: Any) -> list[str]:
-    """The first layer of every FFN: a layer that widens the stream and feeds only a
-    consumer (no norm or head channels in between)."""
+    """The first layer of every FFN: its output channels feed only layers that write the
+    residual stream (the FFN's second layer), with no norm in between. Found by position,
+    not width: a pruned FFN can be narrower than the hidden size. A pooler is not one (its
+    consumer, the classifier, does not write the stream), nor is attention (its channels
+    are the heads')."""
     owned = attention_channels(find_attention_blocks(model))
     modules = dict(model.named_modules())
+    groups = find_channel_groups(model, dummy)
+    stream_writers = {m.name for g in groups if any(m.kind == "norm" for m in g.members)
+                      for m in g.members if m.kind == "out"}
     names = set()
-    for g in find_channel_groups(model, dummy):
+    for g in groups:
         if {(m.name, m.kind) for m in g.members} & owned:
             continue
         if any(m.kind in ("norm", "param") or layers.type_name(modules[m.name]) == "Embedding"
                for m in g.members if m.kind != "param"):
             continue
-        if not any(m.kind == "in" for m in g.members):
-            continue
-        for m in g.members:
-            if m.kind == "out":
-                out_f, in_f = layers.canonical_shape(modules[m.name])[:2]
-                if out_f > in_f:
-                    names.add(m.name)
+        readers = g.names("in")
+        if readers and readers <= stream_writers:
+            names |= g.names("out")
     if not names:
         raise RuntimeError(f"no FFN found in {type(model).__name__}: the recipe prunes layers "
-                           "that widen the hidden size and feed one consumer")
+                           "whose outputs feed only a layer that writes the residual stream")
     return sorted(names)
 
 
