@@ -235,8 +235,10 @@ def preset(name: str | None) -> RecipeConfig:
             finetune=FinetuneConfig(epochs=3, lr=5e-5, batch_size=32),
             attention=AttentionConfig(steps=3000, regular_scale=5.0, lr=3e-5),
             distill=DistillConfig(steps=12000, lr=5e-5),
-            ffn=ChannelPruneConfig(sparsity=0.75, times=19, taylor_steps=100),
-            hidden=ChannelPruneConfig(sparsity=0.25, times=3, taylor_steps=100),
+            # the medium run's targets (82% encoder sparsity with half the heads removed);
+            # 0.75 / 0.25 would end near 75%, short of the 80% the recipe issue measures at
+            ffn=ChannelPruneConfig(sparsity=0.87, times=19, taylor_steps=100),
+            hidden=ChannelPruneConfig(sparsity=0.3, times=3, taylor_steps=100),
             bench=BenchConfig(reps=10),
             output_dir="runs/full").validate()
     raise RecipeConfigError(f"preset: unknown preset {name!r}; use 'quick', 'medium' or 'full'")

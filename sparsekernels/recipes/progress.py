@@ -15,12 +15,12 @@ from typing import Callable
 
 class LogProgress:
     def __init__(self, total: int, desc: str, log: Callable[[str], None],
-                 every_s: float = 60.0):
+                 every_s: float = 60.0, initial: int = 0):
         self.total, self.desc, self.log, self.every_s = max(0, int(total)), desc, log, every_s
-        self.n = 0
+        self.n = self.initial = int(initial)  # steps done before (a resumed run): not in the rate
         self.postfix = ""
         self.start = self.last = time.monotonic()
-        self.next_step = self._step_mark(0)
+        self.next_step = self._step_mark(self.n)
 
     def _step_mark(self, n: int) -> int:
         tenth = max(1, self.total // 10)
@@ -33,7 +33,7 @@ class LogProgress:
             self.next_step = self._step_mark(self.n)
             self.last = now
             elapsed = now - self.start
-            rate = self.n / elapsed if elapsed > 0 else 0.0
+            rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
             left = (self.total - self.n) / rate if rate > 0 else float("nan")
             self.log(f"  {self.desc}: {self.n}/{self.total} steps, {rate:.2f} steps/s, "
                      f"{left / 60:.1f} min left" + (f", {self.postfix}" if self.postfix else ""))
@@ -51,10 +51,11 @@ class LogProgress:
         self.close()
 
 
-def progress(total: int, desc: str, log: Callable[[str], None]):
-    """A tqdm bar when stderr is a terminal, else a LogProgress writing through `log`."""
+def progress(total: int, desc: str, log: Callable[[str], None], initial: int = 0):
+    """A tqdm bar when stderr is a terminal, else a LogProgress writing through `log`.
+    `initial`: steps already done (a resumed stage), shown but not counted in the rate."""
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
-    return LogProgress(total, desc, log)
+        return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, initial=initial)
+    return LogProgress(total, desc, log, initial=initial)

@@ -129,11 +129,11 @@ class TransformerRecipe:
         if is_main_process():  # one copy of each line under DDP
             self._log(message)
 
-    def _progress(self, total: int, desc: str):
+    def _progress(self, total: int, desc: str, initial: int = 0):
         """A bar on a terminal, log lines in a log file; one copy under DDP."""
         if not is_main_process():
-            return LogProgress(total, desc, lambda message: None)
-        return progress(total, desc, self._log)
+            return LogProgress(total, desc, lambda message: None, initial=initial)
+        return progress(total, desc, self._log, initial=initial)
 
     # -- data and models -------------------------------------------------------------------
     def _prepare_data(self) -> None:
@@ -278,8 +278,7 @@ class TransformerRecipe:
         batches = cycle(self.train_batches, self.config.seed + 2, skip=progress["step"])
         self.log(f"[3/4] distill {cfg.steps} steps; prunes: "
                  + ", ".join(f"{k}@{s}" for s, k, _ in self._events()))
-        bar = self._progress(cfg.steps, "distill")
-        bar.update(progress["step"])
+        bar = self._progress(cfg.steps, "distill", initial=progress["step"])
 
         def optimizer():
             remaining = max(1, cfg.steps - progress["step"])

@@ -24,6 +24,17 @@ def test_log_progress_resumed_midway_and_empty_stage():
     LogProgress(0, "nothing", lines.append).close()
 
 
+def test_resumed_steps_count_toward_the_total_but_not_the_rate(monkeypatch):
+    import sparsekernels.recipes.progress as progress_module
+
+    clock = iter([0.0, 10.0])  # start, then the first update 10 s later
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    lines = []
+    bar = LogProgress(1000, "distill", lines.append, every_s=1e9, initial=514)
+    bar.update(86)  # 86 steps in 10 s, past the 600 mark
+    assert lines == ["  distill: 600/1000 steps, 8.60 steps/s, 0.8 min left"]
+
+
 def test_progress_off_a_terminal_logs(capsys):
     lines = []
     bar = progress(10, "fine-tune", lines.append)  # pytest's stderr is not a TTY
