@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if hasattr(sys.stdout, "reconfigure"):  # a log file (nohup, CI) gets each line as it is made
+        sys.stdout.reconfigure(line_buffering=True)
 
     from sparsekernels.pruning.config import ConfigError
     from sparsekernels.pruning.masks import MaskError
