@@ -1,14 +1,17 @@
 """The `sparsekernels` command.
 
-  sparsekernels prune CONFIG [--full] [--resume]   the Transformer pruning recipe
+  sparsekernels prune CONFIG [--full] [--resume] [--output-dir DIR]
+                                                   the Transformer pruning recipe
   sparsekernels demo [--full] [--resume] [--ffn]   the recipe on the embedded default
                                                    (all-MiniLM-L6-v2, tweet sentiment)
   sparsekernels speedup MODEL MASKS -o OUT          masks -> a faster model (resize/kernel/auto)
-  sparsekernels bench {linear,attention,model} ...  the benchmark scripts (source checkout)
+  sparsekernels bench {linear,ffn,attention,model} ...
+                                                   the benchmark scripts (source checkout;
+                                                   `bench KIND --help` shows the script's options)
   sparsekernels report RUN_DIR                      (re)write a run's report
 
 Exit codes: 0 success; 1 the job failed while running; 2 bad usage, bad config or a
-missing file (one line, no traceback); 130 interrupted (continue with --resume).
+missing file (one line, no traceback); 130 interrupted (a recipe run continues with --resume).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ EXAMPLE = """examples:
   sparsekernels speedup ./my-bert masks.safetensors --mode auto -o ./my-bert-fast
   sparsekernels report runs/demo
 """
-BENCH_SCRIPTS = {"linear": "bench_bsr_linear.py", "attention": "bench_attention.py",
-                 "model": "bench_models.py"}
+BENCH_SCRIPTS = {"linear": "bench_bsr_linear.py", "ffn": "bench_ffn.py",
+                 "attention": "bench_attention.py", "model": "bench_models.py"}
 
 
 class UsageError(Exception):
@@ -67,17 +70,33 @@ def _speedup(model_dir: str, masks_path: str, mode: str, output: str, seq_len: i
     import torch
     import transformers
 
-    from sparsekernels.pruning.masks import load_masks_file
+    from sparsekernels.pruning.masks import MaskError, load_masks_file
     from sparsekernels.speedup import ModelSpeedup, save_model
+
+    from sparsekernels.speedup.io import RECORD, load_model
 
     for p in (model_dir, masks_path):
         if not Path(p).exists():
             raise UsageError(f"{p} not found")
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    archs = getattr(config, "architectures", None) or ["AutoModel"]
-    cls = getattr(transformers, archs[0], transformers.AutoModel)
-    model = cls.from_pretrained(model_dir).eval()
-    masks = load_masks_file(masks_path)
+    if Path(output).exists() and not Path(output).is_dir():
+        raise UsageError(f"-o {output} is a file; name a directory to save the model in")
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        if (Path(model_dir) / RECORD).exists():  # saved by sparsekernels (a recipe checkpoint)
+            model = load_model(model_dir).eval()
+        else:
+            archs = getattr(config, "architectures", None) or ["AutoModel"]
+            cls = getattr(transformers, archs[0], transformers.AutoModel)
+            model = cls.from_pretrained(model_dir).eval()
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{model_dir} is not a transformers model directory ({exc})") from None
+    try:
+        masks = load_masks_file(masks_path)
+    except MaskError:
+        raise
+    except Exception as exc:  # not a safetensors file at all
+        raise UsageError(f"{masks_path} is not a masks file ({exc}); write one with a "
+                         "pruner's export_model or sparsekernels.pruning.save_masks") from None
     vocab = getattr(config, "vocab_size", 1000)
     dummy = {"input_ids": torch.randint(0, vocab, (2, seq_len))}
     speedup = ModelSpeedup(model, dummy, masks, mode=mode)
@@ -93,7 +112,11 @@ def _report(run_dir: str) -> int:
 
     if not (Path(run_dir) / "record.json").exists():
         raise UsageError(f"{run_dir} holds no run (record.json missing)")
-    path = write_report(Path(run_dir), load_record(Path(run_dir)))
+    try:
+        record = load_record(Path(run_dir))
+        path = write_report(Path(run_dir), record, write_record=False)
+    except (ValueError, TypeError) as exc:  # a damaged or foreign record.json
+        raise UsageError(f"cannot report {run_dir}: {exc}") from None
     print(f"report: {path}")
     return 0
 
@@ -108,18 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     for p in (prune, demo):
         p.add_argument("--full", action="store_true", help="the full configuration (a GPU's job)")
         p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-        p.add_argument("--output-dir", default=None)
+        p.add_argument("--output-dir", default=None,
+                       help="the run directory (default: the config's output_dir)")
     demo.add_argument("--ffn", action="store_true",
                       help="only the BERT-base FFN kernel speed table (seconds)")
-    demo.add_argument("--tokens", type=int, default=1024, help="(--ffn) tokens")
-    demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument("--tokens", type=int, default=None, help="(--ffn) tokens (default 1024)")
+    demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     speed = sub.add_parser("speedup", help="turn a model and its masks into a faster model")
     speed.add_argument("model", help="a transformers model directory")
     speed.add_argument("masks", help="a masks file (safetensors, from a pruner's export_model)")
-    speed.add_argument("--mode", choices=("resize", "kernel", "auto"), default="auto")
+    speed.add_argument("--mode", choices=("resize", "kernel", "auto"), default="auto",
+                       help="resize: remove whole heads/units/channels; kernel: SparseLinear and "
+                            "empty attention blocks; auto: both, dense where too dense to gain")
     speed.add_argument("--seq-len", type=int, default=16, help="dummy input length for tracing")
     speed.add_argument("-o", "--output", required=True, help="output directory")
-    bench = sub.add_parser("bench", help="run a benchmark script (extra args are passed on)")
+    bench = sub.add_parser("bench", add_help=False,  # --help goes to the script
+                           help="run a benchmark script (the arguments after KIND are its own)")
     bench.add_argument("kind", choices=sorted(BENCH_SCRIPTS))
     report = sub.add_parser("report", help="(re)write the report of a run directory")
     report.add_argument("run_dir")
@@ -132,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsekernels.pruning.config import ConfigError
     from sparsekernels.pruning.masks import MaskError
     from sparsekernels.recipes.config import RecipeConfigError
+    from sparsekernels.recipes.tasks import TaskError
 
     try:
         if args.command == "bench":
@@ -143,21 +171,27 @@ def main(argv: list[str] | None = None) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
+            if args.tokens is not None and not args.ffn:
+                raise UsageError("--tokens applies to demo --ffn only")
             if args.ffn:
                 from sparsekernels import demo as ffn_demo
 
-                ffn_demo.run(tokens=args.tokens)
+                if args.tokens is not None and args.tokens < 1:
+                    raise UsageError(f"--tokens must be >= 1, got {args.tokens}")
+                ffn_demo.run(tokens=1024 if args.tokens is None else args.tokens)
                 return 0
             return _prune(None, args.full, args.resume, args.output_dir)
         if args.command == "speedup":
             return _speedup(args.model, args.masks, args.mode, args.output, args.seq_len)
         if args.command == "report":
             return _report(args.run_dir)
-    except (UsageError, FileNotFoundError, RecipeConfigError, ConfigError, MaskError) as exc:
+    except (UsageError, FileNotFoundError, RecipeConfigError, TaskError, ConfigError, MaskError) as exc:
         print(f"sparsekernels: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sparsekernels: interrupted; continue with --resume", file=sys.stderr)
+        runs_recipe = args.command == "prune" or (args.command == "demo" and not args.ffn)
+        print("sparsekernels: interrupted" + ("; continue with --resume" if runs_recipe else ""),
+              file=sys.stderr)
         return 130
     except Exception as exc:  # the job itself failed: say what, keep the trace short
         from sparsekernels.recipes.transformer import RecipeError

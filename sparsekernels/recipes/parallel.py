@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sparsekernels.pruning.distributed import is_distributed, world_size
+from sparsekernels.recipes.config import RecipeConfigError
 
 
 def rank() -> int:
@@ -29,8 +30,8 @@ def setup(device: str = "auto") -> torch.device:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA device "
-                           f"(torch {torch.__version__}); set device: cpu or auto")
+        raise RecipeConfigError(f"device: {device!r} asked for, but torch sees no CUDA device "
+                                f"(torch {torch.__version__}); set device: cpu or auto")
     if launched and not is_distributed():
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     if not cuda:

@@ -72,7 +72,8 @@ def load_record(run_dir: str | os.PathLike) -> dict:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); rerun the report") from None
+        raise ValueError(f"{path} is not valid JSON ({err}): it was edited or cut short; "
+                         "restore it from the run (the recipe writes it atomically)") from None
     if not isinstance(record, dict):
         raise ValueError(f"{path} holds a {type(record).__name__}, not a record object")
     return record
@@ -343,9 +344,11 @@ def _section_setup(record: dict) -> str:
     return "\n".join(out)
 
 
-def write_report(run_dir: str | os.PathLike, record: dict) -> Path:
-    """Write report.md, points.csv, latency.csv, record.json and the plots to run_dir;
-    return the report.md path. The record is checked before anything is written."""
+def write_report(run_dir: str | os.PathLike, record: dict, write_record: bool = True) -> Path:
+    """Write report.md, points.csv, latency.csv, record.json (unless write_record is False:
+    `sparsekernels report` on a run that may still be going must not overwrite the run's own
+    record) and the plots to run_dir; return the report.md path. The record is checked
+    before anything is written."""
     record = _checked_record(record)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -431,7 +434,8 @@ def write_report(run_dir: str | os.PathLike, record: dict) -> Path:
 
     _write_text(run_dir / POINTS_CSV, _csv_text(points, POINT_FIELDS))
     _write_text(run_dir / LATENCY_CSV, _csv_text(latency, LATENCY_FIELDS))
-    _write_text(run_dir / RECORD_FILE, json.dumps(record, indent=2, sort_keys=False) + "\n")
+    if write_record:
+        _write_text(run_dir / RECORD_FILE, json.dumps(record, indent=2, sort_keys=False) + "\n")
     report = run_dir / REPORT_FILE
     _write_text(report, "\n".join(md))
     return report

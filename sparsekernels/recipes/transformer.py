@@ -102,8 +102,8 @@ def check_resume_config(recorded: dict, given: dict, where) -> None:
     if diffs:
         shown = "; ".join(f"{k}: run {old.get(k, _LEGACY.get(k))!r}, now {new[k]!r}" for k in diffs[:4])
         raise RecipeError(f"the config differs from the run being resumed in {where} ({shown}); "
-                          "resume with the run's config (its record.json holds it) or start a "
-                          "new output_dir")
+                          "resume with the config the run was started with (its record.json "
+                          "holds it, under \"config\"), or start a new run with --output-dir")
 
 
 class TransformerRecipe:
@@ -114,7 +114,7 @@ class TransformerRecipe:
         self.run_dir = RunDir(config.output_dir)
         if self.run_dir.exists() and not resume:
             raise RecipeError(f"{self.run_dir.root} already holds a run: pass --resume to continue "
-                              "it, or choose another output_dir")
+                              "it, or choose another directory with --output-dir")
         if resume and not self.run_dir.exists():
             raise RecipeError(f"nothing to resume in {self.run_dir.root} (no record.json)")
         if resume:
@@ -141,12 +141,16 @@ class TransformerRecipe:
 
         from sparsekernels.recipes.tasks import load_task, make_batches
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's chatter out of the log
         cfg = self.config
         self.data = load_task(cfg.task)
         path = model_path(cfg.model.name_or_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:  # no such directory, hub id unreachable, no tokenizer
+            raise RecipeError(f"model.name_or_path: cannot load a tokenizer from "
+                              f"{cfg.model.name_or_path!r} (a local transformers directory, a hub "
+                              f"id when online, or {EMBEDDED_MODEL!r}): {exc}") from None
         train = make_batches(self.data.train, self.tokenizer, cfg.finetune.batch_size,
                              cfg.model.max_length, shuffle=True, seed=cfg.seed)
         self.train_batches = parallel.shard(train, self.device)  # this rank's slice of each

@@ -107,6 +107,45 @@ def test_config_validation(tmp_path):
         from_dict({"ffn": {"schedule": "cube"}})
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"ffn": {"times": "three"}}, r"^ffn.times: must be a whole number, got 'three'"),
+    ({"ffn": {"times": 2.5}}, r"^ffn.times: must be a whole number, got 2.5"),
+    ({"ffn": {"times": True}}, r"^ffn.times: must be a whole number, got True"),
+    ({"speedup": {"block_size": 32}}, r"^speedup.block_size: expected a list, got 32"),
+    ({"speedup": {"block_size": [32]}}, r"^speedup.block_size: expected 2 values"),
+    ({"seed": "abc"}, r"^seed: must be a whole number"),
+    ({"device": 0}, r"^device: must be a string, got 0"),
+    ({"finetune": {"lr": -1}}, r"^finetune.lr: must be > 0, got -1.0"),
+    ({"finetune": {"lr": "fast"}}, r"^finetune.lr: must be a number, got 'fast'"),
+    ({"finetune": {"batch_size": 0}}, r"^finetune.batch_size: must be >= 1, got 0"),
+    ({"bench": {"reps": 0}}, r"^bench.reps: must be >= 1, got 0"),
+    ({"bench": {"kernel_sparsities": [0.5, 1.5]}}, r"^bench.kernel_sparsities: each must be in"),
+    ({"eval_batch_size": 0}, r"^eval_batch_size: must be >= 1, got 0"),
+    ({"task": {"name": "csv"}}, r"^task: task 'csv' needs train_file"),
+    ({"task": {"max_train": "10"}}, r"^task.max_train: must be a whole number"),
+    ({"foo": 1}, r"^the top level: unknown key 'foo'"),
+    ({"distill": {"steps": 10}, "ffn": {"times": 3, "taylor_steps": 5}},
+     r"set it to at least 75"),
+])
+def test_config_values_are_checked_before_anything_runs(data, message):
+    with pytest.raises(RecipeConfigError, match=message):
+        from_dict(data)
+
+
+def test_config_numbers_written_as_yaml_strings(tmp_path):
+    path = tmp_path / "c.yaml"  # YAML reads 5e-5 (no dot) as a string
+    path.write_text("preset: quick\nfinetune: {lr: 5e-5}\nspeedup: {block_size: [16, 32]}\n")
+    cfg = load_config(path)
+    assert cfg.finetune.lr == 5e-5 and isinstance(cfg.finetune.lr, float)
+    assert cfg.speedup.block_size == (16, 32)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(RecipeConfigError, match="the file is empty; start from a preset"):
+        load_config(empty)
+    with pytest.raises(RecipeConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
 @pytest.mark.parametrize("schedule", ["cubic", "linear"])
 def test_prune_targets(schedule):
     cfg = ChannelPruneConfig(sparsity=0.87, times=6, schedule=schedule)
@@ -149,5 +188,30 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in out.stderr
     out = run_cli("report", str(tmp_path))
     assert out.returncode == 2 and "record.json missing" in out.stderr
+    bad = tmp_path / "task.yaml"
+    bad.write_text("preset: quick\ntask: {name: csv}\n")
+    out = run_cli("prune", str(bad))
+    assert out.returncode == 2 and "task: task 'csv' needs train_file" in out.stderr
+    assert "Traceback" not in out.stderr
+    nolabel = tmp_path / "nolabel.csv"
+    nolabel.write_text("text,sentiment\nhello,1\nbye,0\n" * 5)
+    bad.write_text(f"preset: quick\ntask: {{name: csv, train_file: {nolabel}}}\n"
+                   f"output_dir: {tmp_path / 'never'}\n")
+    out = run_cli("prune", str(bad))
+    assert out.returncode == 2 and "has no column 'label'" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "never" / "record.json").exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "record.json").write_text("{not json")
+    out = run_cli("report", str(broken))
+    assert out.returncode == 2 and "not valid JSON" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.safetensors").write_text("garbage")
+    out = run_cli("speedup", str(tmp_path / "empty"), str(tmp_path / "bad.safetensors"),
+                  "-o", str(tmp_path / "out"))
+    assert out.returncode == 2 and "is not a transformers model directory" in out.stderr
+    out = run_cli("speedup", str(tmp_path / "empty"), str(tmp_path / "bad.safetensors"),
+                  "-o", str(nolabel))
+    assert out.returncode == 2 and "is a file; name a directory" in out.stderr
     out = run_cli("--help")
     assert out.returncode == 0 and "sparsekernels demo" in out.stdout

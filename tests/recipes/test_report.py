@@ -144,3 +144,11 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, sample_record, monke
         write_report(tmp_path, sample_record)
     assert (tmp_path / "report.md").read_text() == before
     assert {p.name for p in tmp_path.iterdir()} == ALL_FILES
+
+
+def test_report_command_leaves_the_runs_record_alone(tmp_path, sample_record):
+    """`sparsekernels report` may run beside a live run: it must not write record.json."""
+    (tmp_path / "record.json").write_text("the run's own")
+    write_report(tmp_path, sample_record, write_record=False)
+    assert (tmp_path / "record.json").read_text() == "the run's own"
+    assert (tmp_path / "report.md").exists()
