@@ -117,10 +117,10 @@ class TransformerRecipe:
                               "it, or choose another directory with --output-dir")
         if resume and not self.run_dir.exists():
             raise RecipeError(f"nothing to resume in {self.run_dir.root} (no record.json)")
-        if resume:
-            check_resume_config(self.run_dir.load_record().get("config", {}), config.to_dict(),
-                                self.run_dir.root)
-        self.record = self.run_dir.load_record() if resume else {
+        recorded = self.run_dir.load_record() if resume else None
+        if recorded is not None:
+            check_resume_config(recorded.get("config", {}), config.to_dict(), self.run_dir.root)
+        self.record = recorded if recorded is not None else {
             "config": config.to_dict(), "versions": versions(), "seed": config.seed,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages_done": [], "points": [],
             "latency": []}
