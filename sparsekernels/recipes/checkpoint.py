@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from sparsekernels.pruning.distributed import is_main_process
 
 
@@ -37,9 +39,11 @@ class RunDir:
             self.root.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.record_path, record)
 
-    def save_checkpoint(self, record: dict, key: str, stage: str, model, extra: dict | None = None) -> None:
-        """Write model (and extra tensors) to a new directory, then commit record[key] -> it.
-        Under DDP every rank updates its record, rank 0 alone writes, and all wait for it."""
+    def save_checkpoint(self, record: dict, key: str, stage: str, model, extra: dict | None = None,
+                        objects: dict | None = None) -> None:
+        """Write model (and extra tensors, and `objects` such as optimizer state dicts, as
+        <name>.pt) to a new directory, then commit record[key] -> it. Under DDP every rank
+        updates its record, rank 0 alone writes, and all wait for it."""
         from safetensors.torch import save_file
 
         from sparsekernels.recipes.parallel import barrier
@@ -56,6 +60,8 @@ class RunDir:
             for name, tensors in (extra or {}).items():
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                           str(path / f"{name}.safetensors"))
+            for name, obj in (objects or {}).items():
+                torch.save(obj, path / f"{name}.pt")
             self.commit(record)
             if previous and previous != rel and previous not in record.values():
                 shutil.rmtree(self.root / previous, ignore_errors=True)

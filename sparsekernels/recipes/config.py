@@ -114,6 +114,9 @@ class RecipeConfig:
     seed: int = 0
     device: str = "auto"  # auto (cuda when available, one GPU per rank under torchrun), cpu, cuda[:N]
     eval_batch_size: int = 128
+    # Fine-tuning and distillation also checkpoint mid-stretch (model, optimizer, RNG) once
+    # this many minutes have passed since the last checkpoint; 0: only at stage ends and prunes.
+    checkpoint_minutes: float = 10.0
     output_dir: str = "runs/recipe"
 
     def to_dict(self) -> dict:
@@ -153,6 +156,8 @@ class RecipeConfig:
                              ("distill", "temperature")):
             value = getattr(getattr(self, section), key)
             check(value > 0, section, key, f"must be > 0, got {value}")
+        check(self.checkpoint_minutes >= 0, "", "checkpoint_minutes",
+              f"must be >= 0 (0 turns mid-stage checkpoints off), got {self.checkpoint_minutes}")
         for s in self.bench.kernel_sparsities:
             check(0 <= s < 1, "bench", "kernel_sparsities", f"each must be in [0, 1), got {s}")
         prunes = self.ffn.times * self.ffn.taylor_steps + self.hidden.times * self.hidden.taylor_steps

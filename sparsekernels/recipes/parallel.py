@@ -79,3 +79,13 @@ def wrap(module: nn.Module) -> nn.Module:
 def barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()
+
+
+def agree(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank: a decision taken from a clock (when to checkpoint) must
+    be the same on all ranks, or they would wait at different barriers."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())

@@ -10,6 +10,8 @@ last committed state:
              times (dependency-aware: every layer on the residual stream), resizing after
              each prune (checkpoint after each)
   final      speed up (config.speedup.mode), evaluate, benchmark, write the report
+Fine-tuning and distillation also checkpoint mid-stretch, with the optimizer's state, every
+`checkpoint_minutes`; movement pruning checkpoints at its end only.
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ def distill_loss(distiller, batch: dict) -> torch.Tensor:
 # option pruned linearly).
 _LEGACY = {"ffn.schedule": "linear", "hidden.schedule": "linear"}
 # Sections that change how a run is measured or where it lives, not what it computes.
-_FREE_ON_RESUME = ("bench.", "output_dir")
+_FREE_ON_RESUME = ("bench.", "output_dir", "checkpoint_minutes")
+# Training runs in chunks of this many steps; a mid-stage checkpoint can fall between chunks.
+_CHUNK = 25
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -120,6 +124,7 @@ class TransformerRecipe:
         recorded = self.run_dir.load_record() if resume else None
         if recorded is not None:
             check_resume_config(recorded.get("config", {}), config.to_dict(), self.run_dir.root)
+        self._saved_at = time.monotonic()  # when this process last wrote a checkpoint
         self.record = recorded if recorded is not None else {
             "config": config.to_dict(), "versions": versions(), "seed": config.seed,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages_done": [], "points": [],
@@ -186,26 +191,84 @@ class TransformerRecipe:
         self.log(f"  {stage}: accuracy {acc:.2f}, encoder sparsity {sparsity:.3f}")
         return point
 
+    # -- mid-stage checkpoints ------------------------------------------------------------
+    def _save(self, key: str, stage: str, model: nn.Module, extra: dict | None = None,
+              objects: dict | None = None) -> None:
+        self.run_dir.save_checkpoint(self.record, key, stage, model, extra, objects)
+        self._saved_at = time.monotonic()
+
+    def _train(self, net, batches, steps: int, opt, sched, loss_fn, bar, progress: dict,
+               save: Callable[[], None]) -> None:
+        """train_steps in chunks, keeping progress["step"] current; between chunks, once
+        checkpoint_minutes have passed since the last checkpoint, save(). Chunking changes
+        nothing that is computed (the same optimizer, scheduler and batch iterator go on), so a
+        run resumed from such a checkpoint continues as the uninterrupted one would."""
+        every, done = 60 * self.config.checkpoint_minutes, 0
+        while done < steps:
+            n = min(_CHUNK, steps - done)
+            train_steps(net, batches, n, opt, sched, loss_fn, bar)
+            done += n
+            progress["step"] += n
+            # never after the last chunk: the caller's own checkpoint or a prune comes next
+            if every and done < steps and parallel.agree(
+                    time.monotonic() - self._saved_at >= every, self.device):
+                save()
+
+    @staticmethod
+    def _training_state(opt, sched) -> dict:
+        return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "shapes": [list(p.shape) for g in opt.param_groups for p in g["params"]]}
+
+    def _restore_training_state(self, key: str, opt, sched) -> None:
+        """Load the optimizer and scheduler state a mid-stage checkpoint saved, after checking
+        that it belongs to these parameters."""
+        path = self.run_dir.path(self.record[key]) / "training.pt"
+        if not path.exists():
+            raise RecipeError(f"{path} is missing: the record says the run stopped mid-stage, "
+                              "but its checkpoint has no optimizer state; start a new run with "
+                              "--output-dir")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        shapes = [list(p.shape) for g in opt.param_groups for p in g["params"]]
+        if state["shapes"] != shapes:
+            raise RecipeError(f"{path} holds the optimizer state of other parameters "
+                              f"({len(state['shapes'])} tensors, this model has {len(shapes)}); "
+                              "start a new run with --output-dir")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+
     # -- stages ------------------------------------------------------------------------------
     def stage_finetune(self) -> None:
         from sparsekernels.recipes.profiling import params_by_component
 
         cfg = self.config.finetune
         _seed(self.config.seed)
-        model = self._load_base()
+        progress = self.record.setdefault("finetune_progress", {"step": 0})
+        resumed = progress["step"] > 0
+        model = self._load("teacher") if resumed else self._load_base()
         steps = steps_for_epochs(cfg.epochs, len(self.train_batches))
         opt, sched = make_optimizer(model.parameters(), cfg.lr, steps, cfg.warmup_ratio, cfg.weight_decay)
-        self.log(f"[1/4] fine-tune: {steps} steps")
-        with self._progress(steps, "fine-tune") as bar:
-            train_steps(parallel.wrap(model), cycle(self.train_batches, self.config.seed), steps,
-                        opt, sched, classification_loss, bar)
+        if resumed:
+            self._restore_training_state("teacher", opt, sched)
+            self._restore_rng("teacher")
+        self.log(f"[1/4] fine-tune: {steps} steps"
+                 + (f" (resumed at {progress['step']})" if resumed else ""))
+
+        def save():
+            self._save("teacher", "finetune", model, {"rng": self._rng_state()},
+                       {"training": self._training_state(opt, sched)})
+
+        with self._progress(steps, "fine-tune", initial=progress["step"]) as bar:
+            self._train(parallel.wrap(model),
+                        cycle(self.train_batches, self.config.seed, skip=progress["step"]),
+                        steps - progress["step"], opt, sched, classification_loss, bar, progress,
+                        save)
         acc = accuracy(model, self.eval_batches)
         self.record["dense"] = {"accuracy": acc, "params": params_by_component(model)}
         self.record["points"].append({"stage": "finetuned", "step": steps, "sparsity": 0.0,
                                       "accuracy": acc})
         self.log(f"  fine-tuned: accuracy {acc:.2f}")
         self.record["stages_done"].append("finetune")
-        self.run_dir.save_checkpoint(self.record, "teacher", "finetune", model)
+        self._save("teacher", "finetune", model)
 
     def stage_attention(self) -> None:
         from sparsekernels.pruning import MovementPruner, TorchEvaluator, find_attention_blocks
@@ -275,9 +338,7 @@ class TransformerRecipe:
             state = load_file(str(self.run_dir.path(self.record["student"]) / "layer_map.safetensors"))
             distiller.resize_student_hidden(torch.arange(state["weight"].shape[1]))
             distiller.layer_map.load_state_dict(state)
-            rng = self.run_dir.path(self.record["student"]) / "rng.safetensors"
-            if rng.exists():  # dropout continues as in the interrupted run
-                self._set_rng_state(load_file(str(rng)))
+            self._restore_rng("student")
         # the same order as an uninterrupted run: the steps already taken are skipped
         batches = cycle(self.train_batches, self.config.seed + 2, skip=progress["step"])
         self.log(f"[3/4] distill {cfg.steps} steps; prunes: "
@@ -285,19 +346,29 @@ class TransformerRecipe:
         bar = self._progress(cfg.steps, "distill", initial=progress["step"])
 
         def optimizer():
-            remaining = max(1, cfg.steps - progress["step"])
+            # a new optimizer starts where it is made (after each prune); the record keeps
+            # where, so a resume can rebuild the one a mid-stretch checkpoint saved
+            start = progress.setdefault("optimizer_from", progress["step"])
+            remaining = max(1, cfg.steps - start)
             return make_optimizer(distiller.parameters(), cfg.lr * remaining / max(1, cfg.steps),
                                   remaining)
 
+        def save():
+            self.record["layer_map"] = True
+            self._save("student", "distill", student,
+                       {"layer_map": distiller.layer_map.state_dict(), "rng": self._rng_state()},
+                       {"training": self._training_state(opt, sched)})
+
         opt, sched = optimizer()
+        if progress["step"] != progress["optimizer_from"]:  # stopped mid-stretch
+            self._restore_training_state("student", opt, sched)
         net = parallel.wrap(distiller)
         for at, kind, index in self._events():
             if f"{kind}-{index}" in progress["done"]:
                 continue
             prune_cfg = self.config.ffn if kind == "ffn" else self.config.hidden
             plain = max(0, at - prune_cfg.taylor_steps - progress["step"])
-            train_steps(net, batches, plain, opt, sched, distill_loss, bar)
-            progress["step"] += plain
+            self._train(net, batches, plain, opt, sched, distill_loss, bar, progress, save)
             if plain and progress["done"]:  # the previous prune's state after recovery
                 self._point("recovered", student, progress["step"])
             targets = [0.0] + prune_targets(prune_cfg)
@@ -313,28 +384,34 @@ class TransformerRecipe:
             progress["done"].append(f"{kind}-{index}")
             self._point(f"{kind}-{index + 1}", student, progress["step"])
             self.record["layer_map"] = True
-            self.run_dir.save_checkpoint(self.record, "student", "distill", student,
-                                         {"layer_map": distiller.layer_map.state_dict(),
-                                          "rng": self._rng_state()})
-            # the pruned parameters are new tensors: a new optimizer (so a checkpoint, taken
-            # here, loses no optimizer state) and a new DDP wrapper
+            # the pruned parameters are new tensors: a new optimizer (so the checkpoint taken
+            # here needs no optimizer state) and a new DDP wrapper
+            progress.pop("optimizer_from")
             opt, sched = optimizer()
+            self._save("student", "distill", student,
+                       {"layer_map": distiller.layer_map.state_dict(), "rng": self._rng_state()})
             net = parallel.wrap(distiller)
         rest = max(0, cfg.steps - progress["step"])
-        train_steps(net, batches, rest, opt, sched, distill_loss, bar)
-        progress["step"] += rest
+        self._train(net, batches, rest, opt, sched, distill_loss, bar, progress, save)
         bar.close()
         self._point("distilled", student, progress["step"])
         self.record["stages_done"].append("distill")
-        self.run_dir.save_checkpoint(self.record, "student", "distill", student,
-                                     {"layer_map": distiller.layer_map.state_dict(),
-                                      "rng": self._rng_state()})
+        self._save("student", "distill", student,
+                   {"layer_map": distiller.layer_map.state_dict(), "rng": self._rng_state()})
 
     def _rng_state(self) -> dict:
         state = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
+
+    def _restore_rng(self, key: str) -> None:
+        """Dropout continues as in the interrupted run (checkpoints without RNG state predate it)."""
+        from safetensors.torch import load_file
+
+        path = self.run_dir.path(self.record[key]) / "rng.safetensors"
+        if path.exists():
+            self._set_rng_state(load_file(str(path)))
 
     def _set_rng_state(self, state: dict) -> None:
         torch.set_rng_state(state["cpu"])

@@ -215,3 +215,64 @@ def test_cli_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and "is a file; name a directory" in out.stderr
     out = run_cli("--help")
     assert out.returncode == 0 and "sparsekernels demo" in out.stdout
+
+
+def test_resume_from_mid_stage_checkpoints(tmp_path, monkeypatch):
+    """Fine-tuning and distillation checkpoint between chunks of steps, with the optimizer,
+    scheduler and RNG state: a run killed mid-stretch, twice, ends as one never stopped
+    (which here also runs unchunked: chunking changes nothing computed)."""
+    from sparsekernels.recipes import transformer
+
+    straight = TransformerRecipe(from_dict(dict(TINY, output_dir=str(tmp_path / "straight"),
+                                                checkpoint_minutes=0)), log=lambda *_: None).run()
+    config = from_dict(dict(TINY, output_dir=str(tmp_path / "stopped"), checkpoint_minutes=1e-9))
+    monkeypatch.setattr(transformer, "_CHUNK", 1)  # a checkpoint after every step
+    real = transformer.train_steps
+    stop_at = {}
+
+    def killed(*args, **kwargs):  # stops the run once its record reaches stop_at
+        for key, step in stop_at.items():
+            if recipe.record.get(key, {}).get("step") == step:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "train_steps", killed)
+    run = tmp_path / "stopped"
+    recipe = TransformerRecipe(config, log=lambda *_: None)
+    stop_at.update(finetune_progress=2)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run()
+    saved = json.loads((run / "record.json").read_text())
+    assert saved["stages_done"] == [] and saved["finetune_progress"]["step"] == 2
+    assert (run / saved["teacher"] / "training.pt").exists()
+
+    stop_at.clear()
+    stop_at.update(distill_progress=11)  # in the stretch after the last prune (step 7)
+    recipe = TransformerRecipe(config, resume=True, log=lambda *_: None)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run()
+    saved = json.loads((run / "record.json").read_text())
+    assert saved["stages_done"] == ["finetune", "attention"]
+    assert saved["distill_progress"]["step"] == 11 and saved["distill_progress"]["optimizer_from"] == 7
+
+    # a checkpoint without its optimizer state is refused, and the refusal changes nothing
+    state = run / saved["student"] / "training.pt"
+    state.rename(state.with_suffix(".moved"))
+    with pytest.raises(RecipeError, match="no optimizer state"):
+        TransformerRecipe(config, resume=True, log=lambda *_: None).run()
+    assert json.loads((run / "record.json").read_text()) == saved
+    state.with_suffix(".moved").rename(state)
+
+    stop_at.clear()
+    recipe = TransformerRecipe(config, resume=True, log=lambda *_: None)
+    record = recipe.run()
+    points = [(p["stage"], p["step"], p["sparsity"], p["accuracy"]) for p in record["points"]]
+    assert points == [(p["stage"], p["step"], p["sparsity"], p["accuracy"])
+                      for p in straight["points"]]
+    from sparsekernels.speedup.io import load_model
+
+    a = load_model(run / record["final_model"]).state_dict()
+    b = load_model(tmp_path / "straight" / straight["final_model"]).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
