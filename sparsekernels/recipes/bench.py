@@ -15,8 +15,12 @@ from sparsekernels.pruning import layers
 
 
 def _inputs(model: nn.Module, batch: int, seq: int) -> dict:
-    vocab = getattr(model.config, "vocab_size", 1000)
     device = next(model.parameters()).device
+    config = model.config
+    if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
+        size = config.image_size  # an image model: seq does not apply, the patches are fixed
+        return {"pixel_values": torch.randn(batch, config.num_channels, size, size, device=device)}
+    vocab = getattr(config, "vocab_size", 1000)
     return {"input_ids": torch.randint(0, vocab, (batch, seq), device=device),
             "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
 
@@ -78,7 +82,9 @@ def benchmark(teacher: nn.Module, student: nn.Module, record: dict, cfg, log=pri
     for s in cfg.kernel_sparsities:
         for mode in ("kernel", "auto"):
             latency.append({"variant": mode, "sparsity": s, "ms": times[f"{mode}@{s}"]})
-    log(f"  latency ({cfg.batch_size}x{cfg.seq_len} tokens): dense {times['dense']:.1f} ms, "
+    shape = (f"{cfg.batch_size} images" if "pixel_values" in inputs
+             else f"{cfg.batch_size}x{cfg.seq_len} tokens")
+    log(f"  latency ({shape}): dense {times['dense']:.1f} ms, "
         f"pruned {times['resize']:.1f} ms (x{times['dense'] / times['resize']:.2f}); "
         + ", ".join(f"kernel@{s} x{times['dense'] / times[f'kernel@{s}']:.2f}"
                     for s in cfg.kernel_sparsities))
@@ -86,5 +92,6 @@ def benchmark(teacher: nn.Module, student: nn.Module, record: dict, cfg, log=pri
                  "after": per_layer_time(student, inputs, reps=max(1, cfg.reps // 2))}
     return {"latency": record.get("latency", []) + latency, "per_layer": per_layer,
             "speedup": times["dense"] / times["resize"],
-            "bench_inputs": {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+            "bench_inputs": {"batch_size": cfg.batch_size,
+                             "seq_len": None if "pixel_values" in inputs else cfg.seq_len,
                              "threads": torch.get_num_threads()}}

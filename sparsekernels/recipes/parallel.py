@@ -61,7 +61,7 @@ def shard(batches: list[dict], device: torch.device) -> list[dict]:
     """local_batch of every batch; batches too small to give every rank an example are
     dropped (DDP cannot step on an empty slice)."""
     n = world_size()
-    return [local_batch(b, device) for b in batches if len(b["input_ids"]) >= n]
+    return [local_batch(b, device) for b in batches if len(b["labels"]) >= n]
 
 
 def wrap(module: nn.Module) -> nn.Module:

