@@ -117,6 +117,9 @@ class RecipeConfig:
     # Fine-tuning and distillation also checkpoint mid-stretch (model, optimizer, RNG) once
     # this many minutes have passed since the last checkpoint; 0: only at stage ends and prunes.
     checkpoint_minutes: float = 10.0
+    # For each encoder sparsity here, the run keeps the most accurate model it measured at
+    # that sparsity or more (checkpoints/best-60-*, named in record.json under "best").
+    keep_best_at: tuple[float, ...] = (0.6, 0.8)
     output_dir: str = "runs/recipe"
 
     def to_dict(self) -> dict:
@@ -158,6 +161,8 @@ class RecipeConfig:
             check(value > 0, section, key, f"must be > 0, got {value}")
         check(self.checkpoint_minutes >= 0, "", "checkpoint_minutes",
               f"must be >= 0 (0 turns mid-stage checkpoints off), got {self.checkpoint_minutes}")
+        for s in self.keep_best_at:
+            check(0 < s < 1, "", "keep_best_at", f"each must be in (0, 1), got {s}")
         for s in self.bench.kernel_sparsities:
             check(0 <= s < 1, "bench", "kernel_sparsities", f"each must be in [0, 1), got {s}")
         prunes = self.ffn.times * self.ffn.taylor_steps + self.hidden.times * self.hidden.taylor_steps

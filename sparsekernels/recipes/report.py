@@ -230,24 +230,31 @@ TARGET_SPARSITIES = (0.6, 0.8)
 
 
 def _targets(record: dict) -> list[str]:
-    """For each target sparsity, the most accurate model state the run measured at that
-    sparsity or more (after a prune, recovered before the next one, or final)."""
+    """For each target sparsity (the run's keep_best_at), the most accurate model state the
+    run measured at that sparsity or more (after a prune, recovered before the next one, or
+    final), and the checkpoint that holds it when the run kept it."""
     dense = (record.get("dense") or {}).get("accuracy")
     pruned = [p for p in record.get("points") or [] if p.get("sparsity", 0) > 0]
     if dense is None or not pruned:
         return []
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    kept = record.get("best") or {}
     rows = []
-    for target in TARGET_SPARSITIES:
+    for target in config.get("keep_best_at") or TARGET_SPARSITIES:
         hits = [p for p in pruned if p["sparsity"] >= target]
         if not hits:
-            rows.append([f">= {target:.0%}", "not reached", "", "", ""])
+            rows.append([f">= {target:.0%}", "not reached", "", "", "", ""])
             continue
         best = max(hits, key=lambda p: (p["accuracy"], p["sparsity"]))
+        saved = kept.get(f"{target:g}") or {}
+        same = all(saved.get(k) == best[k] for k in ("stage", "step", "sparsity", "accuracy"))
         rows.append([f">= {target:.0%}", f"{best['stage']} @ step {best['step']}",
                      _pct(best["sparsity"]), _num(best["accuracy"]),
-                     _num(best["accuracy"] - dense, "{:+.4f}")])
+                     _num(best["accuracy"] - dense, "{:+.4f}"),
+                     f"`{saved['checkpoint']}`" if same and "checkpoint" in saved else "not kept"])
     return ["Best measured state at each target sparsity:", "",
-            _table(["encoder sparsity", "state", "sparsity", "accuracy", "vs dense"], rows), ""]
+            _table(["encoder sparsity", "state", "sparsity", "accuracy", "vs dense", "model"],
+                   rows), ""]
 
 
 def _plot_accuracy(record: dict, path: Path) -> None:

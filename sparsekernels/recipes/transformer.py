@@ -20,6 +20,7 @@ import copy
 import os
 import platform
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -82,7 +83,7 @@ def distill_loss(distiller, batch: dict) -> torch.Tensor:
 # option pruned linearly).
 _LEGACY = {"ffn.schedule": "linear", "hidden.schedule": "linear"}
 # Sections that change how a run is measured or where it lives, not what it computes.
-_FREE_ON_RESUME = ("bench.", "output_dir", "checkpoint_minutes")
+_FREE_ON_RESUME = ("bench.", "output_dir", "checkpoint_minutes", "keep_best_at")
 # Training runs in chunks of this many steps; a mid-stage checkpoint can fall between chunks.
 _CHUNK = 25
 
@@ -209,13 +210,40 @@ class TransformerRecipe:
         point = {"stage": stage, "step": step, "sparsity": sparsity, "accuracy": acc}
         self.record["points"].append(point)
         self.log(f"  {stage}: accuracy {acc:.2f}, encoder sparsity {sparsity:.3f}")
+        self._keep_best(point, model)
         return point
+
+    def _keep_best(self, point: dict, model: nn.Module) -> None:
+        """Save `model` if it is the most accurate state measured so far at or above a
+        keep_best_at sparsity (ties: the sparser). The record names it from the next commit
+        on; a crash before then leaves an orphan directory that the next commit removes."""
+        from sparsekernels.speedup.io import save_model
+
+        best = self.record.setdefault("best", {})
+        bands = [f"{t:g}" for t in self.config.keep_best_at if point["sparsity"] >= t
+                 and (point["accuracy"], point["sparsity"]) > (
+                     best.get(f"{t:g}", {}).get("accuracy", -1.0),
+                     best.get(f"{t:g}", {}).get("sparsity", -1.0))]
+        if not bands:
+            return
+        counter = self.record.setdefault("_checkpoint_counter", 0) + 1
+        self.record["_checkpoint_counter"] = counter
+        rel = f"checkpoints/best-{counter:04d}"
+        if is_main_process():
+            save_model(model, self.run_dir.path(rel))
+        for band in bands:
+            best[band] = dict(point, checkpoint=rel)
 
     # -- mid-stage checkpoints ------------------------------------------------------------
     def _save(self, key: str, stage: str, model: nn.Module, extra: dict | None = None,
               objects: dict | None = None) -> None:
         self.run_dir.save_checkpoint(self.record, key, stage, model, extra, objects)
         self._saved_at = time.monotonic()
+        if is_main_process():  # best models the committed record no longer names
+            kept = {b["checkpoint"] for b in self.record.get("best", {}).values()}
+            for path in self.run_dir.path("checkpoints").glob("best-*"):
+                if f"checkpoints/{path.name}" not in kept:
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _train(self, net, batches, steps: int, opt, sched, loss_fn, bar, progress: dict,
                save: Callable[[], None]) -> None:
@@ -329,7 +357,7 @@ class TransformerRecipe:
         self.log(f"  removed {removed} of {total} heads")
         self._point("attention", model, cfg.steps)
         self.record["stages_done"].append("attention")
-        self.run_dir.save_checkpoint(self.record, "student", "attention", model)
+        self._save("student", "attention", model)
 
     def _events(self) -> list[tuple[int, str, int]]:
         """(step, kind, index) of every prune during distillation, in order."""
@@ -508,7 +536,7 @@ class TransformerRecipe:
                                     "speedup": bench.get("speedup"), "variant": "resize",
                                     "ms": resized["ms"]}
         self.record["stages_done"].append("final")
-        self.run_dir.save_checkpoint(self.record, "final_model", "final", student)
+        self._save("final_model", "final", student)
         if is_main_process():
             self.log(f"report: {write_report(self.run_dir.root, self.record)}")
         parallel.barrier()

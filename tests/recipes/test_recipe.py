@@ -30,7 +30,9 @@ def tiny(tmp_path, name="run"):
 
 
 def test_recipe_end_to_end(tmp_path):
-    record = TransformerRecipe(tiny(tmp_path), log=lambda *_: None).run()
+    recipe = TransformerRecipe(from_dict(dict(TINY, output_dir=str(tmp_path / "run"),
+                                              keep_best_at=[0.1, 0.3])), log=lambda *_: None)
+    record = recipe.run()
     assert record["stages_done"] == ["finetune", "attention", "distill", "final"]
     stages = [p["stage"] for p in record["points"]]
     assert stages[0] == "finetuned" and stages[-1] == "final"
@@ -49,6 +51,20 @@ def test_recipe_end_to_end(tmp_path):
     model = load_model(run / saved["final_model"]).eval()
     ids = torch.randint(0, 1000, (2, 10))
     assert model(input_ids=ids).logits.shape == (2, 3)
+    # the most accurate state at or above each keep_best_at sparsity is kept, and reloads to
+    # the accuracy it was measured at; no other best-* directory is left
+    from sparsekernels.recipes.training import accuracy
+
+    for band in ("0.1", "0.3"):
+        hits = [p for p in record["points"] if p["sparsity"] >= float(band)]
+        want = max(hits, key=lambda p: (p["accuracy"], p["sparsity"]))
+        kept = saved["best"][band]
+        assert {k: kept[k] for k in want} == want
+        best = load_model(run / kept["checkpoint"]).eval()
+        assert accuracy(best, recipe.eval_batches) == want["accuracy"]
+    assert sorted(f"checkpoints/{p.name}" for p in (run / "checkpoints").glob("best-*")) == \
+        sorted({b["checkpoint"] for b in saved["best"].values()})
+    assert "`checkpoints/best-" in (run / "report.md").read_text()
 
 
 def test_resume_after_interruption(tmp_path, monkeypatch):
