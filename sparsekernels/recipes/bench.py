@@ -1,6 +1,7 @@
 """The recipe's benchmark: latency of the dense teacher, the pruned (resized) student, and
-kernel / auto variants of the teacher at the same kind of sparsity (random 32x32 blocks
-in every encoder Linear), timed interleaved on the same inputs; per-layer time too."""
+kernel / auto variants of the teacher at the same kind of sparsity (random blocks of
+speedup.block_size in every encoder Linear), timed interleaved on the same inputs;
+per-layer time too."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def block_masks(model: nn.Module, sparsity: float, block=(32, 32), scope: str = 
     return masks
 
 
-def benchmark(teacher: nn.Module, student: nn.Module, record: dict, cfg, log=print) -> dict:
+def benchmark(teacher: nn.Module, student: nn.Module, record: dict, cfg, log=print,
+              block: tuple[int, int] = (32, 32)) -> dict:
     from sparsekernels.recipes.profiling import per_layer_time
     from sparsekernels.speedup import ModelSpeedup
 
@@ -71,10 +73,10 @@ def benchmark(teacher: nn.Module, student: nn.Module, record: dict, cfg, log=pri
     models = {"dense": teacher, "resize": student}
     dummy = {k: v[:2, :16] for k, v in inputs.items()}
     for s in cfg.kernel_sparsities:
-        masks = block_masks(teacher, s)
+        masks = block_masks(teacher, s, tuple(block))
         for mode in ("kernel", "auto"):
             m = copy.deepcopy(teacher)
-            ModelSpeedup(m, dummy, masks, mode=mode).speedup_model()
+            ModelSpeedup(m, dummy, masks, mode=mode, block_size=tuple(block)).speedup_model()
             models[f"{mode}@{s}"] = m.eval()
     times = time_models(models, inputs, cfg.reps)
     latency = [{"variant": "dense", "sparsity": 0.0, "ms": times["dense"]},

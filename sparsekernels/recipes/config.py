@@ -87,6 +87,9 @@ def prune_targets(cfg: ChannelPruneConfig) -> list[float]:
 
 @dataclasses.dataclass(frozen=True)
 class SpeedupConfig:
+    """The recipe resizes the student after every prune, so its final speedup finds no masks
+    left: `mode` applies to masks a custom stage leaves; `block_size` is also the block of
+    the bench's kernel / auto variants (random block masks on the dense teacher)."""
     mode: str = "auto"
     block_size: tuple[int, int] = (32, 32)
 
@@ -161,6 +164,11 @@ class RecipeConfig:
             check(value > 0, section, key, f"must be > 0, got {value}")
         check(self.checkpoint_minutes >= 0, "", "checkpoint_minutes",
               f"must be >= 0 (0 turns mid-stage checkpoints off), got {self.checkpoint_minutes}")
+        from sparsekernels.formats import SUPPORTED_BLOCK_SIZES
+
+        for b in self.speedup.block_size:
+            check(b in SUPPORTED_BLOCK_SIZES, "speedup", "block_size",
+                  f"each must be one of {SUPPORTED_BLOCK_SIZES}, got {list(self.speedup.block_size)}")
         for s in self.keep_best_at:
             check(0 < s < 1, "", "keep_best_at", f"each must be in (0, 1), got {s}")
         for s in self.bench.kernel_sparsities:

@@ -528,7 +528,8 @@ class TransformerRecipe:
         if is_main_process():  # rank 0 alone benchmarks and writes the report
             self.record["params"] = {"before": params_by_component(teacher),
                                      "after": params_by_component(student)}
-            bench = benchmark(teacher, student, self.record, cfg.bench, self.log)
+            bench = benchmark(teacher, student, self.record, cfg.bench, self.log,
+                              block=cfg.speedup.block_size)
             self.record.update(bench)
             resized = next(r for r in bench["latency"][::-1] if r["variant"] == "resize")
             self.record["final"] = {"accuracy": final["accuracy"], "sparsity": final["sparsity"],

@@ -21,6 +21,7 @@ TINY = {
     "ffn": {"sparsity": 0.5, "times": 1, "taylor_steps": 3},
     "hidden": {"sparsity": 0.25, "times": 1, "taylor_steps": 3},
     "bench": {"reps": 1, "batch_size": 2, "seq_len": 16, "kernel_sparsities": [0.7]},
+    "speedup": {"block_size": [16, 16]},
 }
 
 
@@ -129,6 +130,9 @@ def test_config_validation(tmp_path):
     ({"ffn": {"times": True}}, r"^ffn.times: must be a whole number, got True"),
     ({"speedup": {"block_size": 32}}, r"^speedup.block_size: expected a list, got 32"),
     ({"speedup": {"block_size": [32]}}, r"^speedup.block_size: expected 2 values"),
+    ({"speedup": {"block_size": [24, 32]}}, r"^speedup.block_size: each must be one of \(16, 32, 64, 128\)"),
+    ({"keep_best_at": [0.6, 1.0]}, r"^keep_best_at: each must be in \(0, 1\), got 1.0"),
+    ({"checkpoint_minutes": -1}, r"^checkpoint_minutes: must be >= 0"),
     ({"seed": "abc"}, r"^seed: must be a whole number"),
     ({"device": 0}, r"^device: must be a string, got 0"),
     ({"finetune": {"lr": -1}}, r"^finetune.lr: must be > 0, got -1.0"),
