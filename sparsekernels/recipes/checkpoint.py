@@ -40,10 +40,11 @@ class RunDir:
             write_json_atomic(self.record_path, record)
 
     def save_checkpoint(self, record: dict, key: str, stage: str, model, extra: dict | None = None,
-                        objects: dict | None = None) -> None:
-        """Write model (and extra tensors, and `objects` such as optimizer state dicts, as
-        <name>.pt) to a new directory, then commit record[key] -> it. Under DDP every rank
-        updates its record, rank 0 alone writes, and all wait for it."""
+                        objects: dict | None = None, preprocessor=None) -> None:
+        """Write model (and extra tensors, `objects` such as optimizer state dicts as
+        <name>.pt, and the tokenizer or image processor) to a new directory, then commit
+        record[key] -> it. Under DDP every rank updates its record, rank 0 alone writes, and
+        all wait for it."""
         from safetensors.torch import save_file
 
         from sparsekernels.recipes.parallel import barrier
@@ -57,6 +58,8 @@ class RunDir:
         if is_main_process():
             path = self.root / rel
             save_model(model, path)
+            if preprocessor is not None:  # the directory loads like any transformers model's
+                preprocessor.save_pretrained(str(path))
             for name, tensors in (extra or {}).items():
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                           str(path / f"{name}.safetensors"))

@@ -163,11 +163,13 @@ class TransformerRecipe:
                                   f"(a local transformers directory, or a hub id when online): "
                                   f"{exc}") from None
 
+            self.preprocessor = processor
+
             def batches(examples, size, **kw):
                 return make_image_batches(examples, processor, size, **kw)
         else:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                self.preprocessor = tokenizer = AutoTokenizer.from_pretrained(path)
             except (OSError, ValueError) as exc:  # no such directory, hub id unreachable, no tokenizer
                 raise RecipeError(f"model.name_or_path: cannot load a tokenizer from "
                                   f"{cfg.model.name_or_path!r} (a local transformers directory, a "
@@ -231,13 +233,14 @@ class TransformerRecipe:
         rel = f"checkpoints/best-{counter:04d}"
         if is_main_process():
             save_model(model, self.run_dir.path(rel))
+            self.preprocessor.save_pretrained(str(self.run_dir.path(rel)))
         for band in bands:
             best[band] = dict(point, checkpoint=rel)
 
     # -- mid-stage checkpoints ------------------------------------------------------------
     def _save(self, key: str, stage: str, model: nn.Module, extra: dict | None = None,
-              objects: dict | None = None) -> None:
-        self.run_dir.save_checkpoint(self.record, key, stage, model, extra, objects)
+              objects: dict | None = None, preprocessor=None) -> None:
+        self.run_dir.save_checkpoint(self.record, key, stage, model, extra, objects, preprocessor)
         self._saved_at = time.monotonic()
         if is_main_process():  # best models the committed record no longer names
             kept = {b["checkpoint"] for b in self.record.get("best", {}).values()}
@@ -537,7 +540,7 @@ class TransformerRecipe:
                                     "speedup": bench.get("speedup"), "variant": "resize",
                                     "ms": resized["ms"]}
         self.record["stages_done"].append("final")
-        self._save("final_model", "final", student)
+        self._save("final_model", "final", student, preprocessor=self.preprocessor)
         if is_main_process():
             self.log(f"report: {write_report(self.run_dir.root, self.record)}")
         parallel.barrier()

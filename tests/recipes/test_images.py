@@ -147,6 +147,11 @@ def test_recipe_on_a_vit_image_task(folder, vit_dir, tmp_path):
     model = load_model(run / saved["final_model"]).eval()
     logits = model(pixel_values=torch.randn(2, 3, SIZE, SIZE)).logits
     assert logits.shape == (2, 3)
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(run / saved["final_model"])
+    image = PIL.open(folder / "red" / "0.png")
+    assert model(**processor(images=[image], return_tensors="pt")).logits.shape == (1, 3)
     # a quarter of the 64 hidden channels went, from every layer on the residual stream
     assert model.vit.embeddings.cls_token.shape[-1] == 48
     assert model.vit.embeddings.patch_embeddings.projection.out_channels == 48

@@ -52,6 +52,11 @@ def test_recipe_end_to_end(tmp_path):
     model = load_model(run / saved["final_model"]).eval()
     ids = torch.randint(0, 1000, (2, 10))
     assert model(input_ids=ids).logits.shape == (2, 3)
+    # the final directory carries the tokenizer: it loads like any transformers model's
+    from transformers import AutoTokenizer
+
+    encoded = AutoTokenizer.from_pretrained(run / saved["final_model"])(["good"], return_tensors="pt")
+    assert model(**encoded).logits.shape == (1, 3)
     # the most accurate state at or above each keep_best_at sparsity is kept, and reloads to
     # the accuracy it was measured at; no other best-* directory is left
     from sparsekernels.recipes.training import accuracy
@@ -62,6 +67,7 @@ def test_recipe_end_to_end(tmp_path):
         kept = saved["best"][band]
         assert {k: kept[k] for k in want} == want
         best = load_model(run / kept["checkpoint"]).eval()
+        assert AutoTokenizer.from_pretrained(run / kept["checkpoint"]).vocab_size > 1000
         assert accuracy(best, recipe.eval_batches) == want["accuracy"]
     assert sorted(f"checkpoints/{p.name}" for p in (run / "checkpoints").glob("best-*")) == \
         sorted({b["checkpoint"] for b in saved["best"].values()})
