@@ -117,11 +117,12 @@ class RecipeConfig:
     seed: int = 0
     device: str = "auto"  # auto (cuda when available, one GPU per rank under torchrun), cpu, cuda[:N]
     eval_batch_size: int = 128
-    # Fine-tuning and distillation also checkpoint mid-stretch (model, optimizer, RNG) once
-    # this many minutes have passed since the last checkpoint; 0: only at stage ends and prunes.
+    # Fine-tuning, movement pruning and distillation also checkpoint mid-stretch (model,
+    # optimizers, movement scores, RNG) once this many minutes have passed since the last
+    # checkpoint; 0: only at stage ends and prunes.
     checkpoint_minutes: float = 10.0
     # For each encoder sparsity here, the run keeps the most accurate model it measured at
-    # that sparsity or more (checkpoints/best-60-*, named in record.json under "best").
+    # that sparsity or more (checkpoints/best-*, named in record.json under "best").
     keep_best_at: tuple[float, ...] = (0.6, 0.8)
     output_dir: str = "runs/recipe"
 

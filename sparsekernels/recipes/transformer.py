@@ -10,8 +10,8 @@ last committed state:
              times (dependency-aware: every layer on the residual stream), resizing after
              each prune (checkpoint after each)
   final      speed up (config.speedup.mode), evaluate, benchmark, write the report
-Fine-tuning and distillation also checkpoint mid-stretch, with the optimizer's state, every
-`checkpoint_minutes`; movement pruning checkpoints at its end only.
+Each training stretch also checkpoints every `checkpoint_minutes`, with the optimizers' state
+(and movement pruning's scores), so a stopped run loses at most that much work.
 """
 
 from __future__ import annotations
@@ -327,28 +327,40 @@ class TransformerRecipe:
 
         cfg = self.config.attention
         _seed(self.config.seed + 1)
-        model = self._load("teacher")
+        progress = self.record.setdefault("attention_progress", {"step": 0})
+        resumed = progress["step"] > 0  # a mid-stage checkpoint: model, optimizers, scores
+        model = self._load("movement" if resumed else "teacher")
         blocks = find_attention_blocks(model)
         projections = sorted({p for b in blocks for p in b.projections})
         config_list = [{"op_names": projections, "sparsity": cfg.sparsity}]
         opt, sched = make_optimizer(model.parameters(), cfg.lr, max(cfg.steps, 1))
-        batches = cycle(self.train_batches, self.config.seed + 1)
-        bar = self._progress(cfg.steps, "movement")
+        batches = cycle(self.train_batches, self.config.seed + 1, skip=progress["step"])
+        bar = self._progress(cfg.steps, "movement", initial=progress["step"])
+
+        def save():
+            self._save("movement", "movement", model, {"rng": self._rng_state()},
+                       {"training": self._training_state(opt, sched),
+                        "pruner": pruner.state_dict()})
 
         def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
                           max_epochs=None):
-            train_steps(parallel.wrap(model), batches, max_steps, optimizers, sched,
-                        lambda m, b: training_step(b, m), bar)
+            self._train(parallel.wrap(model), batches, max_steps, optimizers, sched,
+                        lambda m, b: training_step(b, m), bar, progress, save)
 
         evaluator = TorchEvaluator(training_func, opt, lambda batch, m: m(**batch).loss)
         self.log(f"[2/4] movement-prune attention ({cfg.movement_mode}, {cfg.steps} steps, "
-                 f"{len(blocks)} blocks)")
+                 f"{len(blocks)} blocks)" + (f" (resumed at {progress['step']})" if resumed else ""))
         pruner = MovementPruner(model, config_list, evaluator,
                                 warm_up_step=int(cfg.warm_up_ratio * cfg.steps),
                                 cool_down_beginning_step=max(1, int(cfg.cool_down_ratio * cfg.steps)),
                                 training_steps=cfg.steps, regular_scale=cfg.regular_scale,
                                 movement_mode=cfg.movement_mode, sparse_granularity="auto",
                                 score_lr=cfg.score_lr)
+        if resumed:
+            self._restore_training_state("movement", opt, sched)
+            path = self.run_dir.path(self.record["movement"]) / "pruner.pt"
+            pruner.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+            self._restore_rng("movement")
         _, masks = pruner.compress()
         pruner.unwrap_model()
         bar.close()
@@ -360,7 +372,10 @@ class TransformerRecipe:
         self.log(f"  removed {removed} of {total} heads")
         self._point("attention", model, cfg.steps)
         self.record["stages_done"].append("attention")
+        mid = self.record.pop("movement", None)  # the mid-stage checkpoint is spent
         self._save("student", "attention", model)
+        if mid and is_main_process():
+            shutil.rmtree(self.run_dir.path(mid), ignore_errors=True)
 
     def _events(self) -> list[tuple[int, str, int]]:
         """(step, kind, index) of every prune during distillation, in order."""

@@ -150,3 +150,75 @@ def test_errors(kwargs, match):
         MovementPruner(model, [{"op_types": ["Linear"], "sparsity": 0.5}],
                        evaluator_for(model, data, mse), **args)
     assert torch.equal(model[0].weight, before)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_interrupted_compress_resumes_exactly(mode):
+    """state_dict taken mid-training plus the model and optimizer as they were, loaded into
+    a new pruner: compress() ends with the scores and masks of a run never stopped."""
+    torch.manual_seed(0)
+    model, data, _ = teacher_task()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    config = [{"op_types": ["Linear"], "sparsity": 0.5}]
+    kw = dict(warm_up_step=2, cool_down_beginning_step=8, training_steps=12, movement_mode=mode,
+              regular_scale=1.0)
+
+    def run(stop_at=None, resume=None):
+        model.load_state_dict(resume["model"] if resume else start)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        if resume:
+            opt.load_state_dict(resume["opt"])
+        offset = resume["pruner"]["step"] if resume else 0
+        saved = {}
+
+        def train(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
+                  max_epochs=None):
+            for step in range(max_steps):
+                if offset + step == stop_at:
+                    saved.update(pruner=pruner.state_dict(), opt=opt.state_dict(),
+                                 model={k: v.clone() for k, v in model.state_dict().items()})
+                    raise KeyboardInterrupt
+                opt.zero_grad()
+                training_step(data[(offset + step) % len(data)], model).backward()
+                opt.step()
+
+        pruner = MovementPruner(model, config, TorchEvaluator(train, opt, lambda b, m: mse(m, b)),
+                                **kw)
+        if resume:
+            pruner.load_state_dict(resume["pruner"])
+        try:
+            _, masks = pruner.compress()
+        except KeyboardInterrupt:
+            return saved
+        finally:
+            pruner.unwrap_model()  # the next run starts from an unmasked model
+        return masks, {n: s.detach().clone() for n, s in pruner.scores.items()}
+
+    want_masks, want_scores = run()
+    state = run(stop_at=5)
+    assert state["pruner"]["step"] == 5 and len(state["pruner"]["history"]) == 5
+    masks, scores = run(resume=state)
+    for n in want_scores:
+        torch.testing.assert_close(scores[n], want_scores[n], rtol=0, atol=0)
+        assert torch.equal(masks[n]["weight"], want_masks[n]["weight"])
+
+
+def test_state_dict_errors():
+    model, data, _ = teacher_task()
+    pruner = MovementPruner(model, [{"op_types": ["Linear"], "sparsity": 0.5}],
+                            evaluator_for(model, data, mse), warm_up_step=1,
+                            cool_down_beginning_step=3, training_steps=4)
+    with pytest.raises(RuntimeError, match="only while compress"):
+        pruner.state_dict()
+    scores = {"0": torch.zeros(8, 8)}
+    with pytest.raises(ValueError, match=r"step must be an int in \[0, 4\]"):
+        pruner.load_state_dict({"step": 5, "scores": scores})
+    with pytest.raises(ValueError, match="load the state of the same model"):
+        pruner.load_state_dict({"step": 1, "scores": {"other": torch.zeros(8, 8)}})
+    with pytest.raises(ValueError, match=r"scores of 0 have shape \(4, 8\)"):
+        pruner.load_state_dict({"step": 1, "scores": {"0": torch.zeros(4, 8)}})
+    by_epochs = MovementPruner(model, [{"op_types": ["Linear"], "sparsity": 0.5}],
+                               evaluator_for(model, data, mse), warm_up_step=1,
+                               cool_down_beginning_step=3, training_epochs=1)
+    with pytest.raises(ValueError, match="needs training_steps"):
+        by_epochs.load_state_dict({"step": 1, "scores": scores})

@@ -244,9 +244,10 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_resume_from_mid_stage_checkpoints(tmp_path, monkeypatch):
-    """Fine-tuning and distillation checkpoint between chunks of steps, with the optimizer,
-    scheduler and RNG state: a run killed mid-stretch, twice, ends as one never stopped
-    (which here also runs unchunked: chunking changes nothing computed)."""
+    """Fine-tuning, movement pruning and distillation checkpoint between chunks of steps, with
+    the optimizers', scheduler's, scores' and RNG state: a run killed mid-stretch in each
+    ends as one never stopped (which here also runs unchunked: chunking changes nothing
+    computed)."""
     from sparsekernels.recipes import transformer
 
     straight = TransformerRecipe(from_dict(dict(TINY, output_dir=str(tmp_path / "straight"),
@@ -273,12 +274,22 @@ def test_resume_from_mid_stage_checkpoints(tmp_path, monkeypatch):
     assert (run / saved["teacher"] / "training.pt").exists()
 
     stop_at.clear()
+    stop_at.update(attention_progress=3)  # mid movement pruning (6 steps)
+    recipe = TransformerRecipe(config, resume=True, log=lambda *_: None)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run()
+    saved = json.loads((run / "record.json").read_text())
+    assert saved["stages_done"] == ["finetune"] and saved["attention_progress"]["step"] == 3
+    assert (run / saved["movement"] / "pruner.pt").exists()
+
+    stop_at.clear()
     stop_at.update(distill_progress=11)  # in the stretch after the last prune (step 7)
     recipe = TransformerRecipe(config, resume=True, log=lambda *_: None)
     with pytest.raises(KeyboardInterrupt):
         recipe.run()
     saved = json.loads((run / "record.json").read_text())
-    assert saved["stages_done"] == ["finetune", "attention"]
+    assert saved["stages_done"] == ["finetune", "attention"] and "movement" not in saved
+    assert not list((run / "checkpoints").glob("movement-*"))  # spent, removed
     assert saved["distill_progress"]["step"] == 11 and saved["distill_progress"]["optimizer_from"] == 7
 
     # a checkpoint without its optimizer state is refused, and the refusal changes nothing

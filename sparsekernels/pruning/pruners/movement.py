@@ -104,6 +104,8 @@ class MovementPruner(Pruner):
         self.scores: dict[str, torch.Tensor] = {}
         self.step = 0
         self.history: list[float] = []  # scheduled fraction of the target after each step
+        self._score_optimizer: torch.optim.Optimizer | None = None  # while compress() trains
+        self._resume: dict | None = None  # from load_state_dict, for the next compress()
 
     # -- configuration ---------------------------------------------------------------------
     def _granular_config(self, model, config_list, sparse_granularity, block_size):
@@ -135,6 +137,46 @@ class MovementPruner(Pruner):
                 entry["sparsity"] = config.sparsity
             entries.append(entry)
         return entries
+
+    # -- interrupted training ---------------------------------------------------------------
+    def _score_names(self) -> list[str]:
+        return sorted({n for pool, _ in self._plan for n in pool.modules})
+
+    def state_dict(self) -> dict:
+        """The training state (step, history, scores and their optimizer), taken from the
+        training loop while compress() runs; with load_state_dict, a compress() that was
+        interrupted continues where it stopped."""
+        if self._score_optimizer is None:
+            raise RuntimeError(f"{type(self).__name__}.state_dict: there is training state "
+                               "only while compress() trains; call it from the training loop")
+        return {"step": self.step, "history": list(self.history),
+                "scores": {n: s.detach().clone() for n, s in self.scores.items()},
+                "score_optimizer": self._score_optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Make the next compress() continue from `state` (from state_dict()): it trains the
+        remaining training_steps - state["step"] steps. The model and its optimizer must be
+        restored by the caller, as they were when the state was taken."""
+        name = type(self).__name__
+        if self.training_steps is None:
+            raise ValueError(f"{name}.load_state_dict: resuming needs training_steps (this "
+                             "pruner counts epochs)")
+        step = state.get("step") if isinstance(state, Mapping) else None
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.training_steps:
+            raise ValueError(f"{name}.load_state_dict: step must be an int in [0, "
+                             f"{self.training_steps}], got {step!r}")
+        modules = self._modules()
+        names = self._score_names()
+        scores = state.get("scores") or {}
+        if sorted(scores) != names:
+            raise ValueError(f"{name}.load_state_dict: the state scores {sorted(scores)[:3]}..., "
+                             f"this pruner's config selects {names[:3]}...; load the state of "
+                             "the same model and config_list")
+        for n in names:
+            if tuple(scores[n].shape) != tuple(modules[n].weight.shape):
+                raise ValueError(f"{name}.load_state_dict: scores of {n} have shape "
+                                 f"{tuple(scores[n].shape)}, the weight {tuple(modules[n].weight.shape)}")
+        self._resume = dict(state)
 
     # -- training ---------------------------------------------------------------------------
     def _masks_at(self, fraction: float) -> Masks:
@@ -175,11 +217,23 @@ class MovementPruner(Pruner):
 
     def _prepare(self) -> None:
         modules = self._modules()
-        names = sorted({n for pool, _ in self._plan for n in pool.modules})
+        names = self._score_names()
         self.scores = {n: torch.zeros_like(modules[n].weight, dtype=torch.float32,
                                            requires_grad=True) for n in names}
         optimizer = torch.optim.Adam(self.scores.values(), lr=self.score_lr)
         masks = {n: torch.ones_like(modules[n].weight) for n in names}
+        steps = self.training_steps
+        if self._resume is not None:  # continue an interrupted compress()
+            state, self._resume = self._resume, None
+            with torch.no_grad():
+                for n, s in self.scores.items():
+                    s.copy_(state["scores"][n])
+            optimizer.load_state_dict(state["score_optimizer"])
+            self.step, self.history = state["step"], list(state["history"])
+            current = self._current()
+            for n in names:
+                masks[n] = current[n]["weight"].to(masks[n])
+            steps = self.training_steps - self.step
         restore = {n: self._patch_forward(modules[n], n, masks) for n in names}
 
         def after_step():
@@ -202,9 +256,12 @@ class MovementPruner(Pruner):
 
             self.evaluator.patch_loss(regularize)
         self.evaluator.patch_optimizer_step(after=[after_step])
+        self._score_optimizer = optimizer
         try:
-            self.evaluator.train(max_steps=self.training_steps, max_epochs=self.training_epochs)
+            if steps is None or steps > 0:
+                self.evaluator.train(max_steps=steps, max_epochs=self.training_epochs)
         finally:
+            self._score_optimizer = None
             self.evaluator.revert_optimizer_step()
             self.evaluator.revert_loss()
             for undo in restore.values():
