@@ -28,6 +28,36 @@ class RunDir:
         self.root = Path(root)
         self.record_path = self.root / "record.json"
 
+    def lock(self) -> int | None:
+        """Hold the directory for this process (an flock on <root>/.lock, released when the
+        process ends, however it ends). Returns the pid holding it when another process does,
+        else None. Without fcntl (Windows) there is no lock."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            return int(holder) if holder.isdigit() else -1
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock = handle  # kept open: closing it would release the lock
+        return None
+
+    def unlock(self) -> None:
+        handle = getattr(self, "_lock", None)
+        if handle is not None:
+            handle.close()  # releases the flock
+            self._lock = None
+
     def exists(self) -> bool:
         return self.record_path.exists()
 

@@ -566,17 +566,26 @@ class TransformerRecipe:
         if cfg.bench.threads:
             torch.set_num_threads(cfg.bench.threads)
         self.device = parallel.setup(cfg.device)
-        if parallel.world_size() > 1:
-            self.log(f"data parallel: {parallel.world_size()} processes, device {self.device} "
-                     "on rank 0; the batch size is the global one")
-        self._prepare_data()
-        self.run_dir.commit(self.record)
-        for stage in STAGES:
-            if stage in self.record["stages_done"]:
-                self.log(f"[resume] {stage}: done, skipped")
-                continue
-            getattr(self, f"stage_{stage}")()
-        return self.record
+        if is_main_process():
+            holder = self.run_dir.lock()
+            if holder is not None:  # two processes on one run would interleave its checkpoints
+                raise RecipeError(f"{self.run_dir.root} is in use by another run (pid "
+                                  f"{holder if holder > 0 else '?'}): wait for it to end or stop "
+                                  "it, or choose another directory with --output-dir")
+        try:
+            if parallel.world_size() > 1:
+                self.log(f"data parallel: {parallel.world_size()} processes, device {self.device} "
+                         "on rank 0; the batch size is the global one")
+            self._prepare_data()
+            self.run_dir.commit(self.record)
+            for stage in STAGES:
+                if stage in self.record["stages_done"]:
+                    self.log(f"[resume] {stage}: done, skipped")
+                    continue
+                getattr(self, f"stage_{stage}")()
+            return self.record
+        finally:  # stopped or done, in this process (a notebook) it can be resumed at once
+            self.run_dir.unlock()
 
 
 def run_recipe(config: RecipeConfig, resume: bool = False, log=print) -> dict:

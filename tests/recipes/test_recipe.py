@@ -313,3 +313,16 @@ def test_resume_from_mid_stage_checkpoints(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    config = tiny(tmp_path, "busy")
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(RecipeError, match=r"in use by another run \(pid 4242\)"):
+            TransformerRecipe(config, log=lambda *_: None).run()
+    assert not (tmp_path / "busy" / "record.json").exists()  # refused before anything ran
