@@ -69,6 +69,24 @@ class RunDir:
             self.root.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.record_path, record)
 
+    @staticmethod
+    def new_name(record: dict, stage: str) -> str:
+        """A checkpoint directory name no earlier checkpoint of the run has used."""
+        counter = record.setdefault("_checkpoint_counter", 0) + 1
+        record["_checkpoint_counter"] = counter
+        return f"checkpoints/{stage}-{counter:04d}"
+
+    def write_model(self, rel: str, model, preprocessor=None) -> Path:
+        """The model at root/rel, with the tokenizer or image processor when given, so the
+        directory loads like any transformers model's. Rank 0 alone calls it."""
+        from sparsekernels.speedup.io import save_model
+
+        path = self.root / rel
+        save_model(model, path)
+        if preprocessor is not None:
+            preprocessor.save_pretrained(str(path))
+        return path
+
     def save_checkpoint(self, record: dict, key: str, stage: str, model, extra: dict | None = None,
                         objects: dict | None = None, preprocessor=None) -> None:
         """Write model (and extra tensors, `objects` such as optimizer state dicts as
@@ -78,18 +96,12 @@ class RunDir:
         from safetensors.torch import save_file
 
         from sparsekernels.recipes.parallel import barrier
-        from sparsekernels.speedup.io import save_model
 
-        counter = record.setdefault("_checkpoint_counter", 0) + 1
-        record["_checkpoint_counter"] = counter
-        rel = f"checkpoints/{stage}-{counter:04d}"
+        rel = self.new_name(record, stage)
         previous = record.get(key)
         record[key] = rel
         if is_main_process():
-            path = self.root / rel
-            save_model(model, path)
-            if preprocessor is not None:  # the directory loads like any transformers model's
-                preprocessor.save_pretrained(str(path))
+            path = self.write_model(rel, model, preprocessor)
             for name, tensors in (extra or {}).items():
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                           str(path / f"{name}.safetensors"))

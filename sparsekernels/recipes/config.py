@@ -85,6 +85,20 @@ def prune_targets(cfg: ChannelPruneConfig) -> list[float]:
     return [cfg.sparsity * (1 - (1 - i / n) ** 3) for i in range(1, n + 1)]
 
 
+KEEP_BEST_AT = (0.6, 0.8)  # the encoder sparsities the recipe issue states targets at
+
+
+def best_band(target: float) -> str:
+    """The key of record["best"] for a keep_best_at target."""
+    return f"{target:g}"
+
+
+def best_rank(point: dict) -> tuple[float, float]:
+    """How measured states compare at a target: the more accurate, then the sparser. The
+    recipe keeps models by it and the report picks its rows by it."""
+    return point["accuracy"], point["sparsity"]
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeedupConfig:
     """The recipe resizes the student after every prune, so its final speedup finds no masks
@@ -123,7 +137,7 @@ class RecipeConfig:
     checkpoint_minutes: float = 10.0
     # For each encoder sparsity here, the run keeps the most accurate model it measured at
     # that sparsity or more (checkpoints/best-*, named in record.json under "best").
-    keep_best_at: tuple[float, ...] = (0.6, 0.8)
+    keep_best_at: tuple[float, ...] = KEEP_BEST_AT
     output_dir: str = "runs/recipe"
 
     def to_dict(self) -> dict:

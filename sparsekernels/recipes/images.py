@@ -79,24 +79,16 @@ def load_image_processor(path: str, model_config):
 def make_image_batches(examples: Sequence[ImageExample], processor, batch_size: int,
                        shuffle: bool = False, seed: int = 0) -> list[dict]:
     """Batches of pixel_values and labels, in the order make_batches uses for text."""
-    import random
-
     import torch
 
-    from sparsekernels.recipes.tasks import TaskError
+    from sparsekernels.recipes.tasks import TaskError, batch_chunks
 
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise TaskError("image tasks need Pillow: pip install pillow") from None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    order = list(range(len(examples)))
-    if shuffle:
-        random.Random(f"batches:{seed}").shuffle(order)
     batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start:start + batch_size]]
+    for chunk in batch_chunks(examples, batch_size, shuffle, seed):
         images = []
         for e in chunk:
             try:

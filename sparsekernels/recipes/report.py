@@ -30,6 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from sparsekernels.recipes.config import KEEP_BEST_AT, best_band, best_rank
+
 RECORD_FILE = "record.json"
 REPORT_FILE = "report.md"
 POINTS_CSV = "points.csv"
@@ -226,9 +228,6 @@ def _save(fig, path: Path) -> None:
     _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-TARGET_SPARSITIES = (0.6, 0.8)
-
-
 def _targets(record: dict) -> list[str]:
     """For each target sparsity (the run's keep_best_at), the most accurate model state the
     run measured at that sparsity or more (after a prune, recovered before the next one, or
@@ -240,13 +239,13 @@ def _targets(record: dict) -> list[str]:
     config = record.get("config") if isinstance(record.get("config"), dict) else {}
     kept = record.get("best") or {}
     rows = []
-    for target in config.get("keep_best_at") or TARGET_SPARSITIES:
+    for target in config.get("keep_best_at") or KEEP_BEST_AT:
         hits = [p for p in pruned if p["sparsity"] >= target]
         if not hits:
             rows.append([f">= {target:.0%}", "not reached", "", "", "", ""])
             continue
-        best = max(hits, key=lambda p: (p["accuracy"], p["sparsity"]))
-        saved = kept.get(f"{target:g}") or {}
+        best = max(hits, key=best_rank)
+        saved = kept.get(best_band(target)) or {}
         same = all(saved.get(k) == best[k] for k in ("stage", "step", "sparsity", "accuracy"))
         rows.append([f">= {target:.0%}", f"{best['stage']} @ step {best['step']}",
                      _pct(best["sparsity"]), _num(best["accuracy"]),

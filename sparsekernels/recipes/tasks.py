@@ -183,6 +183,19 @@ def load_task(cfg: TaskConfig) -> TaskData:
                     modality="image" if cfg.name == "images" else "text")
 
 
+def batch_chunks(examples: Sequence, batch_size: int, shuffle: bool = False,
+                 seed: int = 0) -> list[list]:
+    """The examples of each batch, in order: permuted with `seed` when shuffle (the same seed
+    gives the same batches, for text and images alike); the last batch may be smaller."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(f"batches:{seed}").shuffle(order)
+    return [[examples[i] for i in order[start:start + batch_size]]
+            for start in range(0, len(order), batch_size)]
+
+
 def make_batches(examples: Sequence[Example], tokenizer, batch_size: int, max_length: int,
                  shuffle: bool = False, seed: int = 0) -> list[dict]:
     """Tokenised batches: input_ids, attention_mask (token_type_ids when the tokenizer gives
@@ -193,20 +206,14 @@ def make_batches(examples: Sequence[Example], tokenizer, batch_size: int, max_le
     """
     import torch
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
     examples = list(examples)
     for i, e in enumerate(examples):
         if not isinstance(e, Example):
             raise TypeError(f"examples[{i}] is a {type(e).__name__}, not an Example")
-    order = list(range(len(examples)))
-    if shuffle:
-        random.Random(f"batches:{seed}").shuffle(order)
     batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start:start + batch_size]]
+    for chunk in batch_chunks(examples, batch_size, shuffle, seed):
         has_pair = {e.text_pair is not None for e in chunk}
         if len(has_pair) > 1:
             raise ValueError("a batch mixes examples with and without text_pair; give every "

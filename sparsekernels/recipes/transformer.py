@@ -32,7 +32,8 @@ import sparsekernels
 from sparsekernels.pruning.distributed import is_main_process
 from sparsekernels.recipes import parallel
 from sparsekernels.recipes.checkpoint import RunDir
-from sparsekernels.recipes.config import EMBEDDED_MODEL, RecipeConfig, prune_targets
+from sparsekernels.recipes.config import (EMBEDDED_MODEL, RecipeConfig, best_band, best_rank,
+                                          prune_targets)
 from sparsekernels.recipes.progress import LogProgress, progress
 from sparsekernels.recipes.training import (accuracy, classification_loss, cycle, make_optimizer,
                                             steps_for_epochs, train_steps)
@@ -219,21 +220,14 @@ class TransformerRecipe:
         """Save `model` if it is the most accurate state measured so far at or above a
         keep_best_at sparsity (ties: the sparser). The record names it from the next commit
         on; a crash before then leaves an orphan directory that the next commit removes."""
-        from sparsekernels.speedup.io import save_model
-
         best = self.record.setdefault("best", {})
-        bands = [f"{t:g}" for t in self.config.keep_best_at if point["sparsity"] >= t
-                 and (point["accuracy"], point["sparsity"]) > (
-                     best.get(f"{t:g}", {}).get("accuracy", -1.0),
-                     best.get(f"{t:g}", {}).get("sparsity", -1.0))]
+        bands = [best_band(t) for t in self.config.keep_best_at if point["sparsity"] >= t
+                 and (best_band(t) not in best or best_rank(point) > best_rank(best[best_band(t)]))]
         if not bands:
             return
-        counter = self.record.setdefault("_checkpoint_counter", 0) + 1
-        self.record["_checkpoint_counter"] = counter
-        rel = f"checkpoints/best-{counter:04d}"
+        rel = self.run_dir.new_name(self.record, "best")
         if is_main_process():
-            save_model(model, self.run_dir.path(rel))
-            self.preprocessor.save_pretrained(str(self.run_dir.path(rel)))
+            self.run_dir.write_model(rel, model, self.preprocessor)
         for band in bands:
             best[band] = dict(point, checkpoint=rel)
 
@@ -266,9 +260,12 @@ class TransformerRecipe:
                 save()
 
     @staticmethod
-    def _training_state(opt, sched) -> dict:
+    def _param_shapes(opt) -> list[list[int]]:
+        return [list(p.shape) for g in opt.param_groups for p in g["params"]]
+
+    def _training_state(self, opt, sched) -> dict:
         return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "shapes": [list(p.shape) for g in opt.param_groups for p in g["params"]]}
+                "shapes": self._param_shapes(opt)}
 
     def _restore_training_state(self, key: str, opt, sched) -> None:
         """Load the optimizer and scheduler state a mid-stage checkpoint saved, after checking
@@ -279,7 +276,7 @@ class TransformerRecipe:
                               "but its checkpoint has no optimizer state; start a new run with "
                               "--output-dir")
         state = torch.load(path, map_location=self.device, weights_only=True)
-        shapes = [list(p.shape) for g in opt.param_groups for p in g["params"]]
+        shapes = self._param_shapes(opt)
         if state["shapes"] != shapes:
             raise RecipeError(f"{path} holds the optimizer state of other parameters "
                               f"({len(state['shapes'])} tensors, this model has {len(shapes)}); "
