@@ -261,11 +261,17 @@ def _plot_accuracy(record: dict, path: Path) -> None:
     points = record["points"]
     # ffn-1, ffn-2, ... are one series: the state right after each FFN prune
     series = lambda p: re.sub(r"-\d+$", "", p["stage"])  # noqa: E731
-    stages = list(dict.fromkeys(series(p) for p in points))
-    for stage in stages:
-        pts = sorted((p for p in points if series(p) == stage), key=lambda p: p["sparsity"])
-        ax.plot([100 * p["sparsity"] for p in pts], [p["accuracy"] for p in pts], "o-",
-                label=stage, markersize=4)
+    # one line in run order (the path the model took: prune, recover, prune, ...),
+    # markers coloured by kind of state; joining same-kind points would draw a path
+    # the run never took
+    ax.plot([100 * p["sparsity"] for p in points], [p["accuracy"] for p in points], "-",
+            color="lightgrey", linewidth=1, zorder=1)
+    for stage in dict.fromkeys(series(p) for p in points):
+        if stage == "final" and (record.get("final") or {}).get("accuracy") is not None:
+            continue  # drawn below as the star
+        pts = [p for p in points if series(p) == stage]
+        ax.plot([100 * p["sparsity"] for p in pts], [p["accuracy"] for p in pts], "o",
+                label=stage, markersize=4, zorder=2)
     dense_acc = (record.get("dense") or {}).get("accuracy")
     if dense_acc is not None:
         ax.axhline(dense_acc, color="grey", linestyle="--", label=f"dense ({dense_acc:.3f})")
