@@ -44,6 +44,9 @@ PLOTS = {
 }
 COMPONENT_ORDER = ("embedding", "attention", "ffn", "other")
 VARIANT_ORDER = ("dense", "masked", "kernel", "resize", "auto")
+# one colour per kind of state, the same in every report (matplotlib's tab10 order)
+STATE_COLOURS = {"finetuned": "C0", "attention": "C1", "ffn": "C2", "recovered": "C3",
+                 "hidden": "C4", "distilled": "C5", "final": "C6"}
 POINT_FIELDS = ["stage", "step", "sparsity", "accuracy"]
 LATENCY_FIELDS = ["variant", "sparsity", "ms"]
 
@@ -271,7 +274,7 @@ def _plot_accuracy(record: dict, path: Path) -> None:
             continue  # drawn below as the star
         pts = [p for p in points if series(p) == stage]
         ax.plot([100 * p["sparsity"] for p in pts], [p["accuracy"] for p in pts], "o",
-                label=stage, markersize=4, zorder=2)
+                label=stage, markersize=4, zorder=2, color=STATE_COLOURS.get(stage))
     dense_acc = (record.get("dense") or {}).get("accuracy")
     if dense_acc is not None:
         ax.axhline(dense_acc, color="grey", linestyle="--", label=f"dense ({dense_acc:.3f})")
