@@ -101,7 +101,8 @@ at::Tensor bsr_ffn_cpu(const at::Tensor& x, const at::Tensor& values1, const at:
                        const at::Tensor& col1, const std::optional<at::Tensor>& bias1,
                        const at::Tensor& values2, const at::Tensor& crow2, const at::Tensor& col2,
                        const std::optional<at::Tensor>& bias2, int64_t hidden,
-                       const std::string& activation) {
+                       const std::string& activation, const std::optional<at::Tensor>& packed1,
+                       const std::optional<at::Tensor>& packed2) {
   check_rows(x, "x");
   check_weight(values1, crow1, col1, "W1");
   check_weight(values2, crow2, col2, "W2");
@@ -120,8 +121,8 @@ at::Tensor bsr_ffn_cpu(const at::Tensor& x, const at::Tensor& values1, const at:
   if (bias1.has_value()) bb1 = bias1->to(ct).contiguous();
   if (bias2.has_value()) bb2 = bias2->to(ct).contiguous();
   // W.T blocks, as bsr_linear packs them: a row of the kernel's B operand is one output vector
-  const at::Tensor p1 = values1.to(ct).transpose(1, 2).contiguous();
-  const at::Tensor p2 = values2.to(ct).transpose(1, 2).contiguous();
+  const at::Tensor p1 = packed_blocks(values1, ct, packed1);
+  const at::Tensor p2 = packed_blocks(values2, ct, packed2);
   at::Tensor out = at::empty({x.size(0), n2}, x.options().dtype(ct));
   if (x.size(0) == 0) return out.to(x.scalar_type());
   const int64_t ldx = x.size(0) > 1 ? xc.stride(0) : x.size(1);
@@ -149,7 +150,7 @@ at::Tensor bsr_ffn_cpu(const at::Tensor& x, const at::Tensor& values1, const at:
 
 TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   m.def("bsr_ffn_cpu(Tensor x, Tensor values1, Tensor crow1, Tensor col1, Tensor? bias1, "
-        "Tensor values2, Tensor crow2, Tensor col2, Tensor? bias2, int hidden, str activation) "
-        "-> Tensor",
+        "Tensor values2, Tensor crow2, Tensor col2, Tensor? bias2, int hidden, str activation, "
+        "Tensor? packed1=None, Tensor? packed2=None) -> Tensor",
         &sparsekernels::cpu::bsr_ffn_cpu);
 }

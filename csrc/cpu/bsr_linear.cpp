@@ -85,7 +85,8 @@ void sdd(const T* G, int64_t ldg, const T* X, int64_t ldx, int64_t rows, const i
 // ---- torch entry points ------------------------------------------------------------
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                           const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                          const std::optional<at::Tensor>& bias) {
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& packed_in) {
   check_rows(x, "x");
   check_index(crow_indices, "crow_indices");
   check_index(col_indices, "col_indices");
@@ -113,7 +114,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
         return;
       }
       // W.T blocks, so each row of the kernel's B operand is one contiguous output vector
-      const at::Tensor packed = values.to(ct).transpose(1, 2).contiguous();
+      const at::Tensor packed = packed_blocks(values, ct, packed_in);
       SparseOperand s{crow_indices.data_ptr<int32_t>(), col_indices.data_ptr<int32_t>(), nullptr,
                       crow_indices.numel() - 1, bk};
       dsd<T, BO>(xc.data_ptr<T>(), x.size(0), lda, packed.data_ptr<T>(), s, bias_ptr,
@@ -180,7 +181,7 @@ at::Tensor bsr_sdd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   m.def("bsr_linear_cpu(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
-        "Tensor? bias) -> Tensor",
+        "Tensor? bias, Tensor? packed=None) -> Tensor",
         &sparsekernels::cpu::bsr_linear_cpu);
   m.def("bsr_dsd_cpu(Tensor grad, Tensor values, Tensor ccol_indices, Tensor row_indices_t, "
         "Tensor transpose_perm) -> Tensor",

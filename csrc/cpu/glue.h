@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <type_traits>
 
 namespace sparsekernels {
@@ -25,6 +26,21 @@ inline void check_rows(const at::Tensor& x, const char* name) {
 // Half and bfloat16 compute in float: the CPU has no fast native path for them here.
 inline at::ScalarType compute_type(at::ScalarType t) {
   return (t == at::kFloat || t == at::kDouble) ? t : at::kFloat;
+}
+
+// W.T blocks in the compute type, [nnz, bk, bm]: the kernel's B operand. `packed`, when
+// given, is that tensor made once by the caller (SparseLinear's inference cache); checked.
+inline at::Tensor packed_blocks(const at::Tensor& values, at::ScalarType ct,
+                                const std::optional<at::Tensor>& packed) {
+  if (!packed.has_value()) return values.to(ct).transpose(1, 2).contiguous();
+  TORCH_CHECK(packed->dim() == 3 && packed->size(0) == values.size(0) &&
+                  packed->size(1) == values.size(2) && packed->size(2) == values.size(1),
+              "sparsekernels: packed must be values.transpose(1, 2) [", values.size(0), ", ",
+              values.size(2), ", ", values.size(1), "], got ", packed->sizes());
+  TORCH_CHECK(packed->device().is_cpu() && packed->scalar_type() == ct && packed->is_contiguous(),
+              "sparsekernels: packed must be a contiguous ", ct, " CPU tensor, got ",
+              packed->scalar_type(), " on ", packed->device());
+  return *packed;
 }
 
 // f(std::integral_constant<int, bo>) for the supported widths; `what` names the width in

@@ -29,6 +29,12 @@ def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.
     if fc1.runs_dense(x) or fc2.runs_dense(x):
         return SparseLinear.forward(fc2, activate(SparseLinear.forward(fc1, x), activation))
     fc1.check_input(x)  # fc2 and the activation were checked when the pair was made
+    packed1 = fc1.packed(x)
+    packed2 = fc2.packed(x) if packed1 is not None else None
+    if packed2 is not None:  # CPU inference: both layers' W.T blocks from their caches
+        return torch.ops.sparsekernels.bsr_ffn_packed(
+            x, fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
+            fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias, activation)
     return torch.ops.sparsekernels.bsr_ffn(x, *fc1.op_args(), fc1.bias, *fc2.op_args(), fc2.bias,
                                            activation, fc1.backend.value)
 

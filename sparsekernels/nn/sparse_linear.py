@@ -24,8 +24,8 @@ from sparsekernels.formats.block_sparse import (
     inner_tensors,
     topk_block_mask,
 )
-from sparsekernels.ops.backend import ENV_BACKEND, Backend
-from sparsekernels.ops.bsr_linear import prefers_dense
+from sparsekernels.ops.backend import ENV_BACKEND, Backend, select
+from sparsekernels.ops.bsr_linear import pack, prefers_dense
 from sparsekernels.ops.crossover import ENV_CROSSOVER
 
 
@@ -35,6 +35,12 @@ class SparseLinear(nn.Module):
     backend: "auto" picks the kernel for the input's device and runs plain dense F.linear
     when the density is above the measured crossover, so it is never slower than the
     Linear it replaced; "cpu", "cuda", "triton" or "reference" force one.
+
+    Inference (no gradient needed) caches what the route needs from the weight: the dense
+    weight on the dense route, the CPU kernel's W.T blocks on the CPU route. A cache is
+    rebuilt when `values` changes in place (its version counter), is loaded or moved, and
+    dropped by train() / eval(). Writes through `values.data` bypass the version counter:
+    after one, call eval() (or clear_cache()) before the next forward.
     """
 
     values: torch.Tensor
@@ -62,6 +68,7 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
         self._dense_cache: tuple | None = None
+        self._packed_cache: tuple | None = None
         self._route: dict = {}  # (device type, dtype) -> (run dense, what it depends on)
 
     def reset_parameters(self) -> None:
@@ -138,15 +145,39 @@ class SparseLinear(nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend.value}")
 
     # -- compute --------------------------------------------------------------------------
+    def _cache_key(self) -> tuple:
+        # what a cache built from `values` depends on (see the class docstring)
+        v = self.values
+        return (v.data_ptr(), v._version, v.dtype, v.device)
+
+    def clear_cache(self) -> None:
+        """Drop the inference caches (after writing `values` through `.data`)."""
+        self._dense_cache = self._packed_cache = None
+
     def _dense_weight(self) -> torch.Tensor:
-        # Inference reuses the densified weight until the values change (tracked by the
-        # tensor version counter); training rebuilds it so gradients reach `values`.
+        # Inference reuses the densified weight until the values change; training rebuilds
+        # it so gradients reach `values`.
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.weight.to_dense()
-        key = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
+        key = self._cache_key()
         if self._dense_cache is None or self._dense_cache[0] != key:
             self._dense_cache = (key, self.weight.to_dense().detach())
         return self._dense_cache[1]
+
+    def packed(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The CPU kernel's W.T blocks, cached, when `x` takes the CPU kernel and no
+        gradient is needed; None otherwise (the op then packs them per call)."""
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad or (
+                self.bias is not None and self.bias.requires_grad)):
+            return None
+        if select(self.backend.value, x.device, "bsr_linear") is not Backend.CPU:
+            return None
+        key = self._cache_key()
+        if self._packed_cache is None or self._packed_cache[0] != key:
+            self._packed_cache = (key, pack(self.values))
+        return self._packed_cache[1]
 
     def runs_dense(self, x: torch.Tensor) -> bool:
         """auto's routing for this input: True when plain dense F.linear is the faster path.
@@ -178,6 +209,10 @@ class SparseLinear(nn.Module):
             weight = (self.weight.to_dense() if torch.compiler.is_compiling()
                       else self._dense_weight())
             return torch.nn.functional.linear(x, weight, self.bias)
+        packed = self.packed(x)
+        if packed is not None:
+            return torch.ops.sparsekernels.bsr_linear_packed(
+                x, self.values, packed, self.crow_indices, self.col_indices, self.bias)
         return torch.ops.sparsekernels.bsr_linear(x, *self.op_args(), self.bias,
                                                   self.backend.value)
 
@@ -186,9 +221,13 @@ class SparseLinear(nn.Module):
         return inner_tensors(self)
 
     def _apply(self, fn, recurse=True):
-        self._dense_cache = None
+        self.clear_cache()
         self._route = {}
         return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        self.clear_cache()  # a mode switch is where training may have written `values`
+        return super().train(mode)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -211,7 +250,7 @@ class SparseLinear(nn.Module):
                                            requires_grad=self.values.requires_grad)
                 for name in INDEX_NAMES:
                     setattr(self, name, getattr(self, name).new_empty(state_dict[prefix + name].shape))
-        self._dense_cache = None
+        self.clear_cache()
         self._route = {}  # a loaded layout can change the density, so the dense routing
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

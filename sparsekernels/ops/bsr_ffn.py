@@ -96,6 +96,30 @@ def _(x, values1, crow1, col1, row1, ccol1, row_t1, perm1, bias1,
     return x.new_empty((*x.shape[:-1], n2))
 
 
+@torch.library.custom_op("sparsekernels::bsr_ffn_packed", mutates_args=())
+def _bsr_ffn_packed(x: Tensor, values1: Tensor, packed1: Tensor, crow1: Tensor, col1: Tensor,
+                    bias1: Optional[Tensor], values2: Tensor, packed2: Tensor, crow2: Tensor,
+                    col2: Tensor, bias2: Optional[Tensor], activation: str) -> Tensor:
+    """bsr_ffn's CPU inference route with both layers' W.T blocks made by the caller (no
+    autograd formula: callers use it only when no gradient is needed)."""
+    n1 = (crow1.numel() - 1) * values1.shape[1]
+    n2 = (crow2.numel() - 1) * values2.shape[1]
+    x2 = _rows(x)
+    if x2.shape[0] >= _MIN_FUSED_ROWS and _ext.has_op(OP, "cpu"):
+        y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
+                               activation, packed1, packed2)
+    else:
+        linear = _ext.op("bsr_linear", "cpu")
+        h = activate(linear(x2, values1, crow1, col1, bias1, packed1), activation)
+        y = linear(h, values2, crow2, col2, bias2, packed2)
+    return y.reshape(*x.shape[:-1], n2)
+
+
+@_bsr_ffn_packed.register_fake
+def _(x, values1, packed1, crow1, col1, bias1, values2, packed2, crow2, col2, bias2, activation):
+    return x.new_empty((*x.shape[:-1], (crow2.shape[0] - 1) * values2.shape[1]))
+
+
 # --- autograd: recompute the intermediate, then the bsr_linear backward ops twice ------
 def _setup_context(ctx, inputs, output):
     (x, values1, crow1, col1, row1, ccol1, row_t1, perm1, bias1,

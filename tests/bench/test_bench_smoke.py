@@ -10,7 +10,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-@pytest.mark.parametrize("script", ["bench_bsr_linear.py", "bench_ffn.py", "bench_models.py", "bench_attention.py"])
+@pytest.mark.parametrize("script", ["bench_bsr_linear.py", "bench_ffn.py", "bench_models.py", "bench_attention.py",
+                                    "bench_pack_cache.py"])
 def test_smoke(script):
     path = BENCH / script
     if not path.exists():

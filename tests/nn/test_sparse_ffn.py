@@ -115,9 +115,10 @@ def kernel_model(family, backend="cpu"):
 def test_kernel_mode_fuses_ffns_and_matches_the_masked_model(family, monkeypatch):
     need("cpu")
     calls = []
-    real = torch.ops.sparsekernels.bsr_ffn
-    monkeypatch.setattr(torch.ops.sparsekernels, "bsr_ffn",
-                        lambda *a: calls.append(1) or real(*a), raising=False)
+    for name in ("bsr_ffn", "bsr_ffn_packed"):  # inference takes the second on the CPU
+        real = getattr(torch.ops.sparsekernels, name)
+        monkeypatch.setattr(torch.ops.sparsekernels, name,
+                            lambda *a, real=real: calls.append(1) or real(*a), raising=False)
     model, dummy, reference, report = kernel_model(family)
     fused = [k for k, v in report.fused_ffn.items() if v.startswith("fused")]
     assert len(fused) == FUSED_PER_FAMILY[family], report.fused_ffn
