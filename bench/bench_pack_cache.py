@@ -50,7 +50,7 @@ def timed_pair(module, x, reps: int) -> tuple[float, float]:
             return module(x)
 
     with torch.no_grad():
-        torch.testing.assert_close(cached(), per_call(), rtol=0, atol=0)
+        torch.testing.assert_close(cached(), per_call())  # below 24 rows the routes differ
         t = time_interleaved({"cached": cached, "per_call": per_call}, torch.device("cpu"), reps)
     return t["cached"], t["per_call"]
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = 3 if args.smoke else args.reps
-    tokens = [8, 32] if args.smoke else [8, 32, 128, 512, 2048]
+    tokens = [8, 32] if args.smoke else [1, 4, 8, 32, 128, 512, 2048]
     densities = [0.3] if args.smoke else [0.5, 0.3, 0.1]
     k, n = (64, 256) if args.smoke else (H, FF)
     rows = []
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                              "gain": per_call / cached})
                 print(f"{name} T={t} d={d}: cached {cached * 1e3:.3f} ms, per call "
                       f"{per_call * 1e3:.3f} ms, x{per_call / cached:.2f}", flush=True)
-    for t in ([16] if args.smoke else [32, 128, 512]):
+    for t in ([16] if args.smoke else [8, 32, 128, 512]):
         model, ids = bert_encoder(t, args.smoke)
         cached, per_call = timed_pair(lambda i: model(i).last_hidden_state, ids,
                                       max(3, reps // 3))
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     notes = ["- fp32, 32x32 blocks kept at random; eval + no_grad; medians of interleaved reps",
              "- cached: SparseLinear / SparseFFN with the W.T cache (the default in inference); "
              "per_call: the same modules with it switched off (the op packs on every call); "
-             "gain = per_call / cached; outputs checked equal (bit for bit) before timing",
+             "gain = per_call / cached; outputs checked close before timing (bit for bit from 24 "
+             "rows; below, per_call takes the few-row dot-product path, cached the tiled kernel)",
              "- bert-base encoder: BertModel(BertConfig()) random weights, every encoder Linear "
              "at 70% block sparsity, FFNs fused (fuse_ffn_), one sequence (batch 1)"]
     out = write_results(torch.device("cpu"), "pack_cache",

@@ -26,7 +26,7 @@ def reference(sl, x):
     return x.double() @ w.T + sl.bias.double()
 
 
-@pytest.mark.parametrize("rows", [3, 40])  # the few-row path and the register-tile path
+@pytest.mark.parametrize("rows", [1, 3, 40])  # dot rows; the register tiles, part and whole
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_cached_blocks_give_the_per_call_numbers(rows, dtype):
     sl = layer(dtype=dtype)
@@ -35,7 +35,8 @@ def test_cached_blocks_give_the_per_call_numbers(rows, dtype):
         cached = sl(x)
         assert sl._packed_cache is not None
         per_call = torch.ops.sparsekernels.bsr_linear(x, *sl.op_args(), sl.bias, "cpu")
-    assert torch.equal(cached, per_call)
+    if rows >= 24:  # the same register-tile kernel both ways (below, per call takes dot rows)
+        assert torch.equal(cached, per_call)
     assert_close_to_reference(cached, reference(sl, x),
                               baseline=x @ sl.weight.to_dense().T + sl.bias, reduction=128)
 
@@ -92,7 +93,7 @@ def test_no_cache_off_the_cpu_kernel():
     assert sl._packed_cache is None
 
 
-@pytest.mark.parametrize("rows", [5, 40])  # bsr_linear twice below the fused kernel's rows
+@pytest.mark.parametrize("rows", [1, 5, 40])  # bsr_linear twice below the fused kernel's rows
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 def test_fused_ffn_with_cached_blocks_gives_the_per_call_numbers(rows, activation):
     fc1, fc2 = layer(256, 128), layer(128, 256)
@@ -103,7 +104,8 @@ def test_fused_ffn_with_cached_blocks_gives_the_per_call_numbers(rows, activatio
         assert fc1._packed_cache is not None and fc2._packed_cache is not None
         per_call = torch.ops.sparsekernels.bsr_ffn(x, *fc1.op_args(), fc1.bias, *fc2.op_args(),
                                                    fc2.bias, activation, "cpu")
-    assert torch.equal(cached, per_call)
+    if rows >= 24:  # the fused kernel both ways (below, per call takes dot rows)
+        assert torch.equal(cached, per_call)
     h = activate(reference(fc1, x), activation)
     want = h @ fc2.weight.to_dense().double().T + fc2.bias.double()
     assert_close_to_reference(cached, want, reduction=256)
