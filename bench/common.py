@@ -77,7 +77,8 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 10,
                      warmup: int = 2, budget_s: float = 20.0) -> dict[str, float]:
-    """Median seconds per candidate, running the candidates in turn within each repetition.
+    """Median seconds per candidate, running the candidates in turn within each repetition
+    (in a rotating order).
     A candidate slower than budget_s/reps per call is measured fewer times (min 1)."""
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -85,9 +86,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     deadline = time.perf_counter() + budget_s
+    names = list(fns)
     for rep in range(reps):
-        for name, fn in fns.items():
-            samples[name].append(_time_once(fn, device))
+        # rotate the order: a candidate can be slowed by the one before it (threads still
+        # spinning, caches), so none always follows the same one
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            samples[name].append(_time_once(fns[name], device))
         if time.perf_counter() > deadline and rep >= 2:
             break
     return {name: statistics.median(s) for name, s in samples.items()}

@@ -167,8 +167,8 @@ class SparseLinear(nn.Module):
     def packed(self, x: torch.Tensor) -> torch.Tensor | None:
         """The CPU kernel's W.T blocks, cached, when `x` takes the CPU kernel and no
         gradient is needed; None otherwise (the op then packs them per call)."""
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
-            return None
+        if x.device.type != "cpu" or x.numel() == x.shape[-1] or torch.compiler.is_compiling():
+            return None  # one row runs dot products on the blocks as stored
         if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad or (
                 self.bias is not None and self.bias.requires_grad)):
             return None
