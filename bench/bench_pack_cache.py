@@ -34,12 +34,12 @@ H, FF = 768, 3072  # BERT-base
 @contextlib.contextmanager
 def per_call_packing():
     """Every SparseLinear packs its blocks per call, as before the cache."""
-    saved = SparseLinear.packed
-    SparseLinear.packed = lambda self, x: None
+    saved = SparseLinear._packed
+    SparseLinear._packed = lambda self, x: None
     try:
         yield
     finally:
-        SparseLinear.packed = saved
+        SparseLinear._packed = saved
 
 
 def timed(module, dense, x, reps: int) -> dict[str, float]:
@@ -70,26 +70,21 @@ def layer(k, n, density):
 
 
 def bert_encoder(tokens: int, smoke: bool):
-    """(the 70%-sparse encoder in kernel mode, the same weights dense, input ids)."""
+    """(BERT-base in kernel mode at 70% block sparsity with fused FFNs, the masked dense
+    model, input ids for one sequence), built as bench_models builds them."""
     import copy
 
-    from transformers import BertConfig, BertModel
+    import bench_models
 
-    from sparsekernels import sparsify_
-    from sparsekernels.nn import fuse_ffn_
+    from sparsekernels.speedup import ModelSpeedup
 
-    cfg = (BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=256) if smoke else BertConfig())
-    model = BertModel(cfg).eval()
-    sparsify_(model.encoder, (32, 32), sparsity=0.7, backend="cpu")
-    dense = copy.deepcopy(model)
-    for name, m in list(dense.named_modules()):
-        if isinstance(m, SparseLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent), child, m.to_linear())
-    fuse_ffn_(model)
-    ids = torch.randint(0, cfg.vocab_size, (1, tokens))
-    return model, dense, ids
+    model, scope = bench_models.build("bert-base", smoke)
+    model.eval()
+    dummy = bench_models.dummy_for("bert-base", model, 1, tokens)
+    masks = bench_models.block_masks(model, scope, 0.7)
+    masked = bench_models.apply(copy.deepcopy(model), masks)
+    ModelSpeedup(model, dummy, masks, mode="kernel", block_size=(32, 32)).speedup_model()
+    return model, masked, dummy["input_ids"]
 
 
 def main(argv=None) -> int:
@@ -135,13 +130,13 @@ def main(argv=None) -> int:
              "per_call: the same modules with it switched off (the op packs on every call); "
              "gain = per_call / cached; outputs checked close before timing (bit for bit from 24 "
              "rows; below, per_call takes the few-row dot-product path, cached the tiled kernel)",
-             "- bert-base encoder: BertModel(BertConfig()) random weights, every encoder Linear "
-             "at 70% block sparsity, FFNs fused (fuse_ffn_), one sequence (batch 1)",
+             "- bert-base encoder: bench_models' BERT-base (random weights), every encoder Linear "
+             "at 70% block sparsity, ModelSpeedup kernel mode (FFNs fused), one sequence (batch 1)",
              "- one token never uses the cache (dot products on the blocks as stored), so the "
              "1-token rows run the same code both ways: their gain is this measurement's noise "
-             "at ~0.1 ms (about +-15%)",
+             "at ~0.1 ms (up to ~10%)",
              "- dense: the same weights as nn.Linear (F.linear, GELU, F.linear for the FFN; the "
-             "encoder with its SparseLinear turned back into Linear); vs_dense = dense / cached"]
+             "encoder: the masked dense model); vs_dense = dense / cached"]
     out = write_results(torch.device("cpu"), "pack_cache",
                         "SparseLinear inference: cached W.T blocks vs packing per call", rows,
                         notes, ["case", "tokens", "density", "dense_ms", "cached_ms", "per_call_ms",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -78,7 +79,7 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 10,
                      warmup: int = 2, budget_s: float = 20.0) -> dict[str, float]:
     """Median seconds per candidate, running the candidates in turn within each repetition
-    (in a rotating order).
+    (in a shuffled order).
     A candidate slower than budget_s/reps per call is measured fewer times (min 1)."""
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -86,11 +87,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     deadline = time.perf_counter() + budget_s
-    names = list(fns)
+    # a fresh order each repetition: a candidate can be slowed by the one before it (threads
+    # still spinning, caches), and rotating a fixed order would keep every candidate's
+    # predecessor; seeded, so a run is repeatable
+    order = random.Random(0)
     for rep in range(reps):
-        # rotate the order: a candidate can be slowed by the one before it (threads still
-        # spinning, caches), so none always follows the same one
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in order.sample(list(fns), len(fns)):
             samples[name].append(_time_once(fns[name], device))
         if time.perf_counter() > deadline and rep >= 2:
             break

@@ -126,6 +126,15 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
+// The operand SparseLinear caches for inference (bsr_linear's `packed`): made by the rule the
+// kernels apply per call, so the two cannot drift apart.
+at::Tensor bsr_pack_cpu(const at::Tensor& values) {
+  TORCH_CHECK(values.dim() == 3 && values.device().is_cpu(),
+              "sparsekernels: values must be [nnz, bm, bk] on the CPU, got ", values.sizes(),
+              " on ", values.device());
+  return packed_blocks(values, compute_type(values.scalar_type()), std::nullopt);
+}
+
 at::Tensor bsr_dsd_cpu(const at::Tensor& grad, const at::Tensor& values,
                        const at::Tensor& ccol_indices, const at::Tensor& row_indices_t,
                        const at::Tensor& transpose_perm) {
@@ -185,6 +194,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   m.def("bsr_linear_cpu(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
         "Tensor? bias, Tensor? packed=None) -> Tensor",
         &sparsekernels::cpu::bsr_linear_cpu);
+  m.def("bsr_pack_cpu(Tensor values) -> Tensor", &sparsekernels::cpu::bsr_pack_cpu);
   m.def("bsr_dsd_cpu(Tensor grad, Tensor values, Tensor ccol_indices, Tensor row_indices_t, "
         "Tensor transpose_perm) -> Tensor",
         &sparsekernels::cpu::bsr_dsd_cpu);

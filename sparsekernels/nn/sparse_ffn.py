@@ -26,11 +26,12 @@ from sparsekernels.ops.bsr_ffn import activate, check_activation
 
 def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.Tensor):
     """fc2(act(fc1(x))): fused when both layers run their kernels, else layer by layer."""
-    if fc1.runs_dense(x) or fc2.runs_dense(x):
+    (dense1, cpu1), (dense2, cpu2) = fc1._routing(x), fc2._routing(x)
+    if dense1 or dense2:
         return SparseLinear.forward(fc2, activate(SparseLinear.forward(fc1, x), activation))
     fc1.check_input(x)  # fc2 and the activation were checked when the pair was made
-    packed1 = fc1.packed(x)
-    packed2 = fc2.packed(x) if packed1 is not None else None
+    packed1 = fc1._packed(x) if cpu1 and cpu2 else None
+    packed2 = fc2._packed(x) if packed1 is not None else None
     if packed2 is not None:  # CPU inference: both layers' W.T blocks from their caches
         return torch.ops.sparsekernels.bsr_ffn_packed(
             x, fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,

@@ -69,7 +69,7 @@ class SparseLinear(nn.Module):
         self.reset_parameters()
         self._dense_cache: tuple | None = None
         self._packed_cache: tuple | None = None
-        self._route: dict = {}  # (device type, dtype) -> (run dense, what it depends on)
+        self._route: dict = {}  # (device type, dtype) -> (dense, CPU kernel, what they depend on)
 
     def reset_parameters(self) -> None:
         # nn.Linear's initialisation, restricted to the stored blocks
@@ -167,32 +167,42 @@ class SparseLinear(nn.Module):
     def packed(self, x: torch.Tensor) -> torch.Tensor | None:
         """The CPU kernel's W.T blocks, cached, when `x` takes the CPU kernel and no
         gradient is needed; None otherwise (the op then packs them per call)."""
-        if x.device.type != "cpu" or x.numel() == x.shape[-1] or torch.compiler.is_compiling():
+        return self._packed(x) if self._routing(x)[1] else None
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor | None:
+        # packed() for a caller that has routed x to the CPU kernel already
+        if x.numel() == x.shape[-1] or torch.compiler.is_compiling():
             return None  # one row runs dot products on the blocks as stored
         if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad or (
                 self.bias is not None and self.bias.requires_grad)):
-            return None
-        if select(self.backend.value, x.device, "bsr_linear") is not Backend.CPU:
             return None
         key = self._cache_key()
         if self._packed_cache is None or self._packed_cache[0] != key:
             self._packed_cache = (key, pack(self.values))
         return self._packed_cache[1]
 
-    def runs_dense(self, x: torch.Tensor) -> bool:
-        """auto's routing for this input: True when plain dense F.linear is the faster path.
-        Decided in eager calls, remembered per (device, dtype) until the layout or the
-        backend / crossover environment changes (a layer is called often: deciding costs
-        more than a small kernel), and reused by torch.compile, which cannot run the backend
-        probing inside a graph."""
+    def _routing(self, x: torch.Tensor) -> tuple[bool, bool]:
+        """(run plain dense F.linear, run the CPU kernel) for this input. Decided in eager
+        calls, remembered per (device, dtype) until the layout or the backend / crossover
+        environment changes (a layer is called often: deciding costs more than a small
+        kernel), and reused by torch.compile, which cannot run the backend probing inside a
+        graph."""
         key = (x.device.type, x.dtype)
         if torch.compiler.is_compiling():
-            return self._route.get(key, (False,))[0]
+            return self._route.get(key, (False, False))[:2]
         stamp = (self.values.shape[0], os.environ.get(ENV_BACKEND), os.environ.get(ENV_CROSSOVER))
         cached = self._route.get(key)
-        if cached is None or cached[1] != stamp:
-            cached = self._route[key] = (prefers_dense(self.weight, x.device, self.backend), stamp)
-        return cached[0]
+        if cached is None or cached[2] != stamp:
+            dense = prefers_dense(self.weight, x.device, self.backend)
+            cpu = (not dense and x.device.type == "cpu"
+                   and select(self.backend.value, x.device, "bsr_linear") is Backend.CPU)
+            cached = self._route[key] = (dense, cpu, stamp)
+        return cached[:2]
+
+    def runs_dense(self, x: torch.Tensor) -> bool:
+        """auto's routing for this input: True when plain dense F.linear is the faster path
+        (see _routing)."""
+        return self._routing(x)[0]
 
     def check_input(self, x: torch.Tensor) -> None:
         """The fast path of ops.bsr_linear.check_inputs (a layer checks its own bias once,
@@ -205,11 +215,12 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if self.runs_dense(x):
+        dense, cpu_kernel = self._routing(x)
+        if dense:
             weight = (self.weight.to_dense() if torch.compiler.is_compiling()
                       else self._dense_weight())
             return torch.nn.functional.linear(x, weight, self.bias)
-        packed = self.packed(x)
+        packed = self._packed(x) if cpu_kernel else None
         if packed is not None:
             return torch.ops.sparsekernels.bsr_linear_packed(
                 x, self.values, packed, self.crow_indices, self.col_indices, self.bias)

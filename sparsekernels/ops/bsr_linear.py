@@ -66,14 +66,10 @@ def _(x, values, crow_indices, col_indices, row_indices, ccol_indices, row_indic
     return x.new_empty((*x.shape[:-1], n))
 
 
-def packed_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The CPU kernels' compute type (csrc/cpu/glue.h): half and bfloat16 run in float."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def pack(values: Tensor) -> Tensor:
-    """The CPU kernel's B operand: W.T blocks [nnz, bk, bm] in the compute type."""
-    return values.detach().to(packed_dtype(values.dtype)).transpose(1, 2).contiguous()
+    """The CPU kernel's B operand: W.T blocks [nnz, bk, bm] in its compute type (half and
+    bfloat16 run in float), made by the kernels' own rule."""
+    return _ext.op("bsr_pack", "cpu")(values.detach())
 
 
 @torch.library.custom_op("sparsekernels::bsr_linear_packed", mutates_args=())
