@@ -319,7 +319,8 @@ class TransformerRecipe:
         self._save("teacher", "finetune", model)
 
     def stage_attention(self) -> None:
-        from sparsekernels.pruning import MovementPruner, TorchEvaluator, find_attention_blocks
+        from sparsekernels.arch import find_attention
+        from sparsekernels.pruning import MovementPruner, TorchEvaluator
         from sparsekernels.speedup import ModelSpeedup
 
         cfg = self.config.attention
@@ -327,7 +328,7 @@ class TransformerRecipe:
         progress = self.record.setdefault("attention_progress", {"step": 0})
         resumed = progress["step"] > 0  # a mid-stage checkpoint: model, optimizers, scores
         model = self._load("movement" if resumed else "teacher")
-        blocks = find_attention_blocks(model)
+        blocks = find_attention(model)
         projections = sorted({p for b in blocks for p in b.projections})
         config_list = [{"op_names": projections, "sparsity": cfg.sparsity}]
         opt, sched = make_optimizer(model.parameters(), cfg.lr, max(cfg.steps, 1))

@@ -23,10 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekernels.pruning import layers
-from sparsekernels.pruning.inputs import run_model
-from sparsekernels.pruning.dependency import ChannelGroup, find_channel_groups
-from sparsekernels.pruning.heads import AttentionBlock, find_attention_blocks
+from sparsekernels.arch import AttentionSite, ChannelGroup, layers, map_model
+from sparsekernels.arch.inputs import run_model
 
 
 @dataclass
@@ -39,7 +37,7 @@ class Plan:
     bias_folds: dict[str, torch.Tensor] = field(default_factory=dict)  # consumer -> bias delta
     zero_heads: dict[str, int] = field(default_factory=dict)  # block -> head kept only to run
     notes: list[str] = field(default_factory=list)
-    blocks: dict[str, AttentionBlock] = field(default_factory=dict)
+    blocks: dict[str, AttentionSite] = field(default_factory=dict)
 
     def keep_rows(self, name: str, size: int, device) -> torch.Tensor:
         return self.rows.setdefault(name, torch.ones(size, dtype=torch.bool, device=device))
@@ -83,16 +81,16 @@ def capture_inputs(model: nn.Module, dummy_input: Any, names: set[str]) -> dict[
 
 
 # --- heads ----------------------------------------------------------------------------------
-def plan_heads(model: nn.Module, blocks: list[AttentionBlock], plan: Plan) -> None:
+def plan_heads(model: nn.Module, blocks: list[AttentionSite], plan: Plan) -> None:
     modules = dict(model.named_modules())
     for block in blocks:
         plan.blocks[block.name] = block
         h, d = block.num_heads, block.head_dim
         q, v, o = modules[block.q], modules[block.v], modules[block.o]
-        v_offset = 2 * h * d if block.fused else 0
-        v_rows_zero = _rows_zero(v)[v_offset:v_offset + h * d].view(h, d).all(dim=1)
-        o_cols_zero = _cols_zero(o).view(h, d).all(dim=1)
-        q_rows_zero = _rows_zero(q)[: h * d].view(h, d).all(dim=1)
+        v_rows = block.rows("v")
+        v_rows_zero = _rows_zero(v)[v_rows].all(dim=1)
+        o_cols_zero = _cols_zero(o)[block.o_cols()].all(dim=1)
+        q_rows_zero = _rows_zero(q)[block.rows("q")].all(dim=1)
         removable = v_rows_zero | o_cols_zero
         kept = [i for i in range(h) if not removable[i]]
         # a value-masked head outputs its value bias on every token: fold it through O
@@ -101,7 +99,7 @@ def plan_heads(model: nn.Module, blocks: list[AttentionBlock], plan: Plan) -> No
         delta = torch.zeros(wo.shape[0], dtype=wo.dtype, device=wo.device)
         for i in range(h):
             if v_rows_zero[i] and not o_cols_zero[i] and bias_v is not None:
-                bv = bias_v[v_offset + i * d: v_offset + (i + 1) * d]
+                bv = bias_v[v_rows[i]]
                 delta += wo[:, i * d:(i + 1) * d] @ bv
         if delta.abs().max() > 0:
             plan.bias_folds[block.o] = plan.bias_folds.get(block.o, 0) + delta
@@ -118,7 +116,7 @@ def plan_heads(model: nn.Module, blocks: list[AttentionBlock], plan: Plan) -> No
         plan.heads[block.name] = kept
 
 
-def attention_channels(blocks: list[AttentionBlock]) -> set[tuple[str, str]]:
+def attention_channels(blocks: list[AttentionSite]) -> set[tuple[str, str]]:
     """(module, kind) pairs whose channels are head channels: left to plan_heads."""
     owned = set()
     for b in blocks:
@@ -254,10 +252,11 @@ def _record_group(group: ChannelGroup, remove: torch.Tensor, modules, plan: Plan
 
 def analyze(model: nn.Module, dummy_input: Any, heads: bool = True, channels: bool = True) -> Plan:
     plan = Plan()
-    blocks = find_attention_blocks(model)
+    model_map = map_model(model, dummy_input if channels else None)
+    blocks = list(model_map.attention)
     if heads:
         plan_heads(model, blocks, plan)
     if channels:
-        groups = find_channel_groups(model, dummy_input)
-        plan_groups(model, dummy_input, groups, attention_channels(blocks), plan)
+        plan_groups(model, dummy_input, list(model_map.channel_groups),
+                    attention_channels(blocks), plan)
     return plan

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
 from sparsekernels.pruning.config import _SPARSITY_ALIASES
 from sparsekernels.pruning.masks import Masks, mask_sparsity, merge_masks, save_masks
 from sparsekernels.pruning.pruners.activation import (
