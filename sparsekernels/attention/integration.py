@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from sparsekernels.attention.layouts import crop, grid
-from sparsekernels.formats.block_sparse import check_block_size
+from sparsekernels.ops.limits import check_block_size
 
 IMPLEMENTATION = "sparsekernels"
 _ATTR = "_sparsekernels_attention"

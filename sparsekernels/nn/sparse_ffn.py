@@ -20,22 +20,23 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sparsekernels.nn.sparse_linear import SparseLinear
+from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
+from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_ffn import activate, check_activation
 
 
 def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.Tensor):
     """fc2(act(fc1(x))): fused when both layers run their kernels, else layer by layer."""
-    (dense1, cpu1), (dense2, cpu2) = fc1._routing(x), fc2._routing(x)
-    if dense1 or dense2:
+    if fc1.route.dense or fc2.route.dense:
         return SparseLinear.forward(fc2, activate(SparseLinear.forward(fc1, x), activation))
     fc1.check_input(x)  # fc2 and the activation were checked when the pair was made
-    packed1 = fc1._packed(x) if cpu1 and cpu2 else None
-    packed2 = fc2._packed(x) if packed1 is not None else None
-    if packed2 is not None:  # CPU inference: both layers' W.T blocks from their caches
-        return torch.ops.sparsekernels.bsr_ffn_packed(
-            x, fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
-            fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias, activation)
+    if (fc1.route.backend is Backend.CPU and fc2.route.backend is Backend.CPU
+            and not (_needs_grad(x, fc1) or _needs_grad(x, fc2))):
+        packed1, packed2 = fc1.packed(), fc2.packed()
+        if packed1 is not None and packed2 is not None:  # the W.T blocks, as stored
+            return torch.ops.sparsekernels.bsr_ffn_packed(
+                x, fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
+                fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias, activation)
     return torch.ops.sparsekernels.bsr_ffn(x, *fc1.op_args(), fc1.bias, *fc2.op_args(), fc2.bias,
                                            activation, fc1.backend.value)
 

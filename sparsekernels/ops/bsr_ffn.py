@@ -21,17 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsekernels.formats.block_sparse import BlockSparseTensor, inner_tensors
 from sparsekernels.ops import _ext
-from sparsekernels.ops.backend import Backend, select
-from sparsekernels.ops.bsr_linear import bsr_linear, check_inputs, prefers_dense
+from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.router import route
 from sparsekernels.ops.reference import bsr_linear as ref
 
 OP = "bsr_ffn"
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
-# Below this many rows the C++ kernel cannot fill its register tiles; bsr_linear's
-# few-token path (one read of each weight) is then the faster route.
-_MIN_FUSED_ROWS = 24
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -41,6 +37,8 @@ def activate(h: Tensor, activation: str) -> Tensor:
         return F.gelu(h, approximate="tanh")
     if activation == "relu":
         return F.relu(h)
+    if activation == "silu":
+        return F.silu(h)
     return h
 
 
@@ -69,8 +67,9 @@ def _bsr_ffn(x: Tensor,
     n1 = (crow1.numel() - 1) * values1.shape[1]
     n2 = (crow2.numel() - 1) * values2.shape[1]
     x2 = _rows(x)
-    chosen = select(backend, x.device, "bsr_linear")
-    if chosen is Backend.CPU and x2.shape[0] >= _MIN_FUSED_ROWS and _ext.has_op(OP, "cpu"):
+    r = route(OP, x.device, x.dtype, backend)
+    chosen = r.backend
+    if chosen is Backend.CPU and x2.shape[0] >= r.min_fused_rows:
         y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
                                activation)
     elif chosen is Backend.TRITON:
@@ -105,7 +104,7 @@ def _bsr_ffn_packed(x: Tensor, values1: Tensor, packed1: Tensor, crow1: Tensor, 
     n1 = (crow1.numel() - 1) * values1.shape[1]
     n2 = (crow2.numel() - 1) * values2.shape[1]
     x2 = _rows(x)
-    if x2.shape[0] >= _MIN_FUSED_ROWS and _ext.has_op(OP, "cpu"):
+    if x2.shape[0] >= route(OP, x.device, x.dtype, Backend.CPU).min_fused_rows:
         y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
                                activation, packed1, packed2)
     else:
@@ -161,38 +160,8 @@ def _backward(ctx, grad):
 _bsr_ffn.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- public entry point ----------------------------------------------------------------
+# --- argument checks -----------------------------------------------------------------
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of "
                          f"{', '.join(ACTIVATIONS)}")
-
-
-def check_ffn_inputs(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tensor],
-                     activation: str) -> None:
-    check_activation(activation)
-    check_inputs(x, w1, b1)
-    hidden = w1.shape[0]
-    if not isinstance(w2, BlockSparseTensor):
-        raise TypeError(f"bsr_ffn needs BlockSparseTensor weights, got {type(w2).__name__} for "
-                        "w2: build one with BlockSparseTensor.from_dense(weight, block_size)")
-    if w2.shape[1] != hidden:
-        raise ValueError(f"w2 reads {w2.shape[1]} features but w1 produces {hidden}: w2 must "
-                         f"be the FFN's second layer, shaped [out, {hidden}]")
-    check_inputs(x.new_empty(0, hidden), w2, b2)
-
-
-def bsr_ffn(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tensor],
-            activation: str = "gelu", backend: "Backend | str" = "auto") -> Tensor:
-    """act(x[..., K] @ w1.T + b1) @ w2.T + b2 for BlockSparseTensor weights w1 [N1, K] and
-    w2 [N2, N1]; activation: none, gelu (erf), gelu_tanh or relu.
-
-    auto runs the fused kernel when both weights are sparse enough for their kernels, and
-    otherwise each layer as bsr_linear would (dense above the measured crossover).
-    """
-    check_ffn_inputs(x, w1, b1, w2, b2, activation)
-    backend = Backend.parse(backend)
-    if prefers_dense(w1, x.device, backend) or prefers_dense(w2, x.device, backend):
-        return bsr_linear(activate(bsr_linear(x, w1, b1, backend), activation), w2, b2, backend)
-    return torch.ops.sparsekernels.bsr_ffn(x, *inner_tensors(w1), b1, *inner_tensors(w2), b2,
-                                           activation, backend.value)

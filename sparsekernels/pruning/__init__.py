@@ -15,7 +15,7 @@ pruners on a shared base class).
 """
 
 from sparsekernels.pruning.config import ConfigError, PruningConfig, parse_config_list
-from sparsekernels.pruning.masks import (
+from sparsekernels.formats.masks import (
     MaskError, Masks, load_masks_file, mask_sparsity, save_masks, total_sparsity)
 from sparsekernels.arch.trace import TracingError
 from sparsekernels.pruning.evaluator import Evaluator, TorchEvaluator, TransformersEvaluator

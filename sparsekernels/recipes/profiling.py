@@ -13,6 +13,7 @@ resizing. A SparseLinear counts what it stores (its `values` blocks and bias), n
 
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Any
 
@@ -123,6 +124,9 @@ def per_layer_time(model: nn.Module, inputs: dict, reps: int = 3) -> dict[str, f
     record_function range opened and closed by forward hooks on that module. On CUDA the
     time is the device time of the kernels each range launched; on CPU its wall time.
     The model runs in eval mode under no_grad; its mode is restored and the hooks removed."""
+    # kineto prints a line to stderr at every profiler start and stop unless told not to
+    # (read when the profiler first starts; a user's own setting wins)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     from torch.profiler import ProfilerActivity, profile, record_function
 
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:

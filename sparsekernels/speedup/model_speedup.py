@@ -19,12 +19,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from sparsekernels.formats.block_sparse import SUPPORTED_BLOCK_SIZES, block_mask_from_mask
+from sparsekernels.formats.block_sparse import block_mask_from_mask
+from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.limits import SUPPORTED_BLOCK_SIZES, check_block_size
 from sparsekernels.nn.sparse_linear import SparseLinear
-from sparsekernels.ops.crossover import dense_crossover
+from sparsekernels.ops.router import route
 from sparsekernels.arch import find_attention, layers, names
 from sparsekernels.arch.inputs import run_model
-from sparsekernels.pruning.masks import MaskError, validate_masks
+from sparsekernels.formats.masks import MaskError, validate_masks
 from sparsekernels.speedup import surgery
 from sparsekernels.speedup.analysis import Plan, analyze
 
@@ -103,6 +105,18 @@ def count_flops(model: nn.Module, dummy_input: Any) -> int:
     return total[0]
 
 
+def _check_backend_runs(model: nn.Module, backend: str) -> None:
+    """Refuse, before anything changes, a backend that cannot run this model's layers."""
+    weights = [p for p in model.parameters() if p.is_floating_point()]
+    if not weights:
+        return
+    try:
+        route("bsr_linear", weights[0].device, weights[0].dtype, backend)
+    except RuntimeError as exc:
+        raise ValueError(f"ModelSpeedup: backend={backend!r} cannot run this model "
+                         f"({weights[0].dtype} on {weights[0].device}): {exc}") from None
+
+
 @dataclass
 class SpeedupReport:
     mode: str
@@ -154,7 +168,9 @@ class ModelSpeedup:
     model: the model the masks were computed for (changed in place).
     dummy_input: a tensor, tuple or dict of model inputs (one forward is traced).
     masks: NNI masks {module_name: {"weight": 0/1, "bias": 0/1}}, e.g. a pruner's.
-    mode: "resize", "kernel" or "auto". block_size: SparseLinear blocks (kernel and auto).
+    mode: "resize", "kernel" or "auto". block_size: SparseLinear blocks (kernel and auto), an
+    int or a pair of 16, 32, 64 or 128. backend: as SparseLinear's. Every argument is checked
+    before the model changes.
     fuse_ffn: in kernel and auto modes, run each FFN whose two layers became SparseLinear as
     one fused op (sparsekernels.nn.fuse_ffn_; names and state_dict unchanged).
     """
@@ -169,10 +185,14 @@ class ModelSpeedup:
         if not isinstance(masks, dict):
             raise TypeError(f"masks must be a dict {{module: {{'weight': mask}}}}, got {type(masks).__name__}")
         validate_masks(model, masks)
+        self.block_size = check_block_size(block_size)
+        self.backend = Backend.parse(backend).value
+        if not isinstance(fuse_ffn, bool):
+            raise TypeError(f"fuse_ffn must be True or False, got {fuse_ffn!r}")
+        if mode in ("kernel", "auto"):
+            _check_backend_runs(model, self.backend)
         self.model, self.dummy_input, self.masks, self.mode = model, dummy_input, masks, mode
-        self.block_size = tuple(block_size)
-        self.backend = backend
-        self.fuse_ffn = bool(fuse_ffn)
+        self.fuse_ffn = fuse_ffn
         self.report = SpeedupReport(mode)
         self.structure: dict[str, list[dict]] = defaultdict(list)
 
@@ -336,7 +356,10 @@ class ModelSpeedup:
                                            f"block size <= {self.block_size}")
                 continue
             density = float(block_mask_from_mask(weight, block).float().mean())
-            if only_below_crossover and density >= dense_crossover(weight.device.type, weight.dtype, block):
+            # auto mode keeps dense what auto's route would run dense anyway
+            r = route("bsr_linear", weight.device, weight.dtype, "auto",
+                      block_size=block, density=density)
+            if only_below_crossover and r.dense:
                 self.report.dense[name] = f"block density {density:.2f} is above the dense crossover"
                 continue
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=layers.has_bias(module),

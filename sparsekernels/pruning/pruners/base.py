@@ -29,7 +29,7 @@ from sparsekernels.pruning.distributed import is_main_process
 from sparsekernels.pruning.granularity import (
     BlockPool, ChannelMember, ChannelPool, ElementPool, Pool, channel_pool, select_global,
     select_local)
-from sparsekernels.pruning.masks import (
+from sparsekernels.formats.masks import (
     Masks, load_masks_file, mask_sparsity, masks_to, merge_masks, save_masks,
     validate_masks)
 from sparsekernels.pruning.wrapper import MaskHandle, apply_masks_

@@ -33,7 +33,7 @@ from sparsekernels.pruning.config import parse_config_list, select_targets
 from sparsekernels.pruning.distributed import all_reduce_mean_
 from sparsekernels.pruning.evaluator import Evaluator
 from sparsekernels.pruning.granularity import select_local
-from sparsekernels.pruning.masks import Masks
+from sparsekernels.formats.masks import Masks
 from sparsekernels.pruning.pruners.base import Pruner
 
 MODES = ("hard", "soft")
@@ -194,7 +194,7 @@ class MovementPruner(Pruner):
         keeps = []
         tensors = {n: layers.to_canonical(self._modules()[n], s.detach()).cpu()
                    for n, s in self.scores.items()}
-        from sparsekernels.pruning.masks import merge_masks
+        from sparsekernels.formats.masks import merge_masks
 
         canonical: Masks = {}
         for pool, cfg in self._plan:
