@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from sparsekernels.arch import names
+
 WEIGHT_TYPES = ("Linear", "Conv1D", "Conv2d", "Conv1d", "Embedding")
 DEFAULT_WEIGHT_TYPES = ("Linear", "Conv1D", "Conv2d", "Conv1d")
 NORM_TYPES = ("LayerNorm", "BatchNorm1d", "BatchNorm2d", "T5LayerNorm", "RMSNorm")
@@ -25,13 +27,17 @@ _BASE_KINDS = tuple((cls, cls.__name__) for cls in (
 
 
 def type_name(module: torch.nn.Module) -> str:
-    """The layer kind: the class name for known layers, else the torch base class's name."""
+    """The layer kind: the class name for known layers, else the torch base class's name; a
+    model's own RMS norm class (LlamaRMSNorm, Gemma2RMSNorm, ...) is an "RMSNorm"."""
     name = type(module).__name__
     if name in WEIGHT_TYPES or name in NORM_TYPES:
         return name
     for base, kind in _BASE_KINDS:
         if isinstance(module, base):
             return kind
+    if name.endswith(names.RMS_NORM_SUFFIX) and isinstance(getattr(module, "weight", None),
+                                                           torch.Tensor):
+        return "RMSNorm"
     return name
 
 

@@ -54,6 +54,14 @@ KV_GROUP_ATTRS = ("num_key_value_groups",)
 ROTARY_CLASS_SUFFIX = "RotaryEmbedding"
 ROTARY_CONFIG_ATTRS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim")
 PARTIAL_ROTARY_ATTRS = ("partial_rotary_factor",)
+# A model's own RMS norm classes (LlamaRMSNorm, Qwen2RMSNorm, ...) end with this; those that
+# scale by (1 + weight) instead of weight (Gemma) are listed by name.
+RMS_NORM_SUFFIX = "RMSNorm"
+RMS_NORM_OFFSET_CLASSES = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "Gemma3nRMSNorm")
+# Attention features the block-sparse kernels do not run (the module keeps its own attention).
+SOFTCAP_ATTRS = ("attn_logit_softcapping",)
+# BERT's relative position scores (relative_key / relative_key_query): its embedding module.
+RELATIVE_POSITION_EMBEDDING = "distance_embedding"
 # A module built for T5's shared relative position bias (its heads are sliced per layer).
 RELATIVE_BIAS_ATTR = "has_relative_attention_bias"
 

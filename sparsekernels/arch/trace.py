@@ -299,8 +299,9 @@ class _Tracer(TorchFunctionMode):
 
 
 def _structural(tracer: _Tracer, model: torch.nn.Module) -> dict[tuple[str, str], list]:
-    """Attention and tied-weight couplings; returns the fused-QKV splits."""
-    from sparsekernels.arch.find import find_attention
+    """Attention, fused gate-up and tied-weight couplings; returns the splits of fused
+    projections (a fused QKV into its Q, K and V rows, a fused gate-up into its halves)."""
+    from sparsekernels.arch.find import find_attention, find_ffn
 
     spaces, ls = tracer.spaces, tracer.layer_space
     splits: dict[tuple[str, str], list] = {}
@@ -316,6 +317,15 @@ def _structural(tracer: _Tracer, model: torch.nn.Module) -> dict[tuple[str, str]
         else:
             spaces.union(ls[(site.q, "out")], ls[(site.k, "out")])
             spaces.union(ls[(site.v, "out")], ls[(site.o, "in")])
+    for site in find_ffn(model):
+        if site.gate_up_fused and (site.down, "in") in ls:
+            # its output is chunked in two by the forward, which tracing cannot follow
+            halves = []
+            for start in (0, site.units):
+                idx = torch.arange(start, start + site.units)
+                halves.append((spaces.new(site.units, GroupMember(site.up, "out", idx)), idx))
+                spaces.union(halves[-1][0], ls[(site.down, "in")])
+            splits[(site.up, "out")] = halves
     modules = dict(model.named_modules())
     by_weight: dict[int, list[str]] = {}
     for name, module in modules.items():

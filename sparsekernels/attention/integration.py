@@ -162,6 +162,17 @@ def _class_calls_attention_interface(cls: type) -> bool:  # source read once per
     return "ALL_ATTENTION_FUNCTIONS" in src
 
 
+def unsupported(module: torch.nn.Module) -> Optional[str]:
+    """Why the block-sparse op cannot run this attention module exactly, or None."""
+    from sparsekernels.arch import names
+
+    for attr in names.SOFTCAP_ATTRS:
+        if getattr(module, attr, None):
+            return (f"it soft-caps its attention scores ({attr}={getattr(module, attr)}), "
+                    "which the block-sparse kernels do not")
+    return None
+
+
 def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every attention site of the model map that can run the block-sparse
     op (it dispatches through transformers' attention interface, or is a transformers 4.x
@@ -222,6 +233,11 @@ def enable_(model: torch.nn.Module, layouts: LayoutsArg = None, block_size=(64, 
         raise RuntimeError(f"sparsekernels.attention.enable_: {type(model).__name__} has no "
                            f"attention module to run sparse; {_UNSUPPORTED_HINT}")
     block_size = check_block_size(block_size)  # refused here, not at the first forward
+    for name, module in mods:
+        why = unsupported(module)
+        if why is not None:
+            raise ValueError(f"sparsekernels.attention.enable_: {name}: {why}; leave this model's "
+                             "attention as it is (its Linear layers can still run sparse)")
     names = [n for n, _ in mods]
     if layouts is None or isinstance(layouts, Tensor):
         per_module = [layouts] * len(mods)

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from sparsekernels.arch import names
 from sparsekernels.arch.find import projection_children
 from sparsekernels.attention.integration import attend, refuse_output_attentions
 
@@ -81,7 +82,8 @@ def _bert_relative_scores(module, query: Tensor, key: Tensor, cached: bool) -> T
     else:
         left = torch.arange(lq, dtype=torch.long, device=device).view(-1, 1)
     right = torch.arange(lk, dtype=torch.long, device=device).view(1, -1)
-    emb = module.distance_embedding(left - right + module.max_position_embeddings - 1)
+    embedding = getattr(module, names.RELATIVE_POSITION_EMBEDDING)
+    emb = embedding(left - right + module.max_position_embeddings - 1)
     emb = emb.to(dtype=query.dtype)
     scores = torch.einsum("bhld,lrd->bhlr", query, emb)
     if module.position_embedding_type == "relative_key_query":

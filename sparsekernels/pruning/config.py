@@ -15,7 +15,9 @@ Amount keys: ``sparsity`` == ``sparsity_per_layer`` == ``sparse_ratio`` (NNI 3),
 ``max_sparse_ratio``).
 
 Granularity: ``"fine"``, ``"out_channel"``, ``"in_channel"``, ``"block"`` (with
-``block_size: [bm, bk]``) or ``"head"``. Left out, each pruner uses NNI's default for it
+``block_size: [bm, bk]``), ``"head"`` (whole heads; under grouped-query attention whole
+key/value groups with their query heads) or ``"query_head"`` (the same number of query
+heads in every key/value group). Left out, each pruner uses NNI's default for it
 (``"fine"`` for LevelPruner, ``"out_channel"`` for the channel pruners).
 
 When several entries match a module, the later one wins, as in NNI; an ``exclude``
@@ -33,7 +35,7 @@ import torch
 
 from sparsekernels.arch import layers
 
-GRANULARITIES = ("fine", "out_channel", "in_channel", "block", "head")
+GRANULARITIES = ("fine", "out_channel", "in_channel", "block", "head", "query_head")
 
 _SELECT_KEYS = ("op_types", "op_names", "op_names_re", "op_partial_names")
 _EXCLUDE_KEYS = ("exclude_op_types", "exclude_op_names", "exclude_op_names_re")

@@ -68,32 +68,61 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 
 
 # --- heads ----------------------------------------------------------------------------------
-def plan_heads(model: nn.Module, blocks: list[AttentionSite], plan: Plan) -> None:
+def _uniform_groups(removable: torch.Tensor, groups: int, size: int) -> list[int]:
+    """The query heads to keep when every key/value group must keep the same number of them
+    (grouped-query attention repeats each kv head for a fixed number of query heads): groups
+    with a live head stay, and each keeps its live heads plus, where it has fewer than the
+    fullest group, its first removable ones (which then run, computing what they compute)."""
+    live = [[i for i in range(g * size, (g + 1) * size) if not removable[i]] for g in range(groups)]
+    width = max((len(heads) for heads in live), default=0)
+    kept = []
+    for g, heads in enumerate(live):
+        if not heads:
+            continue
+        spare = [i for i in range(g * size, (g + 1) * size) if removable[i]]
+        kept += heads + spare[: width - len(heads)]
+    return sorted(kept)
+
+
+def plan_heads(model: nn.Module, blocks: list[AttentionSite], plan: Plan,
+               uniform_groups: bool = True) -> None:
+    """Removable heads: a query head whose output columns are zero, or whose key/value head's
+    value rows are zero (it outputs the value bias, folded through O). With grouped-query
+    attention a key/value head goes with the last of its query heads, and `uniform_groups`
+    (resize) keeps the same number of query heads in every group."""
     modules = dict(model.named_modules())
     for block in blocks:
         plan.blocks[block.name] = block
-        h, d = block.num_heads, block.head_dim
+        h, r = block.num_heads, block.group_size
         q, v, o = modules[block.q], modules[block.v], modules[block.o]
-        v_rows = block.rows("v")
-        v_rows_zero = _rows_zero(v)[v_rows].all(dim=1)
-        o_cols_zero = _cols_zero(o)[block.o_cols()].all(dim=1)
-        q_rows_zero = _rows_zero(q)[block.rows("q")].all(dim=1)
-        removable = v_rows_zero | o_cols_zero
-        kept = [i for i in range(h) if not removable[i]]
+        v_rows, o_cols = block.rows("v"), block.o_cols()
+        group_of = torch.arange(h) // r
+        v_dead = _rows_zero(v)[v_rows].all(dim=1).cpu()[group_of]
+        o_dead = _cols_zero(o)[o_cols].all(dim=1).cpu()
+        q_dead = _rows_zero(q)[block.rows("q")].all(dim=1).cpu()
+        removable = v_dead | o_dead
+        kept = (_uniform_groups(removable, block.num_kv_heads, r) if uniform_groups
+                else [i for i in range(h) if not removable[i]])
+        dropped = [i for i in range(h) if i not in kept]
         # a value-masked head outputs its value bias on every token: fold it through O
         bias_v = _bias(v)
-        wo = _canonical(o)
-        delta = torch.zeros(wo.shape[0], dtype=wo.dtype, device=wo.device)
-        for i in range(h):
-            if v_rows_zero[i] and not o_cols_zero[i] and bias_v is not None:
-                bv = bias_v[v_rows[i]]
-                delta += wo[:, i * d:(i + 1) * d] @ bv
-        if delta.abs().max() > 0:
-            plan.bias_folds[block.o] = plan.bias_folds.get(block.o, 0) + delta
-        partial = [i for i in kept if q_rows_zero[i]]
+        if bias_v is not None:
+            wo = _canonical(o)
+            delta = torch.zeros(wo.shape[0], dtype=wo.dtype, device=wo.device)
+            for i in dropped:
+                if v_dead[i] and not o_dead[i]:
+                    delta += wo[:, o_cols[i]] @ bias_v[v_rows[group_of[i]]]
+            if delta.abs().max() > 0:
+                plan.bias_folds[block.o] = plan.bias_folds.get(block.o, 0) + delta
+        partial = [i for i in kept if q_dead[i] and not removable[i]]
         if partial:
             plan.notes.append(f"{block.name}: heads {partial} have zero query rows but live value "
                               "and output weights: partly masked, kept")
+        spare = [i for i in kept if removable[i]]
+        if spare:
+            plan.notes.append(f"{block.name}: masked heads {spare} kept so that every key/value "
+                              f"group keeps the same number of query heads (prune whole groups, "
+                              "or as many query heads in each group)")
         if not kept:
             # attention code cannot run with zero heads: keep one head that outputs exactly 0
             kept = [0]
@@ -191,50 +220,72 @@ def _ffn_site_of(group: ChannelGroup, sites) -> Optional[FFNSite]:
     return None
 
 
-def _constant_from_weights(site: Optional[FFNSite], group: ChannelGroup, modules) -> Optional[torch.Tensor]:
-    """What a channel whose producer rows are all zero carries on every token, computed from
-    the producers' biases and the FFN's activation: act(b_up), or act(b_gate) * b_up. None
-    when the model map does not know the function between the producers and the reader."""
-    if site is None or site.activation is None or site.gate_up_fused:
+def _proven_constant(site: Optional[FFNSite], group: ChannelGroup, modules,
+                     dead: list[tuple[Any, torch.Tensor]]):
+    """(which channels the weights prove constant, their value), from the producers' rows
+    and biases through the FFN's activation; None when the model map does not know the
+    function between the producers and the reader. Plain: a zero up row carries act(b_up).
+    Gated, act(gate) * up: a zero up row with a zero bias, or a zero gate row whose act(b_gate)
+    is 0, carries 0; both rows zero carry act(b_gate) * b_up; one zero row beside a live one
+    otherwise carries something that depends on the input."""
+    if site is None or site.activation is None:
         return None
 
-    def bias(name: str) -> torch.Tensor:
-        member = next(m for m in group.members if m.name == name and m.kind == "out")
-        b = _bias(modules[name])
-        idx = member.index.view(-1)
-        return (b[idx.to(b.device)] if b is not None
-                else torch.zeros(group.size, dtype=modules[name].weight.dtype)).double().cpu()
+    def part(name: str, second_half: bool):
+        """(rows dead, bias) of a first layer; a fused gate-up's halves are [gate; up]."""
+        for member, rows in dead:
+            first = int(member.index.view(-1)[0]) if member.index.numel() else 0
+            if member.name == name and (not site.gate_up_fused
+                                        or (first >= site.units) == second_half):
+                b = _bias(modules[name])
+                if b is None:
+                    return rows, torch.zeros(group.size, dtype=torch.float64)
+                return rows, b[member.index.view(-1).to(b.device)].double().cpu()
+        raise LookupError(name)
 
-    if site.gated:
-        return activate(bias(site.gate), site.activation) * bias(site.up)
-    return activate(bias(site.up), site.activation)
+    try:
+        up_dead, b_up = part(site.up, second_half=True)
+        if not site.gated:
+            return up_dead, activate(b_up, site.activation)
+        gate_dead, b_gate = part(site.gate, second_half=False)
+    except LookupError:
+        return None
+    act_gate = activate(b_gate, site.activation)
+    zero = (up_dead & (b_up == 0)) | (gate_dead & (act_gate == 0))
+    both = up_dead & gate_dead
+    return zero | both, torch.where(zero, torch.zeros_like(b_up), act_gate * b_up)
 
 
 def _plan_intermediate(group: ChannelGroup, producers, consumers, modules, ffn_sites,
                        read_inputs, plan: Plan) -> None:
     """Channels between two layers (FFN units, a pooler): removed only when the weights prove
-    what they carry. A channel no consumer reads goes. A channel whose every producer row is
-    zero (up and gate alike) carries the same value on every input: computed from the biases
-    through the FFN's activation when the model map knows it, else read off one forward
-    (any row gives it, since nothing there depends on the input), and folded into the
-    consumers' biases. Any other masked channel stays, and the plan says so."""
-    dead = torch.ones(group.size, dtype=torch.bool)
+    what they carry. A channel no consumer reads goes. For an FFN the model map knows, the
+    value of a channel with masked rows is computed from the weights (_proven_constant) and
+    folded into the consumers' biases. Elsewhere a channel whose every producer row is zero
+    carries the same value on every input, read off one forward (any row gives it). Any
+    other masked channel stays, and the plan says so."""
+    dead: list[tuple[Any, torch.Tensor]] = []
+    all_dead = torch.ones(group.size, dtype=torch.bool)
     any_dead = torch.zeros(group.size, dtype=torch.bool)
     for m in producers:
         rows = _rows_zero(modules[m.name]).cpu()[m.index.view(-1).cpu()]
-        dead &= rows
+        dead.append((m, rows))
+        all_dead &= rows
         any_dead |= rows
     unread = torch.ones(group.size, dtype=torch.bool)
     for m in consumers:
         unread &= _cols_zero(modules[m.name]).cpu()[m.index.view(-1).cpu()]
     if not (any_dead | unread).any():
         return
-    folded = dead & ~unread
+    proven = _proven_constant(_ffn_site_of(group, ffn_sites), group, modules, dead)
     constants: dict[str, torch.Tensor] = {}
-    if folded.any():
-        computed = _constant_from_weights(_ffn_site_of(group, ffn_sites), group, modules)
-        for m in consumers:
-            c = computed if computed is not None else _read_constant(m, read_inputs())
+    if proven is not None:
+        folded = proven[0] & ~unread
+        constants = {m.name: proven[1] for m in consumers}
+    else:
+        folded = all_dead & ~unread
+        for m in consumers if folded.any() else ():
+            c = _read_constant(m, read_inputs())
             if c is None:
                 folded = torch.zeros_like(folded)
                 plan.notes.append(f"{sorted(group.names('in'))}: masked channels whose producers "
@@ -246,7 +297,8 @@ def _plan_intermediate(group: ChannelGroup, producers, consumers, modules, ffn_s
     kept = int(((any_dead | unread) & ~removable).sum())
     if kept:
         plan.notes.append(f"{sorted(group.names('in'))}: {kept} masked channels kept: the "
-                          "weights do not prove them constant (e.g. a live gate or up row)")
+                          "weights do not prove them constant (e.g. a masked gate row beside "
+                          "a live up row)")
     if removable.all():
         removable[0] = False  # a layer keeps one unit: a zero-width Linear cannot run
         plan.notes.append(f"{sorted(group.names('in'))}: every channel is masked; one is kept so "

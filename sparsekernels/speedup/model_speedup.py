@@ -105,6 +105,29 @@ def count_flops(model: nn.Module, dummy_input: Any) -> int:
     return total[0]
 
 
+def _check_whole_rotary_heads(model: nn.Module, masks: dict) -> None:
+    """Refuse masks that zero part of a head's query or key dimensions under rotary position
+    embeddings (they rotate dimensions in pairs: only whole heads can go)."""
+    for site in find_attention(model):
+        if not site.rotary_dims:
+            continue
+        for part, name in (("q", site.q), ("k", site.k)):
+            mask = masks.get(name, {}).get("weight")
+            if mask is None:
+                continue
+            module = model.get_submodule(name)
+            rows_zero = (layers.to_canonical(module, mask) == 0).all(dim=1).cpu()
+            per_head = rows_zero[site.rows(part)].sum(dim=1)
+            partial = [i for i, n in enumerate(per_head.tolist()) if 0 < n < site.head_dim]
+            if partial:
+                raise ValueError(
+                    f"ModelSpeedup: the mask of {name!r} zeroes some but not all dimensions of "
+                    f"{part} heads {partial}; rotary position embeddings rotate a head's "
+                    "dimensions in pairs, so a head goes whole or stays: mask whole heads "
+                    "(granularity 'head') or use mode='kernel' or 'auto' (which run what stays "
+                    "as block-sparse weights)")
+
+
 def _check_backend_runs(model: nn.Module, backend: str) -> None:
     """Refuse, before anything changes, a backend that cannot run this model's layers."""
     weights = [p for p in model.parameters() if p.is_floating_point()]
@@ -191,6 +214,8 @@ class ModelSpeedup:
             raise TypeError(f"fuse_ffn must be True or False, got {fuse_ffn!r}")
         if mode in ("kernel", "auto"):
             _check_backend_runs(model, self.backend)
+        if mode == "resize":
+            _check_whole_rotary_heads(model, masks)
         self.model, self.dummy_input, self.masks, self.mode = model, dummy_input, masks, mode
         self.fuse_ffn = fuse_ffn
         self.report = SpeedupReport(mode)
@@ -228,7 +253,7 @@ class ModelSpeedup:
         for block_name, head in plan.zero_heads.items():
             block = plan.blocks[block_name]
             v = modules[block.v]
-            rows = block.rows("v")[head]
+            rows = block.rows("v")[head // block.group_size]
             layers.to_canonical(v, v.weight.data)[rows] = 0
             if layers.has_bias(v):
                 v.bias.data[rows] = 0
@@ -236,17 +261,20 @@ class ModelSpeedup:
             block = plan.blocks[block_name]
             if len(kept) == block.num_heads:
                 continue
-            h, d = block.num_heads, block.head_dim
+            h, d, r = block.num_heads, block.head_dim, block.group_size
             dropped = [i for i in range(h) if i not in kept]
-            for part, proj in (("q", block.q), ("k", block.k), ("v", block.v)):
+            gone = [g for g in range(block.num_kv_heads)
+                    if not any(i // r == g for i in kept)]  # kv heads with no query head left
+            for part, proj, units in (("q", block.q, dropped), ("k", block.k, gone),
+                                      ("v", block.v, gone)):
                 keep = plan.keep_rows(proj, layers.out_features(modules[proj]), "cpu")
-                keep[block.rows(part)[dropped].reshape(-1)] = False
+                keep[block.rows(part)[units].reshape(-1)] = False
             o_keep = torch.zeros(h, d, dtype=torch.bool)
             o_keep[kept] = True
             plan.cols[block.o] = plan.keep_cols(block.o, h * d, "cpu") & o_keep.flatten()
             self.report.heads_removed[block_name] = [i for i in range(h) if i not in kept]
-            self.structure[block_name].append(
-                surgery.set_head_count(modules[block_name], h, len(kept), d))
+            self.structure[block_name].append(surgery.set_head_count(
+                modules[block_name], block, len(kept), block.num_kv_heads - len(gone)))
             if hasattr(modules[block_name], names.RELATIVE_BIAS_ATTR):  # T5's shared bias
                 self.structure[block_name].append(
                     surgery.install_head_subset(modules[block_name], kept, h))
@@ -290,7 +318,7 @@ class ModelSpeedup:
         from sparsekernels.speedup.analysis import plan_heads
 
         plan = Plan()
-        plan_heads(self.model, find_attention(self.model), plan)
+        plan_heads(self.model, find_attention(self.model), plan, uniform_groups=False)
         removed = {}
         for name, kept in plan.heads.items():
             heads = plan.blocks[name].num_heads
@@ -301,10 +329,11 @@ class ModelSpeedup:
             return
         try:
             from sparsekernels.attention import attention_modules
+            from sparsekernels.attention.integration import unsupported
         except ImportError as exc:  # the attention package is optional at this layer
             self.report.notes.append(f"heads stay dense: block-sparse attention unavailable ({exc})")
             return
-        runnable = {n for n, _ in attention_modules(self.model)}
+        runnable = {n for n, m in attention_modules(self.model) if unsupported(m) is None}
         layouts = {}
         for name, (heads, drop) in removed.items():
             if name not in runnable:
@@ -316,6 +345,9 @@ class ModelSpeedup:
             self.report.heads_removed[name] = drop
         if not layouts:
             return
+        # fold the value biases of the heads that now run empty, and only theirs
+        outputs = {plan.blocks[name].o for name in layouts}
+        plan.bias_folds = {o: d for o, d in plan.bias_folds.items() if o in outputs}
         self._fold_biases(plan, surgery.ParamCache())
         seq = _max_sequence_length(self.model, self.dummy_input)
         for name, keep in layouts.items():

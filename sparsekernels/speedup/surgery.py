@@ -8,6 +8,7 @@ replay on a freshly built model before loading the saved weights.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -104,13 +105,19 @@ def _pruned_layer_norm_forward(self, x):
 
 
 def _pruned_rms_norm_forward(self, x):
+    # As the RMS norms of T5 and the Llama family compute (float32 statistics), over the
+    # original width; Gemma's norms scale by (1 + weight).
     h = float(self.virtual_features)
     variance = x.float().pow(2).sum(-1, keepdim=True) / h
-    eps = getattr(self, "variance_epsilon", getattr(self, "eps", 1e-6))
-    y = x * torch.rsqrt(variance + eps)
+    eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    y = x.float() * torch.rsqrt(variance + eps)
+    if type(self)._sparsekernels_offset:
+        return (y * (1.0 + self.weight.float())).type_as(x)
     if self.weight.dtype in (torch.float16, torch.bfloat16):
-        y = y.to(self.weight.dtype)
-    return self.weight * y
+        return self.weight * y.to(self.weight.dtype)
+    return self.weight * y.to(x.dtype)
 
 
 def pruned_norm_class(cls: type, rms: bool) -> type:
@@ -120,8 +127,9 @@ def pruned_norm_class(cls: type, rms: bool) -> type:
         return cls
     if cls not in _PRUNED_NORM_CLASSES:
         forward = _pruned_rms_norm_forward if rms else _pruned_layer_norm_forward
-        _PRUNED_NORM_CLASSES[cls] = type(f"Pruned{cls.__name__}", (cls,),
-                                         {"forward": forward, "_sparsekernels_pruned": True})
+        _PRUNED_NORM_CLASSES[cls] = type(f"Pruned{cls.__name__}", (cls,), {
+            "forward": forward, "_sparsekernels_pruned": True,
+            "_sparsekernels_offset": cls.__name__ in names.RMS_NORM_OFFSET_CLASSES})
     return _PRUNED_NORM_CLASSES[cls]
 
 
@@ -132,7 +140,7 @@ def shrink_norm(module: nn.Module, keep: torch.Tensor, cache: ParamCache) -> Cha
         p = getattr(module, attr, None)
         if isinstance(p, torch.Tensor):
             cache.replace(module, attr, p.detach().index_select(0, keep.to(p.device)))
-    rms = not hasattr(module, "normalized_shape")  # nn.LayerNorm has it; T5LayerNorm does not
+    rms = layers.type_name(module) != "LayerNorm"  # T5LayerNorm and the RMSNorms: no mean
     module.__class__ = pruned_norm_class(type(module), rms)
     module.virtual_features = virtual
     if hasattr(module, "normalized_shape"):
@@ -140,18 +148,38 @@ def shrink_norm(module: nn.Module, keep: torch.Tensor, cache: ParamCache) -> Cha
     return {"op": "norm", "size": len(keep), "virtual": virtual}
 
 
-def set_head_count(module: nn.Module, old_heads: int, new_heads: int, head_dim: int) -> Change:
-    """Update the head-count attributes an attention forward reads (names vary by family)."""
-    attrs = {}
-    for name in names.HEAD_ATTRS:
-        if getattr(module, name, None) == old_heads:
-            attrs[name] = new_heads
-    for name in names.HEAD_WIDTH_ATTRS:
-        if getattr(module, name, None) == old_heads * head_dim:
-            attrs[name] = new_heads * head_dim
-    for name, value in attrs.items():
-        setattr(module, name, value)
-    return {"op": "heads", "attrs": attrs}
+def set_head_count(module: nn.Module, site, new_heads: int, new_kv_heads: int) -> Change:
+    """Update the head counts an attention forward reads (attribute names vary by family):
+    query heads, key/value heads, the group size, heads x head size. A forward that reads
+    them from the model config (Phi-3) gets a config of its own, so layers may differ."""
+    old_h, old_kv, d = site.num_heads, site.num_kv_heads, site.head_dim
+    wanted = {}
+    for attr in names.HEAD_ATTRS:
+        wanted[attr] = (old_h, new_heads)
+    for attr in names.KV_HEAD_ATTRS:
+        wanted[attr] = (old_kv, new_kv_heads)
+    for attr in names.KV_GROUP_ATTRS:
+        wanted[attr] = (old_h // old_kv, new_heads // new_kv_heads)
+    for attr in names.HEAD_WIDTH_ATTRS:
+        wanted[attr] = (old_h * d, new_heads * d)
+    attrs = {a: new for a, (old, new) in wanted.items() if getattr(module, a, None) == old}
+    for attr, value in attrs.items():
+        setattr(module, attr, value)
+    config_attrs = {}
+    config = getattr(module, "config", None)
+    if config is not None:
+        config_attrs = {a: new for a, (old, new) in wanted.items()
+                        if a in names.HEAD_ATTRS + names.KV_HEAD_ATTRS
+                        and getattr(config, a, None) == old and old != new}
+        if config_attrs:
+            _own_config(module, config_attrs)
+    return {"op": "heads", "attrs": attrs, "config": config_attrs}
+
+
+def _own_config(module: nn.Module, attrs: dict) -> None:
+    module.config = copy.copy(module.config)
+    for attr, value in attrs.items():
+        setattr(module.config, attr, value)
 
 
 # --- replay ---------------------------------------------------------------------------------
@@ -185,6 +213,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
             elif op == "heads":
                 for attr, value in change["attrs"].items():
                     setattr(module, attr, value)
+                if change.get("config"):
+                    _own_config(module, change["config"])
             elif op == "attention_layout":
                 enable_head_layouts(model, {name: change})
             elif op == "t5_heads":

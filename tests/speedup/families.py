@@ -10,6 +10,27 @@ from sparsekernels.arch import find_channel_groups
 from sparsekernels.arch import find_attention
 
 FAMILIES = ["bert", "roberta", "gpt2", "bart", "t5", "vit"]
+# decoder LLMs: grouped-query attention, gated MLPs, RMSNorm, rotary embeddings
+LLM_FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "phi3"]
+
+
+def _llm_config(family: str):
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return tf.LlamaConfig(**common), tf.LlamaForCausalLM
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=8), tf.MistralForCausalLM
+    if family == "qwen2":  # biases on Q, K, V
+        return tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
+    if family == "gemma2":  # head size 32, not 64 / 8; GeGLU; tied embeddings; soft-capping
+        cfg = dict(common, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   sliding_window=8, query_pre_attn_scalar=32)
+        return tf.Gemma2Config(**cfg), tf.Gemma2ForCausalLM
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(**common), tf.Phi3ForCausalLM
+    raise ValueError(family)
 
 
 def build(family: str):
@@ -47,6 +68,10 @@ def build(family: str):
         cfg = tf.ViTConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128,
                            num_hidden_layers=2, image_size=32, patch_size=8, num_labels=5)
         return tf.ViTForImageClassification(cfg).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)}
+    if family in LLM_FAMILIES:
+        cfg, cls = _llm_config(family)
+        cfg._attn_implementation = "eager"
+        return cls(cfg).eval(), {"input_ids": ids, "attention_mask": attn}
     raise ValueError(family)
 
 
@@ -68,24 +93,30 @@ def _add(masks, model, name, param, fn):
 
 
 def head_masks(model, per_block: int = 1, via: str = "all"):
-    """Mask `per_block` random heads of every attention block: Q, K, V rows and O columns
+    """Mask `per_block` random head units of every attention block (a head, or a key/value
+    group with its query heads under grouped-query attention): Q, K, V rows and O columns
     (via="all"), only V rows (via="value") or only O columns (via="output")."""
     masks: dict = {}
     for block in find_attention(model):
-        h, d = block.num_heads, block.head_dim
-        for head in torch.randperm(h)[:per_block].tolist():
-            sl = slice(head * d, (head + 1) * d)
-            thirds = range(3) if block.fused else [0]
-            projs = [] if via == "output" else ([block.q, block.k, block.v] if via == "all" else [block.v])
-            for proj in dict.fromkeys(projs):
-                offsets = ([0, h * d, 2 * h * d] if via == "all" else [2 * h * d]) if block.fused else [0]
-                for off in offsets:
-                    rows = slice(off + sl.start, off + sl.stop)
-                    _add(masks, model, proj, "weight", lambda w: w[rows].zero_())
-                    if layers.has_bias(model.get_submodule(proj)):
-                        _add(masks, model, proj, "bias", lambda b: b[rows].zero_())
-            if via in ("all", "output"):
-                _add(masks, model, block.o, "weight", lambda w: w[:, sl].zero_())
+        members = block.head_members()
+        units = members[0][2].shape[0]
+        for unit in torch.randperm(units)[:per_block].tolist():
+            for name, dim, index in members:
+                idx = index[unit]
+                if dim == 1:  # O columns
+                    if via in ("all", "output"):
+                        _add(masks, model, name, "weight", lambda w: w.index_fill_(1, idx, 0))
+                    continue
+                if via == "output":
+                    continue
+                if via == "value":  # only the V rows of this module
+                    v_rows = block.rows("v")[unit]
+                    idx = idx[torch.isin(idx, v_rows.reshape(-1))]
+                    if name != block.v or idx.numel() == 0:
+                        continue
+                _add(masks, model, name, "weight", lambda w: w.index_fill_(0, idx, 0))
+                if layers.has_bias(model.get_submodule(name)):
+                    _add(masks, model, name, "bias", lambda b: b.index_fill_(0, idx, 0))
     return masks
 
 

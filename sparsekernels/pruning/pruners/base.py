@@ -13,6 +13,8 @@ dependency tracing) is checked in ``__init__``, before the model is touched.
 
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 from dataclasses import replace
@@ -35,6 +37,27 @@ from sparsekernels.formats.masks import (
 from sparsekernels.pruning.wrapper import MaskHandle, apply_masks_
 
 PoolPlan = list[tuple[Pool, PruningConfig]]
+
+
+def _head_pools(block, config: PruningConfig, modules) -> list[Pool]:
+    """Head units of one attention block. "head": one pool whose units are heads, or under
+    grouped-query attention key/value groups with their query heads (K, V, their cache and
+    the Q rows and O columns that read them go together, and every layer stays a standard
+    grouped-query layout: the default). "query_head": the same number of query heads in
+    every group (one pool per group; K and V stay)."""
+    def member(m, d, idx):
+        return ChannelMember(m, d, idx, layers.canonical_shape(modules[m]))
+
+    if config.granularity == "head" or block.group_size == 1:
+        return [ChannelPool(tuple(member(*m) for m in block.head_members()))]
+    if config.is_global:
+        raise ConfigError(f"config_list[{config.index}]: granularity 'query_head' prunes the "
+                          "same number of query heads in every key/value group, so it takes "
+                          "'sparsity', not 'total_sparsity'")
+    r = block.group_size
+    return [ChannelPool(tuple(member(m, d, idx[g * r:(g + 1) * r])
+                              for m, d, idx in block.query_head_members()))
+            for g in range(block.num_kv_heads)]
 
 
 class Pruner:
@@ -85,6 +108,16 @@ class Pruner:
     def _modules(self) -> dict[str, torch.nn.Module]:
         return dict(self.model.named_modules())
 
+    @functools.cached_property
+    def _rotary_qk(self) -> set[str]:
+        """Query and key projections whose output dims rotary embeddings rotate in pairs."""
+        return {n for site in find_attention(self.model) if site.rotary_dims
+                for n in (site.q, site.k)}
+
+    def _splits_rotary_heads(self, name: str, granularity: str) -> bool:
+        """Output-channel pruning of a rotary query or key projection (single head dims)."""
+        return granularity == "out_channel" and name in self._rotary_qk
+
     def _build_plan(self) -> PoolPlan:
         modules = self._modules()
         plan: PoolPlan = []
@@ -105,16 +138,22 @@ class Pruner:
                 if reason:
                     raise ConfigError(f"config_list[{config.index}]: {name!r}: {reason}")
                 plan.append((BlockPool(name, shape, config.block_size), config))
-            elif g == "head":
+            elif g in ("head", "query_head"):
                 if blocks is None:
                     blocks = find_attention(self.model)
                 owner = next((b for b in blocks if name in b.projections), None)
                 if owner is None:
                     raise ConfigError(
-                        f"config_list[{config.index}]: granularity 'head' selected {name!r}, "
+                        f"config_list[{config.index}]: granularity {g!r} selected {name!r}, "
                         "which is not a Q/K/V/output projection of an attention block; "
                         "narrow the selection (e.g. op_names_re) to attention projections")
                 heads.setdefault(owner.name, []).append((name, config))
+            elif self._splits_rotary_heads(name, g):
+                raise ConfigError(
+                    f"config_list[{config.index}]: granularity {g!r} on {name!r} would prune "
+                    "single dimensions of attention heads, but rotary position embeddings rotate "
+                    "a head's dimensions in pairs: prune whole heads (granularity 'head') or "
+                    "leave the query and key projections out of this entry")
             elif self.mode == "dependency_aware":
                 channel[name] = config
             else:
@@ -124,16 +163,14 @@ class Pruner:
             chosen = heads.get(block.name)
             if not chosen:
                 continue
-            amounts = {(c.amount, c.is_global) for _, c in chosen}
+            amounts = {(c.amount, c.is_global, c.granularity) for _, c in chosen}
             if len(amounts) > 1:
                 raise ConfigError(
                     f"config_list[{chosen[-1][1].index}]: the projections of attention block "
-                    f"{block.name!r} get different amounts {sorted(amounts)}; heads span Q, K, "
-                    "V and the output projection, so give them one entry")
-            members = tuple(
-                ChannelMember(m, d, idx, layers.canonical_shape(modules[m]))
-                for m, d, idx in block.head_members())
-            plan.append((ChannelPool(members), chosen[-1][1]))
+                    f"{block.name!r} get different amounts or granularities {sorted(amounts)}; "
+                    "heads span Q, K, V and the output projection, so give them one entry")
+            config = chosen[-1][1]
+            plan.extend((pool, config) for pool in _head_pools(block, config, modules))
         if channel:
             plan.extend(dependency_plan(self.model, channel, self.dummy_input))
         return plan

@@ -48,7 +48,7 @@ class FPGMPruner(Pruner):
     Needs units with more than one value: every granularity except ``"fine"``.
     """
 
-    granularities = ("out_channel", "in_channel", "block", "head")
+    granularities = ("out_channel", "in_channel", "block", "head", "query_head")
     reduce = "fpgm"
 
     def _element_scores(self, name, module):
