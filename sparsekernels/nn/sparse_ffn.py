@@ -20,6 +20,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparsekernels.nn.quantized_sparse_linear import (
+    FusedQuantizedFFNInput,
+    FusedQuantizedFFNOutput,
+    QuantizedSparseLinear,
+)
 from sparsekernels.nn.sparse_linear import SparseLinear
 from sparsekernels.ops.bsr_ffn import activate, check_activation
 
@@ -115,6 +120,11 @@ class _Fused:
     act: object  # the model's activation module, replaced by an identity
 
 
+# unfused layer class -> (fused first layer, fused second layer)
+_FUSED_CLASSES = {SparseLinear: (FusedFFNInput, FusedFFNOutput),
+                  QuantizedSparseLinear: (FusedQuantizedFFNInput, FusedQuantizedFFNOutput)}
+
+
 # transformers' activation modules (4.x and 5.x names) -> bsr_ffn's activation names
 _ACTIVATION_CLASSES = {
     "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",
@@ -187,12 +197,14 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
             report[site.name] = "left as is: a gated FFN (two first layers) has no fused kernel"
             continue
         fc1, fc2, act = getattr(*site.fc1), getattr(*site.fc2), getattr(*site.act)
-        if isinstance(fc1, FusedFFNInput):
+        if isinstance(fc1, (FusedFFNInput, FusedQuantizedFFNInput)):
             report[site.name] = "already fused"
             continue
-        if not (type(fc1) is SparseLinear and type(fc2) is SparseLinear):
+        fused_classes = _FUSED_CLASSES.get(type(fc1)) if type(fc1) is type(fc2) else None
+        if fused_classes is None:
             report[site.name] = (f"left as is: layers are {type(fc1).__name__} and "
-                                 f"{type(fc2).__name__} (both must be SparseLinear)")
+                                 f"{type(fc2).__name__} (both must be SparseLinear, or both "
+                                 "QuantizedSparseLinear)")
             continue
         if fc1.backend != fc2.backend:
             report[site.name] = (f"left as is: the layers' backends differ ({fc1.backend.value}, "
@@ -206,10 +218,10 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
             report[site.name] = ("left as is: the layers' widths do not chain, or the "
                                  "intermediate is as wide as the output")
             continue
-        plan.append((site, fc1, fc2, act, name))
-    for site, fc1, fc2, act, name in plan:  # every check passed: now mutate
+        plan.append((site, fc1, fc2, act, name, fused_classes))
+    for site, fc1, fc2, act, name, fused_classes in plan:  # every check passed: now mutate
         fc1.__dict__["_ffn"] = _Fused(site, fc2, name, act)
-        fc1.__class__, fc2.__class__ = FusedFFNInput, FusedFFNOutput
+        fc1.__class__, fc2.__class__ = fused_classes
         setattr(site.act[0], site.act[1], nn.Identity())
         report[site.name] = f"fused ({name})"
     return report
@@ -219,9 +231,10 @@ def unfuse_ffn_(model: nn.Module) -> int:
     """Undo fuse_ffn_: the layers become plain SparseLinear again. Returns how many FFNs."""
     count = 0
     for module in list(model.modules()):
-        if isinstance(module, FusedFFNInput):
+        if isinstance(module, (FusedFFNInput, FusedQuantizedFFNInput)):
             state = module.__dict__.pop("_ffn")
             setattr(*state.site.act, state.act)
-            module.__class__, state.fc2.__class__ = SparseLinear, SparseLinear
+            base = type(module).__bases__[0]  # SparseLinear or QuantizedSparseLinear
+            module.__class__, state.fc2.__class__ = base, base
             count += 1
     return count

@@ -12,8 +12,10 @@ import importlib.util
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_linear import bsr_linear
 from sparsekernels.ops.bsr_ffn import bsr_ffn
+from sparsekernels.ops.bsr_linear_int8 import bsr_linear_int8
+from sparsekernels.ops.bsr_ffn_int8 import bsr_ffn_int8
 
-__all__ = ["Backend", "bsr_ffn", "bsr_linear"]
+__all__ = ["Backend", "bsr_ffn", "bsr_ffn_int8", "bsr_linear", "bsr_linear_int8"]
 
 if importlib.util.find_spec("sparsekernels.ops.block_sparse_attention") is not None:
     from sparsekernels.ops.block_sparse_attention import block_sparse_attention
