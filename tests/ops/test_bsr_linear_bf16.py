@@ -67,8 +67,8 @@ def test_packing_follows_the_cpu(isa):
     w = weight(64, 96)
     packed = pack(w.values)
     if isa == "native":  # k in pairs for vdpbf16ps
-        assert packed.shape == (w.nnz_blocks, 48, 32, 2) and packed.dtype == torch.bfloat16
-        assert torch.equal(packed, w.values.reshape(-1, 32, 48, 2).permute(0, 2, 1, 3))
+        assert packed.shape == (w.nnz_blocks, 16, 32, 2) and packed.dtype == torch.bfloat16
+        assert torch.equal(packed, w.values.reshape(-1, 32, 16, 2).permute(0, 2, 1, 3))
     else:  # the fp32 conversion path's W.T blocks
         assert packed.shape == (w.nnz_blocks, 32, 32) and packed.dtype == torch.float32
 
@@ -76,7 +76,7 @@ def test_packing_follows_the_cpu(isa):
 def test_packed_of_the_other_path_is_refused(isa):
     w = weight(64, 96)
     x = torch.randn(8, 96, dtype=torch.bfloat16)
-    native = w.values.reshape(-1, 32, 48, 2).permute(0, 2, 1, 3).contiguous()
+    native = w.values.reshape(-1, 32, 16, 2).permute(0, 2, 1, 3).contiguous()
     converted = w.values.float().transpose(1, 2).contiguous()
     wrong = converted if isa == "native" else native
     with pytest.raises(RuntimeError, match="packed"):
