@@ -7,7 +7,8 @@ The final model of the quick recipe is resized (dense, smaller); each encoder Li
 shape a block size divides becomes a QuantizedSparseLinear holding its non-zero blocks
 (int8 weights, per-output-channel scales; w8a8 for the evaluation batches, w8 at <= 16
 tokens); the classifier head and any other layer stay fp32. Writes
-bench/results/<device>/recipe_int8.{csv,md}.
+bench/results/<device>/recipe_int8.{csv,md} (recipe_int8_<checkpoint> for another
+checkpoint).
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ def main(argv=None) -> int:
              "encoder Linear as QuantizedSparseLinear (int8 weights, per-channel scales; dynamic "
              "per-token int8 activations); target |int8 - fp32| <= 0.5 point",
              "- eval times are whole passes on a shared machine: not a benchmark"]
-    out = write_results(torch.device("cpu"), "recipe_int8", "The recipe's final model in int8",
+    name = "recipe_int8" if args.checkpoint == "final_model" else f"recipe_int8_{args.checkpoint}"
+    out = write_results(torch.device("cpu"), name, f"The recipe's {args.checkpoint} in int8",
                         rows, notes)
-    print(f"wrote {out}/recipe_int8.csv and .md")
+    print(f"wrote {out}/{name}.csv and .md")
     return 0
 
 

@@ -36,6 +36,7 @@ void ffn_int8(const InT* X, int64_t rows, int64_t k, const Layer& l1, Activation
     // per-thread buffers, reused across calls (no page faults per chunk)
     thread_local std::vector<uint8_t> xq, hq;
     thread_local std::vector<float> xs, h, hs;
+    thread_local std::vector<int32_t> xz, hz;
     if (xq.size() < static_cast<size_t>(mc * k)) xq.resize(mc * k);
     if (h.size() < static_cast<size_t>(mc * n1)) {
       h.resize(mc * n1);
@@ -44,15 +45,21 @@ void ffn_int8(const InT* X, int64_t rows, int64_t k, const Layer& l1, Activation
     if (xs.size() < static_cast<size_t>(mc)) {
       xs.resize(mc);
       hs.resize(mc);
+      xz.resize(mc);
+      hz.resize(mc);
     }
-    for (int64_t r = 0; r < rc; ++r) quantize_row<InT>(X + (t0 + r) * k, k, xq.data() + r * k, &xs[r]);
+    for (int64_t r = 0; r < rc; ++r)
+      quantize_row<InT>(X + (t0 + r) * k, k, xq.data() + r * k, &xs[r], &xz[r]);
     Int8Epilogue e1 = l1.ep, e2 = l2.ep;
     e1.xscale = xs.data();
+    e1.xzero = xz.data();
     e2.xscale = hs.data();
+    e2.xzero = hz.data();
     for (int64_t o = 0; o < l1.s.n_out; ++o)
       block_u8s8<BO1, float>(xq.data(), rc, k, l1.packed, l1.s, o, e1, h.data(), n1);
     activate(h.data(), rc, n1, act);
-    for (int64_t r = 0; r < rc; ++r) quantize_row<float>(h.data() + r * n1, n1, hq.data() + r * n1, &hs[r]);
+    for (int64_t r = 0; r < rc; ++r)
+      quantize_row<float>(h.data() + r * n1, n1, hq.data() + r * n1, &hs[r], &hz[r]);
     for (int64_t o = 0; o < l2.s.n_out; ++o)
       block_u8s8<BO2, OutT>(hq.data(), rc, n1, l2.packed, l2.s, o, e2, out + t0 * n2, n2);
   });
@@ -83,11 +90,11 @@ at::Tensor bsr_ffn_int8_cpu(const at::Tensor& x, const at::Tensor& packed1, cons
   const Layer l1{packed1.data_ptr<int8_t>(),
                  Rows{crow1.data_ptr<int32_t>(), col1.data_ptr<int32_t>(), crow1.numel() - 1, packed1.size(1) * 4},
                  Int8Epilogue{comp1.data_ptr<int32_t>(), scale1.data_ptr<float>(), nullptr,
-                              bb1.defined() ? bb1.data_ptr<float>() : nullptr}};
+                              bb1.defined() ? bb1.data_ptr<float>() : nullptr, nullptr}};
   const Layer l2{packed2.data_ptr<int8_t>(),
                  Rows{crow2.data_ptr<int32_t>(), col2.data_ptr<int32_t>(), crow2.numel() - 1, packed2.size(1) * 4},
                  Int8Epilogue{comp2.data_ptr<int32_t>(), scale2.data_ptr<float>(), nullptr,
-                              bb2.defined() ? bb2.data_ptr<float>() : nullptr}};
+                              bb2.defined() ? bb2.data_ptr<float>() : nullptr, nullptr}};
   // rows per chunk: about half the weight bytes per intermediate row's bytes (bsr_ffn.cpp);
   // an intermediate row is n1 floats and n1 codes
   const int64_t weight_bytes = packed1.numel() + packed2.numel();

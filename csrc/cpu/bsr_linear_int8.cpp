@@ -3,7 +3,8 @@
 //   w8    weight-only: float activations (fp32 or bf16) times int8 weights converted in
 //         registers; for decode (a few tokens), where reading the weights is the cost and
 //         int8 reads a quarter of fp32's bytes;
-//   w8a8  activations quantized per row (dynamic, symmetric) and multiplied in int8 with
+//   w8a8  activations quantized per row (dynamic, affine: u8 codes with a zero point) and
+//         multiplied in int8 with
 //         int32 accumulation (vpdpbusd, four products per lane: four times the fp32 rate),
 //         for prefill and encoders.
 // Both read one packed layout, [nnz, bk/4, bm, 4] (pack below), so a layer caches one copy.
@@ -22,7 +23,8 @@ namespace cpu {
 namespace lowp {
 namespace {
 
-// (packed blocks [nnz, bk/4, bm, 4], comp [N] = 128 * row sums of the stored int8 weights)
+// (packed blocks [nnz, bk/4, bm, 4], comp [N] = row sums of the stored int8 weights: the
+// zero-point compensation, zero[t] * comp[n])
 std::tuple<at::Tensor, at::Tensor> bsr_pack_int8_cpu(const at::Tensor& values,
                                                      const at::Tensor& crow) {
   TORCH_CHECK(values.dim() == 3 && values.scalar_type() == at::kChar && values.device().is_cpu(),
@@ -43,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> bsr_pack_int8_cpu(const at::Tensor& values,
   for (int64_t i = 0; i < nbr; ++i) {
     TORCH_CHECK(c[i] <= c[i + 1], "sparsekernels: crow_indices decrease at ", i);
     for (int32_t e = c[i]; e < c[i + 1]; ++e)
-      for (int64_t n = 0; n < bm; ++n) cp[i * bm + n] += 128 * sp[e * bm + n];
+      for (int64_t n = 0; n < bm; ++n) cp[i * bm + n] += sp[e * bm + n];
   }
   return {packed, comp};
 }
@@ -104,20 +106,22 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed,
   const int8_t* pp = packed.data_ptr<int8_t>();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   Int8Epilogue ep{comp.data_ptr<int32_t>(), scale.data_ptr<float>(), nullptr,
-                  b.defined() ? b.data_ptr<float>() : nullptr};
+                  b.defined() ? b.data_ptr<float>() : nullptr, nullptr};
   if (scheme == "w8a8") {
     const at::Tensor xc = x.contiguous();
     at::Tensor q = at::empty({rows, k}, x.options().dtype(at::kByte));
     at::Tensor xs = at::empty({rows}, x.options().dtype(at::kFloat));
+    at::Tensor xz = at::empty({rows}, x.options().dtype(at::kInt));
     uint8_t* qp = q.data_ptr<uint8_t>();
     float* sp = xs.data_ptr<float>();
+    int32_t* zp = xz.data_ptr<int32_t>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         if (bf16) {
           quantize_row<uint16_t>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + r * k,
-                                 k, qp + r * k, sp + r);
+                                 k, qp + r * k, sp + r, zp + r);
         } else {
-          quantize_row<float>(xc.data_ptr<float>() + r * k, k, qp + r * k, sp + r);
+          quantize_row<float>(xc.data_ptr<float>() + r * k, k, qp + r * k, sp + r, zp + r);
         }
       }
     });
@@ -130,6 +134,7 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed,
         for_items(rows, mc, nbr, [&](int64_t t0, int64_t t1, int64_t o) {
           Int8Epilogue e = ep;
           e.xscale = sp + t0;
+          e.xzero = zp + t0;
           block_u8s8<BO, OutT>(qp + t0 * k, t1 - t0, k, pp, s, o, e, op + t0 * n, n);
         });
       };

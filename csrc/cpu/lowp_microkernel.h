@@ -230,29 +230,38 @@ inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
 }
 
 // ============================================================================================
-// int8: activations quantized per row (u8 = round(x * 127 / max|x|) + 128), weights int8
+// int8: activations quantized per row to unsigned codes with a zero point (affine), weights
+// int8 symmetric per output channel
 // ============================================================================================
-// The +128 shift makes activations unsigned for vpdpbusd (u8 x s8); sum_k (q + 128) w
-// = sum_k q w + 128 sum_k w, so each output column subtracts comp[n] = 128 * sum_k w[n, k],
-// computed once from the weights (packing).
+// A row's codes: u8 = clamp(round(x * inv) + zero, 0, 255) over [lo, hi] = [min(x, 0),
+// max(x, 0)], scale = (hi - lo) / 255, inv = 255 / (hi - lo), zero = round(-lo * inv): x is
+// about scale * (u8 - zero), and 0 is a code. Unsigned codes are what vpdpbusd (u8 x s8)
+// takes; sum_k (u8 - zero) w = sum_k u8 w - zero * sum_k w, so each output subtracts
+// zero[t] * wsum[n], with wsum[n] = sum_k w[n, k] computed once from the weights (packing).
+// (A symmetric code is the case zero = 128; the affine one spends all 256 codes on the row's
+// range, which halves the step for one-signed rows such as the FFN's GELU output.)
+inline void row_params(float lo, float hi, float* scale, float* inv, int32_t* zero) {
+  const float range = hi - lo;
+  *scale = range / 255.0f;
+  *inv = range > 0.f ? 255.0f / range : 0.f;
+  *zero = static_cast<int32_t>(std::nearbyint(-lo * *inv));
+}
 
-// A row's scale: max|x| / 127, and the multiplier 127 / max|x| (0 for an all-zero row,
-// whose codes are then all 128: zero).
-inline void row_scale(float amax, float* scale, float* inv) {
-  *scale = amax / 127.0f;
-  *inv = amax > 0.f ? 127.0f / amax : 0.f;
+inline uint8_t code(float x, float inv, int32_t zero) {
+  const float v = std::nearbyint(x * inv) + static_cast<float>(zero);
+  return static_cast<uint8_t>(std::min(255.f, std::max(0.f, v)));
 }
 
 template <typename T>
-void quantize_row_generic(const T* x, int64_t k, uint8_t* q, float* scale) {
-  float amax = 0.f;
-  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(load_float<T>(x + i)));
-  float inv;
-  row_scale(amax, scale, &inv);
+void quantize_row_generic(const T* x, int64_t k, uint8_t* q, float* scale, int32_t* zero) {
+  float lo = 0.f, hi = 0.f;
   for (int64_t i = 0; i < k; ++i) {
-    const float v = std::nearbyint(load_float<T>(x + i) * inv);
-    q[i] = static_cast<uint8_t>(static_cast<int32_t>(std::min(127.f, std::max(-127.f, v))) + 128);
+    lo = std::min(lo, load_float<T>(x + i));
+    hi = std::max(hi, load_float<T>(x + i));
   }
+  float inv;
+  row_params(lo, hi, scale, &inv, zero);
+  for (int64_t i = 0; i < k; ++i) q[i] = code(load_float<T>(x + i), inv, *zero);
 }
 
 #ifdef SK_LOWP_X86
@@ -263,42 +272,49 @@ SK_TARGET_VNNI inline __m512 load16f(const uint16_t* p) {
 }
 
 template <typename T>
-SK_TARGET_VNNI void quantize_row_avx512(const T* x, int64_t k, uint8_t* q, float* scale) {
-  __m512 vmax = _mm512_setzero_ps();
+SK_TARGET_VNNI void quantize_row_avx512(const T* x, int64_t k, uint8_t* q, float* scale,
+                                        int32_t* zero) {
+  __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16f(x + i)));
-  float amax = _mm512_reduce_max_ps(vmax);
-  for (; i < k; ++i) amax = std::max(amax, std::fabs(load_float<T>(x + i)));
+  for (; i + 16 <= k; i += 16) {
+    const __m512 v = load16f(x + i);
+    vlo = _mm512_min_ps(vlo, v);
+    vhi = _mm512_max_ps(vhi, v);
+  }
+  float lo = _mm512_reduce_min_ps(vlo), hi = _mm512_reduce_max_ps(vhi);
+  for (; i < k; ++i) {
+    lo = std::min(lo, load_float<T>(x + i));
+    hi = std::max(hi, load_float<T>(x + i));
+  }
   float inv;
-  row_scale(amax, scale, &inv);
+  row_params(lo, hi, scale, &inv, zero);
   const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);
+  const __m512i z = _mm512_set1_epi32(*zero), cmin = _mm512_setzero_si512(),
+                cmax = _mm512_set1_epi32(255);
   for (i = 0; i + 16 <= k; i += 16) {
-    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16f(x + i), vinv));  // nearest even
-    v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, lo), hi), off);
+    __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load16f(x + i), vinv)), z);
+    v = _mm512_min_epi32(_mm512_max_epi32(v, cmin), cmax);  // round: nearest even (MXCSR)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(v));
   }
-  for (; i < k; ++i) {
-    const float v = std::nearbyint(load_float<T>(x + i) * inv);
-    q[i] = static_cast<uint8_t>(static_cast<int32_t>(std::min(127.f, std::max(-127.f, v))) + 128);
-  }
+  for (; i < k; ++i) q[i] = code(load_float<T>(x + i), inv, *zero);
 }
 #endif
 
 template <typename T>
-inline void quantize_row(const T* x, int64_t k, uint8_t* q, float* scale) {
+inline void quantize_row(const T* x, int64_t k, uint8_t* q, float* scale, int32_t* zero) {
 #ifdef SK_LOWP_X86
-  if (use_vnni()) return quantize_row_avx512<T>(x, k, q, scale);
+  if (use_vnni()) return quantize_row_avx512<T>(x, k, q, scale, zero);
 #endif
-  quantize_row_generic<T>(x, k, q, scale);
+  quantize_row_generic<T>(x, k, q, scale, zero);
 }
 
 // What the int8 epilogue needs per output column and per row.
 struct Int8Epilogue {
-  const int32_t* comp;   // [N] 128 * sum_k w (W8A8 only)
+  const int32_t* wsum;   // [N] sum_k w (W8A8 only)
   const float* wscale;   // [N] weight scales
   const float* xscale;   // [rows] activation scales (W8A8 only), indexed from the chunk's row 0
   const float* bias;     // [N] or null
+  const int32_t* xzero;  // [rows] activation zero points (W8A8 only), as xscale
 };
 
 #ifdef SK_LOWP_X86
@@ -313,11 +329,13 @@ SK_TARGET_VNNI inline void store16v(uint16_t* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
 }
 
-// W8A8, one register tile (see tile_bf16): out = (acc - comp) * xscale[row] * wscale + bias
+// W8A8, one register tile (see tile_bf16):
+// out = (acc - xzero[row] * wsum) * xscale[row] * wscale + bias
 template <int BO, int MR, bool FULL, typename OutT>
 SK_TARGET_VNNI inline void tile_u8s8(int mr, const uint8_t* A, int64_t lda, const int8_t* blocks,
                                      const Rows& s, int64_t o, const Int8Epilogue& ep,
-                                     const float* xscale, OutT* c, int64_t ldo) {
+                                     const float* xscale, const int32_t* xzero, OutT* c,
+                                     int64_t ldo) {
   constexpr int NV = BO / 16;
   const int rows = FULL ? MR : mr;
   __m512i acc[MR][NV];
@@ -341,11 +359,12 @@ SK_TARGET_VNNI inline void tile_u8s8(int mr, const uint8_t* A, int64_t lda, cons
     }
   }
   for (int j = 0; j < NV; ++j) {
-    const __m512i comp = _mm512_loadu_si512(static_cast<const void*>(ep.comp + o * BO + j * 16));
+    const __m512i wsum = _mm512_loadu_si512(static_cast<const void*>(ep.wsum + o * BO + j * 16));
     const __m512 ws = _mm512_loadu_ps(ep.wscale + o * BO + j * 16);
     const __m512 bias = ep.bias ? _mm512_loadu_ps(ep.bias + o * BO + j * 16) : _mm512_setzero_ps();
     for (int r = 0; r < rows; ++r) {
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], comp));
+      const __m512i zw = _mm512_mullo_epi32(_mm512_set1_epi32(xzero[r]), wsum);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], zw));
       store16v(c + r * ldo + j * 16, _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_set1_ps(xscale[r]), ws), bias));
     }
   }
@@ -359,10 +378,10 @@ SK_TARGET_VNNI void block_u8s8_avx512(const uint8_t* A, int64_t rows, int64_t ld
   int64_t t = 0;
   for (; t + MR <= rows; t += MR)
     tile_u8s8<BO, MR, true, OutT>(MR, A + t * lda, lda, blocks, s, o, ep, ep.xscale + t,
-                                  out + t * ldo + o * BO, ldo);
+                                  ep.xzero + t, out + t * ldo + o * BO, ldo);
   if (t < rows)
     tile_u8s8<BO, MR, false, OutT>(static_cast<int>(rows - t), A + t * lda, lda, blocks, s, o, ep,
-                                   ep.xscale + t, out + t * ldo + o * BO, ldo);
+                                   ep.xscale + t, ep.xzero + t, out + t * ldo + o * BO, ldo);
 }
 
 // W8 (weight-only): float rows times int8 weights, dequantized in registers. The packed
@@ -448,7 +467,7 @@ void block_u8s8_generic(const uint8_t* A, int64_t rows, int64_t lda, const int8_
     }
     for (int n = 0; n < BO; ++n) {
       const int64_t c = o * BO + n;
-      const float v = static_cast<float>(acc[n] - ep.comp[c]) * (ep.xscale[t] * ep.wscale[c]) +
+      const float v = static_cast<float>(acc[n] - ep.xzero[t] * ep.wsum[c]) * (ep.xscale[t] * ep.wscale[c]) +
                       (ep.bias ? ep.bias[c] : 0.f);
       store_float<OutT>(out + t * ldo + c, v);
     }

@@ -4,10 +4,12 @@
 
 Two kernels (csrc/cpu/bsr_linear_int8.cpp), chosen per call by precision.int8_scheme:
   w8    weight-only: x stays fp32 / bf16, the int8 weights are converted in registers (decode);
-  w8a8  x quantized per token at run time (symmetric), int8 x int8 with int32 sums (prefill).
-The CPU kernels read the blocks packed once ([nnz, bk/4, bm, 4] plus a per-column
-compensation for the unsigned activations); callers cache `pack(...)`, or the op packs per
-call. Off the CPU (or without the extension) the reference runs the same math in torch.
+  w8a8  x quantized per token at run time (unsigned codes with a zero point), int8 x int8
+        with int32 sums (prefill).
+The CPU kernels read the blocks packed once ([nnz, bk/4, bm, 4] plus the per-column weight
+sums that the zero points need, `comp`); callers cache `pack(...)`, or the op packs per call.
+Quantization rules and the worst-case error bound: ops/reference/bsr_linear_int8.py and
+tests/ops/test_bsr_linear_int8.py. Off the CPU (or without the extension) the reference runs the same math in torch.
 The output has x's dtype; there is no autograd formula (quantized layers do not train).
 """
 

@@ -3,11 +3,14 @@ kernels (pure torch, float64 sums).
 
 Weights: symmetric, one scale per output channel over its stored blocks,
     scale[n] = max|w[n, :]| / 127,   q = round(w / scale[n]) in [-127, 127].
-Activations (w8a8): symmetric, one scale per row (token), computed at run time,
-    s[t] = max|x[t, :]| / 127,       xq = round(x * (127 / max|x[t, :]|)) in [-127, 127],
-in float32 with round-half-to-even, exactly as the kernels compute it.
+Activations (w8a8): one affine code per row (token), computed at run time, over the row's
+range including zero, [lo, hi] = [min(x_t, 0), max(x_t, 0)]:
+    s[t] = (hi - lo) / 255,  z[t] = round(-lo * 255 / (hi - lo)),
+    u8 = clamp(round(x * 255 / (hi - lo)) + z[t], 0, 255),   x ~ s[t] * (u8 - z[t]),
+in float32 with round-half-to-even, exactly as the kernels compute it (the kernels take the
+unsigned codes and subtract z[t] * sum_k w[n, k]).
 Outputs: w8   y = (x @ q.T) * scale + bias
-         w8a8 y = (xq @ q.T) * s[t] * scale + bias   (the integer sums are exact)
+         w8a8 y = ((u8 - z) @ q.T) * s[t] * scale + bias   (the integer sums are exact)
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 
 from sparsekernels.ops.reference.bsr_linear import bsr_to_dense
 
-QMAX = 127
+QMAX = 127  # weights: symmetric int8
+CODES = 255  # activations: unsigned codes 0..255 with a zero point
 
 
 def quantize_blocks(values: torch.Tensor, row_indices: torch.Tensor, n_block_rows: int):
@@ -43,15 +47,20 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, row_indices: torch.T
 
 
 def quantize_rows(x: torch.Tensor):
-    """Rows [T, K] -> (codes as float32 in [-127, 127], float32 scales [T]); float32 math,
-    bit for bit what the kernels compute."""
+    """Rows [T, K] -> (codes minus zero point, as float32 in [-255, 255], float32 scales [T]);
+    float32 math, bit for bit what the kernels compute."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1) if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])
+    zero = xf.new_zeros(xf.shape[:-1])
+    lo = torch.minimum(xf.amin(dim=-1), zero) if xf.shape[-1] else zero
+    hi = torch.maximum(xf.amax(dim=-1), zero) if xf.shape[-1] else zero
+    rng = hi - lo
     # tensor / tensor: ATen divides a tensor by a Python number through its reciprocal
-    scale = amax / torch.full_like(amax, float(QMAX))
-    inv = torch.where(amax > 0, torch.full_like(amax, float(QMAX)) / amax, torch.zeros_like(amax))
-    codes = torch.round(xf * inv[..., None]).clamp_(-QMAX, QMAX)
-    return codes, scale
+    full = torch.full_like(rng, float(CODES))
+    scale = rng / full
+    inv = torch.where(rng > 0, full / torch.where(rng > 0, rng, full), torch.zeros_like(rng))
+    z = torch.round(-lo * inv)
+    codes = (torch.round(xf * inv[..., None]) + z[..., None]).clamp_(0, CODES)
+    return codes - z[..., None], scale
 
 
 def bsr_linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
