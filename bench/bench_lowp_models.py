@@ -75,10 +75,19 @@ def ort_runner(model, dummy, threads, workdir: Path):
     path = workdir / "bert.onnx"
     try:
         names = list(dummy)
+
+        class Positional(nn.Module):  # the exporter passes tensors by position
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, *tensors):
+                return self.model(**dict(zip(names, tensors)))[0]
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (dict(dummy),), str(path), input_names=names,
-                              dynamo=False, opset_version=17)
+            torch.onnx.export(Positional().eval(), tuple(dummy.values()), str(path),
+                              input_names=names, dynamo=False, opset_version=17)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
