@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it; resolved lazily by __getattr__
 _EXPORTS = {
     "BlockSparseTensor": "sparsekernels.formats.block_sparse",
+    "QuantizedSparseLinear": "sparsekernels.nn.quantized_sparse_linear",
     "SparseFFN": "sparsekernels.nn.sparse_ffn",
     "SparseLinear": "sparsekernels.nn.sparse_linear",
     "fuse_ffn_": "sparsekernels.nn.sparse_ffn",

@@ -19,6 +19,7 @@
 
 #include "dsd.h"
 #include "glue.h"
+#include "lowp.h"
 
 namespace sparsekernels {
 namespace cpu {
@@ -115,6 +116,9 @@ at::Tensor bsr_ffn_cpu(const at::Tensor& x, const at::Tensor& values1, const at:
               " is not a multiple of W1's block width ", bk1);
   TORCH_CHECK(hidden == n1 && n1 % bk2 == 0, "sparsekernels: W1 has ", n1,
               " outputs but W2 reads ", hidden, " inputs in blocks of ", bk2);
+  if (lowp::bf16_native(x, values1) && lowp::bf16_native_values(values2))  // bsr_ffn_bf16.cpp
+    return lowp::bsr_ffn_bf16(x, values1, crow1, col1, bias1, values2, crow2, col2, bias2,
+                              activation, packed1, packed2);
   const auto ct = compute_type(x.scalar_type());
   const at::Tensor xc = x.scalar_type() == ct ? x : x.to(ct);
   at::Tensor bb1, bb2;

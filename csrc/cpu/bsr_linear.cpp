@@ -14,6 +14,7 @@
 
 #include "dsd.h"
 #include "glue.h"
+#include "lowp.h"
 #include "microkernel.h"
 
 namespace sparsekernels {
@@ -95,6 +96,8 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t n = (crow_indices.numel() - 1) * bm;
   TORCH_CHECK(x.size(1) % bk == 0, "sparsekernels: input width ", x.size(1),
               " is not a multiple of the block width ", bk);
+  if (lowp::bf16_native(x, values))  // AVX-512 BF16 (bsr_linear_bf16.cpp)
+    return lowp::bsr_linear_bf16(x, values, crow_indices, col_indices, bias, packed_in);
   const auto ct = compute_type(x.scalar_type());
   const at::Tensor xc = x.scalar_type() == ct ? x : x.to(ct);
   at::Tensor b;
@@ -132,6 +135,7 @@ at::Tensor bsr_pack_cpu(const at::Tensor& values) {
   TORCH_CHECK(values.dim() == 3 && values.device().is_cpu(),
               "sparsekernels: values must be [nnz, bm, bk] on the CPU, got ", values.sizes(),
               " on ", values.device());
+  if (lowp::bf16_native_values(values)) return lowp::pack_bf16(values);
   return packed_blocks(values, compute_type(values.scalar_type()), std::nullopt);
 }
 

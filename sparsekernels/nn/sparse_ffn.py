@@ -20,6 +20,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparsekernels.nn.quantized_sparse_linear import (
+    FusedQuantizedFFNInput,
+    FusedQuantizedFFNOutput,
+    QuantizedSparseLinear,
+)
 from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_ffn import activate, check_activation
@@ -118,6 +123,11 @@ class _Fused:
     dropout_p: Callable[[], float]
 
 
+# unfused layer class -> (fused first layer, fused second layer)
+_FUSED_CLASSES = {SparseLinear: (FusedFFNInput, FusedFFNOutput),
+                  QuantizedSparseLinear: (FusedQuantizedFFNInput, FusedQuantizedFFNOutput)}
+
+
 def fuse_ffn_(model: nn.Module) -> dict[str, str]:
     """Fuse every FFN of `model` whose two layers are SparseLinear, in place.
 
@@ -138,12 +148,14 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
         act_slot = (model.get_submodule(site.act[0]), site.act[1])
         fc1, fc2, act = (model.get_submodule(site.up), model.get_submodule(site.down),
                          getattr(*act_slot))
-        if isinstance(fc1, FusedFFNInput):
+        if isinstance(fc1, (FusedFFNInput, FusedQuantizedFFNInput)):
             report[site.name] = "already fused"
             continue
-        if not (type(fc1) is SparseLinear and type(fc2) is SparseLinear):
+        fused_classes = _FUSED_CLASSES.get(type(fc1)) if type(fc1) is type(fc2) else None
+        if fused_classes is None:
             report[site.name] = (f"left as is: layers are {type(fc1).__name__} and "
-                                 f"{type(fc2).__name__} (both must be SparseLinear)")
+                                 f"{type(fc2).__name__} (both must be SparseLinear, or both "
+                                 "QuantizedSparseLinear)")
             continue
         if fc1.backend != fc2.backend:
             report[site.name] = (f"left as is: the layers' backends differ ({fc1.backend.value}, "
@@ -157,11 +169,11 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
             report[site.name] = ("left as is: the layers' widths do not chain, or the "
                                  "intermediate is as wide as the output")
             continue
-        plan.append((site, act_slot, fc1, fc2, act, name))
-    for site, act_slot, fc1, fc2, act, name in plan:  # every check passed: now mutate
+        plan.append((site, act_slot, fc1, fc2, act, name, fused_classes))
+    for site, act_slot, fc1, fc2, act, name, fused_classes in plan:  # checks passed: mutate
         fc1.__dict__["_ffn"] = _Fused(site.name, fc2, name, act_slot, act,
                                       lambda site=site: site.dropout_p(model))
-        fc1.__class__, fc2.__class__ = FusedFFNInput, FusedFFNOutput
+        fc1.__class__, fc2.__class__ = fused_classes
         setattr(*act_slot, nn.Identity())
         report[site.name] = f"fused ({name})"
     return report
@@ -171,9 +183,10 @@ def unfuse_ffn_(model: nn.Module) -> int:
     """Undo fuse_ffn_: the layers become plain SparseLinear again. Returns how many FFNs."""
     count = 0
     for module in list(model.modules()):
-        if isinstance(module, FusedFFNInput):
+        if isinstance(module, (FusedFFNInput, FusedQuantizedFFNInput)):
             state = module.__dict__.pop("_ffn")
             setattr(*state.act_slot, state.act)
-            module.__class__, state.fc2.__class__ = SparseLinear, SparseLinear
+            base = type(module).__bases__[0]  # SparseLinear or QuantizedSparseLinear
+            module.__class__, state.fc2.__class__ = base, base
             count += 1
     return count

@@ -264,15 +264,22 @@ class SparseLinear(nn.Module):
 
 def sparsify_(model: nn.Module, block_size=(32, 32), sparsity: float | None = None,
               filter_fn: Callable[[nn.Module, str], bool] | None = None,
-              backend: "Backend | str" = "auto") -> nn.Module:
+              backend: "Backend | str" = "auto", dtype=None) -> nn.Module:
     """Replace nn.Linear modules of `model` by SparseLinear, in place; returns the model.
 
     filter_fn(module, fqn) chooses the layers (default: every nn.Linear whose shape the block
     size divides; others are left dense with a warning). A layer chosen by filter_fn that the
     block size does not divide is an error, raised before any layer is replaced.
+    dtype: None / torch.float32 (as is), torch.bfloat16 (the model is cast to bf16 and the
+    sparse layers run the bf16 kernels) or "int8" / torch.int8 (the new layers become
+    QuantizedSparseLinear: int8 weights, activations in the model's dtype); see
+    sparsekernels.nn.quantized_sparse_linear.apply_dtype_.
     """
+    from sparsekernels.ops.precision import parse_dtype
+
     bm, bk = check_block_size(block_size)
     Backend.parse(backend)
+    parse_dtype(dtype)  # validate before mutating
     if sparsity is not None and not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     chosen, skipped = [], []
@@ -299,4 +306,8 @@ def sparsify_(model: nn.Module, block_size=(32, 32), sparsity: float | None = No
         linear = getattr(parent, child)
         setattr(parent, child, SparseLinear.from_linear(linear, (bm, bk), sparsity=sparsity,
                                                         backend=backend))
+    if dtype is not None:
+        from sparsekernels.nn.quantized_sparse_linear import apply_dtype_
+
+        apply_dtype_(model, dtype, names=set(chosen))
     return model

@@ -12,7 +12,8 @@ The functional forms over BlockSparseTensor weights live above, in sparsekernels
 from __future__ import annotations
 
 # importing an op's module registers the op (torch.ops.sparsekernels.<name>)
-from sparsekernels.ops import block_sparse_attention, bsr_ffn, bsr_linear  # noqa: F401
+from sparsekernels.ops import (  # noqa: F401
+    block_sparse_attention, bsr_ffn, bsr_ffn_int8, bsr_linear, bsr_linear_int8)
 from sparsekernels.ops.backend import Backend
 
 __all__ = ["Backend"]

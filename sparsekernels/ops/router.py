@@ -93,6 +93,15 @@ IMPLEMENTATIONS: dict[str, tuple[Impl, ...]] = {
         Impl(Backend.CUDA, ("cuda",), kernel="bsr_linear"),
         Impl(Backend.REFERENCE),
     ),
+    # int8 weights: a CPU kernel (weight-only or int8 x int8, see ops.precision), else torch
+    "bsr_linear_int8": (
+        Impl(Backend.CPU, ("cpu",)),
+        Impl(Backend.REFERENCE),
+    ),
+    "bsr_ffn_int8": (
+        Impl(Backend.CPU, ("cpu",)),
+        Impl(Backend.REFERENCE),
+    ),
     "block_sparse_attention": (
         Impl(Backend.CPU, ("cpu",), head_dims=CPU_HEAD_DIMS, dropout=False),
         Impl(Backend.TRITON),

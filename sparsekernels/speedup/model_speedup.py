@@ -196,10 +196,17 @@ class ModelSpeedup:
     before the model changes.
     fuse_ffn: in kernel and auto modes, run each FFN whose two layers became SparseLinear as
     one fused op (sparsekernels.nn.fuse_ffn_; names and state_dict unchanged).
+    dtype: what the sparse layers run in (kernel and auto modes): torch.float32 (default),
+    torch.bfloat16 (the model is cast to bf16) or "int8" / torch.int8 (each SparseLinear
+    becomes a QuantizedSparseLinear; see nn.quantized_sparse_linear.apply_dtype_).
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
-                 block_size=(32, 32), backend: str = "auto", fuse_ffn: bool = True):
+                 block_size=(32, 32), backend: str = "auto", fuse_ffn: bool = True,
+                 dtype=None):
+        from sparsekernels.ops.precision import parse_dtype
+
+        self.dtype = parse_dtype(dtype)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(dummy_input, (torch.Tensor, tuple, list, Mapping)):
@@ -229,6 +236,14 @@ class ModelSpeedup:
         for name, status in self.report.fused_ffn.items():
             if status.startswith("fused"):
                 self.structure[name].append({"op": "fuse_ffn"})
+
+    def _apply_dtype(self) -> None:
+        from sparsekernels.nn.quantized_sparse_linear import apply_dtype_
+
+        for name in apply_dtype_(self.model, self.dtype, names=set(self.report.sparse)):
+            self.structure[name].append({"op": "quantize_int8"})
+        if self.dtype is not torch.float32:
+            self.report.notes.append(f"sparse layers run in {str(self.dtype).replace('torch.', '')}")
 
     def _check_supported(self) -> None:
         modules = dict(self.model.named_modules())
@@ -435,6 +450,8 @@ class ModelSpeedup:
                     self._to_kernels(only_below_crossover=self.mode == "auto")
                 self.report.params_after = count_params(self.model)
                 self.report.flops_after = count_flops(self.model, self.dummy_input)
+                if self.mode in ("kernel", "auto"):
+                    self._apply_dtype()
                 if self.mode in ("kernel", "auto") and self.fuse_ffn:
                     self._fuse_ffn()
         finally:

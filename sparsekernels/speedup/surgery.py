@@ -229,6 +229,10 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                                       block_mask=torch.zeros(grid, dtype=torch.bool),
                                       backend=change.get("backend", "auto"))
                 setattr(parent, child, sparse)
+            elif op == "quantize_int8":  # after its sparse_linear: same layout, int8 values
+                from sparsekernels.nn.quantized_sparse_linear import apply_dtype_
+
+                apply_dtype_(model, "int8", names={name})
             elif op == "fuse_ffn":
                 fuse = True
             else:

@@ -1,0 +1,240 @@
+"""BERT-base end to end with block sparsity and low precision together (CPU).
+
+    python bench/bench_lowp_models.py           # BERT-base, 8 x 128 tokens, 70% and 90%
+    python bench/bench_lowp_models.py --smoke   # a tiny BERT, seconds (CI); nothing written
+
+Random weights; block masks as bench_models.py (every encoder Linear keeps a random 1 - s of
+its 32x32 blocks). Variants, timed interleaved in one process (ratios of medians):
+  dense_fp32        the dense model (torch)                  the reference of every ratio
+  dense_bf16        the dense model in bf16 (torch)
+  dense_dynint8     torch.ao.quantization.quantize_dynamic on the dense model (all Linears)
+  openvino          OpenVINO's default on the dense model (n/a when not installed)
+  ort_fp32          ONNX Runtime on the dense model (n/a when not installed / not exportable)
+  kernel_fp32       ModelSpeedup(mode="kernel")                       (fused FFN)
+  kernel_bf16       ModelSpeedup(mode="kernel", dtype=torch.bfloat16)  (the model in bf16)
+  kernel_int8       ModelSpeedup(mode="kernel", dtype="int8")          (fp32 activations)
+  kernel_int8_bf16  the same, then model.to(torch.bfloat16): int8 weights, bf16 activations
+Also: a torch.profiler breakdown of kernel_int8 and kernel_int8_bf16 -- the share of the
+time not in a sparse Linear / FFN op (attention, norms, adds, embeddings, copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+from bench_models import apply, block_masks, build, dummy_for  # noqa: E402
+from common import time_interleaved, write_results  # noqa: E402
+
+from sparsekernels.ops.precision import cpu_isa  # noqa: E402
+from sparsekernels.speedup import ModelSpeedup  # noqa: E402
+
+DEEPSPARSE_PUBLISHED = 8.7  # BERT-base, 90% + int8 (their 32-core figure)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    sparsity: float
+    batch: int = 8
+    seq: int = 128
+
+
+def openvino_runner(model, dummy, threads):
+    """(callable, note) for OpenVINO's default on `model`, or (None, why)."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        return None, f"not installed ({exc.name})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = ov.convert_model(model, example_input=dict(dummy))
+        core = ov.Core()
+        compiled = core.compile_model(converted, "CPU", {"INFERENCE_NUM_THREADS": threads})
+        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+        request = compiled.create_infer_request()
+        inputs = {k: v.numpy() for k, v in dummy.items()}
+        return (lambda: request.infer(inputs)), f"OpenVINO {ov.__version__}, precision {precision}"
+    except Exception as exc:  # report why instead of dropping the column
+        return None, f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+
+
+def ort_runner(model, dummy, threads, workdir: Path):
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return None, f"not installed ({exc.name})"
+    path = workdir / "bert.onnx"
+    try:
+        names = list(dummy)
+
+        class Positional(nn.Module):  # the exporter passes tensors by position
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, *tensors):
+                return self.model(**dict(zip(names, tensors)))[0]
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Positional().eval(), tuple(dummy.values()), str(path),
+                              input_names=names, dynamo=False, opset_version=17)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        inputs = {k: v.numpy() for k, v in dummy.items()}
+        return (lambda: session.run(None, inputs)), f"ONNX Runtime {ort.__version__} fp32"
+    except Exception as exc:
+        return None, f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+
+
+def non_sparse_share(model, dummy, reps: int) -> tuple[float, list[tuple[str, float]]]:
+    """(share of the forward's time outside sparsekernels ops, the largest other ops as
+    (name, share)). A sparse op's time includes what it calls (the fused FFN's activation)."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        model(**dummy)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                model(**dummy)
+    events = prof.events()
+
+    def in_sparse(e):
+        while e is not None:
+            if e.name.startswith("sparsekernels"):
+                return True
+            e = e.cpu_parent
+        return False
+
+    total = sum(e.cpu_time_total for e in events if e.cpu_parent is None)
+    sparse = sum(e.cpu_time_total for e in events
+                 if e.name.startswith("sparsekernels") and not in_sparse(e.cpu_parent))
+    others = defaultdict(float)
+    for e in events:
+        if not in_sparse(e):
+            others[e.name] += e.self_cpu_time_total
+    top = sorted(((k, v / total) for k, v in others.items()), key=lambda kv: -kv[1])
+    return 1 - sparse / total, top[:6]
+
+
+def variants_for(base, dummy, masks, extras):
+    out = dict(extras)
+    for name, kwargs, cast in (("kernel_fp32", {}, None),
+                               ("kernel_bf16", {"dtype": torch.bfloat16}, None),
+                               ("kernel_int8", {"dtype": "int8"}, None),
+                               ("kernel_int8_bf16", {"dtype": "int8"}, torch.bfloat16)):
+        m = copy.deepcopy(base)
+        ModelSpeedup(m, dummy, masks, mode="kernel", block_size=(32, 32), **kwargs).speedup_model()
+        if cast is not None:
+            m.to(cast)
+        out[name] = m
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--sparsities", default="0.7,0.9")
+    p.add_argument("--no-extras", action="store_true", help="skip OpenVINO / ONNX Runtime")
+    p.add_argument("--note", action="append", default=[])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    base, scope = build("bert-base", args.smoke)
+    base = base.eval()
+    batch, seq = (2, 32) if args.smoke else (8, 128)
+    dummy = dummy_for("bert-base", base, batch, seq)
+    sparsities = [0.7] if args.smoke else [float(s) for s in args.sparsities.split(",")]
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_lowp_models_"))
+    rows, notes = [], []
+    for s in sparsities:
+        torch.manual_seed(1)
+        masks = block_masks(base, scope, s)
+        masked = apply(copy.deepcopy(base), masks)
+        bf16 = copy.deepcopy(masked).to(torch.bfloat16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dynint8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(masked), {nn.Linear},
+                                                             dtype=torch.qint8)
+        extras = {"dense_fp32": masked, "dense_bf16": bf16, "dense_dynint8": dynint8}
+        fns = {}
+        if not args.no_extras and not args.smoke:
+            for name, runner in (("openvino", lambda: openvino_runner(masked, dummy, args.threads)),
+                                 ("ort_fp32", lambda: ort_runner(masked, dummy, args.threads, workdir))):
+                fn, note = runner()
+                notes.append(f"- {name} (sparsity {s}): {note}")
+                if fn is not None:
+                    fns[name] = fn
+        models = variants_for(base, dummy, masks, extras)
+        with torch.no_grad():
+            ref = masked(**dummy)[0].float()
+            errors = {}
+            for name, m in models.items():
+                out = m(**dummy)[0].float()
+                errors[name] = ((out - ref).norm() / ref.norm()).item()
+            assert errors["kernel_fp32"] < 1e-4, errors
+            assert max(errors.values()) < 0.1, errors
+            fns.update({k: (lambda m=m: m(**dummy)) for k, m in models.items()})
+            t = time_interleaved(fns, device, reps=3 if args.smoke else args.reps,
+                                 budget_s=60 if args.smoke else 900)
+        share, top = non_sparse_share(models["kernel_int8"], dummy, 1 if args.smoke else 3)
+        share_bf16, top_bf16 = non_sparse_share(models["kernel_int8_bf16"], dummy,
+                                                1 if args.smoke else 3)
+        row = {"model": "bert-base", "batch": batch, "seq": seq, "sparsity": s}
+        for name in ("dense_fp32", "dense_bf16", "dense_dynint8", "openvino", "ort_fp32",
+                     "kernel_fp32", "kernel_bf16", "kernel_int8", "kernel_int8_bf16"):
+            row[f"{name}_ms"] = t[name] * 1e3 if name in t else float("nan")
+        nan = float("nan")
+        for name in ("kernel_int8", "kernel_int8_bf16"):
+            row[f"{name}_vs_dense"] = t["dense_fp32"] / t[name]
+            row[f"{name}_vs_dynint8"] = t["dense_dynint8"] / t[name]
+            row[f"{name}_vs_openvino"] = t["openvino"] / t[name] if "openvino" in t else nan
+        row["kernel_fp32_vs_dense"] = t["dense_fp32"] / t["kernel_fp32"]
+        row["kernel_bf16_vs_kernel_fp32"] = t["kernel_fp32"] / t["kernel_bf16"]
+        row["dynint8_vs_dense"] = t["dense_fp32"] / t["dense_dynint8"]
+        row["openvino_vs_dense"] = t["dense_fp32"] / t["openvino"] if "openvino" in t else nan
+        row["int8_non_sparse_share"] = share
+        row["int8_bf16_non_sparse_share"] = share_bf16
+        for name in ("kernel_bf16", "kernel_int8", "kernel_int8_bf16", "dense_dynint8"):
+            row[f"{name}_rel_err"] = errors[name]
+        rows.append(row)
+        notes.append(f"- sparsity {s}: time outside sparse ops, kernel_int8: "
+                     + ", ".join(f"{k} {v:.1%}" for k, v in top)
+                     + "; kernel_int8_bf16: " + ", ".join(f"{k} {v:.1%}" for k, v in top_bf16))
+        print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items()))
+        del models, masked, bf16, dynint8, fns
+    if args.smoke:
+        return 0
+    head = [f"- low-precision paths: {cpu_isa()}; batch {batch} x {seq} tokens, random weights, "
+            "32x32 block masks in every encoder Linear",
+            "- *_vs_X = X time / variant time (medians of interleaved repetitions, one process); "
+            f"DeepSparse's published BERT-base figure at 90% + int8: x{DEEPSPARSE_PUBLISHED}",
+            "- *_non_sparse_share: share of a profiled forward outside sparsekernels ops "
+            "(attention, layer norms, residual adds, embeddings, copies); rel_err = "
+            "|y - y_masked_fp32| / |y_masked_fp32| on the last hidden state"]
+    cols = list(rows[0])
+    out = write_results(device, "lowp_models", "BERT-base: block sparsity with bf16 and int8 (CPU)",
+                        rows, head + notes + [f"- {n}" for n in args.note], cols)
+    print(f"wrote {out}/lowp_models.csv and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+// Quantized block-sparse Linear on the CPU: int8 blocks with one fp32 scale per output
+// channel (symmetric), y = x @ (scale * Wq).T + bias, in two kernels:
+//   w8    weight-only: float activations (fp32 or bf16) times int8 weights converted in
+//         registers; for decode (a few tokens), where reading the weights is the cost and
+//         int8 reads a quarter of fp32's bytes;
+//   w8a8  activations quantized per row (dynamic, affine: u8 codes with a zero point) and
+//         multiplied in int8 with
+//         int32 accumulation (vpdpbusd, four products per lane: four times the fp32 rate),
+//         for prefill and encoders.
+// Both read one packed layout, [nnz, bk/4, bm, 4] (pack below), so a layer caches one copy.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "glue.h"
+#include "lowp.h"
+#include "lowp_microkernel.h"
+
+namespace sparsekernels {
+namespace cpu {
+namespace lowp {
+namespace {
+
+// (packed blocks [nnz, bk/4, bm, 4], comp [N] = row sums of the stored int8 weights: the
+// zero-point compensation, zero[t] * comp[n])
+std::tuple<at::Tensor, at::Tensor> bsr_pack_int8_cpu(const at::Tensor& values,
+                                                     const at::Tensor& crow) {
+  TORCH_CHECK(values.dim() == 3 && values.scalar_type() == at::kChar && values.device().is_cpu(),
+              "sparsekernels: int8 values must be an int8 CPU tensor [nnz, bm, bk], got ",
+              values.scalar_type(), " ", values.sizes(), " on ", values.device());
+  check_index(crow, "crow_indices");
+  const int64_t nnz = values.size(0), bm = values.size(1), bk = values.size(2);
+  TORCH_CHECK(bk % 4 == 0, "sparsekernels: int8 blocks need a width divisible by 4, got ", bk);
+  const int64_t nbr = crow.numel() - 1;
+  const int32_t* c = crow.data_ptr<int32_t>();
+  TORCH_CHECK(nbr >= 0 && c[0] == 0 && c[nbr] == nnz, "sparsekernels: crow_indices must run ",
+              "from 0 to the number of stored blocks (", nnz, ")");
+  const at::Tensor packed = values.reshape({nnz, bm, bk / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+  const at::Tensor sums = values.to(at::kInt).sum(2).to(at::kInt).contiguous();  // [nnz, bm]
+  at::Tensor comp = at::zeros({nbr * bm}, values.options().dtype(at::kInt));
+  const int32_t* sp = sums.data_ptr<int32_t>();
+  int32_t* cp = comp.data_ptr<int32_t>();
+  for (int64_t i = 0; i < nbr; ++i) {
+    TORCH_CHECK(c[i] <= c[i + 1], "sparsekernels: crow_indices decrease at ", i);
+    for (int32_t e = c[i]; e < c[i + 1]; ++e)
+      for (int64_t n = 0; n < bm; ++n) cp[i * bm + n] += sp[e * bm + n];
+  }
+  return {packed, comp};
+}
+
+template <typename OutT>
+OutT* out_ptr(at::Tensor& out) {
+  if constexpr (std::is_same_v<OutT, float>) return out.data_ptr<float>();
+  else return reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+}
+
+}  // namespace
+
+// Shared with bsr_ffn_int8.cpp: the checks of one quantized layer's operands.
+void check_int8_layer(const at::Tensor& packed, const at::Tensor& comp, const at::Tensor& scale,
+                      const at::Tensor& crow, const at::Tensor& col,
+                      const std::optional<at::Tensor>& bias, int64_t in_features,
+                      const char* name) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(3) == 4 && packed.scalar_type() == at::kChar &&
+                  packed.is_contiguous() && packed.device().is_cpu(),
+              "sparsekernels: ", name, " packed must be a contiguous int8 CPU tensor [nnz, bk/4, ",
+              "bm, 4] (sparsekernels.ops.bsr_linear_int8.pack), got ", packed.scalar_type(), " ",
+              packed.sizes());
+  const int64_t nnz = packed.size(0), bk = packed.size(1) * 4, bm = packed.size(2);
+  const int64_t n = (crow.numel() - 1) * bm;
+  TORCH_CHECK(in_features % bk == 0, "sparsekernels: ", name, " reads ", in_features,
+              " inputs, not a multiple of its block width ", bk);
+  check_block_index(crow, col, nnz, in_features / bk, name);
+  TORCH_CHECK(comp.scalar_type() == at::kInt && comp.dim() == 1 && comp.numel() == n &&
+                  comp.is_contiguous(),
+              "sparsekernels: ", name, " comp must be int32 [", n, "] (made by pack), got ",
+              comp.scalar_type(), " ", comp.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.numel() == n &&
+                  scale.is_contiguous(),
+              "sparsekernels: ", name, " scale must be float32 [", n, "], got ",
+              scale.scalar_type(), " ", scale.sizes());
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == n, "sparsekernels: ", name,
+                " bias must have ", n, " elements, got ", bias->sizes());
+}
+
+at::Tensor bsr_linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed,
+                               const at::Tensor& comp, const at::Tensor& scale,
+                               const at::Tensor& crow, const at::Tensor& col,
+                               const std::optional<at::Tensor>& bias, const std::string& scheme) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "sparsekernels: int8 layers take float32 or bfloat16 inputs, got ", x.scalar_type());
+  TORCH_CHECK(scheme == "w8" || scheme == "w8a8", "sparsekernels: unknown int8 scheme '", scheme,
+              "'; use w8 (weight-only) or w8a8 (dynamic int8 activations)");
+  check_int8_layer(packed, comp, scale, crow, col, bias, x.size(1), "W");
+  const int64_t rows = x.size(0), k = x.size(1), bm = packed.size(2), bk = packed.size(1) * 4;
+  const int64_t nbr = crow.numel() - 1, n = nbr * bm;
+  at::Tensor b;
+  if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({rows, n}, x.options());
+  if (rows == 0 || n == 0) return out;
+  const Rows s{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nbr, bk};
+  const int8_t* pp = packed.data_ptr<int8_t>();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  Int8Epilogue ep{comp.data_ptr<int32_t>(), scale.data_ptr<float>(), nullptr,
+                  b.defined() ? b.data_ptr<float>() : nullptr, nullptr};
+  if (scheme == "w8a8") {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor q = at::empty({rows, k}, x.options().dtype(at::kByte));
+    at::Tensor xs = at::empty({rows}, x.options().dtype(at::kFloat));
+    at::Tensor xz = at::empty({rows}, x.options().dtype(at::kInt));
+    uint8_t* qp = q.data_ptr<uint8_t>();
+    float* sp = xs.data_ptr<float>();
+    int32_t* zp = xz.data_ptr<int32_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (bf16) {
+          quantize_row<uint16_t>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + r * k,
+                                 k, qp + r * k, sp + r, zp + r);
+        } else {
+          quantize_row<float>(xc.data_ptr<float>() + r * k, k, qp + r * k, sp + r, zp + r);
+        }
+      }
+    });
+    dispatch_block(bm, [&](auto bo) {
+      constexpr int BO = decltype(bo)::value;
+      const int64_t mc = chunk_rows(s, BO, tile_rows<BO>(), 8e6, rows);
+      auto run = [&](auto out_tag) {
+        using OutT = decltype(out_tag);
+        OutT* op = out_ptr<OutT>(out);
+        for_items(rows, mc, nbr, [&](int64_t t0, int64_t t1, int64_t o) {
+          Int8Epilogue e = ep;
+          e.xscale = sp + t0;
+          e.xzero = zp + t0;
+          block_u8s8<BO, OutT>(qp + t0 * k, t1 - t0, k, pp, s, o, e, op + t0 * n, n);
+        });
+      };
+      if (bf16) run(uint16_t{});
+      else run(float{});
+    });
+    return out;
+  }
+  // w8: float rows (bf16 rows are widened once: a few rows, the weights dominate)
+  const at::Tensor xf = bf16 ? x.to(at::kFloat).contiguous() : x;
+  const int64_t lda = rows > 1 ? xf.stride(0) : k;
+  const float* xp = xf.data_ptr<float>();
+  dispatch_block(bm, [&](auto bo) {
+    constexpr int BO = decltype(bo)::value;
+    const int64_t mc = chunk_rows(s, BO, 6, 2e6, rows);
+    auto run = [&](auto out_tag) {
+      using OutT = decltype(out_tag);
+      OutT* op = out_ptr<OutT>(out);
+      for_items(rows, mc, nbr, [&](int64_t t0, int64_t t1, int64_t o) {
+        block_w8<BO, OutT>(xp + t0 * lda, t1 - t0, lda, pp, s, o, ep, op + t0 * n, n);
+      });
+    };
+    if (bf16) run(uint16_t{});
+    else run(float{});
+  });
+  return out;
+}
+
+}  // namespace lowp
+}  // namespace cpu
+}  // namespace sparsekernels
+
+TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
+  m.def("bsr_pack_int8_cpu(Tensor values, Tensor crow_indices) -> (Tensor, Tensor)",
+        &sparsekernels::cpu::lowp::bsr_pack_int8_cpu);
+  m.def("bsr_linear_int8_cpu(Tensor x, Tensor packed, Tensor comp, Tensor scale, "
+        "Tensor crow_indices, Tensor col_indices, Tensor? bias, str scheme) -> Tensor",
+        &sparsekernels::cpu::lowp::bsr_linear_int8_cpu);
+}

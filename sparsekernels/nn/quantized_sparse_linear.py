@@ -1,0 +1,283 @@
+"""QuantizedSparseLinear: a block-sparse Linear with int8 weights, for inference.
+
+    y = x @ (scale[:, None] * W_q).T + bias
+
+W_q: the stored (bm, bk) blocks in int8, one float32 scale per output channel (symmetric:
+scale = max|w| / 127 over the channel's stored weights). Inputs and outputs stay float32
+or bfloat16. The kernel is chosen per call (sparsekernels.ops.precision.int8_scheme):
+weight-only int8 for a few tokens (decode), int8 x int8 with per-token activation scales
+for more (prefill, encoders). The state_dict holds the int8 `values`, the `scale`s, the
+float32 `bias` and the block index; `.to(dtype)` moves the module but keeps its scales and
+bias in float32 (the int8 values carry no float dtype to change).
+
+apply_dtype_ is how sparsify_ and ModelSpeedup reach it (dtype="int8"); fuse_ffn_ runs two
+of these as one fused int8 FFN (sparsekernels.ops.bsr_ffn_int8).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsekernels.formats.block_sparse import (
+    INDEX_NAMES,
+    build_index,
+    check_block_size,
+    check_divisible,
+)
+from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.bsr_ffn import activate
+from sparsekernels.ops.bsr_linear_int8 import check_int8_inputs, choose_backend, pack
+from sparsekernels.ops.precision import INT8, int8_scheme, parse_dtype
+from sparsekernels.ops.reference.bsr_linear_int8 import dequantize_blocks, quantize_blocks
+from sparsekernels.ops.reference.bsr_linear import bsr_to_dense
+
+
+class QuantizedSparseLinear(nn.Module):
+    """An int8 block-sparse Linear [out_features, in_features] in (bm, bk) blocks.
+
+    scheme: "auto" (weight-only up to precision.W8_MAX_ROWS tokens, int8 activations above),
+    "w8" or "w8a8". backend: "auto", "cpu" or "reference" (any device, pure torch).
+    Build one with from_sparse_linear / from_linear; to_linear gives the dequantized Linear.
+    """
+
+    values: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, block_size=(32, 32), bias: bool = True,
+                 block_mask: torch.Tensor | None = None, scheme: str = "auto",
+                 backend: "Backend | str" = "auto", device=None):
+        super().__init__()
+        bm, bk = check_block_size(block_size)
+        check_divisible((out_features, in_features), (bm, bk), "QuantizedSparseLinear weight")
+        int8_scheme(1, scheme)  # validate
+        grid = (out_features // bm, in_features // bk)
+        if block_mask is None:
+            block_mask = torch.ones(grid, dtype=torch.bool, device=device)
+        if tuple(block_mask.shape) != grid:
+            raise ValueError(f"block_mask must have shape {list(grid)} (the block grid), got "
+                             f"{list(block_mask.shape)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size = (bm, bk)
+        self.scheme = scheme
+        self.backend = Backend.parse(backend)
+        index = build_index(block_mask.to(device=device, dtype=torch.bool))
+        for name in INDEX_NAMES:
+            self.register_buffer(name, index[name])
+        nnz = int(index["col_indices"].numel())
+        self.register_buffer("values", torch.zeros(nnz, bm, bk, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device)
+                             if bias else None)
+        self._packed_cache: tuple | None = None
+
+    # -- conversion -----------------------------------------------------------------------
+    @classmethod
+    def from_sparse_linear(cls, sparse, scheme: str = "auto",
+                           backend: "Backend | str | None" = None) -> "QuantizedSparseLinear":
+        """Quantize a SparseLinear's stored blocks (per output channel, symmetric int8)."""
+        bm, bk = sparse.block_size
+        module = cls(sparse.in_features, sparse.out_features, (bm, bk),
+                     bias=sparse.bias is not None, block_mask=None, scheme=scheme,
+                     backend=sparse.backend if backend is None else backend,
+                     device=sparse.values.device)
+        q, scale = quantize_blocks(sparse.values, sparse.row_indices, sparse.out_features // bm)
+        module._adopt_layout(q.shape[0])
+        with torch.no_grad():
+            for name in INDEX_NAMES:
+                getattr(module, name).copy_(getattr(sparse, name))
+            module.values.copy_(q)
+            module.scale.copy_(scale)
+            if sparse.bias is not None:
+                module.bias.copy_(sparse.bias.detach().float())
+        return module
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size=(32, 32), sparsity: float | None = None,
+                    mask: torch.Tensor | None = None, scheme: str = "auto",
+                    backend: "Backend | str" = "auto") -> "QuantizedSparseLinear":
+        """Prune like SparseLinear.from_linear (sparsity, or an element / block mask, or the
+        blocks holding any non-zero), then quantize."""
+        from sparsekernels.nn.sparse_linear import SparseLinear
+
+        sparse = SparseLinear.from_linear(linear, block_size, sparsity=sparsity, mask=mask,
+                                          backend=backend)
+        return cls.from_sparse_linear(sparse, scheme=scheme)
+
+    def dequantized_values(self, dtype=torch.float32) -> torch.Tensor:
+        """The stored blocks the int8 values stand for: scale * q, [nnz, bm, bk]."""
+        return dequantize_blocks(self.values, self.scale, self.row_indices, dtype)
+
+    def to_sparse_linear(self, dtype=torch.float32):
+        """The SparseLinear with the dequantized blocks (same layout)."""
+        from sparsekernels.nn.sparse_linear import SparseLinear
+
+        bm, _ = self.block_size
+        grid_mask = torch.zeros(self.out_features // bm, self.in_features // self.block_size[1],
+                                dtype=torch.bool, device=self.values.device)
+        grid_mask[self.row_indices.long(), self.col_indices.long()] = True
+        sparse = SparseLinear(self.in_features, self.out_features, self.block_size,
+                              bias=self.bias is not None, block_mask=grid_mask,
+                              backend=self.backend, device=self.values.device, dtype=dtype)
+        with torch.no_grad():
+            sparse.values.copy_(self.dequantized_values(dtype))
+            if self.bias is not None:
+                sparse.bias.copy_(self.bias)
+        return sparse
+
+    def to_linear(self, dtype=torch.float32) -> nn.Linear:
+        """The equivalent dense nn.Linear (dequantized weights, pruned blocks as zeros)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.values.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(bsr_to_dense(self.dequantized_values(torch.float64),
+                                             self.row_indices, self.col_indices,
+                                             (self.out_features, self.in_features)))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # -- views ----------------------------------------------------------------------------
+    @property
+    def density(self) -> float:
+        bm, bk = self.block_size
+        return self.values.shape[0] / max(1, (self.out_features // bm) * (self.in_features // bk))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block_size={self.block_size}, density={self.density:.3f}, int8, "
+                f"scheme={self.scheme}, bias={self.bias is not None}, backend={self.backend.value}")
+
+    # -- compute --------------------------------------------------------------------------
+    def packed(self, x: torch.Tensor) -> tuple:
+        """(packed blocks, compensation) for the CPU kernels, cached until `values` changes
+        (in place, by a load or a move); (None, None) where the kernels pack per call or do
+        not run."""
+        if torch.compiler.is_compiling() or x.device.type != "cpu":
+            return None, None
+        if choose_backend(self.backend.value, x.device) is not Backend.CPU:
+            return None, None
+        v = self.values
+        key = (v.data_ptr(), v._version, v.device, self.crow_indices._version)
+        if self._packed_cache is None or self._packed_cache[0] != key:
+            self._packed_cache = (key, *pack(v, self.crow_indices))
+        return self._packed_cache[1:]
+
+    def op_args(self, x: torch.Tensor) -> tuple:
+        """(values, scale, crow, col, row, bias, packed, comp): what the int8 ops take."""
+        return (self.values, self.scale, self.crow_indices, self.col_indices, self.row_indices,
+                self.bias, *self.packed(x))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if (x.shape[-1] != self.in_features or x.dtype not in (torch.float32, torch.bfloat16)
+                or x.device != self.values.device):
+            check_int8_inputs(x, self.in_features, self.values, self.values.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return torch.ops.sparsekernels.bsr_linear_int8(x, *self.op_args(x), self.scheme,
+                                                       self.backend.value)
+
+    def _adopt_layout(self, nnz: int) -> None:
+        # a different number of stored blocks (another pruning run): new empty storage
+        if nnz != self.values.shape[0]:
+            bm, bk = self.block_size
+            self.values = self.values.new_zeros(nnz, bm, bk)
+            for name in ("col_indices", "row_indices", "row_indices_t", "transpose_perm"):
+                setattr(self, name, getattr(self, name).new_zeros(nnz))
+        self._packed_cache = None
+
+    def _apply(self, fn, recurse=True):
+        self._packed_cache = None
+        kept = {n: getattr(self, n) for n in ("scale", "bias") if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:  # a dtype cast: only the device follows
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        values_key = prefix + "values"
+        if values_key in state_dict:
+            incoming = state_dict[values_key]
+            if incoming.dtype != torch.int8:
+                error_msgs.append(f"{values_key} is {incoming.dtype}; a QuantizedSparseLinear "
+                                  "stores int8 values (load a SparseLinear checkpoint into a "
+                                  "SparseLinear, then QuantizedSparseLinear.from_sparse_linear)")
+                return
+            if tuple(incoming.shape[1:]) != self.block_size:
+                error_msgs.append(f"{values_key} has block size {tuple(incoming.shape[1:])}, "
+                                  f"the module has {self.block_size}")
+                return
+            col = state_dict.get(prefix + "col_indices")
+            if col is not None and col.numel() != incoming.shape[0]:
+                error_msgs.append(f"{prefix}: values and col_indices disagree on the number of "
+                                  "stored blocks")
+                return
+            self._adopt_layout(incoming.shape[0])
+        self._packed_cache = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+# --- the fused int8 FFN inside transformers models (see sparse_ffn.fuse_ffn_) ------------
+def quantized_ffn_forward(fc1: QuantizedSparseLinear, fc2: QuantizedSparseLinear,
+                          activation: str, x: torch.Tensor) -> torch.Tensor:
+    fc1.check_input(x)
+    if fc1.scheme != fc2.scheme or fc1.backend != fc2.backend:
+        return fc2(activate(fc1(x), activation))
+    return torch.ops.sparsekernels.bsr_ffn_int8(x, *fc1.op_args(x), *fc2.op_args(x), activation,
+                                                fc1.scheme, fc1.backend.value)
+
+
+class FusedQuantizedFFNInput(QuantizedSparseLinear):
+    """First layer of a fused int8 FFN (as sparse_ffn.FusedFFNInput for SparseLinear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.__dict__["_ffn"]
+        if self.training and state.dropout_p() > 0:
+            return activate(QuantizedSparseLinear.forward(self, x), state.activation)
+        return quantized_ffn_forward(self, state.fc2, state.activation, x)
+
+
+class FusedQuantizedFFNOutput(QuantizedSparseLinear):
+    """Second layer of a fused int8 FFN: passes the FFN's output through (its width is the
+    output width), or applies itself to an intermediate (training with dropout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.out_features:
+            return x
+        return QuantizedSparseLinear.forward(self, x)
+
+
+# --- how sparsify_ and ModelSpeedup reach a dtype -----------------------------------------
+def apply_dtype_(model: nn.Module, dtype, names=None, scheme: str = "auto") -> list[str]:
+    """Run the SparseLinear layers of `model` (those named in `names`, default all) in
+    `dtype`, in place; returns the names of the layers converted to int8.
+
+    torch.float32: nothing to do. torch.bfloat16: the whole model is cast (its sparse layers
+    need bf16 inputs); the bf16 kernels run where the CPU has AVX-512 BF16. "int8" /
+    torch.int8: each SparseLinear becomes a QuantizedSparseLinear (activations keep the
+    model's dtype).
+    """
+    from sparsekernels.nn.sparse_linear import SparseLinear
+
+    target = parse_dtype(dtype)
+    int8_scheme(1, scheme)
+    if target is torch.float32:
+        return []
+    if target is torch.bfloat16:
+        model.to(torch.bfloat16)
+        return []
+    assert target == INT8
+    chosen = [(fqn, m) for fqn, m in model.named_modules()
+              if type(m) is SparseLinear and (names is None or fqn in names)]
+    for fqn, module in chosen:
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        quantized = QuantizedSparseLinear.from_sparse_linear(module, scheme=scheme)
+        quantized.train(module.training)
+        setattr(parent, child, quantized)
+    return [fqn for fqn, _ in chosen]

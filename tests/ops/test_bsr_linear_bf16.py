@@ -1,0 +1,127 @@
+"""bsr_linear and bsr_ffn in bf16 on the CPU: the AVX-512 BF16 kernels (bsr_linear_bf16.cpp,
+bsr_ffn_bf16.cpp) where the CPU has them, and the fp32 conversion path they fall back to,
+against float64 within twice torch's own bf16 error."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+from sparsekernels import BlockSparseTensor
+from sparsekernels.formats.block_sparse import inner_tensors
+from sparsekernels.ops import _ext
+from sparsekernels.ops.bsr_ffn import activate
+from sparsekernels.formats.functional import sparse_ffn, sparse_linear
+from sparsekernels.ops.bsr_linear import pack
+from sparsekernels.ops.precision import cpu_isa
+from sparsekernels.testing import assert_close_to_reference, random_block_mask
+
+
+@pytest.fixture(params=["native", "generic"])
+def isa(request, monkeypatch):
+    if not _ext.has_op("bsr_linear", "cpu"):
+        pytest.skip("compiled CPU extension not built (make build)")
+    if request.param == "generic":
+        monkeypatch.setenv("SPARSEKERNELS_CPU_ISA", "generic")
+    elif "avx512_bf16" not in cpu_isa():
+        pytest.skip("this CPU has no AVX-512 BF16 (the generic case covers it)")
+    return request.param
+
+
+def weight(n, k, block=(32, 32), density=0.5, empty=False):
+    grid = (n // block[0], k // block[1])
+    mask = random_block_mask(grid, density)
+    if empty and grid[0] > 1:
+        mask[0] = False
+    w = torch.randn(n, k, dtype=torch.float64) / k ** 0.5
+    return BlockSparseTensor.from_dense(w, block, mask).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 5, 13, 97, 1025], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0], ids=lambda d: f"d{d}")
+def test_forward_matches_reference(isa, tokens, density):
+    w = weight(128, 192, density=density, empty=density == 0.5)
+    x = torch.randn(tokens, 192, dtype=torch.bfloat16)
+    bias = torch.randn(128, dtype=torch.bfloat16)
+    y = sparse_linear(x, w, bias, backend="cpu")
+    assert y.dtype == torch.bfloat16
+    ref = F.linear(x.double(), w.to_dense().double(), bias.double())
+    assert_close_to_reference(y, ref, F.linear(x, w.to_dense(), bias), reduction=192)
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 64), (64, 32), (128, 16), (16, 128)],
+                         ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("tokens", [2, 61], ids=lambda t: f"T{t}")
+def test_block_sizes_and_packed_blocks(isa, block, tokens):
+    w = weight(256, 384, block, density=0.4)
+    x = torch.randn(tokens, 384, dtype=torch.bfloat16)
+    kernel = torch.ops.sparsekernels_C.bsr_linear_cpu
+    values, crow, col = w.values, w.crow_indices, w.col_indices
+    packed = kernel(x, values, crow, col, None, pack(values))
+    ref = F.linear(x.double(), w.to_dense().double())
+    assert_close_to_reference(packed, ref, F.linear(x, w.to_dense()), reduction=384)
+    if tokens > 4:  # both ways run the tiled kernel: the same numbers
+        assert torch.equal(packed, kernel(x, values, crow, col, None))
+
+
+def test_packing_follows_the_cpu(isa):
+    w = weight(64, 96)
+    packed = pack(w.values)
+    if isa == "native":  # k in pairs for vdpbf16ps
+        assert packed.shape == (w.nnz_blocks, 16, 32, 2) and packed.dtype == torch.bfloat16
+        assert torch.equal(packed, w.values.reshape(-1, 32, 16, 2).permute(0, 2, 1, 3))
+    else:  # the fp32 conversion path's W.T blocks
+        assert packed.shape == (w.nnz_blocks, 32, 32) and packed.dtype == torch.float32
+
+
+def test_packed_of_the_other_path_is_refused(isa):
+    w = weight(64, 96)
+    x = torch.randn(8, 96, dtype=torch.bfloat16)
+    native = w.values.reshape(-1, 32, 16, 2).permute(0, 2, 1, 3).contiguous()
+    converted = w.values.float().transpose(1, 2).contiguous()
+    wrong = converted if isa == "native" else native
+    with pytest.raises(RuntimeError, match="packed"):
+        torch.ops.sparsekernels_C.bsr_linear_cpu(x, w.values, w.crow_indices, w.col_indices, None,
+                                                 wrong)
+
+
+def test_gradients_reuse_the_backward_ops(isa):
+    w = weight(96, 128, density=0.5)
+    values = w.values.clone().requires_grad_(True)
+    w = BlockSparseTensor(values, *inner_tensors(w)[1:], shape=w.shape)
+    x = torch.randn(40, 128, dtype=torch.bfloat16, requires_grad=True)
+    y = sparse_linear(x, w, None, backend="cpu")
+    g = torch.randn_like(y)
+    gx, gv = torch.autograd.grad(y, (x, values), g)
+    xd = x.detach().double().requires_grad_(True)
+    wd = w.to_dense().detach().double()
+    (gxd,) = torch.autograd.grad(F.linear(xd, wd), xd, g.double())
+    assert_close_to_reference(gx, gxd, (g @ w.to_dense().detach()), reduction=96)
+    assert gv.shape == values.shape and torch.isfinite(gv.float()).all()
+
+
+@pytest.mark.parametrize("tokens", [24, 200], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("activation", ["gelu", "relu", "none"])
+def test_fused_ffn_matches_reference(isa, tokens, density, activation):
+    w1 = weight(256, 128, density=density, empty=density == 0.5)
+    w2 = weight(128, 256, density=density)
+    b1, b2 = torch.randn(256, dtype=torch.bfloat16), torch.randn(128, dtype=torch.bfloat16)
+    x = torch.randn(tokens, 128, dtype=torch.bfloat16)
+    y = sparse_ffn(x, w1, b1, w2, b2, activation, backend="cpu")
+    assert y.dtype == torch.bfloat16
+
+    def composed(dtype):
+        h = F.linear(x.to(dtype), w1.to_dense().to(dtype), b1.to(dtype))
+        h = activate(h.double(), activation).to(dtype) if dtype != torch.float64 else activate(h, activation)
+        return F.linear(h, w2.to_dense().to(dtype), b2.to(dtype))
+
+    assert_close_to_reference(y, composed(torch.float64), composed(torch.bfloat16), reduction=256)
+
+
+def test_opcheck_bf16(isa):
+    w = weight(64, 96)
+    x = torch.randn(30, 96, dtype=torch.bfloat16)
+    opcheck(torch.ops.sparsekernels.bsr_linear, (x, *inner_tensors(w), None, "cpu"))
+    opcheck(torch.ops.sparsekernels.bsr_linear_packed,
+            (x, w.values, pack(w.values), w.crow_indices, w.col_indices, None))
