@@ -11,14 +11,14 @@ from sparsekernels.arch import StructureError, describe, find_attention, find_ff
 from tests.speedup.families import FAMILIES, build
 
 # family -> (attention sites, cross, heads, kv heads, head dim, qkv layout, FFN sites, gated,
-#            activation, tied)
+#            activation, tied, FFN units)
 EXPECTED = {
-    "bert": (2, 0, 4, 4, 16, "separate", 2, False, "gelu", False),
-    "roberta": (2, 0, 4, 4, 16, "separate", 2, False, "gelu", False),
-    "gpt2": (2, 0, 4, 4, 16, "blocked", 2, False, "gelu_tanh", True),
-    "bart": (6, 2, 4, 4, 16, "separate", 4, False, "gelu", True),
-    "t5": (6, 2, 4, 4, 16, "separate", 4, True, "gelu_tanh", True),
-    "vit": (2, 0, 4, 4, 16, "separate", 2, False, "gelu", False),
+    "bert": (2, 0, 4, 4, 16, "separate", 2, False, "gelu", False, 128),
+    "roberta": (2, 0, 4, 4, 16, "separate", 2, False, "gelu", False, 128),
+    "gpt2": (2, 0, 4, 4, 16, "blocked", 2, False, "gelu_tanh", True, 256),
+    "bart": (6, 2, 4, 4, 16, "separate", 4, False, "gelu", True, 128),
+    "t5": (6, 2, 4, 4, 16, "separate", 4, True, "gelu_tanh", True, 128),
+    "vit": (2, 0, 4, 4, 16, "separate", 2, False, "gelu", False, 128),
 }
 
 
@@ -38,7 +38,7 @@ def phi3():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_is_mapped(family):
     model, dummy = build(family)
-    (n_att, n_cross, heads, kv, dim, layout, n_ffn, gated, act, tied) = EXPECTED[family]
+    (n_att, n_cross, heads, kv, dim, layout, n_ffn, gated, act, tied, units) = EXPECTED[family]
     m = map_model(model, dummy)
     assert len(m.attention) == n_att
     assert sum(s.cross for s in m.attention) == n_cross
@@ -55,7 +55,7 @@ def test_each_family_is_mapped(family):
         for name in site.projections:
             assert name in modules
     for site in m.ffn:
-        assert site.units == 128 and site.up in modules and site.down in modules
+        assert site.units == units and site.up in modules and site.down in modules
 
 
 def test_grouped_query_attention_and_gated_mlp():
