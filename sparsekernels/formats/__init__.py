@@ -3,8 +3,11 @@
 from sparsekernels.formats.block_sparse import (
     SUPPORTED_BLOCK_SIZES,
     BlockSparseTensor,
+    InvalidIndexError,
     block_mask_from_mask,
     topk_block_mask,
+    validate_index,
 )
 
-__all__ = ["SUPPORTED_BLOCK_SIZES", "BlockSparseTensor", "block_mask_from_mask", "topk_block_mask"]
+__all__ = ["SUPPORTED_BLOCK_SIZES", "BlockSparseTensor", "InvalidIndexError", "block_mask_from_mask",
+           "topk_block_mask", "validate_index"]
