@@ -31,7 +31,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from sparsekernels.pruning import layers
-from sparsekernels.pruning.inputs import run_model
+from sparsekernels.pruning.inputs import DummyInputError, run_model
 from sparsekernels.pruning.config import PruningConfig
 from sparsekernels.pruning.granularity import ChannelMember, ChannelPool, Pool
 from sparsekernels.pruning.heads import find_attention_blocks
@@ -355,6 +355,8 @@ def _trace(model: torch.nn.Module, dummy_input: Any):
     try:
         with torch.no_grad(), tracer:
             _run(model, dummy_input)
+    except DummyInputError:
+        raise  # the model does not take dummy_input at all: nothing to do with tracing
     except Exception as exc:
         where = tracer.module_stack[-1] if tracer.module_stack else "<model>"
         raise TracingError(

@@ -64,8 +64,8 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module | None = None,
     state = _read_weights(weights)
     if model is None:
         model, structure, source = _build(path, model_class, structure, source)
-        _adopt_file_dtype(model, state)
         _replay(model, structure, source)
+        _adopt_file_dtype(model, state)
         full = _match(model, state, weights)
     else:  # every refusal happens on the copy, before `model` changes
         shadow = _weightless_copy(model)

@@ -328,10 +328,13 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 parent = model.get_submodule(parent_name) if parent_name else model
                 grid = (change["out_features"] // change["block_size"][0],
                         change["in_features"] // change["block_size"][1])
+                old = getattr(module, "weight", None)  # keep the replaced layer's dtype
                 sparse = SparseLinear(change["in_features"], change["out_features"],
                                       tuple(change["block_size"]), bias=change["bias"],
                                       block_mask=torch.zeros(grid, dtype=torch.bool),
-                                      backend=change.get("backend", "auto"))
+                                      backend=change.get("backend", "auto"),
+                                      dtype=old.dtype if isinstance(old, torch.Tensor)
+                                      and old.is_floating_point() else None)
                 setattr(parent, child, sparse)
             elif op == "fuse_ffn":
                 fuse = True

@@ -155,16 +155,26 @@ def test_dtype_not_recorded_for_the_model_is_refused(saved, tmp_path, key, dtype
     assert_unchanged(given, before)
 
 
-def test_half_precision_model_comes_back_half(tmp_path):
+@pytest.mark.parametrize("mode", [None, "kernel"])
+def test_half_precision_model_comes_back_half(tmp_path, mode):
     model, dummy = build("bert")
+    fresh = copy.deepcopy(model)
+    if mode is not None:
+        ModelSpeedup(model, dummy, block_masks(model, (16, 16), 0.5), mode=mode,
+                     block_size=(16, 16)).speedup_model()
     model = model.half()
     save_model(model, tmp_path / "h")
-    loaded = load_model(tmp_path / "h")
-    assert all(p.dtype == torch.float16 for p in loaded.parameters())
-    state = loaded.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    for into in (None, copy.deepcopy(fresh).half()):
+        loaded = load_model(tmp_path / "h", model=into)
+        assert all(p.dtype == torch.float16 for p in loaded.parameters())
+        state = loaded.state_dict()
+        assert state.keys() == model.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    given = copy.deepcopy(fresh)
+    before = snapshot(given)
     with pytest.raises(CheckpointError, match="is torch.float16, the model's is torch.float32"):
-        load_model(tmp_path / "h", model=build("bert")[0])  # a given model is not converted
+        load_model(tmp_path / "h", model=given)  # a given model is not converted
+    assert_unchanged(given, before)
 
 
 def test_two_layer_checkpoint_into_one_layer_model_refused(tmp_path):
