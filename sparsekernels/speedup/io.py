@@ -141,6 +141,9 @@ def _build(path: Path, model_class, structure, source: str):
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "custom code" in first:
+            first += (" (load_model never runs code named by a checkpoint: build the model "
+                      "yourself and pass it as model=...)")
         raise CheckpointError(f"cannot read {config_path}: {first}") from None
     if structure is None:
         structure = getattr(config, STRUCTURE_ATTR, None) or {}
