@@ -175,8 +175,9 @@ def validate_index(values, index, shape, name: str = "BlockSparseTensor") -> Non
     for good, part, message in zip(ok, ("crow_indices",) * 3 + ("col_indices",), messages):
         if not good:
             fail(part, message or f"entries must lie in [0, {nbc}) (K/bk = {k}/{bk})")
-    # stage 2: everything is determined by the (row, col) pairs: compare with the canonical
-    # block row of each stored block (searchsorted: repeat_interleave costs milliseconds)
+    # stage 2: crow and col fix the set of stored blocks, and the other four arrays are
+    # functions of that set: compare each with what build_index makes of it.
+    # Block row of each stored block (searchsorted: repeat_interleave costs milliseconds).
     rows = torch.searchsorted(crow[1:], torch.arange(nnz, device=crow.device), right=True)
     same_row = rows[1:] == rows[:-1]
     perm = torch.sort(col * nbr + rows, stable=True).indices
@@ -275,6 +276,9 @@ class BlockSparseTensor(torch.Tensor):
             if mask.device != weight.device:
                 raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}: "
                                  "move the mask with .to(weight.device)")
+            if not is_binary_mask(mask):
+                raise ValueError("mask holds values other than 0 and 1 (e.g. 0.5 or NaN): pass a "
+                                 "0/1 or bool mask (round or threshold a soft mask first)")
             if tuple(mask.shape) == tuple(weight.shape):
                 weight = weight * (mask != 0).to(weight.dtype)
                 block_mask = block_mask_from_mask(mask, (bm, bk))
@@ -284,9 +288,6 @@ class BlockSparseTensor(torch.Tensor):
                 raise ValueError(
                     f"mask of shape {list(mask.shape)} fits neither the weight {list(weight.shape)} "
                     f"(element mask) nor its block grid {list(nb)} (block mask)")
-            if not is_binary_mask(mask):
-                raise ValueError("mask holds values other than 0 and 1 (e.g. 0.5 or NaN): pass a "
-                                 "0/1 or bool mask (round or threshold a soft mask first)")
         values = _blocks(weight, (bm, bk))[block_mask].contiguous()
         index = build_index(block_mask)
         return cls(values, **index, shape=weight.shape, check_index=False)

@@ -205,6 +205,9 @@ def _replay(model: nn.Module, structure, source: str) -> None:
         restore_structure(model, {} if structure is None else structure)
     except ValueError as e:  # validate_structure's refusals, before any change
         raise CheckpointError(f"{source}: {e}") from None
+    except (KeyError, IndexError, RuntimeError, TypeError) as e:  # well formed, but not this model's
+        raise CheckpointError(f"{source}: the record does not fit {type(model).__name__}: "
+                              f"{type(e).__name__}: {e}") from e
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()

@@ -186,7 +186,7 @@ def test_from_dense_refuses_non_binary_masks(kind, value):
         BlockSparseTensor.from_dense(w, 16, mask=mask)
     linear = torch.nn.Linear(32, 64)
     with pytest.raises(ValueError, match="other than 0 and 1"):
-        SparseLinear.from_linear(linear, 16, mask=mask if kind == "element" else mask.bool() * value)
+        SparseLinear.from_linear(linear, 16, mask=mask)
 
 
 @pytest.mark.parametrize("mask", [torch.ones(64, 32), torch.ones(64, 32).bool(),
@@ -197,3 +197,27 @@ def test_from_dense_accepts_binary_masks(mask):
     W = BlockSparseTensor.from_dense(w, 16, mask=mask)
     full = mask.float() if mask.shape == w.shape else mask.float().repeat_interleave(16, 0).repeat_interleave(16, 1)
     assert torch.equal(W.to_dense(), w * full)
+
+
+# --- GPU (make test-gpu) ------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_index_is_checked_on_its_device():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    W = random_weight(32, 16, 3, 4, 0.5, 11).to("cuda")
+    validate_index(W.values, W.index(), W.shape)
+    for name in INDEX_NAMES:
+        for label, bad in damaged_index(getattr(W, name).cpu(), random.Random(5), True):
+            index = dict(W.index(), **{name: bad.to("cuda")})
+            with pytest.raises(InvalidIndexError, match=rf"\b{name}\b"):
+                BlockSparseTensor.from_parts(W.values, index, W.shape)
+    cpu_index = dict(W.index(), col_indices=W.col_indices.cpu())
+    with pytest.raises(InvalidIndexError, match="col_indices: is on cpu, values on cuda"):
+        BlockSparseTensor.from_parts(W.values, cpu_index, W.shape)
+    # a CUDA layer loads a CPU state dict (the usual checkpoint) and checks it
+    layer = SparseLinear(64, 96, (32, 16), bias=False, device="cuda")
+    sd = {n: t.cpu() for n, t in SparseLinear.from_block_sparse(W.cpu()).state_dict().items()}
+    layer.load_state_dict(sd)
+    assert torch.equal(layer.weight.to_dense().cpu(), W.to_dense().cpu())
+    with pytest.raises(RuntimeError, match="crow_indices: must start at 0"):
+        layer.load_state_dict(dict(sd, crow_indices=sd["crow_indices"] + 1))
