@@ -46,6 +46,10 @@ class TracingError(RuntimeError):
     """The model could not be traced for channel dependencies."""
 
 
+class DummyInputTracingError(TracingError, DummyInputError):
+    """Tracing stopped because `dummy_input` does not fit the model (both kinds of error)."""
+
+
 @dataclass(frozen=True)
 class GroupMember:
     """Channel ``j`` of the group is ``index[j]`` along ``dim`` of ``name``.
@@ -127,6 +131,7 @@ class _Tracer(TorchFunctionMode):
         self.inside = 0
         self.module_stack: list[str] = []
         self.last_op = "<none>"
+        self.failed_op: str | None = None
         self.param_names = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             self.param_names.setdefault(id(p), n)
@@ -203,7 +208,12 @@ class _Tracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.last_op = getattr(func, "__name__", repr(func))
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            # the op that failed (building an error message afterwards runs ops too)
+            self.failed_op = self.failed_op or self.last_op
+            raise
         if self.inside == 0:
             self.propagate(self.last_op, args, kwargs, out)
         return out
@@ -355,12 +365,14 @@ def _trace(model: torch.nn.Module, dummy_input: Any):
     try:
         with torch.no_grad(), tracer:
             _run(model, dummy_input)
-    except DummyInputError:
-        raise  # the model does not take dummy_input at all: nothing to do with tracing
     except Exception as exc:
         where = tracer.module_stack[-1] if tracer.module_stack else "<model>"
+        op = tracer.failed_op or tracer.last_op
+        if isinstance(exc, DummyInputError):  # say that first, and where tracing stopped
+            raise DummyInputTracingError(f"{exc} (dependency tracing stopped at operation "
+                                         f"{op!r} in module {where!r})") from exc
         raise TracingError(
-            f"dependency tracing failed at operation {tracer.last_op!r} in module "
+            f"dependency tracing failed at operation {op!r} in module "
             f"{where!r}: {type(exc).__name__}: {exc}. Check that dummy_input is what the "
             "model's forward accepts (a tensor, a tuple of positional args or a dict of "
             "keyword args), or use mode='normal'") from exc
