@@ -31,7 +31,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from sparsekernels.arch import layers
-from sparsekernels.arch.inputs import run_model
+from sparsekernels.arch.inputs import DummyInputError, run_model
 
 _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "prod",
                "logsumexp", "var_mean", "std_mean", "argmax", "argmin", "all", "any"}
@@ -41,6 +41,10 @@ _MATMULS = {"matmul", "__matmul__", "bmm", "mm", "baddbmm", "addmm", "einsum"}
 
 class TracingError(RuntimeError):
     """The model could not be traced for channel dependencies."""
+
+
+class DummyInputTracingError(TracingError, DummyInputError):
+    """Tracing stopped because `dummy_input` does not fit the model (both kinds of error)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class _Tracer(TorchFunctionMode):
         self.inside = 0
         self.module_stack: list[str] = []
         self.last_op = "<none>"
+        self.failed_op: str | None = None
         self.param_names = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             self.param_names.setdefault(id(p), n)
@@ -200,7 +205,12 @@ class _Tracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.last_op = getattr(func, "__name__", repr(func))
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            # the op that failed (building an error message afterwards runs ops too)
+            self.failed_op = self.failed_op or self.last_op
+            raise
         if self.inside == 0:
             self.propagate(self.last_op, args, kwargs, out)
         return out
@@ -362,8 +372,12 @@ def trace(model: torch.nn.Module, dummy_input: Any):
             run_model(model, dummy_input)
     except Exception as exc:
         where = tracer.module_stack[-1] if tracer.module_stack else "<model>"
+        op = tracer.failed_op or tracer.last_op
+        if isinstance(exc, DummyInputError):  # say that first, and where tracing stopped
+            raise DummyInputTracingError(f"{exc} (dependency tracing stopped at operation "
+                                         f"{op!r} in module {where!r})") from exc
         raise TracingError(
-            f"dependency tracing failed at operation {tracer.last_op!r} in module "
+            f"dependency tracing failed at operation {op!r} in module "
             f"{where!r}: {type(exc).__name__}: {exc}. Check that dummy_input is what the "
             "model's forward accepts (a tensor, a tuple of positional args or a dict of "
             "keyword args), or use mode='normal'") from exc

@@ -2,8 +2,11 @@
 
 from sparsekernels.formats.block_sparse import (
     BlockSparseTensor,
+    InvalidIndexError,
     block_mask_from_mask,
     topk_block_mask,
+    validate_index,
 )
 
-__all__ = ["BlockSparseTensor", "block_mask_from_mask", "topk_block_mask"]
+__all__ = ["BlockSparseTensor", "InvalidIndexError", "block_mask_from_mask",
+           "topk_block_mask", "validate_index"]

@@ -11,15 +11,19 @@ Storage (all on one device):
 
 The transposed index is what the input gradient (grad @ W, a dense x sparse product over
 block columns) needs, so it is built once here instead of on every backward.
+
+An index that comes from outside (a checkpoint, a pickle, `from_parts`) is checked once by
+`validate_index`; the kernels then trust it (they index memory with it unchecked).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
-from sparsekernels.ops.limits import check_block_size
+from sparsekernels.ops.limits import SUPPORTED_BLOCK_SIZES, check_block_size
 
 INDEX_NAMES = ("crow_indices", "col_indices", "row_indices", "ccol_indices", "row_indices_t",
                "transpose_perm")
@@ -89,6 +93,117 @@ def build_index(block_mask: torch.Tensor) -> dict[str, torch.Tensor]:
             "transpose_perm": i32(perm)}
 
 
+class InvalidIndexError(ValueError):
+    """A block-sparse index (or its stored blocks) that does not describe a valid matrix."""
+
+
+def is_binary_mask(mask: torch.Tensor) -> bool:
+    """True when every entry is 0 or 1 (bool masks always are; 0.5 and NaN are not): the one
+    rule for what a mask may hold, shared with the pruners' mask checks."""
+    if mask.dtype == torch.bool:
+        return True
+    return bool(((mask == 0) | (mask == 1)).all())
+
+
+def validate_index(values, index, shape, name: str = "BlockSparseTensor") -> None:
+    """Raise InvalidIndexError unless `values` and `index` describe a block-sparse matrix of
+    `shape` [N, K] exactly as `build_index` would have built it: blocks of a supported size
+    dividing the shape, six contiguous 1-D int32 arrays on the values' device, row pointers
+    from 0 to nnz without decreasing, columns in range and strictly increasing within each
+    block row, and the row / transposed arrays consistent with them.
+
+    Everything after the format checks is computed with a handful of vectorised ops and two
+    host syncs (it runs once per load, not per call). `name` prefixes the message (the module
+    or tensor the index belongs to)."""
+
+    def fail(part: str, message: str):
+        raise InvalidIndexError(f"{name}.{part}: {message}")
+
+    if not isinstance(values, torch.Tensor):
+        fail("values", f"expected a tensor, got {type(values).__name__}")
+    if values.dim() != 3:
+        fail("values", f"must have shape [nnz, bm, bk], got {list(values.shape)}")
+    if not values.is_floating_point():
+        fail("values", f"must be a floating-point tensor, got {values.dtype}")
+    if values.shape[1] not in SUPPORTED_BLOCK_SIZES or values.shape[2] not in SUPPORTED_BLOCK_SIZES:
+        fail("values", f"block size {tuple(values.shape[1:])} is not supported: each side must "
+                       f"be one of {SUPPORTED_BLOCK_SIZES}")
+    try:
+        n, k = (int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise InvalidIndexError(f"{name}: shape must be [N, K], got {shape!r}") from None
+    bm, bk = int(values.shape[1]), int(values.shape[2])
+    if n < 0 or k < 0 or n % bm or k % bk:
+        fail("values", f"block size ({bm}, {bk}) does not divide the matrix shape [{n}, {k}]")
+    nbr, nbc, nnz = n // bm, k // bk, int(values.shape[0])
+    if nnz > nbr * nbc:
+        fail("values", f"holds {nnz} blocks, more than the {nbr * nbc} of a [{n}, {k}] matrix")
+    if not isinstance(index, Mapping):
+        raise InvalidIndexError(f"{name}: index must be a dict of {INDEX_NAMES}, got "
+                                f"{type(index).__name__}")
+    lengths = {"crow_indices": (nbr + 1, f"N/bm + 1 = {n}/{bm} + 1"),
+               "ccol_indices": (nbc + 1, f"K/bk + 1 = {k}/{bk} + 1")}
+    for part in INDEX_NAMES:
+        t = index.get(part)
+        if not isinstance(t, torch.Tensor):
+            fail(part, "missing" if t is None else f"expected a tensor, got {type(t).__name__}")
+        length, why = lengths.get(part, (nnz, "nnz, the number of blocks in values"))
+        if t.dtype != torch.int32:
+            fail(part, f"must be int32, got {t.dtype}")
+        if t.dim() != 1 or t.numel() != length:
+            fail(part, f"must be 1-D of length {length} ({why}), got shape {list(t.shape)}")
+        if not t.is_contiguous():
+            fail(part, "must be contiguous")
+        if t.device != values.device:
+            fail(part, f"is on {t.device}, values on {values.device}: keep the index and the "
+                       "blocks on one device")
+    if values.device.type == "meta":
+        return  # nothing to read
+    crow = index["crow_indices"].long()
+    col = index["col_indices"].long()
+    # stage 1: what the rest relies on (row pointers from 0 to nnz, never decreasing)
+    counts = crow.diff()
+    ok = torch.stack([crow[0] == 0, (counts >= 0).all(), crow[-1] == nnz,
+                      ((col >= 0) & (col < nbc)).all()]).tolist()
+    messages = ["must start at 0", "must not decrease (row pointers)",
+                f"must end at nnz = {nnz} (the number of blocks in values)", None]
+    for good, part, message in zip(ok, ("crow_indices",) * 3 + ("col_indices",), messages):
+        if not good:
+            fail(part, message or f"entries must lie in [0, {nbc}) (K/bk = {k}/{bk})")
+    # stage 2: crow and col fix the set of stored blocks, and the other four arrays are
+    # functions of that set: compare each with what build_index makes of it.
+    # Block row of each stored block (searchsorted: repeat_interleave costs milliseconds).
+    rows = torch.searchsorted(crow[1:], torch.arange(nnz, device=crow.device), right=True)
+    same_row = rows[1:] == rows[:-1]
+    perm = torch.sort(col * nbr + rows, stable=True).indices
+    ccol = torch.zeros(nbc + 1, dtype=torch.long, device=col.device)
+    ccol[1:] = torch.cumsum(torch.bincount(col, minlength=nbc), 0)
+    given_perm = index["transpose_perm"].long()
+    is_perm = (torch.bincount(given_perm.clamp(0, max(nnz - 1, 0)), minlength=nnz) == 1).all() & (
+        (given_perm >= 0) & (given_perm < nnz)).all()
+    ok = torch.stack([
+        ~(same_row & (col[1:] <= col[:-1])).any(),
+        (index["row_indices"].long() == rows).all(),
+        (index["ccol_indices"].long() == ccol).all(),
+        is_perm,
+        (given_perm == perm).all(),
+        (index["row_indices_t"].long() == rows[perm]).all(),
+    ]).tolist()
+    messages = [("col_indices", "must be strictly increasing within each block row that "
+                                "crow_indices delimits (sorted, no duplicate blocks)"),
+                ("row_indices", "disagrees with crow_indices (block row of each stored block)"),
+                ("ccol_indices", "disagrees with col_indices (column pointers of the transposed "
+                                 "order)"),
+                ("transpose_perm", f"is not a permutation of 0..{nnz - 1}"),
+                ("transpose_perm", "is not the column-major order of the blocks that "
+                                   "crow_indices and col_indices describe"),
+                ("row_indices_t", "disagrees with the column-major order of the blocks that "
+                                  "crow_indices and col_indices describe")]
+    for good, (part, message) in zip(ok, messages):
+        if not good:
+            fail(part, message)
+
+
 class BlockSparseTensor(torch.Tensor):
     """A block-sparse matrix that behaves as a tensor of shape [N, K].
 
@@ -107,13 +222,20 @@ class BlockSparseTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, values, crow_indices, col_indices, row_indices, ccol_indices,
-                row_indices_t, transpose_perm, shape, requires_grad=False):
+                row_indices_t, transpose_perm, shape, requires_grad=False, check_index=True):
+        # check_index=False only for an index this package built or checked already (views
+        # of a layer's own buffers, from_dense, torch.compile's unflatten): it runs per call
+        if check_index:
+            validate_index(values, {"crow_indices": crow_indices, "col_indices": col_indices,
+                                    "row_indices": row_indices, "ccol_indices": ccol_indices,
+                                    "row_indices_t": row_indices_t,
+                                    "transpose_perm": transpose_perm}, shape)
         return torch.Tensor._make_wrapper_subclass(
             cls, torch.Size(shape), dtype=values.dtype, device=values.device,
             requires_grad=requires_grad)
 
     def __init__(self, values, crow_indices, col_indices, row_indices, ccol_indices,
-                 row_indices_t, transpose_perm, shape, requires_grad=False):
+                 row_indices_t, transpose_perm, shape, requires_grad=False, check_index=True):
         self.values = values
         self.crow_indices = crow_indices
         self.col_indices = col_indices
@@ -144,9 +266,14 @@ class BlockSparseTensor(torch.Tensor):
         if mask is None:
             block_mask = block_mask_from_mask(weight, (bm, bk))
         else:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
             if mask.device != weight.device:
                 raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}: "
                                  "move the mask with .to(weight.device)")
+            if not is_binary_mask(mask):
+                raise ValueError("mask holds values other than 0 and 1 (e.g. 0.5 or NaN): pass a "
+                                 "0/1 or bool mask (round or threshold a soft mask first)")
             if tuple(mask.shape) == tuple(weight.shape):
                 weight = weight * (mask != 0).to(weight.dtype)
                 block_mask = block_mask_from_mask(mask, (bm, bk))
@@ -158,11 +285,14 @@ class BlockSparseTensor(torch.Tensor):
                     f"(element mask) nor its block grid {list(nb)} (block mask)")
         values = _blocks(weight, (bm, bk))[block_mask].contiguous()
         index = build_index(block_mask)
-        return cls(values, **index, shape=weight.shape)
+        return cls(values, **index, shape=weight.shape, check_index=False)
 
     @classmethod
     def from_parts(cls, values, index: dict, shape) -> "BlockSparseTensor":
-        return cls(values, **{name: index[name] for name in INDEX_NAMES}, shape=shape)
+        """From stored blocks and the six index arrays (checked: see validate_index)."""
+        validate_index(values, index, shape)
+        return cls(values, **{name: index[name] for name in INDEX_NAMES}, shape=shape,
+                   check_index=False)
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -208,14 +338,15 @@ class BlockSparseTensor(torch.Tensor):
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         (shape,) = meta
-        return BlockSparseTensor(*(inner[name] for name in INNER_NAMES), shape=shape)
+        return BlockSparseTensor(*(inner[name] for name in INNER_NAMES), shape=shape,
+                                 check_index=False)
 
     def __reduce_ex__(self, protocol):
         return (_rebuild, (inner_tensors(self), tuple(self.shape)))
 
     def _with_values(self, values, index_fn=lambda t: t):
         return BlockSparseTensor(values, *(index_fn(getattr(self, n)) for n in INDEX_NAMES),
-                                 shape=self.shape)
+                                 shape=self.shape, check_index=False)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -257,4 +388,5 @@ class BlockSparseTensor(torch.Tensor):
 
 
 def _rebuild(inner, shape):
+    # unpickling: the index comes from outside, so the constructor checks it
     return BlockSparseTensor(*inner, shape=shape)

@@ -8,10 +8,13 @@ with flat keys ``"<module_name>.<param_name>"`` (never a pickle).
 from __future__ import annotations
 
 import os
-from typing import Dict
+from pathlib import Path
+from typing import Dict, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from sparsekernels.formats.block_sparse import is_binary_mask
 
 Masks = Dict[str, Dict[str, torch.Tensor]]
 
@@ -20,24 +23,38 @@ class MaskError(ValueError):
     """A mask dict does not fit the model it is applied to."""
 
 
+FORMAT = ("a dict {module_name: {'weight': mask, 'bias': mask}} of 0/1 tensors, keyed by "
+          "names from model.named_modules()")
+
+
 def validate_masks(model: torch.nn.Module, masks: Masks) -> None:
-    """Raise :class:`MaskError` unless every mask names a parameter of ``model`` with the
-    same shape and holds only 0s and 1s."""
+    """Raise :class:`MaskError` unless ``masks`` has NNI's format and every mask names a
+    parameter of ``model`` with the same shape and holds only 0s and 1s."""
+    if not isinstance(masks, Mapping):
+        raise MaskError(f"masks must be {FORMAT}; got a {type(masks).__name__}")
     modules = dict(model.named_modules())
     for name, entry in masks.items():
+        if not isinstance(name, str):
+            raise MaskError(f"mask key {name!r} is not a module name: masks must be {FORMAT}")
+        if not isinstance(entry, Mapping):
+            raise MaskError(f"masks[{name!r}] is a {type(entry).__name__}, not a dict "
+                            f"{{'weight': mask, 'bias': mask}}: masks must be {FORMAT}")
         if name not in modules:
             raise MaskError(f"mask for {name!r}: the model has no such module; masks must be "
                             "keyed by names from model.named_modules()")
         module = modules[name]
         for pname, mask in entry.items():
-            param = getattr(module, pname, None)
+            if not isinstance(mask, torch.Tensor):
+                raise MaskError(f"mask for {name!r}.{pname} is a {type(mask).__name__}, not a "
+                                f"tensor: masks must be {FORMAT}")
+            param = getattr(module, pname, None) if isinstance(pname, str) else None
             if not isinstance(param, torch.Tensor):
                 raise MaskError(f"mask for {name!r}.{pname}: {type(module).__name__} has no "
                                 f"parameter {pname!r}")
             if tuple(mask.shape) != tuple(param.shape):
                 raise MaskError(f"mask for {name!r}.{pname} has shape {tuple(mask.shape)} but "
                                 f"the parameter has shape {tuple(param.shape)}")
-            if not bool(((mask == 0) | (mask == 1)).all()):
+            if not is_binary_mask(mask):
                 raise MaskError(f"mask for {name!r}.{pname} holds values other than 0 and 1")
 
 
@@ -62,7 +79,15 @@ def save_masks(masks: Masks, path: str | os.PathLike) -> None:
 
 def load_masks_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> Masks:
     """Read masks written by :func:`save_masks`."""
-    return unflatten_masks(load_file(os.fspath(path), device=str(device)))
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a directory; expected the masks file (safetensors) "
+                                "that save_masks / export_model(masks_path=...) writes")
+    flat = load_file(os.fspath(path), device=str(device))
+    odd = [key for key in flat if "." not in key]
+    if odd:
+        raise MaskError(f"{path}: key {odd[0]!r} is not '<module>.<param>' (e.g. "
+                        "'encoder.layer.0.output.dense.weight'): not a file save_masks wrote")
+    return unflatten_masks(flat)
 
 
 def masks_to(masks: Masks, model: torch.nn.Module) -> Masks:

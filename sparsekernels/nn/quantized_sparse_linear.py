@@ -21,9 +21,11 @@ from torch import nn
 
 from sparsekernels.formats.block_sparse import (
     INDEX_NAMES,
+    InvalidIndexError,
     build_index,
     check_block_size,
     check_divisible,
+    validate_index,
 )
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_ffn import activate
@@ -211,10 +213,16 @@ class QuantizedSparseLinear(nn.Module):
                 error_msgs.append(f"{values_key} has block size {tuple(incoming.shape[1:])}, "
                                   f"the module has {self.block_size}")
                 return
-            col = state_dict.get(prefix + "col_indices")
-            if col is not None and col.numel() != incoming.shape[0]:
-                error_msgs.append(f"{prefix}: values and col_indices disagree on the number of "
-                                  "stored blocks")
+            # the kernels trust the index: check it once, as SparseLinear does
+            parts = {n: state_dict.get(prefix + n, getattr(self, n)) for n in INDEX_NAMES}
+            parts = {n: t.to(incoming.device) if isinstance(t, torch.Tensor) else t
+                     for n, t in parts.items()}
+            name = prefix[:-1] if prefix.endswith(".") else (prefix or "QuantizedSparseLinear")
+            try:
+                validate_index(incoming.to(torch.float32), parts,
+                               (self.out_features, self.in_features), name)
+            except InvalidIndexError as e:
+                error_msgs.append(str(e))
                 return
             self._adopt_layout(incoming.shape[0])
         self._packed_cache = None

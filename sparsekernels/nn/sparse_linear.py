@@ -22,12 +22,15 @@ from torch import nn
 
 from sparsekernels.formats.block_sparse import (
     INDEX_NAMES,
+    INNER_NAMES,
     BlockSparseTensor,
+    InvalidIndexError,
     build_index,
     check_block_size,
     check_divisible,
     inner_tensors,
     topk_block_mask,
+    validate_index,
 )
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.router import Route, route
@@ -158,7 +161,7 @@ class SparseLinear(nn.Module):
     @property
     def weight(self) -> BlockSparseTensor:
         return BlockSparseTensor(self.values, *(getattr(self, n) for n in INDEX_NAMES),
-                                 shape=(self.out_features, self.in_features))
+                                 shape=(self.out_features, self.in_features), check_index=False)
 
     @property
     def density(self) -> float:
@@ -237,26 +240,34 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A checkpoint may hold a different block layout (another pruning run): adopt its
-        # shapes before copying, after checking that the layout is consistent.
-        values_key = prefix + "values"
-        if values_key in state_dict and all(prefix + n in state_dict for n in INDEX_NAMES):
-            incoming = state_dict[values_key]
-            if tuple(incoming.shape[1:]) != self.block_size:
-                error_msgs.append(f"{prefix}values has block size {tuple(incoming.shape[1:])}, "
-                                  f"the module has {self.block_size}")
+        # A checkpoint may hold a different block layout (another pruning run): check it once
+        # here (the kernels trust the index) and adopt its shapes before copying. Parts the
+        # state dict lacks (a partial load) are checked as the module holds them.
+        incoming = {n: state_dict[prefix + n] for n in INNER_NAMES if prefix + n in state_dict}
+        if incoming:
+            first = next(iter(incoming.values()))
+            device = first.device if isinstance(first, torch.Tensor) else self.values.device
+            parts = {n: incoming[n] if n in incoming else getattr(self, n).detach()
+                     for n in INNER_NAMES}
+            parts = {n: t.to(device) if isinstance(t, torch.Tensor) else t
+                     for n, t in parts.items()}  # for the check only: same device, same dtype
+            name = prefix[:-1] if prefix.endswith(".") else (prefix or "SparseLinear")
+            values = parts.pop("values")
+            if isinstance(values, torch.Tensor) and tuple(values.shape[1:]) != self.block_size:
+                error_msgs.append(f"{name}.values has block size {tuple(values.shape[1:])}, the "
+                                  f"module has {self.block_size}")
                 return
-            nnz = incoming.shape[0]
-            if state_dict[prefix + "col_indices"].numel() != nnz:
-                error_msgs.append(f"{prefix}: values and col_indices disagree on the number of "
-                                  "stored blocks")
+            try:
+                validate_index(values, parts, (self.out_features, self.in_features), name)
+            except InvalidIndexError as e:
+                error_msgs.append(str(e))
                 return
-            if nnz != self.values.shape[0]:
+            if values.shape[0] != self.values.shape[0]:
                 self.values = nn.Parameter(
-                    self._empty_values(nnz, self.values.device, self.values.dtype),
+                    self._empty_values(values.shape[0], self.values.device, self.values.dtype),
                     requires_grad=self.values.requires_grad)
-                for name in INDEX_NAMES:
-                    setattr(self, name, getattr(self, name).new_empty(state_dict[prefix + name].shape))
+                for n in INDEX_NAMES:
+                    setattr(self, n, getattr(self, n).new_empty(parts[n].shape))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self.reroute()  # a loaded layout can change the density

@@ -27,6 +27,7 @@ allow at most ``floor(cap * U)`` units of a pool. Ties go to the unit that comes
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -230,6 +231,7 @@ def select_global(scores: Sequence[torch.Tensor], sizes: Sequence[torch.Tensor],
         owners.append(torch.full((eligible.numel(),), p, dtype=torch.long))
         positions.append(eligible)
     all_sizes = torch.cat(flat_sizes) if flat_sizes else torch.zeros(0, dtype=torch.long)
+    _warn_if_capped(total_sparsity, target, int(all_sizes.sum()), total)
     if target == 0 or all_sizes.numel() == 0:
         return keeps
     all_scores = torch.cat(flat_scores)
@@ -252,3 +254,12 @@ def select_global(scores: Sequence[torch.Tensor], sizes: Sequence[torch.Tensor],
     for p in range(len(scores)):
         keeps[p][all_pos[all_owners == p]] = False
     return keeps
+
+
+def _warn_if_capped(total_sparsity: float, target: int, prunable: int, total: int) -> None:
+    """The caps (max_sparsity_per_layer) leave fewer prunable elements than the target asks."""
+    if prunable < target:
+        warnings.warn(f"total_sparsity={total_sparsity} is not reachable under "
+                      f"max_sparsity_per_layer: the caps let {prunable} of {total} elements be "
+                      f"pruned, a sparsity of {prunable / total:.4f}; pruning that much (raise "
+                      "the caps or lower total_sparsity to silence this)", stacklevel=3)

@@ -183,10 +183,152 @@ def _own_config(module: nn.Module, attrs: dict) -> None:
 
 
 # --- replay ---------------------------------------------------------------------------------
+# The attributes a recorded change may set: the ones the functions above write, nothing else
+# (a record is replayed from a file, and setattr with a name from a file could replace any
+# attribute, a method included).
+WEIGHT_LAYER_ATTRS = ("out_features", "in_features", "nf", "nx", "out_channels", "in_channels",
+                      "embedding_dim", "num_embeddings")
+HEAD_ATTRS = names.HEAD_ATTRS + names.KV_HEAD_ATTRS + names.KV_GROUP_ATTRS + names.HEAD_WIDTH_ATTRS
+CONFIG_HEAD_ATTRS = names.HEAD_ATTRS + names.KV_HEAD_ATTRS  # what set_head_count copies a config for
+
+
+def _is_int(value, low: int = 0) -> bool:
+    return type(value) is int and value >= low  # JSON true / false are not counts
+
+
+def _is_shape(value, dims=None) -> bool:
+    return (isinstance(value, list) and all(_is_int(v) for v in value)
+            and (dims is None or len(value) == dims))
+
+
+def _check_change(model: nn.Module, name: str, change) -> None:
+    """Raise ValueError unless one recorded change is well formed and fits the module."""
+    from sparsekernels.formats.block_sparse import SUPPORTED_BLOCK_SIZES
+    from sparsekernels.ops.backend import Backend
+
+    def fail(message: str):
+        op = change.get("op") if isinstance(change, dict) else None
+        raise ValueError(f"structure entry {name!r}" + (f" ({op})" if op else "") + f": {message}")
+
+    if not isinstance(change, dict) or not isinstance(change.get("op"), str):
+        fail(f'each change must be an object with an "op" string, got {change!r:.80}')
+    op = change["op"]
+    if op not in _CHANGE_FIELDS:
+        fail(f"unknown structure change {op!r}: this file was written by a newer sparsekernels, "
+             "or is damaged")
+    for field, (check, what) in _CHANGE_FIELDS[op].items():
+        if not check(change.get(field)):
+            fail(f"field {field!r} must be {what}, got {change.get(field)!r:.80}")
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        fail(f"the model has no module {name!r}: was the record written for another model?")
+    allowed = {"weight_layer": WEIGHT_LAYER_ATTRS, "heads": HEAD_ATTRS}.get(op, ())
+    for attr in change.get("attrs", {}) if allowed else ():
+        if attr not in allowed:
+            fail(f"cannot set attribute {attr!r} of {type(module).__name__} (this change sets "
+                 f"only {allowed})")
+    for attr in change.get("config") or {} if op == "heads" else ():
+        if attr not in CONFIG_HEAD_ATTRS:
+            fail(f"cannot set config attribute {attr!r} (this change sets only "
+                 f"{CONFIG_HEAD_ATTRS})")
+        if getattr(module, "config", None) is None:
+            fail(f"records config head counts, but {type(module).__name__} has no config")
+    weight = getattr(module, "weight", None)
+    if op in ("weight_layer", "add_bias", "norm") and not isinstance(weight, torch.Tensor):
+        fail(f"{type(module).__name__} has no weight tensor")
+    if op == "weight_layer":
+        if len(change["weight"]) != weight.dim():
+            fail(f"weight shape {change['weight']} has {len(change['weight'])} dims, the "
+                 f"module's weight {weight.dim()}")
+        if change["bias"] is not None and not isinstance(getattr(module, "bias", None), torch.Tensor):
+            fail(f"records a bias, but {type(module).__name__} has none")
+    elif op == "param":
+        if change["attr"] not in dict(module.named_parameters(recurse=False)):
+            fail(f"{type(module).__name__} has no parameter {change['attr']!r}")
+        if len(change["shape"]) != getattr(module, change["attr"]).dim():
+            fail(f"shape {change['shape']} does not have the parameter's number of dims")
+    elif op == "norm":
+        if change["size"] > weight.shape[0] or change["virtual"] < change["size"]:
+            fail(f"size {change['size']} / virtual {change['virtual']} do not fit a norm of "
+                 f"{weight.shape[0]} channels")
+    elif op == "t5_heads":
+        kept, total = change["kept"], change["total"]
+        if not kept or sorted(set(kept)) != kept or kept[-1] >= total:
+            fail(f"kept heads {kept} must be sorted, distinct and below total {total}")
+        if not callable(getattr(module, "compute_bias", None)):
+            fail(f"{type(module).__name__} is not a T5 attention (no compute_bias)")
+    elif op == "sparse_linear":
+        bm, bk = change["block_size"]
+        if bm not in SUPPORTED_BLOCK_SIZES or bk not in SUPPORTED_BLOCK_SIZES:
+            fail(f"block size {(bm, bk)} is not supported ({SUPPORTED_BLOCK_SIZES})")
+        if change["out_features"] % bm or change["in_features"] % bk:
+            fail(f"block size {(bm, bk)} does not divide [{change['out_features']}, "
+                 f"{change['in_features']}]")
+        Backend.parse(change.get("backend", "auto"))
+        if name == "":
+            fail("cannot replace the model itself")
+    elif op == "attention_layout":
+        if any(b <= 0 for b in change["block_size"]):
+            fail(f"block size {change['block_size']} must be positive")
+
+
+def _attrs(allowed_values=_is_int):
+    return lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and allowed_values(x) for k, x in v.items())
+
+
+_SHAPE = (_is_shape, "a list of non-negative ints")
+_CHANGE_FIELDS: dict[str, dict] = {
+    "weight_layer": {"weight": _SHAPE,
+                     "bias": (lambda v: v is None or _is_shape(v, 1), "null or a 1-item list"),
+                     "attrs": (_attrs(), "an object of non-negative ints")},
+    "add_bias": {"bias": (lambda v: _is_shape(v, 1), "a 1-item list of ints")},
+    "param": {"attr": (lambda v: isinstance(v, str), "a string"), "shape": _SHAPE},
+    "norm": {"size": (lambda v: _is_int(v, 1), "a positive int"),
+             "virtual": (lambda v: _is_int(v, 1), "a positive int")},
+    "heads": {"attrs": (_attrs(), "an object of non-negative ints"),
+              "config": (lambda v: v is None or _attrs()(v), "null or an object of ints")},
+    "attention_layout": {
+        "keep": (lambda v: isinstance(v, list) and v and all(type(x) is bool for x in v),
+                 "a non-empty list of booleans"),
+        "seq_len": (lambda v: _is_int(v, 1), "a positive int"),
+        "block_size": (lambda v: _is_shape(v, 2), "a list of two ints")},
+    "t5_heads": {"kept": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+                          "a list of head indices"),
+                 "total": (lambda v: _is_int(v, 1), "a positive int")},
+    "sparse_linear": {
+        "in_features": (lambda v: _is_int(v, 1), "a positive int"),
+        "out_features": (lambda v: _is_int(v, 1), "a positive int"),
+        "block_size": (lambda v: _is_shape(v, 2), "a list of two ints"),
+        "bias": (lambda v: type(v) is bool, "true or false"),
+        "backend": (lambda v: v is None or isinstance(v, str), "a backend name")},
+    "fuse_ffn": {},
+    "quantize_int8": {},
+}
+
+
+def validate_structure(model: nn.Module, structure) -> None:
+    """Raise ValueError unless `structure` ({module name: [change, ...]}, as ModelSpeedup
+    records it) is well formed and every change fits `model`. restore_structure calls it
+    before applying anything: a record is untrusted input (it comes from a file)."""
+    if not isinstance(structure, dict):
+        raise ValueError("the structure record must be an object {module name: [change, ...]}, "
+                         f"got {type(structure).__name__}")
+    for name, changes in structure.items():
+        if not isinstance(changes, list):
+            raise ValueError(f"structure entry {name!r} must be a list of changes, got "
+                             f"{type(changes).__name__}")
+        for change in changes:
+            _check_change(model, name, change)
+
+
 def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> None:
-    """Give a freshly built model the shapes recorded by a speedup, before loading weights."""
+    """Give a freshly built model the shapes recorded by a speedup, before loading weights.
+    Every change is checked (validate_structure) before any is applied."""
     from sparsekernels.nn.sparse_linear import SparseLinear
 
+    validate_structure(model, structure)
     cache = ParamCache()  # a parameter shared by several modules (tied) stays shared
     fuse = False  # FFNs are fused once every SparseLinear exists
 
@@ -224,10 +366,13 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 parent = model.get_submodule(parent_name) if parent_name else model
                 grid = (change["out_features"] // change["block_size"][0],
                         change["in_features"] // change["block_size"][1])
+                old = getattr(module, "weight", None)  # keep the replaced layer's dtype
                 sparse = SparseLinear(change["in_features"], change["out_features"],
                                       tuple(change["block_size"]), bias=change["bias"],
                                       block_mask=torch.zeros(grid, dtype=torch.bool),
-                                      backend=change.get("backend", "auto"))
+                                      backend=change.get("backend", "auto"),
+                                      dtype=old.dtype if isinstance(old, torch.Tensor)
+                                      and old.is_floating_point() else None)
                 setattr(parent, child, sparse)
             elif op == "quantize_int8":  # after its sparse_linear: same layout, int8 values
                 from sparsekernels.nn.quantized_sparse_linear import apply_dtype_
@@ -235,9 +380,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 apply_dtype_(model, "int8", names={name})
             elif op == "fuse_ffn":
                 fuse = True
-            else:
-                raise ValueError(f"unknown structure change {op!r} for {name!r}: this file was "
-                                 "written by a newer sparsekernels")
+            else:  # validate_structure refused it already
+                raise AssertionError(op)
     if fuse:
         from sparsekernels.nn.sparse_ffn import fuse_ffn_
 

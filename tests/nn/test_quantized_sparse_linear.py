@@ -88,6 +88,18 @@ def test_state_dict_saves_and_reloads_into_another_layout():
         other.load_state_dict({**state, "values": state["values"].float()})
 
 
+@pytest.mark.parametrize("part", ["crow_indices", "col_indices"])
+def test_a_damaged_index_is_refused_before_any_kernel_reads_it(part):
+    ql = QuantizedSparseLinear.from_sparse_linear(sparse_layer(density=0.7))
+    state = ql.state_dict()
+    before = {k: v.clone() for k, v in ql.state_dict().items()}
+    bad = state[part].clone()
+    bad[-1] = 50000  # past the last block / column
+    with pytest.raises(RuntimeError, match=part):
+        ql.load_state_dict({**state, part: bad})
+    assert all(torch.equal(before[k], v) for k, v in ql.state_dict().items())
+
+
 def test_to_moves_but_keeps_scales_and_bias_float32():
     ql = QuantizedSparseLinear.from_sparse_linear(sparse_layer())
     scale = ql.scale.clone()

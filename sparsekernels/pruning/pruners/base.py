@@ -248,7 +248,7 @@ class Pruner:
 
     def load_masks(self, masks: Masks | str | os.PathLike) -> None:
         """Wrap the model with given masks (a mask dict or a file from ``export_model``)."""
-        if not isinstance(masks, Mapping):
+        if isinstance(masks, (str, os.PathLike)):
             masks = load_masks_file(masks)
         validate_masks(self.model, masks)
         self.unwrap_model()

@@ -26,11 +26,15 @@ class TaylorFOWeightPruner(DataDrivenPruner):
         self._importance = {n: torch.zeros(modules[n].weight.shape, dtype=torch.float64)
                             for n in names}
 
+        steps, with_grad = [0], set()
+
         def accumulate():
+            steps[0] += 1
             with torch.no_grad():
                 for n in names:
                     w = modules[n].weight
                     if w.grad is not None:
+                        with_grad.add(n)
                         self._importance[n] += (w.detach().double()
                                                 * w.grad.detach().double()).square().cpu()
 
@@ -39,6 +43,16 @@ class TaylorFOWeightPruner(DataDrivenPruner):
             self.evaluator.train(max_steps=self.training_steps)
         finally:
             self.evaluator.revert_optimizer_step()
+        # without a gradient every score is 0 and the ranking would be index order
+        if steps[0] == 0:
+            raise RuntimeError("TaylorFOWeightPruner: the training function never called "
+                               "optimizer.step(), so no gradient was accumulated; it must run "
+                               "loss.backward() and optimizer.step() for training_steps steps")
+        if not with_grad:
+            raise RuntimeError(f"TaylorFOWeightPruner: optimizer.step() ran {steps[0]} times but "
+                               "no pruned layer had a gradient (.grad was None); call "
+                               "loss.backward() before optimizer.step(), on a loss that "
+                               "depends on these layers")
 
     def _element_scores(self, name, module):
         return layers.to_canonical(module, self._importance[name])
