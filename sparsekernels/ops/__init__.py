@@ -12,8 +12,9 @@ import importlib.util
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_linear import bsr_linear
 from sparsekernels.ops.bsr_ffn import bsr_ffn
+from sparsekernels.ops.bsr_gated_ffn import bsr_gated_ffn
 
-__all__ = ["Backend", "bsr_ffn", "bsr_linear"]
+__all__ = ["Backend", "bsr_ffn", "bsr_gated_ffn", "bsr_linear"]
 
 if importlib.util.find_spec("sparsekernels.ops.block_sparse_attention") is not None:
     from sparsekernels.ops.block_sparse_attention import block_sparse_attention

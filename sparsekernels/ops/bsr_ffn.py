@@ -1,9 +1,10 @@
 """sparsekernels::bsr_ffn: a block-sparse feed-forward block, act(x @ W1.T + b1) @ W2.T + b2.
 
 How much is fused depends on the backend:
-  cpu        one C++ kernel: each thread keeps its rows' intermediate in an L2-sized buffer
-             (bias and activation applied there), so the [T, N1] intermediate never
-             reaches memory (csrc/cpu/bsr_ffn.cpp);
+  cpu        one C++ kernel at every token count: each thread keeps its rows' intermediate
+             in an L2-sized buffer (bias and activation applied there), or at decode the
+             threads split the hidden units, then the outputs, so the [T, N1]
+             intermediate never reaches memory (csrc/cpu/ffn.h);
   triton     FFN1 with bias + activation in its epilogue, then FFN2: the intermediate is
              written once and read once, with no separate activation pass;
   cuda       bsr_linear, activation, bsr_linear;
@@ -18,38 +19,30 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sparsekernels.formats.block_sparse import BlockSparseTensor, inner_tensors
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend, select
 from sparsekernels.ops.bsr_linear import bsr_linear, check_inputs, prefers_dense
-from sparsekernels.ops.reference import bsr_linear as ref
+from sparsekernels.ops.reference import bsr_ffn as ref_ffn
+from sparsekernels.ops.reference.bsr_ffn import activate
+
+__all__ = ["ACTIVATIONS", "activate", "bsr_ffn", "check_activation"]
 
 OP = "bsr_ffn"
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
-# Below this many rows the C++ kernel cannot fill its register tiles; bsr_linear's
-# few-token path (one read of each weight) is then the faster route.
-_MIN_FUSED_ROWS = 24
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
 
 
-def activate(h: Tensor, activation: str) -> Tensor:
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    if activation == "relu":
-        return F.relu(h)
-    return h
-
-
-def _activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+def activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    """d activate(h) / dh applied to grad."""
     if activation in ("gelu", "gelu_tanh"):
         approximate = "tanh" if activation == "gelu_tanh" else "none"
         return torch.ops.aten.gelu_backward(grad, h, approximate=approximate)
     if activation == "relu":
         return grad * (h > 0).to(grad.dtype)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, h)
     return grad
 
 
@@ -70,7 +63,7 @@ def _bsr_ffn(x: Tensor,
     n2 = (crow2.numel() - 1) * values2.shape[1]
     x2 = _rows(x)
     chosen = select(backend, x.device, "bsr_linear")
-    if chosen is Backend.CPU and x2.shape[0] >= _MIN_FUSED_ROWS and _ext.has_op(OP, "cpu"):
+    if chosen is Backend.CPU and _ext.has_op(OP, "cpu"):
         y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
                                activation)
     elif chosen is Backend.TRITON:
@@ -79,9 +72,9 @@ def _bsr_ffn(x: Tensor,
         h = tri.bsr_linear(x2, values1, crow1, col1, bias1, activation=activation)
         y = tri.bsr_linear(h, values2, crow2, col2, bias2)
     elif chosen is Backend.REFERENCE:
-        h = activate(ref.bsr_linear(x2, values1, row1, col1, n1, bias1), activation)
-        y = ref.bsr_linear(h, values2, row2, col2, n2, bias2)
-    else:  # cpu with few rows, cuda: two bsr_linear calls around the activation
+        y = ref_ffn.bsr_ffn(x2, values1, row1, col1, bias1, values2, row2, col2, bias2, n1, n2,
+                            activation)
+    else:  # cuda (or an extension built without bsr_ffn): bsr_linear, activation, bsr_linear
         h = torch.ops.sparsekernels.bsr_linear(x2, values1, crow1, col1, row1, ccol1, row_t1,
                                                perm1, bias1, chosen.value)
         y = torch.ops.sparsekernels.bsr_linear(activate(h, activation), values2, crow2, col2,
@@ -104,14 +97,8 @@ def _bsr_ffn_packed(x: Tensor, values1: Tensor, packed1: Tensor, crow1: Tensor, 
     autograd formula: callers use it only when no gradient is needed)."""
     n1 = (crow1.numel() - 1) * values1.shape[1]
     n2 = (crow2.numel() - 1) * values2.shape[1]
-    x2 = _rows(x)
-    if x2.shape[0] >= _MIN_FUSED_ROWS and _ext.has_op(OP, "cpu"):
-        y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
-                               activation, packed1, packed2)
-    else:
-        linear = _ext.op("bsr_linear", "cpu")
-        h = activate(linear(x2, values1, crow1, col1, bias1, packed1), activation)
-        y = linear(h, values2, crow2, col2, bias2, packed2)
+    y = _ext.op(OP, "cpu")(_rows(x), values1, crow1, col1, bias1, values2, crow2, col2, bias2,
+                           n1, activation, packed1, packed2)
     return y.reshape(*x.shape[:-1], n2)
 
 
@@ -144,7 +131,7 @@ def _backward(ctx, grad):
     grad_b2 = g.sum(0) if ctx.has_bias[1] and need[16] else None
     grad_x = grad_v1 = grad_b1 = None
     if need[0] or need[1] or need[8]:
-        grad_h = _activation_backward(ops.bsr_dsd(g, values2, ccol2, row_t2, perm2, backend), h,
+        grad_h = activation_backward(ops.bsr_dsd(g, values2, ccol2, row_t2, perm2, backend), h,
                                       ctx.activation)
         if need[0]:
             grad_x = ops.bsr_dsd(grad_h, values1, ccol1, row_t1, perm1,
@@ -185,7 +172,7 @@ def check_ffn_inputs(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tenso
 def bsr_ffn(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tensor],
             activation: str = "gelu", backend: "Backend | str" = "auto") -> Tensor:
     """act(x[..., K] @ w1.T + b1) @ w2.T + b2 for BlockSparseTensor weights w1 [N1, K] and
-    w2 [N2, N1]; activation: none, gelu (erf), gelu_tanh or relu.
+    w2 [N2, N1]; activation: none, gelu (erf), gelu_tanh, relu or silu.
 
     auto runs the fused kernel when both weights are sparse enough for their kernels, and
     otherwise each layer as bsr_linear would (dense above the measured crossover).
