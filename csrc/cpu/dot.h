@@ -94,7 +94,8 @@ inline void dot_group(const T* A, int64_t lda, const T* values, int64_t bm, int6
           for (int q = 0; q < NR; ++q) sums[t][n - n0 + q] = acc[t][q];
       }
       const V b = bias ? loadu<T>(bias + i * bm + n0) : V{};
-      for (int t = 0; t < RT; ++t) storeu<T>(out + t * ldo + i * bm + n0, transpose_sum<T>(sums[t]) + b);
+      for (int t = 0; t < RT; ++t)
+        storeu<T>(out + t * ldo + i * bm + n0, transpose_sum<T>(sums[t]) + b);
     }
   }
 }

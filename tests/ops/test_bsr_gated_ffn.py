@@ -90,8 +90,8 @@ def test_forward_matches_reference(backend, dtype, tokens, density, activation):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-@pytest.mark.parametrize("which", [(False, False, False), (True, False, True), (False, True, False)],
-                         ids=["nobias", "gate+down", "up"])
+@pytest.mark.parametrize("which", [(False, False, False), (True, False, True),
+                                   (False, True, False)], ids=["nobias", "gate+down", "up"])
 @pytest.mark.parametrize("tokens", [1, 40], ids=lambda t: f"T{t}")
 def test_optional_biases(backend, which, tokens):
     need(backend)
