@@ -20,6 +20,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -133,6 +134,13 @@ inline int64_t wanted_rows(int64_t row_bytes, int64_t weight_bytes) {
   return std::clamp<int64_t>(weight_bytes / (2 * row_bytes), 48, 192);
 }
 
+// Scratch that is written before it is read: no zero-fill (a memset of rows x N1 would cost
+// as much as a small decode step).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(n > 0 ? new T[static_cast<size_t>(n)] : nullptr);
+}
+
 template <typename T>
 int64_t stored_bytes(const Layer<T>& w, int64_t bo) {
   return static_cast<int64_t>(sizeof(T)) * (w.s.ptr[w.s.n_out] - w.s.ptr[0]) * w.s.bi * bo;
@@ -160,13 +168,13 @@ void ffn_row_chunks(const T* X, int64_t rows, int64_t ldx, const Layer<T>& w1,
     const int64_t r0 = std::min(rows, tid * per), r1 = std::min(rows, r0 + per);
     const int64_t pieces = std::max<int64_t>(1, (r1 - r0 + wanted - 1) / wanted);
     const int64_t mc = round_up((r1 - r0 + pieces - 1) / pieces);
-    std::vector<T> buffer(r1 > r0 ? static_cast<size_t>(mc * n1) : 0);
-    std::vector<T> ubuf(r1 > r0 && up ? static_cast<size_t>(mc * BO1) : 0);
-    T* h = buffer.data();
+    const auto buffer = scratch<T>(r1 > r0 ? mc * n1 : 0);
+    const auto ubuf = scratch<T>(r1 > r0 && up ? mc * BO1 : 0);
+    T* h = buffer.get();
     for (int64_t t0 = r0; t0 < r1; t0 += mc) {
       const int64_t rc = std::min(r1, t0 + mc) - t0;
       hidden_range<T, BO1>(X + t0 * ldx, rc, ldx, w1, up, act, 0, w1.s.n_out, h, n1,
-                           ubuf.data(), true, st);
+                           ubuf.get(), true, st);
       layer_range<T, BO2>(w2, h, rc, n1, 0, w2.s.n_out, out + t0 * ldo, ldo);
     }
   }
@@ -185,20 +193,20 @@ void ffn_split_units(const T* X, int64_t rows, int64_t ldx, const Layer<T>& w1,
     for (int64_t o = 0; o <= w1.s.n_out; ++o) both[o] = w1.s.ptr[o] + up->s.ptr[o];
     ptr1 = both.data();
   }
-  std::vector<T> h(static_cast<size_t>(rows * n1));
-  std::vector<T> u(up ? static_cast<size_t>(rows * n1) : 0);
+  const auto h = scratch<T>(rows * n1);
+  const auto u = scratch<T>(up ? rows * n1 : 0);
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
     int64_t o0, o1;
     split_stored(ptr1, w1.s.n_out, nt, tid, &o0, &o1);
     if (o1 > o0)
-      hidden_range<T, BO1>(X, rows, ldx, w1, up, act, o0, o1, h.data() + o0 * BO1, n1,
-                           up ? u.data() + rows * o0 * BO1 : nullptr, false, st);
+      hidden_range<T, BO1>(X, rows, ldx, w1, up, act, o0, o1, h.get() + o0 * BO1, n1,
+                           up ? u.get() + rows * o0 * BO1 : nullptr, false, st);
 #pragma omp barrier
     int64_t p0, p1;
     split_stored(w2.s.ptr, w2.s.n_out, nt, tid, &p0, &p1);
-    layer_range<T, BO2>(w2, h.data(), rows, n1, p0, p1, out + p0 * BO2, ldo);
+    layer_range<T, BO2>(w2, h.get(), rows, n1, p0, p1, out + p0 * BO2, ldo);
   }
 }
 
