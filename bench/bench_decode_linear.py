@@ -6,8 +6,9 @@ memory floor.
 
 At decode a layer is memory-bound: its floor is the bytes it must read and write (the
 stored blocks, the int32 index, x and y) over the machine's bandwidth, measured as a large
-copy (bytes read plus written, BENCH.md); efficiency = floor / time. A read-only sweep runs
-faster than a copy, so a kernel that only streams can pass 1.
+copy (bytes read plus written, BENCH.md), or its FLOPs over the measured fp32 matmul peak
+where those take longer (from about 8 tokens on 2 CPU cores); efficiency = floor / time. A
+read-only sweep runs faster than a copy, so a kernel that only streams can pass 1.
 
 Weights small enough to stay in the L2 / L3 are not DRAM-bound in a loop that calls one
 layer again and again, while in a model the other layers' weights evict them between two
@@ -32,6 +33,10 @@ Gated FFN (SmolLM2's MLP, 576 -> 1536 gate / up, 1536 -> 576 down, SiLU):
   fused_stored  bsr_gated_ffn on the blocks as stored (no packed cache)
 Interleaved: within a repetition the candidates run in a fresh random order; ratios are
 medians of per-repetition ratios, so a noisy neighbour slows all candidates alike.
+--quantile q (default 0.5, the median) reports the q-quantile of each candidate's times and
+ratios of those instead: on a machine loaded by other work (2 OpenMP threads on 2 busy
+cores stall whole time slices at a barrier) a low quantile is the better estimate of the
+undisturbed time; the header says which was used.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import kernel_bench_parser, measure_bandwidth, write_results  # noqa: E402
+from common import (kernel_bench_parser, measure_bandwidth, measure_peak_flops,  # noqa: E402
+                    write_results)
 
 from sparsekernels import BlockSparseTensor  # noqa: E402
 from sparsekernels.formats.block_sparse import inner_tensors  # noqa: E402
@@ -124,8 +130,20 @@ def time_decode(fns: dict, reps: int, cold: bool, evict: Evictor, touch) -> dict
     return samples
 
 
+QUANTILE = [0.5]  # set from --quantile
+
+
+def stat(values: list[float]) -> float:
+    if QUANTILE[0] == 0.5:
+        return statistics.median(values)
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(QUANTILE[0] * len(ordered)))]
+
+
 def ratio(samples: dict, num: str, den: str) -> float:
-    return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+    if QUANTILE[0] == 0.5:
+        return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+    return stat(samples[num]) / stat(samples[den])
 
 
 def sparse_weight(n_out: int, n_in: int, density: float, block: int) -> BlockSparseTensor:
@@ -139,7 +157,7 @@ def stored_bytes(w: BlockSparseTensor) -> int:
             + 4 * (w.crow_indices.numel() + w.col_indices.numel()))
 
 
-def linear_case(c: Case, reps: int, bw: float, evict: Evictor) -> dict:
+def linear_case(c: Case, reps: int, bw: float, peak: float, evict: Evictor) -> dict:
     n_in, n_out = LAYERS[c.layer]
     w = sparse_weight(n_out, n_in, c.density, c.block)
     wd = w.to_dense()
@@ -159,12 +177,13 @@ def linear_case(c: Case, reps: int, bw: float, evict: Evictor) -> dict:
         err = (fn().double() - ref).abs().max().item()
         assert err < 1e-4 * max(1.0, ref.abs().max().item()), f"{c}: {name} is wrong ({err:.2e})"
     nbytes = stored_bytes(w) + 4 * c.tokens * (n_in + n_out)
-    return summarize(c, fns, reps, bw, evict, lambda: x.sum(), nbytes,
+    flops = 2 * c.tokens * w.values.numel()
+    return summarize(c, fns, reps, max(nbytes / bw, flops / peak), evict, lambda: x.sum(), nbytes,
                      dense_bytes=4 * (n_in * n_out + c.tokens * (n_in + n_out)),
                      sparse=("op", "op_packed", "kernel_packed"), best="kernel_packed")
 
 
-def gated_case(c: Case, reps: int, bw: float, evict: Evictor) -> dict:
+def gated_case(c: Case, reps: int, bw: float, peak: float, evict: Evictor) -> dict:
     k, hidden = 576, 1536
     gate, up = (sparse_weight(hidden, k, c.density, c.block) for _ in range(2))
     down = sparse_weight(k, hidden, c.density, c.block)
@@ -194,13 +213,13 @@ def gated_case(c: Case, reps: int, bw: float, evict: Evictor) -> dict:
         err = (fn().double() - ref).abs().max().item()
         assert err < 1e-4 * max(1.0, ref.abs().max().item()), f"{c}: {name} is wrong ({err:.2e})"
     nbytes = sum(stored_bytes(w) for w in (gate, up, down)) + 4 * c.tokens * 2 * k
-    return summarize(c, fns, reps, bw, evict, lambda: x.sum(), nbytes,
+    flops = 2 * c.tokens * sum(w.values.numel() for w in (gate, up, down))
+    return summarize(c, fns, reps, max(nbytes / bw, flops / peak), evict, lambda: x.sum(), nbytes,
                      dense_bytes=4 * (3 * k * hidden + 2 * c.tokens * k),
                      sparse=("separate", "fused", "fused_stored"), best="fused")
 
 
-def summarize(c: Case, fns, reps, bw, evict, touch, nbytes, dense_bytes, sparse, best) -> dict:
-    floor = nbytes / bw
+def summarize(c: Case, fns, reps, floor, evict, touch, nbytes, dense_bytes, sparse, best) -> dict:
     row = {"kind": c.kind, "layer": c.layer, "tokens": c.tokens, "density": c.density,
            "block": c.block, "MB": nbytes / 1e6, "floor_us": floor * 1e6,
            "bytes_ratio": dense_bytes / nbytes}
@@ -208,10 +227,10 @@ def summarize(c: Case, fns, reps, bw, evict, touch, nbytes, dense_bytes, sparse,
         for mode in ("cold", "hot"):
             s = time_decode(fns, reps, mode == "cold", evict, touch)
             for name in fns:
-                row[f"{mode}_{name}_us"] = statistics.median(s[name]) * 1e6
+                row[f"{mode}_{name}_us"] = stat(s[name]) * 1e6
             for name in sparse:
                 row[f"{mode}_{name}_vs_dense"] = ratio(s, "dense", name)
-            row[f"{mode}_eff"] = floor / statistics.median(s[best])
+            row[f"{mode}_eff"] = floor / stat(s[best])
             if c.kind == "gated_ffn":
                 row[f"{mode}_fused_vs_separate"] = ratio(s, "separate", "fused")
     return row
@@ -219,7 +238,10 @@ def summarize(c: Case, fns, reps, bw, evict, touch, nbytes, dense_bytes, sparse,
 
 def main(argv=None) -> int:
     p = kernel_bench_parser(__doc__)
+    p.add_argument("--quantile", type=float, default=0.5,
+                   help="report this quantile of the times (0.5: medians, see the docstring)")
     args = p.parse_args(argv)
+    QUANTILE[0] = args.quantile
     if args.device != "cpu":
         print("bench_decode_linear times the CPU kernels; use --device cpu")
         return 2
@@ -231,13 +253,14 @@ def main(argv=None) -> int:
     l3 = l3_bytes()
     evict = Evictor(2 * l3 if not args.smoke else 4 << 20)
     bw = measure_bandwidth(device)
+    peak = measure_peak_flops(device, torch.float32, n=1024 if args.smoke else None)
     todo = cases(args.smoke)
     if args.limit:
         todo = todo[: args.limit]
     reps = 3 if args.smoke else args.reps
     rows = []
     for i, c in enumerate(todo):
-        row = (linear_case if c.kind == "linear" else gated_case)(c, reps, bw, evict)
+        row = (linear_case if c.kind == "linear" else gated_case)(c, reps, bw, peak, evict)
         rows.append(row)
         sparse = "kernel_packed" if c.kind == "linear" else "fused"
         print(f"[{i + 1}/{len(todo)}] {c.layer} T={c.tokens} d={c.density}: floor "
@@ -255,13 +278,19 @@ def main(argv=None) -> int:
     except OSError:
         load = ["?"]
     notes = [
-        f"- copy bandwidth measured (the floor's): {bw / 1e9:.1f} GB/s; a read-only sweep: "
+        f"- fp32 matmul peak measured: {peak / 1e9:.0f} GFLOP/s; "
+        f"copy bandwidth measured (the floor's): {bw / 1e9:.1f} GB/s; a read-only sweep: "
         f"{read_bw / 1e9:.1f} GB/s; L3 {l3 >> 20} MiB, so cold = after a {2 * l3 >> 20} MiB "
         "read sweep",
         f"- load average at the end of the run: {' '.join(load)} (a shared machine: absolute "
-        "times are noisy; the *_vs_dense ratios are medians of interleaved per-repetition "
-        "ratios)",
-        "- floor_us = (stored blocks + int32 index + x + y bytes) / copy bandwidth; eff = floor "
+        "times are noisy)",
+        "- statistic: " + ("medians; the *_vs_dense ratios are medians of interleaved "
+                           "per-repetition ratios" if args.quantile == 0.5 else
+                           f"the {args.quantile:g}-quantile of {reps} interleaved samples per "
+                           "candidate (the machine was loaded; see the docstring), ratios of "
+                           "those"),
+        "- floor_us = max(stored blocks + int32 index + x + y bytes / copy bandwidth, FLOPs / "
+        "peak); eff = floor "
         "/ kernel_packed (linear) or / fused (gated FFN); bytes_ratio = dense bytes / sparse "
         "bytes, the speedup a memory-bound kernel could reach over a dense one at the same "
         "bandwidth",
