@@ -29,7 +29,7 @@ from common import (kernel_bench_parser, kernel_bench_setup, read_results,  # no
 
 from sparsekernels import BlockSparseTensor, SparseLinear  # noqa: E402
 from sparsekernels.ops.backend import Backend  # noqa: E402
-from sparsekernels.ops.bsr_linear import bsr_linear  # noqa: E402
+from sparsekernels.formats.functional import sparse_linear  # noqa: E402
 from sparsekernels.testing import random_block_mask  # noqa: E402
 
 SHAPES = [(768, 3072), (3072, 768), (768, 2304), (1024, 4096), (4096, 1024), (1600, 6400)]
@@ -82,14 +82,14 @@ def run_case(c: Case, device: torch.device, backend: Backend, peak: float, bw: f
     w_resized = wd[:n_resized].contiguous()
     auto = SparseLinear.from_block_sparse(W, None, backend="auto").to(device)
 
-    y = bsr_linear(x, W, backend=backend)  # check before timing
+    y = sparse_linear(x, W, backend=backend)  # check before timing
     ref = F.linear(x.double(), wd.double())
     err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
     assert err < (1e-4 if dtype == torch.float32 else 3e-2), f"{c}: wrong output (rel err {err:.2e})"
 
     fns = {
         "dense": lambda: F.linear(x, w),
-        "sparse": lambda: bsr_linear(x, W, backend=backend),
+        "sparse": lambda: sparse_linear(x, W, backend=backend),
         "auto": lambda: auto(x),
         "resized": lambda: F.linear(x, w_resized),
     }

@@ -37,7 +37,8 @@ from common import (kernel_bench_parser, kernel_bench_setup,  # noqa: E402
 
 from sparsekernels import BlockSparseTensor, SparseLinear  # noqa: E402
 from sparsekernels.nn import SparseFFN  # noqa: E402
-from sparsekernels.ops import bsr_ffn, bsr_gated_ffn, bsr_linear  # noqa: E402
+from sparsekernels.formats.functional import (sparse_ffn, sparse_gated_ffn,  # noqa: E402
+                                              sparse_linear)
 from sparsekernels.ops.backend import Backend  # noqa: E402
 from sparsekernels.testing import random_block_mask  # noqa: E402
 
@@ -103,7 +104,7 @@ def run_case(c: Case, device: torch.device, backend: Backend, peak: float, bw: f
     auto = SparseFFN(SparseLinear.from_block_sparse(W1, b1), SparseLinear.from_block_sparse(W2, b2),
                      "gelu")
 
-    y = bsr_ffn(x, W1, b1, W2, b2, "gelu", backend=backend)  # check before timing
+    y = sparse_ffn(x, W1, b1, W2, b2, "gelu", backend=backend)  # check before timing
     ref = F.linear(F.gelu(F.linear(x.double(), d1.double(), b1.double())), d2.double(), b2.double())
     err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
     assert err < (1e-4 if dtype == torch.float32 else 3e-2), f"{c}: wrong output (rel err {err:.2e})"
@@ -111,8 +112,8 @@ def run_case(c: Case, device: torch.device, backend: Backend, peak: float, bw: f
     fns = {
         "dense": lambda: F.linear(F.gelu(F.linear(x, d1, b1)), d2, b2),
         "resized": lambda: F.linear(F.gelu(F.linear(x, r1, rb1)), r2, b2),
-        "unfused": lambda: bsr_linear(F.gelu(bsr_linear(x, W1, b1, backend)), W2, b2, backend),
-        "fused": lambda: bsr_ffn(x, W1, b1, W2, b2, "gelu", backend=backend),
+        "unfused": lambda: sparse_linear(F.gelu(sparse_linear(x, W1, b1, backend)), W2, b2, backend),
+        "fused": lambda: sparse_ffn(x, W1, b1, W2, b2, "gelu", backend=backend),
         "auto": lambda: auto(x),
     }
     with torch.no_grad():
@@ -152,16 +153,16 @@ def run_gated_case(c: Case, device: torch.device, backend: Backend, peak: float,
     def mlp(a, wg, wu, wd):
         return F.linear(F.silu(F.linear(a, wg)) * F.linear(a, wu), wd)
 
-    y = bsr_gated_ffn(x, G, U, D, backend=backend)  # check before timing
+    y = sparse_gated_ffn(x, G, U, D, backend=backend)  # check before timing
     ref = mlp(x.double(), dg.double(), du.double(), dd.double())
     err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
     assert err < (1e-4 if dtype == torch.float32 else 3e-2), f"{c}: wrong output (rel err {err:.2e})"
     fns = {
         "dense": lambda: mlp(x, dg, du, dd),
         "resized": lambda: mlp(x, rg, ru, rd),
-        "unfused": lambda: bsr_linear(F.silu(bsr_linear(x, G, None, backend))
-                                      * bsr_linear(x, U, None, backend), D, None, backend),
-        "fused": lambda: bsr_gated_ffn(x, G, U, D, backend=backend),
+        "unfused": lambda: sparse_linear(F.silu(sparse_linear(x, G, None, backend))
+                                         * sparse_linear(x, U, None, backend), D, None, backend),
+        "fused": lambda: sparse_gated_ffn(x, G, U, D, backend=backend),
     }
     with torch.no_grad():
         t = time_interleaved(fns, device, reps=reps)

@@ -31,8 +31,8 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 from common import model_bytes, peak_activation_bytes, time_interleaved, write_results  # noqa: E402
 
-from sparsekernels.pruning import layers  # noqa: E402
-from sparsekernels.pruning.heads import find_attention_blocks  # noqa: E402
+from sparsekernels.arch import layers  # noqa: E402
+from sparsekernels.arch import find_attention  # noqa: E402
 from sparsekernels.speedup import ModelSpeedup  # noqa: E402
 from sparsekernels.speedup.model_speedup import count_params  # noqa: E402
 
@@ -100,7 +100,7 @@ def structured_masks(model, scope: str, sparsity: float):
     """A fraction `sparsity` of every FFN's units (first FFN layer rows) and of every
     layer's heads (their value rows), in scope."""
     masks = {}
-    for block in find_attention_blocks(model):
+    for block in find_attention(model):
         if scope not in block.name:
             continue
         v = model.get_submodule(block.v)

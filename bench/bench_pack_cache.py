@@ -1,20 +1,23 @@
-"""CPU inference with SparseLinear's cached W.T blocks against packing them on every call.
+"""CPU inference with SparseLinear's blocks stored transposed against packing them per call.
 
     python bench/bench_pack_cache.py            # the matrix (CPU)
     python bench/bench_pack_cache.py --smoke    # seconds; run in CI
 
 The CPU kernel reads each stored block transposed (a row of its B operand is one output
-vector). Packing costs one read and one write of the stored blocks, b*2*d*K*N bytes, against
-the product's 2*T*K*N*d FLOPs: a fixed cost per call that matters when T is small (one
-sequence) and vanishes for large batches. Per case, interleaved in one run: the module
-with the cache (what eval + no_grad runs) and the same module with the cache switched off;
-gain = per_call / cached; and dense F.linear with the same weights. Then a BERT-base encoder with every Linear at 70% block sparsity
-(kernel mode, FFNs fused) on one sequence of T tokens, the same ways.
+vector). SparseLinear stores its blocks that way on the CPU (values.transpose(1, 2) is a
+contiguous view), so no call packs anything. Packing per call, as row-major storage needs,
+costs one read and one write of the stored blocks, b*2*d*K*N bytes, against the product's
+2*T*K*N*d FLOPs: a fixed cost per call that matters when T is small (one sequence) and
+vanishes for large batches. Per case, interleaved in one run: the module as built
+("cached" column: blocks stored transposed) and a copy whose blocks are stored row-major
+(the op packs them on every call); gain = per_call / cached; and dense F.linear with the
+same weights. Then a BERT-base encoder with every Linear at 70% block sparsity (kernel mode,
+FFNs fused) on one sequence of T tokens, the same ways.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import sys
 from pathlib import Path
 
@@ -31,28 +34,27 @@ from sparsekernels.testing import random_block_mask  # noqa: E402
 H, FF = 768, 3072  # BERT-base
 
 
-@contextlib.contextmanager
-def per_call_packing():
-    """Every SparseLinear packs its blocks per call, as before the cache."""
-    saved = SparseLinear._packed
-    SparseLinear._packed = lambda self, x: None
-    try:
-        yield
-    finally:
-        SparseLinear._packed = saved
+def row_major_twin(module):
+    """A copy of `module` whose SparseLinear blocks are stored row-major: every call packs."""
+    twin = copy.deepcopy(module)
+    for m in twin.modules() if isinstance(twin, torch.nn.Module) else ():
+        if isinstance(m, SparseLinear):
+            m.values.data = m.values.data.contiguous()
+    return twin
 
 
-def timed(module, dense, x, reps: int) -> dict[str, float]:
-    """Median seconds: cached, per_call and the dense baseline, interleaved."""
+def timed(module, dense, x, reps: int, twin=None) -> dict[str, float]:
+    """Median seconds: stored transposed, packed per call, and the dense baseline."""
+    twin = twin if twin is not None else row_major_twin(module)
+
     def cached():
         return module(x)
 
     def per_call():
-        with per_call_packing():
-            return module(x)
+        return twin(x)
 
     with torch.no_grad():
-        torch.testing.assert_close(cached(), per_call())  # below 24 rows the routes differ
+        torch.testing.assert_close(cached(), per_call())
         torch.testing.assert_close(cached(), dense(x), rtol=1e-4, atol=1e-4)
         return time_interleaved({"cached": cached, "per_call": per_call, "dense": lambda: dense(x)},
                                 torch.device("cpu"), reps)
@@ -117,28 +119,27 @@ def main(argv=None) -> int:
                       flush=True)
     for t in ([16] if args.smoke else [8, 32, 128, 512]):
         model, dense, ids = bert_encoder(t, args.smoke)
+        twin = row_major_twin(model)
         r = row("bert-base encoder, 70% blocks, fused FFN" if not args.smoke else "tiny bert", t,
                 0.3, timed(lambda i: model(i).last_hidden_state,
-                           lambda i: dense(i).last_hidden_state, ids, max(3, reps // 3)))
+                           lambda i: dense(i).last_hidden_state, ids, max(3, reps // 3),
+                           twin=lambda i: twin(i).last_hidden_state))
         rows.append(r)
         print(f"bert T={t}: cached {r['cached_ms']:.2f} ms, per call {r['per_call_ms']:.2f} ms, "
               f"x{r['gain']:.2f}; x{r['vs_dense']:.2f} dense", flush=True)
     if args.smoke:
         return 0
     notes = ["- fp32, 32x32 blocks kept at random; eval + no_grad; medians of interleaved reps",
-             "- cached: SparseLinear / SparseFFN with the W.T cache (the default in inference); "
-             "per_call: the same modules with it switched off (the op packs on every call); "
-             "gain = per_call / cached; outputs checked close before timing (bit for bit from 24 "
-             "rows; below, per_call takes the few-row dot-product path, cached the tiled kernel)",
+             "- cached: SparseLinear / SparseFFN as built, blocks stored transposed (the kernel's "
+             "W.T operand is a view); per_call: a copy with row-major blocks (the op packs on "
+             "every call, and below the tile rows takes the few-row dot-product path); "
+             "gain = per_call / cached; outputs checked close before timing",
              "- bert-base encoder: bench_models' BERT-base (random weights), every encoder Linear "
              "at 70% block sparsity, ModelSpeedup kernel mode (FFNs fused), one sequence (batch 1)",
-             "- one token never uses the cache (dot products on the blocks as stored), so the "
-             "1-token rows run the same code both ways: their gain is this measurement's noise "
-             "at ~0.1 ms (up to ~10%)",
              "- dense: the same weights as nn.Linear (F.linear, GELU, F.linear for the FFN; the "
              "encoder: the masked dense model); vs_dense = dense / cached"]
     out = write_results(torch.device("cpu"), "pack_cache",
-                        "SparseLinear inference: cached W.T blocks vs packing per call", rows,
+                        "SparseLinear inference: blocks stored transposed vs packing per call", rows,
                         notes, ["case", "tokens", "density", "dense_ms", "cached_ms", "per_call_ms",
                          "gain", "vs_dense"])
     print(f"wrote {out}/pack_cache.{{csv,md}}")

@@ -259,13 +259,14 @@ def kernel_bench_parser(doc: str) -> "argparse.ArgumentParser":
 
 def kernel_bench_setup(args, cases_fn: Callable, op: str):
     """(device, backend, cases, peak FLOP/s per dtype, copy bandwidth) for a kernel bench."""
-    from sparsekernels.ops.backend import select
+    from sparsekernels.ops.router import route
 
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    backend = select(args.backend if args.backend != "auto" else None, device, op)
     cases = cases_fn(device, args.smoke)
+    dtype = getattr(torch, cases[0].dtype) if cases else torch.float32
+    backend = route(op, device, dtype, args.backend).backend
     if args.limit:
         cases = cases[: args.limit]
     peaks = {d: measure_peak_flops(device, getattr(torch, d), n=1024 if args.smoke else None)

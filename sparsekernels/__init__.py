@@ -17,9 +17,13 @@ _EXPORTS = {
     "SparseLinear": "sparsekernels.nn.sparse_linear",
     "fuse_ffn_": "sparsekernels.nn.sparse_ffn",
     "sparsify_": "sparsekernels.nn.sparse_linear",
+    "sparse_linear": "sparsekernels.formats.functional",
+    "sparse_ffn": "sparsekernels.formats.functional",
+    "block_sparse_attention": "sparsekernels.ops.block_sparse_attention",
+    "describe": "sparsekernels.arch.model_map",
     "Backend": "sparsekernels.ops.backend",
 }
-_SUBMODULES = {"ops", "formats", "nn", "pruning", "attention", "speedup", "distill"}
+_SUBMODULES = {"ops", "formats", "arch", "nn", "pruning", "attention", "speedup", "distill"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -70,7 +70,7 @@ def _speedup(model_dir: str, masks_path: str, mode: str, output: str, seq_len: i
     import torch
     import transformers
 
-    from sparsekernels.pruning.masks import MaskError, load_masks_file
+    from sparsekernels.formats.masks import MaskError, load_masks_file
     from sparsekernels.speedup import ModelSpeedup, save_model
 
     from sparsekernels.speedup.io import RECORD, load_model
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
 
     from sparsekernels.pruning.config import ConfigError
-    from sparsekernels.pruning.masks import MaskError
+    from sparsekernels.formats.masks import MaskError
     from sparsekernels.recipes.config import RecipeConfigError
     from sparsekernels.recipes.tasks import TaskError
 

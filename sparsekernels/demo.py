@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparsekernels.nn.sparse_linear import SparseLinear, sparsify_
-from sparsekernels.ops.backend import select
+from sparsekernels.ops.router import route
 
 
 def _ffn(hidden: int = 768, inner: int = 3072) -> nn.Module:
@@ -45,7 +45,7 @@ def run(tokens: int = 1024, block: int = 32, sparsities=(0.5, 0.7, 0.9), reps: i
     torch.manual_seed(0)
     dense = _ffn().eval()
     x = torch.randn(tokens, 768)
-    kernel = select("auto", x.device, "bsr_linear").value
+    kernel = route("bsr_linear", x.device, x.dtype).backend.value
     print(f"BERT-base FFN 768->3072->768, {tokens} tokens, fp32, block {block}x{block}, "
           f"{torch.get_num_threads()} threads, kernel backend: {kernel}")
     print(f"{'sparsity':>8} | {'dense ms':>9} | {'sparse ms':>9} | {'speedup':>7} | "

@@ -30,7 +30,7 @@ def test_reference_runs_without_extension():
         "torch.testing.assert_close(sl(x), sl.to_linear()(x))\n"
         "assert _ext.load() is not None\n"
         "try:\n"
-        "    sk.ops.bsr_linear(x, sl.weight.detach(), backend='cpu')\n"
+        "    sk.sparse_linear(x, sl.weight.detach(), backend='cpu')\n"
         "except RuntimeError as e:\n"
         "    assert 'pip install -e . --no-build-isolation' in str(e), e\n"
         "else:\n"

@@ -59,7 +59,7 @@ void sdd(const T* G, int64_t ldg, const T* X, int64_t ldx, int64_t rows, const i
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                           const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& packed_in) {
+                          const std::optional<at::Tensor>& packed_arg) {
   check_rows(x, "x");
   check_layer(values, crow_indices, col_indices, "W");
   const int64_t bm = values.size(1), bk = values.size(2);
@@ -68,6 +68,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
               " is not a multiple of the block width ", bk);
   const auto ct = compute_type(x.scalar_type());
   const at::Tensor xc = x.scalar_type() == ct ? x : x.to(ct);
+  const std::optional<at::Tensor> packed_in = free_packed(values, ct, packed_arg);
   at::Tensor b;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == n, "sparsekernels: bias has ", bias->numel(), " values for ",

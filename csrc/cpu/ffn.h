@@ -243,8 +243,9 @@ inline LayerTensors layer_tensors(const at::Tensor& values, const at::Tensor& cr
   l.col = &col;
   l.bm = values.size(1);
   l.bk = values.size(2);
-  l.dot = reads_stored_blocks(rows, tile_rows_of(ct, l.bm), packed.has_value());
-  l.blocks = l.dot ? in_compute_type(values, ct) : packed_blocks(values, ct, packed);
+  const std::optional<at::Tensor> given = free_packed(values, ct, packed);
+  l.dot = reads_stored_blocks(rows, tile_rows_of(ct, l.bm), given.has_value());
+  l.blocks = l.dot ? in_compute_type(values, ct) : packed_blocks(values, ct, given);
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == (crow.numel() - 1) * l.bm, "sparsekernels: ", name, " bias has ",
                 bias->numel(), " values for ", (crow.numel() - 1) * l.bm, " outputs");

@@ -53,11 +53,23 @@ inline void check_layer(const at::Tensor& values, const at::Tensor& crow, const 
               c[0], " to ", c[crow.numel() - 1]);
 }
 
-// The few-row rule every CPU kernel applies to one layer: with the caller's packed W.T blocks
-// it runs the register-tiled kernel; without them, fewer rows than a register tile run dot
-// products on the blocks as stored (dot.h), and more rows pack W.T per call and tile. The
-// caller (the router) decides whether to pass packed blocks; tile_rows_of tells it the
-// threshold.
+// The packed W.T blocks a call has for free: the caller's `packed`, else `values` itself when
+// it already holds them (a SparseLinear on the CPU stores its blocks transposed, so
+// values.transpose(1, 2) is contiguous), else none.
+inline std::optional<at::Tensor> free_packed(const at::Tensor& values, at::ScalarType ct,
+                                             const std::optional<at::Tensor>& packed) {
+  if (packed.has_value()) return packed;
+  if (values.dim() == 3 && values.scalar_type() == ct && values.size(0) > 0 &&
+      !values.is_contiguous() && values.transpose(1, 2).is_contiguous())
+    return values.transpose(1, 2);
+  return std::nullopt;
+}
+
+// The few-row rule every CPU kernel applies to one layer: with packed W.T blocks (passed, or
+// the stored layout: free_packed) it runs the register-tiled kernel; without them, fewer rows
+// than a register tile run dot products on the blocks as stored (dot.h), and more rows pack
+// W.T per call and tile. The caller (the router) decides whether to pass packed blocks;
+// tile_rows_of tells it the threshold.
 inline bool reads_stored_blocks(int64_t rows, int64_t tile_rows, bool packed_given) {
   return !packed_given && rows < tile_rows;
 }

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from sparsekernels.attention.layouts import crop, grid
-from sparsekernels.formats.block_sparse import check_block_size
+from sparsekernels.ops.limits import check_block_size
 
 IMPLEMENTATION = "sparsekernels"
 _ATTR = "_sparsekernels_attention"
@@ -163,13 +163,19 @@ def _class_calls_attention_interface(cls: type) -> bool:  # source read once per
 
 
 def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every module that dispatches through the attention interface or is
-    a transformers 4.x attention class `enable_` patches, in model order: the layers
-    `enable_`'s `layouts` are indexed by."""
+    """(name, module) of every attention site of the model map that can run the block-sparse
+    op (it dispatches through transformers' attention interface, or is a transformers 4.x
+    attention class `enable_` patches), in model order: the layers `enable_`'s `layouts` are
+    indexed by."""
+    from sparsekernels.arch import find_attention
     from sparsekernels.attention import legacy
 
-    return [(n, m) for n, m in model.named_modules()
-            if _calls_attention_interface(m) or legacy.can_patch(m)]
+    found = []
+    for site in find_attention(model):
+        module = model.get_submodule(site.name)
+        if _calls_attention_interface(module) or legacy.can_patch(module):
+            found.append((site.name, module))
+    return found
 
 
 _UNSUPPORTED_HINT = (
@@ -207,6 +213,7 @@ def enable_(model: torch.nn.Module, layouts: LayoutsArg = None, block_size=(64, 
     On transformers 4.x, BERT / RoBERTa / T5 attention modules are patched (see
     `sparsekernels.attention.legacy`). Returns the model.
     """
+    from sparsekernels.arch import find_attention
     from sparsekernels.attention import legacy
 
     register()
@@ -229,6 +236,7 @@ def enable_(model: torch.nn.Module, layouts: LayoutsArg = None, block_size=(64, 
             raise ValueError(f"got {len(per_module)} layouts for {len(mods)} attention modules "
                              f"({names}); pass one per module, or a dict by name")
     device = next(iter(model.parameters()), torch.empty(0)).device
+    sites = {site.name: site for site in find_attention(model)}
     for (name, module), layout in zip(mods, per_module):
         if layout is not None:
             if (not isinstance(layout, Tensor) or layout.dtype != torch.bool
@@ -237,8 +245,8 @@ def enable_(model: torch.nn.Module, layouts: LayoutsArg = None, block_size=(64, 
                                  f"{getattr(layout, 'dtype', type(layout).__name__)} "
                                  f"{list(getattr(layout, 'shape', []))}")
             layout = layout.to(device)  # once here, not on every forward
-            heads = _num_heads(module)
-            if heads is not None and layout.shape[-3] != heads:
+            heads = sites[name].num_heads
+            if layout.shape[-3] != heads:
                 raise ValueError(f"{name}: layout has {layout.shape[-3]} heads, the module "
                                  f"{heads}")
         setattr(module, _ATTR, SparseAttentionConfig(layout, block_size, backend))
@@ -260,9 +268,3 @@ def disable_(model: torch.nn.Module, attn_implementation: str = "eager") -> torc
     legacy_only = bool(mods) and all(legacy.can_patch(m) for _, m in mods)
     _set_implementation(model, attn_implementation, legacy_only)
     return model
-
-
-def _num_heads(module) -> Optional[int]:
-    from sparsekernels.pruning.heads import read_heads
-
-    return read_heads(module, getattr(module, "config", None))

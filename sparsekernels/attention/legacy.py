@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from sparsekernels.arch.find import projection_children
 from sparsekernels.attention.integration import attend, refuse_output_attentions
 
 _BERT_ARGS = ("self", "hidden_states", "attention_mask", "head_mask", "encoder_hidden_states",
@@ -104,11 +105,12 @@ def bert_self_attention_forward(self, hidden_states: Tensor,
     def split(x: Tensor) -> Tensor:
         return x.view(batch, -1, heads, dim).transpose(1, 2)
 
-    query = split(self.query(hidden_states))
+    proj = {p: getattr(self, c) for p, c in self._sparsekernels_projections.items()}
+    query = split(proj["q"](hidden_states))
     is_cross = encoder_hidden_states is not None
     key, value = _keys_values(self, encoder_hidden_states if is_cross else hidden_states,
                               past_key_values, is_cross, cache_position,
-                              lambda x: (split(self.key(x)), split(self.value(x))))
+                              lambda x: (split(proj["k"](x)), split(proj["v"](x))))
     scale = 1.0 / math.sqrt(dim)
     mask = attention_mask
     if self.position_embedding_type in ("relative_key", "relative_key_query"):
@@ -142,11 +144,12 @@ def t5_attention_forward(self, hidden_states: Tensor, mask: Optional[Tensor] = N
     def split(x: Tensor) -> Tensor:
         return x.view(batch, -1, heads, dim).transpose(1, 2)
 
-    query = split(self.q(hidden_states))
+    proj = {p: getattr(self, c) for p, c in self._sparsekernels_projections.items()}
+    query = split(proj["q"](hidden_states))
     is_cross = key_value_states is not None
     key, value = _keys_values(self, key_value_states if is_cross else hidden_states,
                               past_key_values, is_cross, cache_position,
-                              lambda x: (split(self.k(x)), split(self.v(x))))
+                              lambda x: (split(proj["k"](x)), split(proj["v"](x))))
     if position_bias is None:
         lk = key.shape[-2]
         if not self.has_relative_attention_bias:
@@ -169,7 +172,7 @@ def t5_attention_forward(self, hidden_states: Tensor, mask: Optional[Tensor] = N
         bias = bias[:, keep]
     out = attend(self, query, key, value, bias, causal=False, scale=1.0, dropout=self.dropout)
     out = _apply_head_mask(out, layer_head_mask)
-    out = self.o(out.transpose(1, 2).reshape(batch, lq, heads * dim))
+    out = proj["o"](out.transpose(1, 2).reshape(batch, lq, heads * dim))
     return out, position_bias
 
 
@@ -223,6 +226,9 @@ def patch_(module: torch.nn.Module) -> torch.nn.Module:
         _PATCHED_CLASSES[cls] = type(f"Sparse{cls.__name__}", (cls,), {
             "forward": forward, "_sparsekernels_original": cls,
             "_sparsekernels_causal_unmasked": causal_unmasked, "__module__": __name__})
+    # the projections' child names, as the model map reads them (once, not per forward;
+    # names, not modules: kernel mode may swap a projection for a SparseLinear later)
+    object.__setattr__(module, "_sparsekernels_projections", projection_children(module))
     module.__class__ = _PATCHED_CLASSES[cls]
     return module
 
@@ -231,4 +237,5 @@ def unpatch_(module: torch.nn.Module) -> torch.nn.Module:
     """Give a patched module its transformers class back (a no-op on any other module)."""
     if is_patched(module):
         module.__class__ = type(module)._sparsekernels_original
+        module.__dict__.pop("_sparsekernels_projections", None)
     return module

@@ -15,9 +15,12 @@ block columns) needs, so it is built once here instead of on every backward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+from sparsekernels.ops.limits import check_block_size
+
 INDEX_NAMES = ("crow_indices", "col_indices", "row_indices", "ccol_indices", "row_indices_t",
                "transpose_perm")
 INNER_NAMES = ("values",) + INDEX_NAMES
@@ -27,20 +30,6 @@ def inner_tensors(obj) -> tuple:
     """The stored blocks and index of a BlockSparseTensor (or a SparseLinear), in the order
     the sparsekernels ops take them."""
     return tuple(getattr(obj, name) for name in INNER_NAMES)
-
-
-def check_block_size(block_size) -> tuple[int, int]:
-    if isinstance(block_size, int):
-        block_size = (block_size, block_size)
-    try:
-        bm, bk = (int(b) for b in block_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"block_size must be an int or a pair (bm, bk), got {block_size!r}") from None
-    for b in (bm, bk):
-        if b not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"unsupported block size {(bm, bk)}: each side must be one of "
-                             f"{SUPPORTED_BLOCK_SIZES}")
-    return bm, bk
 
 
 def check_divisible(shape, block_size, what: str = "weight") -> None:
@@ -64,12 +53,19 @@ def block_mask_from_mask(mask: torch.Tensor, block_size) -> torch.Tensor:
     return _blocks(mask != 0, block_size).any(dim=-1).any(dim=-1)
 
 
+def units_to_prune(num_units: int, sparsity: float) -> int:
+    """How many of `num_units` a sparsity prunes: ``floor(sparsity * num_units + 0.5)``
+    (round half up). The one rule: the pruners and SparseLinear.from_linear(sparsity=) both
+    use it, so they keep the same number of blocks."""
+    return int(math.floor(float(sparsity) * num_units + 0.5))
+
+
 def topk_block_mask(weight: torch.Tensor, block_size, sparsity: float) -> torch.Tensor:
-    """Keep exactly round((1 - sparsity) * n_blocks) blocks of largest L2 norm."""
+    """Keep the blocks of largest L2 norm, all but units_to_prune(n_blocks, sparsity)."""
     if not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     norms = _blocks(weight.detach().float(), block_size).pow(2).sum(dim=(-1, -2))
-    n_keep = round((1.0 - float(sparsity)) * norms.numel())
+    n_keep = norms.numel() - units_to_prune(norms.numel(), sparsity)
     flat = torch.zeros(norms.numel(), dtype=torch.bool, device=weight.device)
     if n_keep > 0:
         # stable sort: ties keep the lower block index, so the mask is deterministic
@@ -98,7 +94,7 @@ class BlockSparseTensor(torch.Tensor):
 
     It passes through `torch.compile` (flatten/unflatten), `.to(device)`, `.half()`,
     `.detach()`, `.clone()` and pickling; `F.linear(x, w)` with a BlockSparseTensor `w`
-    runs `sparsekernels.ops.bsr_linear`. Other operations need `.to_dense()` first.
+    runs `sparsekernels.sparse_linear`. Other operations need `.to_dense()` first.
     """
 
     values: torch.Tensor
@@ -225,9 +221,9 @@ class BlockSparseTensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.linear:
-            from sparsekernels.ops.bsr_linear import bsr_linear
+            from sparsekernels.formats.functional import sparse_linear
 
-            return bsr_linear(*args, **kwargs)
+            return sparse_linear(*args, **kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -257,7 +253,7 @@ class BlockSparseTensor(torch.Tensor):
             return self.shape == args[1].shape
         raise NotImplementedError(
             f"BlockSparseTensor does not support {func}: call .to_dense() first, or use "
-            "sparsekernels.ops.bsr_linear / F.linear for the product")
+            "sparsekernels.sparse_linear / F.linear for the product")
 
 
 def _rebuild(inner, shape):

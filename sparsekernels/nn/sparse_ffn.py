@@ -5,8 +5,8 @@ sparsekernels.ops.bsr_ffn call (on the CPU, without writing the [tokens, 4 x hid
 intermediate); when either layer is too dense for its kernel, each layer runs as its own
 SparseLinear would (dense above the crossover).
 
-fuse_ffn_(model) does this inside transformers models after ModelSpeedup's kernel or auto
-mode, without changing module names or the state_dict: the FFN's first SparseLinear becomes
+fuse_ffn_(model) does this for every FFN the model map finds (sparsekernels.arch), after
+ModelSpeedup's kernel or auto mode, without changing module names or the state_dict: the FFN's first SparseLinear becomes
 a `FusedFFNInput` that computes the whole block, the activation an identity, and the second
 SparseLinear a `FusedFFNOutput` that passes its input through (its parameters stay where
 they were; the first layer reads them). unfuse_ffn_ undoes it.
@@ -20,22 +20,23 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sparsekernels.nn.sparse_linear import SparseLinear
+from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
+from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_ffn import activate, check_activation
 
 
 def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.Tensor):
     """fc2(act(fc1(x))): fused when both layers run their kernels, else layer by layer."""
-    (dense1, cpu1), (dense2, cpu2) = fc1._routing(x), fc2._routing(x)
-    if dense1 or dense2:
+    if fc1.route.dense or fc2.route.dense:
         return SparseLinear.forward(fc2, activate(SparseLinear.forward(fc1, x), activation))
     fc1.check_input(x)  # fc2 and the activation were checked when the pair was made
-    packed1 = fc1._packed(x) if cpu1 and cpu2 else None
-    packed2 = fc2._packed(x) if packed1 is not None else None
-    if packed2 is not None:  # CPU inference: both layers' W.T blocks from their caches
-        return torch.ops.sparsekernels.bsr_ffn_packed(
-            x, fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
-            fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias, activation)
+    if (fc1.route.backend is Backend.CPU and fc2.route.backend is Backend.CPU
+            and not (_needs_grad(x, fc1) or _needs_grad(x, fc2))):
+        packed1, packed2 = fc1.packed(), fc2.packed()
+        if packed1 is not None and packed2 is not None:  # the W.T blocks, as stored
+            return torch.ops.sparsekernels.bsr_ffn_packed(
+                x, fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
+                fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias, activation)
     return torch.ops.sparsekernels.bsr_ffn(x, *fc1.op_args(), fc1.bias, *fc2.op_args(), fc2.bias,
                                            activation, fc1.backend.value)
 
@@ -89,7 +90,7 @@ class FusedFFNInput(SparseLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.__dict__["_ffn"]
-        if self.training and state.site.dropout_p() > 0:
+        if self.training and state.dropout_p() > 0:
             return activate(SparseLinear.forward(self, x), state.activation)
         return ffn_forward(self, state.fc2, state.activation, x)
 
@@ -109,69 +110,12 @@ class FusedFFNOutput(SparseLinear):
 class _Fused:
     """What fuse_ffn_ changed at one FFN, to run it and to undo it."""
 
-    site: "_Site"
+    name: str
     fc2: SparseLinear
     activation: str
+    act_slot: tuple  # (owner module, attribute) that held the activation
     act: object  # the model's activation module, replaced by an identity
-
-
-# transformers' activation modules (4.x and 5.x names) -> bsr_ffn's activation names
-_ACTIVATION_CLASSES = {
-    "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",
-    "FastGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh", "ReLU": "relu",
-}
-
-
-def activation_name(act) -> str | None:
-    """bsr_ffn's name for a model's activation module or function, None if it has none."""
-    if isinstance(act, nn.GELU):
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    if act is torch.nn.functional.gelu:
-        return "gelu"
-    if act is torch.nn.functional.relu or act is torch.relu:
-        return "relu"
-    return _ACTIVATION_CLASSES.get(type(act).__name__)
-
-
-@dataclass
-class _Site:
-    """Where a model keeps one FFN: fc1, the activation and fc2 as (owner, attribute), and
-    the probability of the dropout between the activation and fc2 (read at call time)."""
-
-    name: str
-    fc1: tuple
-    act: tuple
-    fc2: tuple
-    dropout_p: Callable[[], float] = lambda: 0.0
-    gated: bool = False
-
-
-def _sites(model: nn.Module) -> list[_Site]:
-    """FFNs found by structure (not by class name, which differs across versions):
-    BERT / RoBERTa style `intermediate.{dense, intermediate_act_fn}` + `output.dense`,
-    GPT-2 `{c_fc, act, c_proj}`, ViT / BART `{fc1, activation_fn, fc2}` (BART's
-    `activation_dropout` between), T5 v1.0 `{wi, act, dropout, wo}`. Gated FFNs (T5 v1.1,
-    `wi_0`/`wi_1`) have no single first layer and are not fused."""
-    sites = []
-    for name, m in model.named_modules():
-        inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
-        if (isinstance(inter, nn.Module) and isinstance(out, nn.Module)
-                and hasattr(inter, "dense") and hasattr(inter, "intermediate_act_fn")
-                and hasattr(out, "dense")):
-            sites.append(_Site(name, (inter, "dense"), (inter, "intermediate_act_fn"),
-                               (out, "dense")))
-        elif all(hasattr(m, a) for a in ("c_fc", "act", "c_proj")):
-            sites.append(_Site(name, (m, "c_fc"), (m, "act"), (m, "c_proj")))
-        elif all(hasattr(m, a) for a in ("fc1", "activation_fn", "fc2")):
-            sites.append(_Site(name, (m, "fc1"), (m, "activation_fn"), (m, "fc2"),
-                               lambda m=m: float(getattr(m, "activation_dropout", 0.0) or 0.0)))
-        elif all(hasattr(m, a) for a in ("wi_0", "wi_1", "wo")):
-            sites.append(_Site(name, (m, "wi_0"), (m, "act"), (m, "wo"), gated=True))
-        elif all(hasattr(m, a) for a in ("wi", "act", "wo")):
-            sites.append(_Site(name, (m, "wi"), (m, "act"), (m, "wo"),
-                               lambda m=m: float(getattr(getattr(m, "dropout", None), "p", 0.0))))
-    return sites
+    dropout_p: Callable[[], float]
 
 
 def fuse_ffn_(model: nn.Module) -> dict[str, str]:
@@ -181,12 +125,19 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
     names and the state_dict do not change, so saving and loading work as before (a loaded
     model is fused again by calling this). Undo with unfuse_ffn_.
     """
+    from sparsekernels.arch.find import activation_name, find_ffn
+
     report, plan = {}, []
-    for site in _sites(model):
+    for site in find_ffn(model):
         if site.gated:
             report[site.name] = "left as is: a gated FFN (two first layers) has no fused kernel"
             continue
-        fc1, fc2, act = getattr(*site.fc1), getattr(*site.fc2), getattr(*site.act)
+        if site.act is None:
+            report[site.name] = "left as is: the model map found no activation module"
+            continue
+        act_slot = (model.get_submodule(site.act[0]), site.act[1])
+        fc1, fc2, act = (model.get_submodule(site.up), model.get_submodule(site.down),
+                         getattr(*act_slot))
         if isinstance(fc1, FusedFFNInput):
             report[site.name] = "already fused"
             continue
@@ -206,11 +157,12 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
             report[site.name] = ("left as is: the layers' widths do not chain, or the "
                                  "intermediate is as wide as the output")
             continue
-        plan.append((site, fc1, fc2, act, name))
-    for site, fc1, fc2, act, name in plan:  # every check passed: now mutate
-        fc1.__dict__["_ffn"] = _Fused(site, fc2, name, act)
+        plan.append((site, act_slot, fc1, fc2, act, name))
+    for site, act_slot, fc1, fc2, act, name in plan:  # every check passed: now mutate
+        fc1.__dict__["_ffn"] = _Fused(site.name, fc2, name, act_slot, act,
+                                      lambda site=site: site.dropout_p(model))
         fc1.__class__, fc2.__class__ = FusedFFNInput, FusedFFNOutput
-        setattr(site.act[0], site.act[1], nn.Identity())
+        setattr(*act_slot, nn.Identity())
         report[site.name] = f"fused ({name})"
     return report
 
@@ -221,7 +173,7 @@ def unfuse_ffn_(model: nn.Module) -> int:
     for module in list(model.modules()):
         if isinstance(module, FusedFFNInput):
             state = module.__dict__.pop("_ffn")
-            setattr(*state.site.act, state.act)
+            setattr(*state.act_slot, state.act)
             module.__class__, state.fc2.__class__ = SparseLinear, SparseLinear
             count += 1
     return count

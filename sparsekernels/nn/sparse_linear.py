@@ -3,12 +3,17 @@
 The stored blocks are a plain Parameter `values` [nnz, bm, bk] and the layout lives in
 int32 buffers, so optimizers, state_dict, `.to()` and torch.compile all see ordinary
 tensors; `.weight` gives the same storage as a BlockSparseTensor.
+
+On the CPU each block of `values` is stored transposed in memory (strides [bm*bk, 1, bm]):
+`values.transpose(1, 2)` is then a contiguous view, the W.T blocks the C++ kernel reads, so
+no call ever packs or caches a copy of the weights (a cache could serve stale weights after
+a fused optimizer step, which does not bump version counters). Elsewhere (CUDA, Triton)
+the blocks are row-major. The logical shape, the state_dict and every result are the same.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Callable
 
@@ -24,23 +29,40 @@ from sparsekernels.formats.block_sparse import (
     inner_tensors,
     topk_block_mask,
 )
-from sparsekernels.ops.backend import ENV_BACKEND, Backend, select
-from sparsekernels.ops.bsr_linear import pack, prefers_dense
-from sparsekernels.ops.crossover import ENV_CROSSOVER
+from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.router import Route, route
+
+
+def blocks_for(device: torch.device) -> str:
+    """How a device's kernels want the blocks laid out in memory: "transposed" on the CPU
+    (the C++ kernel reads W.T blocks), "rows" elsewhere."""
+    return "transposed" if torch.device(device).type == "cpu" else "rows"
+
+
+def lay_out(values: torch.Tensor) -> torch.Tensor:
+    """`values` [nnz, bm, bk] with the memory layout its device's kernels read (a copy only
+    when the layout changes)."""
+    if blocks_for(values.device) == "transposed":
+        if values.transpose(1, 2).is_contiguous():
+            return values
+        return values.transpose(1, 2).contiguous().transpose(1, 2)
+    return values.contiguous()
+
+
+def _needs_grad(x: torch.Tensor, layer: "SparseLinear") -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or layer.values.requires_grad
+        or (layer.bias is not None and layer.bias.requires_grad))
 
 
 class SparseLinear(nn.Module):
     """y = x @ W.T + b with W [out_features, in_features] stored as (bm, bk) blocks.
 
-    backend: "auto" picks the kernel for the input's device and runs plain dense F.linear
-    when the density is above the measured crossover, so it is never slower than the
-    Linear it replaced; "cpu", "cuda", "triton" or "reference" force one.
-
-    Inference (no gradient needed) caches what the route needs from the weight: the dense
-    weight on the dense route, the CPU kernel's W.T blocks on the CPU route. A cache is
-    rebuilt when `values` changes in place (its version counter), is loaded or moved, and
-    dropped by train() / eval(). Writes through `values.data` bypass the version counter:
-    after one, call eval() (or clear_cache()) before the next forward.
+    backend: "auto" lets the router (sparsekernels.ops.router) pick the kernel for the
+    layer's device and dtype, and plain dense F.linear when the block density is above the
+    measured crossover; "cpu", "cuda", "triton" or "reference" force one. The route is made
+    when the layer is built, moved (`.to()`) or loaded, reading SPARSEKERNELS_BACKEND then;
+    `reroute()` makes it again (after changing that variable, say).
     """
 
     values: torch.Tensor
@@ -59,17 +81,20 @@ class SparseLinear(nn.Module):
                              f"{list(block_mask.shape)}")
         self.in_features, self.out_features = in_features, out_features
         self.block_size = (bm, bk)
-        self.backend = Backend.parse(backend)
+        self._backend = Backend.parse(backend)
         index = build_index(block_mask.to(device=device, dtype=torch.bool))
         for name in INDEX_NAMES:
             self.register_buffer(name, index[name])
         nnz = int(index["col_indices"].numel())
-        self.values = nn.Parameter(torch.empty(nnz, bm, bk, device=device, dtype=dtype))
+        self.values = nn.Parameter(self._empty_values(nnz, device, dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
-        self._dense_cache: tuple | None = None
-        self._packed_cache: tuple | None = None
-        self._route: dict = {}  # (device type, dtype) -> (dense, CPU kernel, what they depend on)
+        self.reroute()
+
+    def _empty_values(self, nnz: int, device, dtype) -> torch.Tensor:
+        bm, bk = self.block_size
+        values = torch.empty(nnz, bm, bk, device=device, dtype=dtype)
+        return lay_out(values)
 
     def reset_parameters(self) -> None:
         # nn.Linear's initialisation, restricted to the stored blocks
@@ -84,7 +109,8 @@ class SparseLinear(nn.Module):
                     mask: torch.Tensor | None = None, backend: "Backend | str" = "auto") -> "SparseLinear":
         """A SparseLinear computing what `linear` computes once pruned.
 
-        sparsity: keep the round((1 - sparsity) * n_blocks) blocks of largest L2 norm.
+        sparsity: keep the blocks of largest L2 norm, as many as the block pruner keeps at
+        this sparsity (see formats.block_sparse.units_to_prune).
         mask: an element 0/1 mask [out, in] (NNI style): every block holding a kept element
         is stored with the masked elements zero, so the output equals the masked Linear's.
         Neither: store the blocks that hold any non-zero weight.
@@ -144,101 +170,70 @@ class SparseLinear(nn.Module):
                 f"block_size={self.block_size}, density={self.density:.3f}, "
                 f"bias={self.bias is not None}, backend={self.backend.value}")
 
+    # -- routing --------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        """The backend asked for ("auto" unless forced); setting it routes the layer again."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: "Backend | str") -> None:
+        self._backend = Backend.parse(value)
+        self.reroute()
+
+    def reroute(self) -> Route:
+        """Ask the router again for this layer's device, dtype and layout (it does so itself
+        when the layer is built, moved or loaded)."""
+        self._route = route("bsr_linear", self.values.device, self.values.dtype, self.backend,
+                            block_size=self.block_size, density=self.density)
+        return self._route
+
+    @property
+    def route(self) -> Route:
+        """What runs this layer: the router's decision (see sparsekernels.ops.router)."""
+        return self._route
+
     # -- compute --------------------------------------------------------------------------
-    def _cache_key(self) -> tuple:
-        # what a cache built from `values` depends on (see the class docstring)
-        v = self.values
-        return (v.data_ptr(), v._version, v.dtype, v.device)
-
-    def clear_cache(self) -> None:
-        """Drop the inference caches (after writing `values` through `.data`)."""
-        self._dense_cache = self._packed_cache = None
-
-    def _dense_weight(self) -> torch.Tensor:
-        # Inference reuses the densified weight until the values change; training rebuilds
-        # it so gradients reach `values`.
-        if torch.is_grad_enabled() and self.values.requires_grad:
-            return self.weight.to_dense()
-        key = self._cache_key()
-        if self._dense_cache is None or self._dense_cache[0] != key:
-            self._dense_cache = (key, self.weight.to_dense().detach())
-        return self._dense_cache[1]
-
-    def packed(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The CPU kernel's W.T blocks, cached, when `x` takes the CPU kernel and no
-        gradient is needed; None otherwise (the op then packs them per call)."""
-        return self._packed(x) if self._routing(x)[1] else None
-
-    def _packed(self, x: torch.Tensor) -> torch.Tensor | None:
-        # packed() for a caller that has routed x to the CPU kernel already
-        if x.numel() == x.shape[-1] or torch.compiler.is_compiling():
-            return None  # one row runs dot products on the blocks as stored
-        if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad or (
-                self.bias is not None and self.bias.requires_grad)):
-            return None
-        key = self._cache_key()
-        if self._packed_cache is None or self._packed_cache[0] != key:
-            self._packed_cache = (key, pack(self.values))
-        return self._packed_cache[1]
-
-    def _routing(self, x: torch.Tensor) -> tuple[bool, bool]:
-        """(run plain dense F.linear, run the CPU kernel) for this input. Decided in eager
-        calls, remembered per (device, dtype) until the layout or the backend / crossover
-        environment changes (a layer is called often: deciding costs more than a small
-        kernel), and reused by torch.compile, which cannot run the backend probing inside a
-        graph."""
-        key = (x.device.type, x.dtype)
-        if torch.compiler.is_compiling():
-            return self._route.get(key, (False, False))[:2]
-        stamp = (self.values.shape[0], os.environ.get(ENV_BACKEND), os.environ.get(ENV_CROSSOVER))
-        cached = self._route.get(key)
-        if cached is None or cached[2] != stamp:
-            dense = prefers_dense(self.weight, x.device, self.backend)
-            cpu = (not dense and x.device.type == "cpu"
-                   and select(self.backend.value, x.device, "bsr_linear") is Backend.CPU)
-            cached = self._route[key] = (dense, cpu, stamp)
-        return cached[:2]
-
-    def runs_dense(self, x: torch.Tensor) -> bool:
-        """auto's routing for this input: True when plain dense F.linear is the faster path
-        (see _routing)."""
-        return self._routing(x)[0]
-
     def check_input(self, x: torch.Tensor) -> None:
-        """The fast path of ops.bsr_linear.check_inputs (a layer checks its own bias once,
-        when built); on a mismatch the full check raises the error that names the fix."""
+        """The fast path of the input checks (a layer checks its own bias once, when built);
+        on a mismatch the full check raises the error that names the fix."""
         if (x.shape[-1] != self.in_features or x.dtype != self.values.dtype
                 or x.device != self.values.device):
-            from sparsekernels.ops.bsr_linear import check_inputs
+            from sparsekernels.formats.functional import check_linear_inputs
 
-            check_inputs(x, self.weight, self.bias)
+            check_linear_inputs(x, self.weight, self.bias)
+
+    def packed(self) -> torch.Tensor | None:
+        """The C++ kernel's W.T blocks as a view of `values` (no copy), or None when the
+        blocks are not stored that way or the kernel computes in another dtype."""
+        view = self.values.transpose(1, 2)
+        if view.is_contiguous() and self.values.dtype in (torch.float32, torch.float64):
+            return view
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        dense, cpu_kernel = self._routing(x)
-        if dense:
-            weight = (self.weight.to_dense() if torch.compiler.is_compiling()
-                      else self._dense_weight())
-            return torch.nn.functional.linear(x, weight, self.bias)
-        packed = self._packed(x) if cpu_kernel else None
-        if packed is not None:
-            return torch.ops.sparsekernels.bsr_linear_packed(
-                x, self.values, packed, self.crow_indices, self.col_indices, self.bias)
-        return torch.ops.sparsekernels.bsr_linear(x, *self.op_args(), self.bias,
-                                                  self.backend.value)
+        r = self._route
+        if r.dense:
+            return torch.nn.functional.linear(x, self.weight.to_dense(), self.bias)
+        if r.backend is Backend.CPU and not _needs_grad(x, self):
+            packed = self.packed()
+            if packed is not None:
+                return torch.ops.sparsekernels.bsr_linear_packed(
+                    x, self.values, packed, self.crow_indices, self.col_indices, self.bias)
+        return torch.ops.sparsekernels.bsr_linear(x, *self.op_args(), self.bias, r.backend.value)
 
     def op_args(self) -> tuple:
         """The stored blocks and index, in the order the sparsekernels ops take them."""
         return inner_tensors(self)
 
     def _apply(self, fn, recurse=True):
-        self.clear_cache()
-        self._route = {}
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True):
-        self.clear_cache()  # a mode switch is where training may have written `values`
-        return super().train(mode)
+        result = super()._apply(fn, recurse)
+        laid_out = lay_out(self.values.data)
+        if laid_out is not self.values.data:
+            self.values.data = laid_out
+        self.reroute()
+        return result
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -257,14 +252,14 @@ class SparseLinear(nn.Module):
                                   "stored blocks")
                 return
             if nnz != self.values.shape[0]:
-                self.values = nn.Parameter(self.values.new_empty(incoming.shape),
-                                           requires_grad=self.values.requires_grad)
+                self.values = nn.Parameter(
+                    self._empty_values(nnz, self.values.device, self.values.dtype),
+                    requires_grad=self.values.requires_grad)
                 for name in INDEX_NAMES:
                     setattr(self, name, getattr(self, name).new_empty(state_dict[prefix + name].shape))
-        self.clear_cache()
-        self._route = {}  # a loaded layout can change the density, so the dense routing
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self.reroute()  # a loaded layout can change the density
 
 
 def sparsify_(model: nn.Module, block_size=(32, 32), sparsity: float | None = None,

@@ -1,22 +1,20 @@
-"""Custom ops (torch.library) and their thin Python wrappers. The only layer that touches
-the compiled extension or Triton (and only when an op runs, never at import).
+"""Custom ops (torch.library) and what decides which implementation runs them. The only
+layer that touches the compiled extension or Triton (and only when an op runs, never at
+import).
 
-Each op's module has the op's name, so the wrapper function is bound here eagerly: after
-this, `sparsekernels.ops.bsr_linear` is the function, not the module.
+One module per op, named as the op: ops.bsr_linear defines sparsekernels::bsr_linear (and its
+backward ops bsr_dsd / bsr_sdd), ops.bsr_ffn sparsekernels::bsr_ffn, ops.bsr_gated_ffn
+sparsekernels::bsr_gated_ffn, ops.block_sparse_attention
+sparsekernels::block_sparse_attention; ops.reference holds the pure-torch oracles, ops.triton
+the Triton kernels, ops.router the choice between them, ops.limits what the kernels run.
+The functional forms over BlockSparseTensor weights live above, in sparsekernels.formats.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
+# importing an op's module registers the op (torch.ops.sparsekernels.<name>)
+from sparsekernels.ops import (block_sparse_attention, bsr_ffn, bsr_gated_ffn,  # noqa: F401
+                               bsr_linear)
 from sparsekernels.ops.backend import Backend
-from sparsekernels.ops.bsr_linear import bsr_linear
-from sparsekernels.ops.bsr_ffn import bsr_ffn
-from sparsekernels.ops.bsr_gated_ffn import bsr_gated_ffn
 
-__all__ = ["Backend", "bsr_ffn", "bsr_gated_ffn", "bsr_linear"]
-
-if importlib.util.find_spec("sparsekernels.ops.block_sparse_attention") is not None:
-    from sparsekernels.ops.block_sparse_attention import block_sparse_attention
-
-    __all__.append("block_sparse_attention")
+__all__ = ["Backend"]

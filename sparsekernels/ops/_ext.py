@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
-import warnings
 
 NAMESPACE = "sparsekernels_C"
-ENV_JIT = "SPARSEKERNELS_JIT"  # 1: build the CPU extension with ninja on first use
 
 _BUILD_HINT = (
     "build it with `pip install -e . --no-build-isolation` (or `make build`) from the "
@@ -28,17 +25,7 @@ def load() -> str | None:
         importlib.import_module("sparsekernels._C")
         return None
     except ImportError as exc:
-        first_error = f"{exc}"
-    if os.environ.get(ENV_JIT, "0") not in ("", "0"):
-        try:
-            from sparsekernels.ops import _jit
-
-            _jit.build_and_load()
-            return None
-        except Exception as exc:  # report, then run on the remaining backends
-            warnings.warn(f"sparsekernels: JIT build of the extension failed: {exc}")
-            return f"the JIT build failed ({exc})"
-    return f"the compiled extension sparsekernels._C is not importable ({first_error})"
+        return f"the compiled extension sparsekernels._C is not importable ({exc})"
 
 
 @functools.lru_cache(maxsize=None)  # the extension, once loaded, never changes

@@ -1,13 +1,12 @@
-"""Which implementation runs an op: chosen per call from the device and what is available.
+"""The backends an op can run on, and whether one is available here (installed and built).
 
-`auto` prefers the fastest available kernel for the tensors' device; an explicit choice that
-cannot run raises with the command that would make it available.
+Which one runs is decided by sparsekernels.ops.router; this module only answers "can it run
+at all, and if not, what would make it available".
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 import importlib.util
 import os
 
@@ -47,14 +46,6 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def requested_backend(backend: "Backend | str | None") -> Backend:
-    """The caller's choice, overridden by SPARSEKERNELS_BACKEND when the caller said auto."""
-    chosen = Backend.parse(backend)
-    if chosen is Backend.AUTO and os.environ.get(ENV_BACKEND):
-        chosen = Backend.parse(os.environ[ENV_BACKEND])
-    return chosen
-
-
 def available(backend: Backend, device: torch.device, op: str) -> str | None:
     """None when `backend` can run `op` on `device`, else the reason and the fix."""
     if backend is Backend.REFERENCE:
@@ -81,39 +72,3 @@ def available(backend: Backend, device: torch.device, op: str) -> str | None:
             return f"backend 'triton' does not support device {device}"
         return None
     raise AssertionError(backend)
-
-
-def select(backend: "Backend | str | None", device: torch.device, op: str,
-           preference: dict[str, tuple[Backend, ...]] | None = None) -> Backend:
-    """Resolve `auto` (and the environment override) to a concrete backend for `op`."""
-    chosen = requested_backend(backend)
-    if chosen is not Backend.AUTO:
-        reason = available(chosen, device, op)
-        if reason is not None:
-            raise RuntimeError(f"sparsekernels.{op}: {reason}")
-        return chosen
-    if preference is None:
-        return _auto(device.type, op)
-    order = preference.get(device.type) or _DEFAULT_ORDER.get(device.type, ())
-    return _first_available(order, device, op)
-
-
-def _first_available(order, device: torch.device, op: str) -> Backend:
-    for candidate in order:
-        if available(candidate, device, op) is None:
-            return candidate
-    return Backend.REFERENCE
-
-
-@functools.lru_cache(maxsize=None)
-def _auto(device_type: str, op: str) -> Backend:
-    """auto's default choice: what is installed and built does not change within a process,
-    so it is resolved once per device type and op (every layer call asks)."""
-    return _first_available(_DEFAULT_ORDER.get(device_type, ()), torch.device(device_type), op)
-
-
-# auto's order of preference per device type; the reference backend is the last resort
-_DEFAULT_ORDER: dict[str, tuple[Backend, ...]] = {
-    "cuda": (Backend.TRITON, Backend.CUDA),
-    "cpu": (Backend.CPU,),
-}

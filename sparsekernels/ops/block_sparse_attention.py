@@ -21,13 +21,13 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from sparsekernels.formats.block_sparse import check_block_size
+from sparsekernels.ops.limits import check_block_size
 from sparsekernels.ops import _ext
-from sparsekernels.ops.backend import Backend, available, requested_backend, select
+from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.router import route
 from sparsekernels.ops.reference import block_sparse_attention as ref
 
 OP = "block_sparse_attention"
-CPU_HEAD_DIMS = (16, 32, 64, 128)  # head dims the C++ kernel vectorises
 
 
 def _triton():
@@ -51,7 +51,7 @@ def effective_layout(layout: Tensor, causal: bool, block_q: int, block_k: int) -
 def block_index(layout: Tensor) -> tuple[Tensor, Tensor]:
     """Bool [B, H, n, m] -> (idx [B, H, n, m] int32: the true columns of each row first, in
     increasing order; cnt [B, H, n] int32). Static shapes: no host sync, compile-friendly."""
-    # a counting sort (a stable argsort of ~layout, which torch runs ~1000x slower on CPU)
+    # a counting sort: a stable argsort of ~layout is far slower on the CPU
     m = layout.shape[-1]
     before = torch.cumsum(layout, -1, dtype=torch.int32)  # true entries up to and here
     cnt = before[..., -1].contiguous() if m else layout.sum(-1, dtype=torch.int32)
@@ -112,40 +112,11 @@ def _mask4(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
     return attn_mask
 
 
-def _cpu_kernel_ok(q: Tensor, dropout_p: float) -> bool:
-    # the C++ kernel draws no dropout bits and vectorises head dims 16, 32, 64, 128
-    return dropout_p == 0.0 and q.shape[-1] in CPU_HEAD_DIMS
-
-
-def _cuda_kernel_ok(q: Tensor, dropout_p: float, for_backward: bool) -> bool:
-    # the CUDA C++ kernel is a forward without dropout, fp32/fp16/bf16, head dims 32/64/128
-    return (not for_backward and dropout_p == 0.0 and q.shape[-1] in (32, 64, 128)
-            and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
-
-
 def _choose(backend: str, q: Tensor, dropout_p: float, for_backward: bool) -> Backend:
-    """The backend that runs this call: `select`'s choice, or where that kernel cannot run
-    this case (CPU: dropout, odd head dims; CUDA C++: backward, dropout, fp64) the next best
-    one: Triton when it runs, else the reference."""
-    chosen = select(backend, q.device, OP)
-    explicit = Backend.parse(backend) is not Backend.AUTO
-    if chosen is Backend.CPU and not _cpu_kernel_ok(q, dropout_p):
-        if explicit:
-            raise RuntimeError(
-                f"sparsekernels.{OP}: the cpu kernel runs head dims {CPU_HEAD_DIMS} "
-                f"without dropout, got head dim {q.shape[-1]}, dropout_p={dropout_p}; use "
-                "backend='auto' or 'reference'")
-        return Backend.REFERENCE
-    if chosen is Backend.CUDA and not _cuda_kernel_ok(q, dropout_p, for_backward):
-        if available(Backend.TRITON, q.device, OP) is None:
-            return Backend.TRITON
-        if explicit and not for_backward:
-            raise RuntimeError(
-                f"sparsekernels.{OP}: the cuda kernel runs fp32/fp16/bf16 head dims 32, 64, 128 "
-                f"without dropout (got {q.dtype}, head dim {q.shape[-1]}, dropout_p={dropout_p})"
-                " and Triton, which covers the rest, is not available: pip install triton")
-        return Backend.REFERENCE
-    return chosen
+    """The backend that runs this call: the router's choice for this head size, dropout and
+    direction (see sparsekernels.ops.router)."""
+    return route(OP, q.device, q.dtype, backend, head_dim=q.shape[-1], dropout=dropout_p > 0,
+                 backward=for_backward).backend
 
 
 def _dropout_mask(seed: int, shape, dropout_p: float, device):
@@ -323,15 +294,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size,
 
 
 def prefers_dense(q: Tensor, layout: Tensor, dropout_p: float, backend: Backend) -> bool:
-    """auto's choice on CPU: an all-true layout runs as plain dense SDPA, which the 2-thread
-    measurements (bench/results/cpu-*/attention.md) show ~1.2x faster than the block kernel
-    at density 1. On GPU the Triton kernel runs every layout (checking the layout there would
-    cost a device sync)."""
-    if requested_backend(backend) is not Backend.AUTO or q.device.type != "cpu" or dropout_p:
-        return False
-    if select(backend, q.device, OP) is Backend.REFERENCE and q.dtype == torch.float64:
-        return False  # the float64 oracle stays the oracle
-    return bool(layout.all())
+    """The router's choice for an all-true layout: dense SDPA (auto on the CPU)."""
+    r = route(OP, q.device, q.dtype, backend, head_dim=q.shape[-1], dropout=dropout_p > 0)
+    return r.dense_full_layout and bool(layout.all())
 
 
 def _dense_sdpa(q, k, v, attn_mask, causal: bool, scale: float) -> Tensor:

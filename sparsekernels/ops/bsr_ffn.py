@@ -21,14 +21,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsekernels.formats.block_sparse import BlockSparseTensor, inner_tensors
 from sparsekernels.ops import _ext
-from sparsekernels.ops.backend import Backend, select
-from sparsekernels.ops.bsr_linear import bsr_linear, check_inputs, prefers_dense
+from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.reference import bsr_ffn as ref_ffn
 from sparsekernels.ops.reference.bsr_ffn import activate
+from sparsekernels.ops.router import route
 
-__all__ = ["ACTIVATIONS", "activate", "bsr_ffn", "check_activation"]
+__all__ = ["ACTIVATIONS", "activate", "activation_backward", "check_activation"]
 
 OP = "bsr_ffn"
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
@@ -62,8 +61,9 @@ def _bsr_ffn(x: Tensor,
     n1 = (crow1.numel() - 1) * values1.shape[1]
     n2 = (crow2.numel() - 1) * values2.shape[1]
     x2 = _rows(x)
-    chosen = select(backend, x.device, "bsr_linear")
-    if chosen is Backend.CPU and _ext.has_op(OP, "cpu"):
+    r = route(OP, x.device, x.dtype, backend)
+    chosen = r.backend
+    if chosen is Backend.CPU and x2.shape[0] >= r.min_fused_rows:
         y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
                                activation)
     elif chosen is Backend.TRITON:
@@ -74,7 +74,7 @@ def _bsr_ffn(x: Tensor,
     elif chosen is Backend.REFERENCE:
         y = ref_ffn.bsr_ffn(x2, values1, row1, col1, bias1, values2, row2, col2, bias2, n1, n2,
                             activation)
-    else:  # cuda (or an extension built without bsr_ffn): bsr_linear, activation, bsr_linear
+    else:  # cuda, or cpu below the router's min_fused_rows: bsr_linear, act, bsr_linear
         h = torch.ops.sparsekernels.bsr_linear(x2, values1, crow1, col1, row1, ccol1, row_t1,
                                                perm1, bias1, chosen.value)
         y = torch.ops.sparsekernels.bsr_linear(activate(h, activation), values2, crow2, col2,
@@ -97,8 +97,14 @@ def _bsr_ffn_packed(x: Tensor, values1: Tensor, packed1: Tensor, crow1: Tensor, 
     autograd formula: callers use it only when no gradient is needed)."""
     n1 = (crow1.numel() - 1) * values1.shape[1]
     n2 = (crow2.numel() - 1) * values2.shape[1]
-    y = _ext.op(OP, "cpu")(_rows(x), values1, crow1, col1, bias1, values2, crow2, col2, bias2,
-                           n1, activation, packed1, packed2)
+    x2 = _rows(x)
+    if x2.shape[0] >= route(OP, x.device, x.dtype, Backend.CPU).min_fused_rows:
+        y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
+                               activation, packed1, packed2)
+    else:
+        linear = _ext.op("bsr_linear", "cpu")
+        h = activate(linear(x2, values1, crow1, col1, bias1, packed1), activation)
+        y = linear(h, values2, crow2, col2, bias2, packed2)
     return y.reshape(*x.shape[:-1], n2)
 
 
@@ -148,38 +154,8 @@ def _backward(ctx, grad):
 _bsr_ffn.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- public entry point ----------------------------------------------------------------
+# --- argument checks -----------------------------------------------------------------
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of "
                          f"{', '.join(ACTIVATIONS)}")
-
-
-def check_ffn_inputs(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tensor],
-                     activation: str) -> None:
-    check_activation(activation)
-    check_inputs(x, w1, b1)
-    hidden = w1.shape[0]
-    if not isinstance(w2, BlockSparseTensor):
-        raise TypeError(f"bsr_ffn needs BlockSparseTensor weights, got {type(w2).__name__} for "
-                        "w2: build one with BlockSparseTensor.from_dense(weight, block_size)")
-    if w2.shape[1] != hidden:
-        raise ValueError(f"w2 reads {w2.shape[1]} features but w1 produces {hidden}: w2 must "
-                         f"be the FFN's second layer, shaped [out, {hidden}]")
-    check_inputs(x.new_empty(0, hidden), w2, b2)
-
-
-def bsr_ffn(x: Tensor, w1, b1: Optional[Tensor], w2, b2: Optional[Tensor],
-            activation: str = "gelu", backend: "Backend | str" = "auto") -> Tensor:
-    """act(x[..., K] @ w1.T + b1) @ w2.T + b2 for BlockSparseTensor weights w1 [N1, K] and
-    w2 [N2, N1]; activation: none, gelu (erf), gelu_tanh, relu or silu.
-
-    auto runs the fused kernel when both weights are sparse enough for their kernels, and
-    otherwise each layer as bsr_linear would (dense above the measured crossover).
-    """
-    check_ffn_inputs(x, w1, b1, w2, b2, activation)
-    backend = Backend.parse(backend)
-    if prefers_dense(w1, x.device, backend) or prefers_dense(w2, x.device, backend):
-        return bsr_linear(activate(bsr_linear(x, w1, b1, backend), activation), w2, b2, backend)
-    return torch.ops.sparsekernels.bsr_ffn(x, *inner_tensors(w1), b1, *inner_tensors(w2), b2,
-                                           activation, backend.value)

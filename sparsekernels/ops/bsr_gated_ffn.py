@@ -15,8 +15,10 @@ biases optional. How much is fused depends on the backend:
 Training recomputes the intermediate in the backward (as bsr_ffn), and the gradients run
 the bsr_linear backward ops (bsr_dsd, bsr_sdd).
 
-bsr_gated_ffn_packed is the CPU inference route with the three layers' W.T blocks made once
-by the caller (bsr_linear.pack), as bsr_ffn_packed.
+bsr_gated_ffn_packed is the CPU inference route with the three layers' W.T blocks given by
+the caller (a SparseLinear's stored layout, or bsr_linear.pack), as bsr_ffn_packed. The
+functional form over BlockSparseTensor weights is sparsekernels.formats.functional.
+sparse_gated_ffn.
 """
 
 from __future__ import annotations
@@ -26,12 +28,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsekernels.formats.block_sparse import inner_tensors
 from sparsekernels.ops import _ext
-from sparsekernels.ops.backend import Backend, select
-from sparsekernels.ops.bsr_ffn import activate, activation_backward, check_activation
-from sparsekernels.ops.bsr_linear import bsr_linear, check_inputs, prefers_dense
+from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.bsr_ffn import activate, activation_backward
 from sparsekernels.ops.reference import bsr_ffn as ref_ffn
+from sparsekernels.ops.router import route
 
 OP = "bsr_gated_ffn"
 
@@ -54,8 +55,9 @@ def _bsr_gated_ffn(x: Tensor,
     n1 = (crow_g.numel() - 1) * values_g.shape[1]
     n2 = (crow_d.numel() - 1) * values_d.shape[1]
     x2 = _rows(x)
-    chosen = select(backend, x.device, "bsr_linear")
-    if chosen is Backend.CPU and _ext.has_op(OP, "cpu"):
+    r = route(OP, x.device, x.dtype, backend)
+    chosen = r.backend
+    if chosen is Backend.CPU and x2.shape[0] >= r.min_fused_rows:
         y = _ext.op(OP, "cpu")(x2, values_g, crow_g, col_g, bias_g, values_u, crow_u, col_u,
                                bias_u, values_d, crow_d, col_d, bias_d, activation)
     elif chosen is Backend.TRITON:
@@ -70,7 +72,7 @@ def _bsr_gated_ffn(x: Tensor,
     elif chosen is Backend.REFERENCE:
         y = ref_ffn.bsr_gated_ffn(x2, values_g, row_g, col_g, bias_g, values_u, row_u, col_u,
                                   bias_u, values_d, row_d, col_d, bias_d, n1, n2, activation)
-    else:  # cuda (or an extension built without the kernel): bsr_linear x 3
+    else:  # cuda, or cpu below the router's min_fused_rows: bsr_linear x 3
         linear = torch.ops.sparsekernels.bsr_linear
         g = linear(x2, values_g, crow_g, col_g, row_g, ccol_g, row_t_g, perm_g, bias_g,
                    chosen.value)
@@ -99,9 +101,16 @@ def _bsr_gated_ffn_packed(x: Tensor,
     """bsr_gated_ffn's CPU inference route with the three layers' W.T blocks made by the
     caller (no autograd formula: callers use it only when no gradient is needed)."""
     n2 = (crow_d.numel() - 1) * values_d.shape[1]
-    y = _ext.op(OP, "cpu")(_rows(x), values_g, crow_g, col_g, bias_g, values_u, crow_u, col_u,
-                           bias_u, values_d, crow_d, col_d, bias_d, activation, packed_g,
-                           packed_u, packed_d)
+    x2 = _rows(x)
+    if x2.shape[0] >= route(OP, x.device, x.dtype, Backend.CPU).min_fused_rows:
+        y = _ext.op(OP, "cpu")(x2, values_g, crow_g, col_g, bias_g, values_u, crow_u, col_u,
+                               bias_u, values_d, crow_d, col_d, bias_d, activation, packed_g,
+                               packed_u, packed_d)
+    else:
+        linear = _ext.op("bsr_linear", "cpu")
+        h = (activate(linear(x2, values_g, crow_g, col_g, bias_g, packed_g), activation)
+             * linear(x2, values_u, crow_u, col_u, bias_u, packed_u))
+        y = linear(h, values_d, crow_d, col_d, bias_d, packed_d)
     return y.reshape(*x.shape[:-1], n2)
 
 
@@ -162,41 +171,3 @@ def _backward(ctx, grad):
 
 
 _bsr_gated_ffn.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --- public entry point ----------------------------------------------------------------
-def check_gated_inputs(x: Tensor, gate, up, down, gate_bias: Optional[Tensor],
-                       up_bias: Optional[Tensor], down_bias: Optional[Tensor],
-                       activation: str) -> None:
-    check_activation(activation)
-    check_inputs(x, gate, gate_bias)
-    check_inputs(x, up, up_bias)
-    if tuple(up.shape) != tuple(gate.shape) or up.block_size != gate.block_size:
-        raise ValueError(f"gate {list(gate.shape)} in {gate.block_size} blocks and up "
-                         f"{list(up.shape)} in {up.block_size} blocks must have one shape and "
-                         "one block size")
-    hidden = gate.shape[0]
-    if down.shape[1] != hidden:
-        raise ValueError(f"down reads {down.shape[1]} features but gate and up produce {hidden}: "
-                         f"down must be shaped [out, {hidden}]")
-    check_inputs(x.new_empty(0, hidden), down, down_bias)
-
-
-def bsr_gated_ffn(x: Tensor, gate, up, down, gate_bias: Optional[Tensor] = None,
-                  up_bias: Optional[Tensor] = None, down_bias: Optional[Tensor] = None,
-                  activation: str = "silu", backend: "Backend | str" = "auto") -> Tensor:
-    """down(act(gate(x)) * up(x)) for BlockSparseTensor weights gate, up [N1, K] and down
-    [N2, N1] (biases optional); activation: silu, gelu_tanh, gelu, relu or none.
-
-    auto runs the fused kernel when all three weights are sparse enough for their kernels,
-    and otherwise each layer as bsr_linear would (dense above the measured crossover).
-    """
-    check_gated_inputs(x, gate, up, down, gate_bias, up_bias, down_bias, activation)
-    backend = Backend.parse(backend)
-    if any(prefers_dense(w, x.device, backend) for w in (gate, up, down)):
-        h = (activate(bsr_linear(x, gate, gate_bias, backend), activation)
-             * bsr_linear(x, up, up_bias, backend))
-        return bsr_linear(h, down, down_bias, backend)
-    return torch.ops.sparsekernels.bsr_gated_ffn(
-        x, *inner_tensors(gate), gate_bias, *inner_tensors(up), up_bias, *inner_tensors(down),
-        down_bias, activation, backend.value)

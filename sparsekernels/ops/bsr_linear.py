@@ -19,10 +19,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsekernels.formats.block_sparse import inner_tensors
 from sparsekernels.ops import _ext
-from sparsekernels.ops.backend import Backend, select
-from sparsekernels.ops.crossover import dense_crossover
+from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.router import route
 from sparsekernels.ops.reference import bsr_linear as ref
 
 OP = "bsr_linear"
@@ -47,7 +46,7 @@ def _bsr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Te
                 transpose_perm: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     n = (crow_indices.numel() - 1) * values.shape[1]
     x2 = _as_rows(x)
-    chosen = select(backend, x.device, OP)
+    chosen = route(OP, x.device, x.dtype, backend).backend
     if chosen is Backend.CPU:
         y = _ext.op(OP, "cpu")(x2, values, crow_indices, col_indices, bias)
     elif chosen is Backend.CUDA:
@@ -90,7 +89,7 @@ def _(x, values, packed, crow_indices, col_indices, bias):
 def _bsr_dsd(grad: Tensor, values: Tensor, ccol_indices: Tensor, row_indices_t: Tensor,
              transpose_perm: Tensor, backend: str) -> Tensor:
     g2 = _as_rows(grad)
-    chosen = select(backend, grad.device, OP)
+    chosen = route(OP, grad.device, grad.dtype, backend).backend
     if chosen is Backend.CPU:
         out = _ext.op("bsr_dsd", "cpu")(g2, values, ccol_indices, row_indices_t, transpose_perm)
     elif chosen is Backend.CUDA:
@@ -117,7 +116,7 @@ def _(grad, values, ccol_indices, row_indices_t, transpose_perm, backend):
 def _bsr_sdd(grad: Tensor, x: Tensor, row_indices: Tensor, col_indices: Tensor,
              block_m: int, block_k: int, backend: str) -> Tensor:
     g2, x2 = _as_rows(grad), _as_rows(x)
-    chosen = select(backend, grad.device, OP)
+    chosen = route(OP, grad.device, grad.dtype, backend).backend
     if chosen is Backend.CPU:
         return _ext.op("bsr_sdd", "cpu")(g2, x2, row_indices, col_indices, block_m, block_k)
     if chosen is Backend.CUDA:
@@ -156,53 +155,3 @@ def _backward(ctx, grad):
 
 
 _bsr_linear.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --- public entry point ----------------------------------------------------------------
-def check_inputs(x: Tensor, weight, bias: Optional[Tensor]) -> None:
-    from sparsekernels.formats.block_sparse import BlockSparseTensor
-
-    if not isinstance(weight, BlockSparseTensor):
-        raise TypeError(f"bsr_linear needs a BlockSparseTensor weight, got {type(weight).__name__}"
-                        ": build one with BlockSparseTensor.from_dense(weight, block_size)")
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"wrong input width: the weight expects [..., {k}] inputs, got "
-                         f"{list(x.shape)}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"dtype mismatch: input is {x.dtype}, weight is {weight.dtype}; cast one "
-                        "of them (e.g. module.to(dtype) or x.to(weight.dtype))")
-    if x.device != weight.device:
-        raise ValueError(f"device mismatch: input on {x.device}, weight on {weight.device}; "
-                         "move the module or the input with .to(device)")
-    if bias is not None:
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape [{n}], got {list(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias is {bias.dtype} on {bias.device}; expected {x.dtype} on "
-                            f"{x.device}")
-
-
-def prefers_dense(weight, device: torch.device, backend) -> bool:
-    """auto's choice: run plain dense when no sparse kernel is available for the device, or
-    when the density is above the measured crossover for this device, dtype and block size."""
-    if Backend.parse(backend) is not Backend.AUTO:
-        return False
-    chosen = select(backend, device, OP)
-    if chosen is Backend.REFERENCE:
-        return True  # the reference densifies anyway; dense F.linear is the same math, faster
-    return weight.density >= dense_crossover(device.type, weight.dtype, weight.block_size)
-
-
-def bsr_linear(x: Tensor, weight, bias: Optional[Tensor] = None,
-               backend: "Backend | str" = "auto") -> Tensor:
-    """x[..., K] @ weight.T + bias for a BlockSparseTensor weight [N, K].
-
-    backend: auto (default; may run plain dense above the density crossover), cpu, cuda,
-    triton or reference. SPARSEKERNELS_BACKEND overrides auto.
-    """
-    check_inputs(x, weight, bias)
-    backend = Backend.parse(backend)
-    if prefers_dense(weight, x.device, backend):
-        return torch.nn.functional.linear(x, weight.to_dense(), bias)
-    return torch.ops.sparsekernels.bsr_linear(x, *inner_tensors(weight), bias, backend.value)

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
 
 GRANULARITIES = ("fine", "out_channel", "in_channel", "block", "head")
 

@@ -98,6 +98,11 @@ class Evaluator:
     def evaluate(self) -> Any:
         raise NotImplementedError
 
+    def cannot_evaluate(self) -> str | None:
+        """None when evaluate() can run, else why not (checked by the pruners that score
+        their iterations, before they change anything)."""
+        return None
+
     def get_dummy_input(self) -> Any:
         return None
 
@@ -167,6 +172,11 @@ class TorchEvaluator(Evaluator):
         if self.evaluating_func is None:
             raise RuntimeError("TorchEvaluator: no evaluating_func was given")
         return self.evaluating_func(self._require_model())
+
+    def cannot_evaluate(self) -> str | None:
+        if self.evaluating_func is None:
+            return "a TorchEvaluator without evaluating_func"
+        return None
 
     def get_dummy_input(self) -> Any:
         return self.dummy_input
@@ -258,6 +268,11 @@ class TransformersEvaluator(Evaluator):
     def evaluate(self) -> Any:
         self._require_model()
         return self.trainer.evaluate()
+
+    def cannot_evaluate(self) -> str | None:
+        if getattr(self.trainer, "eval_dataset", None) is None:
+            return "a TransformersEvaluator whose Trainer has no eval_dataset"
+        return None
 
     def get_dummy_input(self) -> Any:
         return self.dummy_input

@@ -32,12 +32,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from sparsekernels.formats.block_sparse import units_to_prune
+
 CanonicalMasks = dict[str, dict[str, torch.Tensor]]
-
-
-def units_to_prune(num_units: int, sparsity: float) -> int:
-    """``floor(sparsity * num_units + 0.5)``: the documented rounding."""
-    return int(math.floor(sparsity * num_units + 0.5))
 
 
 class Pool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsekernels.pruning.masks import Masks, masks_to, validate_masks
+from sparsekernels.formats.masks import Masks, masks_to, validate_masks
 
 
 @dataclass

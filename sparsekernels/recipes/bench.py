@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
 
 
 def _inputs(model: nn.Module, batch: int, seq: int) -> dict:

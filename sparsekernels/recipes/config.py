@@ -179,7 +179,7 @@ class RecipeConfig:
             check(value > 0, section, key, f"must be > 0, got {value}")
         check(self.checkpoint_minutes >= 0, "", "checkpoint_minutes",
               f"must be >= 0 (0 turns mid-stage checkpoints off), got {self.checkpoint_minutes}")
-        from sparsekernels.formats import SUPPORTED_BLOCK_SIZES
+        from sparsekernels.ops.limits import SUPPORTED_BLOCK_SIZES
 
         for b in self.speedup.block_size:
             check(b in SUPPORTED_BLOCK_SIZES, "speedup", "block_size",

@@ -4,41 +4,25 @@ params_by_component(model)   parameters in the embedding, attention, FFN and the
 encoder_sparsity(model, d)   1 - (attention + FFN parameters now) / (the same in the dense model)
 per_layer_time(model, x)     ms per encoder layer, embeddings and head, from torch.profiler
 
-Components are read from each parameter's path, so they hold for BERT, RoBERTa, MiniLM,
-ViT, GPT-2, BART and T5, before and after resizing:
-  embedding  under a module named `embeddings` / `embed_*` / `wte` / `wpe` / `shared`, or
-             an nn.Embedding anywhere (word, position, token type, patch embeddings and the
-             embedding LayerNorm)
-  attention  under `attention` / `attn` / `self_attn` / `encoder_attn` / `SelfAttention` /
-             `EncDecAttention` (q, k, v, o projections, BERT's attention.output.dense and
-             its LayerNorm), or a leaf named query / key / value / q_proj / k_proj / v_proj /
-             o_proj / out_proj inside a numbered layer
-  ffn        `intermediate`, the `output` that directly follows a layer index (BERT's
-             layer.N.output.dense and its LayerNorm), `mlp`, `ffn`, `feed_forward`,
-             `DenseReluDense`, or a leaf named fc1 / fc2 / c_fc inside a numbered layer
-  other      the rest: pooler, classifier, final and per-layer norms outside those blocks
-A SparseLinear counts what it stores (its `values` blocks and bias), not its dense shape;
+Components are read from each parameter's path through the tables in
+sparsekernels.arch.names (which names mean embedding, attention, FFN and the head), so they
+hold for BERT, RoBERTa, MiniLM, ViT, GPT-2, BART, T5 and the decoder LLMs, before and after
+resizing. A SparseLinear counts what it stores (its `values` blocks and bias), not its dense shape;
 `count_nonzero=True` counts non-zero entries instead, for masked (not yet sped-up) models.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Any
 
 import torch
 from torch import nn
 
+from sparsekernels.arch import find_layers, names
+
 COMPONENTS = ("embedding", "attention", "ffn", "other")
-_EMBEDDING_PARTS = {"embeddings", "embedding", "wte", "wpe", "shared", "patch_embeddings"}
-_ATTENTION_PARTS = {"attention", "attn", "self_attn", "encoder_attn", "self_attention",
-                    "selfattention", "encdecattention", "crossattention", "cross_attn"}
-_ATTENTION_LEAVES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj",
-                     "out_proj", "q", "k", "v", "o", "c_attn"}
-_FFN_PARTS = {"intermediate", "mlp", "ffn", "feed_forward", "feedforward", "densereludense"}
-_FFN_LEAVES = {"fc1", "fc2", "c_fc", "wi", "wo", "wi_0", "wi_1"}
-_HEAD_NAMES = {"pooler", "classifier", "score", "lm_head", "qa_outputs", "pre_classifier",
-               "cls", "head", "layernorm", "final_layer_norm", "ln_f"}
 _RANGE_PREFIX = "sparsekernels.layer::"
 
 
@@ -49,19 +33,20 @@ def component_of(path: str, embedding_modules: set[str] = frozenset()) -> str:
     lower = [p.lower() for p in parts]
     prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
     if prefixes & embedding_modules or any(
-            p in _EMBEDDING_PARTS or p.startswith("embed_") for p in lower):
+            p in names.EMBEDDING_PARTS or p.startswith("embed_") for p in lower):
         return "embedding"
-    if any(p in _ATTENTION_PARTS for p in lower):
+    if any(p in names.ATTENTION_PARTS for p in lower):
         return "attention"
-    if any(p in _FFN_PARTS for p in lower):
+    if any(p in names.FFN_PARTS for p in lower):
         return "ffn"
-    if any(p == "output" and i > 0 and parts[i - 1].isdigit() for i, p in enumerate(lower)):
+    if any(p == names.FFN_OUTPUT_PART and i > 0 and parts[i - 1].isdigit()
+           for i, p in enumerate(lower)):
         return "ffn"  # BERT / ViT: layer.N.output.{dense,LayerNorm}
     leaves = lower[:-1] if lower[-1] in ("weight", "bias", "values") else lower
     in_layer = any(p.isdigit() for p in parts)  # a head's out_proj is not attention
-    if in_layer and leaves and leaves[-1] in _ATTENTION_LEAVES:
+    if in_layer and leaves and leaves[-1] in names.ATTENTION_LEAVES:
         return "attention"
-    if in_layer and leaves and leaves[-1] in _FFN_LEAVES:
+    if in_layer and leaves and leaves[-1] in names.FFN_LEAVES:
         return "ffn"
     return "other"
 
@@ -94,24 +79,10 @@ def encoder_sparsity(model: nn.Module, dense_params_by_component: dict[str, int]
 
 
 # -- per-layer time -------------------------------------------------------------------------
-def _layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The ModuleLists of repeated blocks (encoder.layer, h, layers, block ...)."""
-    found = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0:
-            kinds = {type(c) for c in m}
-            if len(kinds) == 1 and sum(1 for _ in m[0].parameters()) > 0 and any(
-                    isinstance(x, nn.Linear) or type(x).__name__ in ("SparseLinear", "Conv1D")
-                    for x in m[0].modules()):
-                if not any(name.startswith(f + ".") for f, _ in found):
-                    found.append((name, m))
-    return found
-
-
 def timed_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     """Report key -> the modules whose forward time it sums: 'embeddings', 'layer.i', 'head'."""
     groups: dict[str, list[nn.Module]] = {}
-    lists = _layer_lists(model)
+    lists = [(name, model.get_submodule(name)) for name, _ in find_layers(model)]
     inside = {id(m) for _, lst in lists for m in lst.modules()}
     embeddings = [m for name, m in model.named_modules()
                   if name.split(".")[-1] == "embeddings" and id(m) not in inside]
@@ -128,7 +99,7 @@ def timed_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     taken = {id(x) for ms in groups.values() for m in ms for x in m.modules()}
     head = []
     for name, m in model.named_modules():
-        if name.split(".")[-1] in _HEAD_NAMES and id(m) not in inside and id(m) not in taken:
+        if name.split(".")[-1] in names.HEAD_MODULES and id(m) not in inside and id(m) not in taken:
             head.append(m)
             taken |= {id(x) for x in m.modules()}
     if head:
@@ -153,6 +124,9 @@ def per_layer_time(model: nn.Module, inputs: dict, reps: int = 3) -> dict[str, f
     record_function range opened and closed by forward hooks on that module. On CUDA the
     time is the device time of the kernels each range launched; on CPU its wall time.
     The model runs in eval mode under no_grad; its mode is restored and the hooks removed."""
+    # kineto prints a line to stderr at every profiler start and stop unless told not to
+    # (read when the profiler first starts; a user's own setting wins)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     from torch.profiler import ProfilerActivity, profile, record_function
 
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:

@@ -1,5 +1,5 @@
-"""Where the recipe prunes: FFN units and hidden (residual-stream) channels, found by
-structure (traced channel groups), so any encoder family works."""
+"""Where the recipe prunes: FFN units and hidden (residual-stream) channels, read from the
+model map (patterns for the families it knows, traced channel groups for any other)."""
 
 from __future__ import annotations
 
@@ -8,37 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekernels.pruning import layers
-from sparsekernels.pruning.dependency import find_channel_groups
-from sparsekernels.pruning.heads import find_attention_blocks
-from sparsekernels.speedup.analysis import attention_channels
+from sparsekernels.arch import layers, map_model
 
 
 def ffn_input_layers(model: nn.Module, dummy: Any) -> list[str]:
-    """The first layer of every FFN: its output channels feed only layers that write the
-    residual stream (the FFN's second layer), with no norm in between. Found by position,
-    not width: a pruned FFN can be narrower than the hidden size. A pooler is not one (its
-    consumer, the classifier, does not write the stream), nor is attention (its channels
-    are the heads')."""
-    owned = attention_channels(find_attention_blocks(model))
-    modules = dict(model.named_modules())
-    groups = find_channel_groups(model, dummy)
-    stream_writers = {m.name for g in groups if any(m.kind == "norm" for m in g.members)
-                      for m in g.members if m.kind == "out"}
-    names = set()
-    for g in groups:
-        if {(m.name, m.kind) for m in g.members} & owned:
-            continue
-        if any(m.kind in ("norm", "param") or layers.type_name(modules[m.name]) == "Embedding"
-               for m in g.members if m.kind != "param"):
-            continue
-        readers = g.names("in")
-        if readers and readers <= stream_writers:
-            names |= g.names("out")
-    if not names:
-        raise RuntimeError(f"no FFN found in {type(model).__name__}: the recipe prunes layers "
-                           "whose outputs feed only a layer that writes the residual stream")
-    return sorted(names)
+    """The first layer(s) of every FFN the model map finds (up, and the gate of a gated FFN):
+    the layers whose output channels are FFN units."""
+    model_map = map_model(model, dummy)
+    model_map.require("ffn")
+    return sorted({name for site in model_map.ffn for name in site.first_layers})
 
 
 def _channel_score(t: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor | None:
@@ -55,8 +33,7 @@ class StreamImportance:
     def __init__(self, model: nn.Module, dummy: Any):
         self.model = model
         self.modules = dict(model.named_modules())
-        streams = [g for g in find_channel_groups(model, dummy)
-                   if any(m.kind == "norm" for m in g.members)]
+        streams = [s.group for s in map_model(model, dummy).streams if s.norms]
         if not streams:
             raise RuntimeError(f"no residual stream with norms found in {type(model).__name__}")
         self.group = max(streams, key=lambda g: len(g.members))

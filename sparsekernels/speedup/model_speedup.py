@@ -19,12 +19,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from sparsekernels.formats.block_sparse import SUPPORTED_BLOCK_SIZES, block_mask_from_mask
+from sparsekernels.formats.block_sparse import block_mask_from_mask
+from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.limits import SUPPORTED_BLOCK_SIZES, check_block_size
 from sparsekernels.nn.sparse_linear import SparseLinear
-from sparsekernels.ops.crossover import dense_crossover
-from sparsekernels.pruning import layers
-from sparsekernels.pruning.inputs import run_model
-from sparsekernels.pruning.masks import MaskError, validate_masks
+from sparsekernels.ops.router import route
+from sparsekernels.arch import find_attention, layers, names
+from sparsekernels.arch.inputs import run_model
+from sparsekernels.formats.masks import MaskError, validate_masks
 from sparsekernels.speedup import surgery
 from sparsekernels.speedup.analysis import Plan, analyze
 
@@ -58,8 +60,6 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, dummy_input: Any) -> int:
     """Multiply-add FLOPs (x2) of the weight layers and attention products on one forward."""
-    from sparsekernels.pruning.heads import find_attention_blocks
-
     total = [0]
     handles = []
 
@@ -82,8 +82,7 @@ def count_flops(model: nn.Module, dummy_input: Any) -> int:
             x = args[0] if args else next(iter(kwargs.values()))
             if isinstance(x, torch.Tensor) and x.dim() >= 3:
                 b, length = x.shape[0], x.shape[1]
-                heads = _current_heads(module, block)
-                flops = 4 * b * length * length * heads * block.head_dim
+                flops = 4 * b * length * length * block.num_heads * block.head_dim
                 sparse = getattr(module, "_sparsekernels_attention", None)
                 if sparse is not None and sparse.layout is not None:
                     flops *= float(sparse.layout.float().mean())  # skipped blocks cost nothing
@@ -94,7 +93,7 @@ def count_flops(model: nn.Module, dummy_input: Any) -> int:
         if isinstance(module, SparseLinear) or layers.type_name(module) in (
                 "Linear", "Conv1D", "Conv2d", "Conv1d"):
             handles.append(module.register_forward_hook(weight_hook))
-    for block in find_attention_blocks(model):
+    for block in find_attention(model):
         handles.append(model.get_submodule(block.name).register_forward_hook(
             attention_hook(block), with_kwargs=True))
     try:
@@ -106,10 +105,16 @@ def count_flops(model: nn.Module, dummy_input: Any) -> int:
     return total[0]
 
 
-def _current_heads(module, block) -> int:
-    from sparsekernels.pruning.heads import read_heads
-
-    return read_heads(module) or block.num_heads
+def _check_backend_runs(model: nn.Module, backend: str) -> None:
+    """Refuse, before anything changes, a backend that cannot run this model's layers."""
+    weights = [p for p in model.parameters() if p.is_floating_point()]
+    if not weights:
+        return
+    try:
+        route("bsr_linear", weights[0].device, weights[0].dtype, backend)
+    except RuntimeError as exc:
+        raise ValueError(f"ModelSpeedup: backend={backend!r} cannot run this model "
+                         f"({weights[0].dtype} on {weights[0].device}): {exc}") from None
 
 
 @dataclass
@@ -163,7 +168,9 @@ class ModelSpeedup:
     model: the model the masks were computed for (changed in place).
     dummy_input: a tensor, tuple or dict of model inputs (one forward is traced).
     masks: NNI masks {module_name: {"weight": 0/1, "bias": 0/1}}, e.g. a pruner's.
-    mode: "resize", "kernel" or "auto". block_size: SparseLinear blocks (kernel and auto).
+    mode: "resize", "kernel" or "auto". block_size: SparseLinear blocks (kernel and auto), an
+    int or a pair of 16, 32, 64 or 128. backend: as SparseLinear's. Every argument is checked
+    before the model changes.
     fuse_ffn: in kernel and auto modes, run each FFN whose two layers became SparseLinear as
     one fused op (sparsekernels.nn.fuse_ffn_; names and state_dict unchanged).
     """
@@ -178,10 +185,14 @@ class ModelSpeedup:
         if not isinstance(masks, dict):
             raise TypeError(f"masks must be a dict {{module: {{'weight': mask}}}}, got {type(masks).__name__}")
         validate_masks(model, masks)
+        self.block_size = check_block_size(block_size)
+        self.backend = Backend.parse(backend).value
+        if not isinstance(fuse_ffn, bool):
+            raise TypeError(f"fuse_ffn must be True or False, got {fuse_ffn!r}")
+        if mode in ("kernel", "auto"):
+            _check_backend_runs(model, self.backend)
         self.model, self.dummy_input, self.masks, self.mode = model, dummy_input, masks, mode
-        self.block_size = tuple(block_size)
-        self.backend = backend
-        self.fuse_ffn = bool(fuse_ffn)
+        self.fuse_ffn = fuse_ffn
         self.report = SpeedupReport(mode)
         self.structure: dict[str, list[dict]] = defaultdict(list)
 
@@ -217,30 +228,26 @@ class ModelSpeedup:
         for block_name, head in plan.zero_heads.items():
             block = plan.blocks[block_name]
             v = modules[block.v]
-            h, d = block.num_heads, block.head_dim
-            start = (2 * h * d if block.fused else 0) + head * d
-            cv = layers.to_canonical(v, v.weight.data)
-            cv[start:start + d] = 0
+            rows = block.rows("v")[head]
+            layers.to_canonical(v, v.weight.data)[rows] = 0
             if layers.has_bias(v):
-                v.bias.data[start:start + d] = 0
+                v.bias.data[rows] = 0
         for block_name, kept in plan.heads.items():
             block = plan.blocks[block_name]
             if len(kept) == block.num_heads:
                 continue
             h, d = block.num_heads, block.head_dim
-            per_head = torch.zeros(h, d, dtype=torch.bool)
-            per_head[kept] = True
-            flat = per_head.flatten()
-            if block.fused:
-                plan.rows[block.q] = plan.keep_rows(block.q, 3 * h * d, "cpu") & flat.repeat(3)
-            else:
-                for proj in (block.q, block.k, block.v):
-                    plan.rows[proj] = plan.keep_rows(proj, h * d, "cpu") & flat
-            plan.cols[block.o] = plan.keep_cols(block.o, h * d, "cpu") & flat
+            dropped = [i for i in range(h) if i not in kept]
+            for part, proj in (("q", block.q), ("k", block.k), ("v", block.v)):
+                keep = plan.keep_rows(proj, layers.out_features(modules[proj]), "cpu")
+                keep[block.rows(part)[dropped].reshape(-1)] = False
+            o_keep = torch.zeros(h, d, dtype=torch.bool)
+            o_keep[kept] = True
+            plan.cols[block.o] = plan.keep_cols(block.o, h * d, "cpu") & o_keep.flatten()
             self.report.heads_removed[block_name] = [i for i in range(h) if i not in kept]
             self.structure[block_name].append(
                 surgery.set_head_count(modules[block_name], h, len(kept), d))
-            if hasattr(modules[block_name], "has_relative_attention_bias"):  # T5's shared bias
+            if hasattr(modules[block_name], names.RELATIVE_BIAS_ATTR):  # T5's shared bias
                 self.structure[block_name].append(
                     surgery.install_head_subset(modules[block_name], kept, h))
         for name in sorted(set(plan.rows) | set(plan.cols)):
@@ -280,11 +287,10 @@ class ModelSpeedup:
     def _heads_to_layouts(self) -> None:
         """Kernel mode: removable heads become all-false rows of the block-sparse attention
         layout (no FLOPs, no loads); their constant contribution is folded as in resize."""
-        from sparsekernels.pruning.heads import find_attention_blocks
         from sparsekernels.speedup.analysis import plan_heads
 
         plan = Plan()
-        plan_heads(self.model, find_attention_blocks(self.model), plan)
+        plan_heads(self.model, find_attention(self.model), plan)
         removed = {}
         for name, kept in plan.heads.items():
             heads = plan.blocks[name].num_heads
@@ -350,7 +356,10 @@ class ModelSpeedup:
                                            f"block size <= {self.block_size}")
                 continue
             density = float(block_mask_from_mask(weight, block).float().mean())
-            if only_below_crossover and density >= dense_crossover(weight.device.type, weight.dtype, block):
+            # auto mode keeps dense what auto's route would run dense anyway
+            r = route("bsr_linear", weight.device, weight.dtype, "auto",
+                      block_size=block, density=density)
+            if only_below_crossover and r.dense:
                 self.report.dense[name] = f"block density {density:.2f} is above the dense crossover"
                 continue
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=layers.has_bias(module),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers, names
 
 Change = dict[str, Any]
 
@@ -143,10 +143,10 @@ def shrink_norm(module: nn.Module, keep: torch.Tensor, cache: ParamCache) -> Cha
 def set_head_count(module: nn.Module, old_heads: int, new_heads: int, head_dim: int) -> Change:
     """Update the head-count attributes an attention forward reads (names vary by family)."""
     attrs = {}
-    for name in ("num_attention_heads", "num_heads", "n_heads", "n_head"):
+    for name in names.HEAD_ATTRS:
         if getattr(module, name, None) == old_heads:
             attrs[name] = new_heads
-    for name in ("all_head_size", "inner_dim", "split_size"):
+    for name in names.HEAD_WIDTH_ATTRS:
         if getattr(module, name, None) == old_heads * head_dim:
             attrs[name] = new_heads * head_dim
     for name, value in attrs.items():

@@ -302,14 +302,14 @@ def test_resized_heads_with_pruned_layouts(family):
     """After ModelSpeedup's resize (one head fewer per module, T5's shared position bias
     sliced per layer), layouts index the module's own heads: a further all-false head equals
     zeroing that head's value rows."""
-    from sparsekernels.pruning.heads import find_attention_blocks
+    from sparsekernels.arch import find_attention
     from sparsekernels.speedup import ModelSpeedup
     from tests.speedup.families import build, head_masks, output_of
 
     model, dummy = build(family)
     model = ModelSpeedup(model, dummy, head_masks(model), mode="resize").speedup_model()
     names = [n for n, _ in sa.attention_modules(model)]
-    blocks = {b.name: b for b in find_attention_blocks(model)}
+    blocks = {b.name: b for b in find_attention(model)}
     assert set(names) <= set(blocks)
     zeroed, layouts = copy.deepcopy(model), {}
     for name in names:

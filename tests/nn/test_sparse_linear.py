@@ -105,8 +105,8 @@ def test_torch_compile_keeps_auto_routing(monkeypatch):
     monkeypatch.setenv("SPARSEKERNELS_DENSE_CROSSOVER", "0.4")
     sl = SparseLinear.from_linear(nn.Linear(64, 64), (32, 32), sparsity=0.25)  # density 0.75
     x = torch.randn(3, 64)
-    eager = sl(x)  # decides: dense
-    assert sl._route[("cpu", torch.float32)][0] is True
+    eager = sl(x)  # routed dense when built (the variable is read then)
+    assert sl.route.dense is True
     calls = []
     real = torch.ops.sparsekernels.bsr_linear
     monkeypatch.setattr(torch.ops.sparsekernels, "bsr_linear",
@@ -187,3 +187,21 @@ def test_forward_errors():
         sl(torch.randn(2, 63))
     with pytest.raises(TypeError, match="dtype mismatch"):
         sl(torch.randn(2, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("grid, sparsity", [((1, 5), 0.3), ((1, 5), 0.5), ((2, 5), 0.25),
+                                            ((1, 2), 0.25), ((1, 4), 0.125), ((3, 2), 0.75)])
+def test_from_linear_keeps_as_many_blocks_as_the_block_pruner(grid, sparsity):
+    """One rounding rule (half up) for SparseLinear.from_linear and the pruners: the .5 cases,
+    where round() (half to even) and floor(x + 0.5) disagree."""
+    from sparsekernels.pruning import LevelPruner
+
+    linear = nn.Linear(grid[1] * 16, grid[0] * 16)
+    sl = SparseLinear.from_linear(linear, (16, 16), sparsity=sparsity)
+    model = nn.Sequential(copy.deepcopy(linear))
+    _, masks = LevelPruner(model, [{"op_names": ["0"], "sparsity": sparsity,
+                                    "granularity": "block", "block_size": [16, 16]}]).compress()
+    pruner_kept = int(masks["0"]["weight"].reshape(grid[0], 16, grid[1], 16)
+                      .amax(dim=(1, 3)).count_nonzero())
+    n = grid[0] * grid[1]
+    assert sl.values.shape[0] == pruner_kept == n - int(sparsity * n + 0.5)

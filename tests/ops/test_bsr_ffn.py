@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsekernels import BlockSparseTensor
-from sparsekernels.ops import _ext, bsr_ffn
+from sparsekernels.formats.functional import sparse_ffn
+from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import triton_available, triton_interpret
 from sparsekernels.testing import assert_close_to_reference, random_block_mask
 
@@ -57,7 +58,7 @@ def test_forward_matches_reference(backend, dtype, tokens, density, activation):
     w1, w2 = weights(density, dtype, empty=density == 0.5)
     x = torch.randn(*tokens, K, dtype=dtype)
     b1, b2 = torch.randn(HIDDEN, dtype=dtype), torch.randn(N, dtype=dtype)
-    y = bsr_ffn(x, w1, b1, w2, b2, activation, backend=backend)
+    y = sparse_ffn(x, w1, b1, w2, b2, activation, backend=backend)
     assert y.dtype == dtype and y.shape == (*tokens, N)
     ref = composed(x, w1, b1, w2, b2, activation, torch.float64)
     base = None if dtype == torch.float64 else composed(x, w1, b1, w2, b2, activation, dtype)
@@ -73,7 +74,7 @@ def test_triton_forward_matches_reference(density, activation):
     w1, w2 = weights(density, torch.float32, empty=density == 0.5)
     x = torch.randn(2, 15, K)
     b1, b2 = torch.randn(HIDDEN), torch.randn(N)
-    y = bsr_ffn(x, w1, b1, w2, b2, activation, backend="triton")
+    y = sparse_ffn(x, w1, b1, w2, b2, activation, backend="triton")
     args = (x, w1, b1, w2, b2, activation)
     assert_close_to_reference(y, composed(*args, torch.float64), composed(*args, torch.float32),
                               reduction=K + HIDDEN)
@@ -172,7 +173,7 @@ def test_fused_rounds_as_two_bsr_linear_calls(dtype, tokens, packed):
     if packed:
         got = torch.ops.sparsekernels.bsr_ffn_packed(x, *_packed_args(w1, b1, w2, b2), "relu")
     else:
-        got = bsr_ffn(x, w1, b1, w2, b2, "relu", backend="cpu")
+        got = sparse_ffn(x, w1, b1, w2, b2, "relu", backend="cpu")
     assert torch.equal(got, want)
 
 
@@ -186,13 +187,13 @@ def test_auto_composes_when_a_layer_is_too_dense(monkeypatch):
                         lambda *a: calls.append(1) or real(*a), raising=False)
     monkeypatch.setenv("SPARSEKERNELS_DENSE_CROSSOVER", "0.9")
     dense_w1, sparse_w2 = weights(1.0, torch.float32)[0], weights(0.5, torch.float32)[1]
-    y = bsr_ffn(x, dense_w1, None, sparse_w2, None, "relu")
+    y = sparse_ffn(x, dense_w1, None, sparse_w2, None, "relu")
     assert calls == []
     args = (x, dense_w1, None, sparse_w2, None, "relu")
     assert_close_to_reference(y, composed(*args, torch.float64), composed(*args, torch.float32),
                               reduction=K + HIDDEN)
     w1, w2 = weights(0.5, torch.float32)
-    bsr_ffn(x, w1, None, w2, None, "relu")
+    sparse_ffn(x, w1, None, w2, None, "relu")
     assert calls == [1]
 
 
@@ -200,17 +201,17 @@ def test_bad_input_is_refused_with_the_fix():
     w1, w2 = weights(0.5, torch.float32)
     x = torch.randn(4, K)
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
-        bsr_ffn(x, w1, None, w2, None, "swish")
+        sparse_ffn(x, w1, None, w2, None, "swish")
     with pytest.raises(ValueError, match="w2 reads 192 features but w1 produces 192|second layer"):
-        bsr_ffn(x, w1, None, w1, None)
+        sparse_ffn(x, w1, None, w1, None)
     with pytest.raises(TypeError, match="BlockSparseTensor"):
-        bsr_ffn(x, w1, None, w2.to_dense(), None)
+        sparse_ffn(x, w1, None, w2.to_dense(), None)
     with pytest.raises(TypeError, match="dtype mismatch"):
-        bsr_ffn(x, w1, None, w2.double(), None)
+        sparse_ffn(x, w1, None, w2.double(), None)
     with pytest.raises(ValueError, match="bias must have shape"):
-        bsr_ffn(x, w1, None, w2, torch.randn(N + 1))
+        sparse_ffn(x, w1, None, w2, torch.randn(N + 1))
     with pytest.raises(ValueError, match="wrong input width"):
-        bsr_ffn(torch.randn(4, K + 16), w1, None, w2, None)
+        sparse_ffn(torch.randn(4, K + 16), w1, None, w2, None)
 
 
 # --- GPU (make test-gpu) ---------------------------------------------------------------
@@ -236,7 +237,7 @@ def test_gpu_bert_ffn(backend, dtype, activation):
     x = torch.randn(2, 257, 768, device="cuda", dtype=dtype, requires_grad=True)
     b1 = torch.randn(3072, device="cuda", dtype=dtype)
     b2 = torch.randn(768, device="cuda", dtype=dtype)
-    y = bsr_ffn(x, w1, b1, w2, b2, activation, backend=backend)
+    y = sparse_ffn(x, w1, b1, w2, b2, activation, backend=backend)
     args = (x.detach(), w1, b1, w2, b2, activation)
     assert_close_to_reference(y, composed(*args, torch.float64), composed(*args, dtype),
                               reduction=768 + 3072)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsekernels import BlockSparseTensor
-from sparsekernels.ops import _ext, bsr_gated_ffn
+from sparsekernels.formats.functional import sparse_gated_ffn
+from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import triton_available, triton_interpret
 from sparsekernels.ops.bsr_linear import pack
 from sparsekernels.ops.reference.bsr_linear import bsr_to_dense
@@ -82,7 +83,7 @@ def test_forward_matches_reference(backend, dtype, tokens, density, activation):
     gate, up, down = weights(density, dtype, empty=density == 0.5)
     x = torch.randn(*tokens, K, dtype=dtype)
     bs = biases(dtype)
-    y = bsr_gated_ffn(x, gate, up, down, *bs, activation=activation, backend=backend)
+    y = sparse_gated_ffn(x, gate, up, down, *bs, activation=activation, backend=backend)
     assert y.dtype == dtype and y.shape == (*tokens, N)
     ref = composed(x, gate, up, down, *bs, activation, torch.float64)
     base = None if dtype == torch.float64 else composed(x, gate, up, down, *bs, activation, dtype)
@@ -98,7 +99,7 @@ def test_optional_biases(backend, which, tokens):
     gate, up, down = weights(0.5, torch.float32, empty=True)
     x = torch.randn(tokens, K)
     bs = biases(torch.float32, which)
-    y = bsr_gated_ffn(x, gate, up, down, *bs, backend=backend)
+    y = sparse_gated_ffn(x, gate, up, down, *bs, backend=backend)
     assert_close_to_reference(y, composed(x, gate, up, down, *bs, "silu", torch.float64),
                               composed(x, gate, up, down, *bs, "silu", torch.float32),
                               reduction=K + HIDDEN)
@@ -114,7 +115,7 @@ def test_triton_forward_matches_reference(tokens, density, activation):
     gate, up, down = weights(density, torch.float32, empty=density == 0.5)
     x = torch.randn(*tokens, K)
     bs = biases(torch.float32, (True, density != 0.5, True))  # 0.5: up without a bias
-    y = bsr_gated_ffn(x, gate, up, down, *bs, activation=activation, backend="triton")
+    y = sparse_gated_ffn(x, gate, up, down, *bs, activation=activation, backend="triton")
     args = (x, gate, up, down, *bs, activation)
     assert_close_to_reference(y, composed(*args, torch.float64), composed(*args, torch.float32),
                               reduction=K + HIDDEN)
@@ -127,7 +128,7 @@ def test_triton_dtypes(dtype):
     gate, up, down = weights(0.5, dtype, empty=True)
     x = torch.randn(5, K, dtype=dtype)
     bs = biases(dtype)
-    y = bsr_gated_ffn(x, gate, up, down, *bs, activation="silu", backend="triton")
+    y = sparse_gated_ffn(x, gate, up, down, *bs, activation="silu", backend="triton")
     args = (x, gate, up, down, *bs, "silu")
     assert_close_to_reference(y, composed(*args, torch.float64), composed(*args, dtype),
                               reduction=K + HIDDEN)
@@ -273,7 +274,7 @@ def test_thread_counts(threads):
         for tokens in (1, 2, 50):
             x = torch.randn(tokens, K)
             bs = biases(torch.float32)
-            y = bsr_gated_ffn(x, gate, up, down, *bs, backend="cpu")
+            y = sparse_gated_ffn(x, gate, up, down, *bs, backend="cpu")
             assert_close_to_reference(y, composed(x, gate, up, down, *bs, "silu", torch.float64),
                                       composed(x, gate, up, down, *bs, "silu", torch.float32),
                                       reduction=K + HIDDEN)
@@ -291,7 +292,7 @@ def test_block_sizes(blocks, tokens):
     gate, up, down = weights(0.4, torch.float32, True, k, hidden, n, bgu, bd)
     x = torch.randn(tokens, k)
     bs = biases(torch.float32, hidden=hidden, n=n)
-    y = bsr_gated_ffn(x, gate, up, down, *bs, backend="cpu")
+    y = sparse_gated_ffn(x, gate, up, down, *bs, backend="cpu")
     args = (x, gate, up, down, *bs, "silu")
     assert_close_to_reference(y, composed(*args, torch.float64), composed(*args, torch.float32),
                               reduction=k + hidden)
@@ -308,13 +309,13 @@ def test_auto_composes_when_a_layer_is_too_dense(monkeypatch):
     x = torch.randn(6, K)
     gate = weights(1.0, torch.float32)[0]
     _, up, down = weights(0.5, torch.float32)
-    y = bsr_gated_ffn(x, gate, up, down)
+    y = sparse_gated_ffn(x, gate, up, down)
     assert calls == []
     args = (x, gate, up, down, None, None, None, "silu")
     assert_close_to_reference(y, composed(*args, torch.float64), composed(*args, torch.float32),
                               reduction=K + HIDDEN)
     gate, up, down = weights(0.5, torch.float32)
-    bsr_gated_ffn(x, gate, up, down)
+    sparse_gated_ffn(x, gate, up, down)
     assert calls == ([1] if _ext.has_op("bsr_linear", "cpu") else [])
 
 
@@ -322,19 +323,19 @@ def test_bad_input_is_refused_with_the_fix():
     gate, up, down = weights(0.5, torch.float32)
     x = torch.randn(4, K)
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
-        bsr_gated_ffn(x, gate, up, down, activation="swish")
+        sparse_gated_ffn(x, gate, up, down, activation="swish")
     with pytest.raises(ValueError, match="one shape and one block size"):
-        bsr_gated_ffn(x, gate, BlockSparseTensor.from_dense(up.to_dense(), (16, 16)), down)
+        sparse_gated_ffn(x, gate, BlockSparseTensor.from_dense(up.to_dense(), (16, 16)), down)
     with pytest.raises(ValueError, match="down reads 96 features"):
-        bsr_gated_ffn(x, gate, up, BlockSparseTensor.from_dense(torch.randn(N, K), (16, 16)))
+        sparse_gated_ffn(x, gate, up, BlockSparseTensor.from_dense(torch.randn(N, K), (16, 16)))
     with pytest.raises(TypeError, match="BlockSparseTensor"):
-        bsr_gated_ffn(x, gate, up, down.to_dense())
+        sparse_gated_ffn(x, gate, up, down.to_dense())
     with pytest.raises(TypeError, match="dtype mismatch"):
-        bsr_gated_ffn(x, gate, up.double(), down)
+        sparse_gated_ffn(x, gate, up.double(), down)
     with pytest.raises(ValueError, match="bias must have shape"):
-        bsr_gated_ffn(x, gate, up, down, up_bias=torch.randn(HIDDEN + 1))
+        sparse_gated_ffn(x, gate, up, down, up_bias=torch.randn(HIDDEN + 1))
     with pytest.raises(ValueError, match="wrong input width"):
-        bsr_gated_ffn(torch.randn(4, K + 16), gate, up, down)
+        sparse_gated_ffn(torch.randn(4, K + 16), gate, up, down)
 
 
 def test_the_kernel_refuses_mismatched_layers():
@@ -371,7 +372,7 @@ def test_gpu_smollm2_mlp(backend, dtype, tokens):
     gate, up, down = (w.to("cuda") for w in weights(0.3, dtype, False, 576, 1536, 576,
                                                       (32, 32), (32, 32)))
     x = torch.randn(tokens, 576, device="cuda", dtype=dtype, requires_grad=True)
-    y = bsr_gated_ffn(x, gate, up, down, activation="silu", backend=backend)
+    y = sparse_gated_ffn(x, gate, up, down, activation="silu", backend=backend)
     args = (x.detach(), gate, up, down, None, None, None, "silu")
     assert_close_to_reference(y, composed(*args, torch.float64), composed(*args, dtype),
                               reduction=576 + 1536)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from sparsekernels import BlockSparseTensor
 from sparsekernels.ops import _ext
-from sparsekernels.ops.bsr_linear import bsr_linear
+from sparsekernels.formats.functional import sparse_linear
 from sparsekernels.testing import assert_close_to_reference, random_block_mask
 
 BACKENDS = ["reference", "cpu"]
@@ -56,7 +56,7 @@ def test_forward_matches_reference(backend, dtype, tokens, density):
     W = W64.to(dtype)
     x = torch.randn(tokens, 192, dtype=dtype)
     bias = torch.randn(128, dtype=dtype)
-    y = bsr_linear(x, W, bias, backend=backend)
+    y = sparse_linear(x, W, bias, backend=backend)
     ref = expected(x, W.to_dense().double(), bias)
     base = F.linear(x, W.to_dense(), bias)
     assert y.dtype == dtype
@@ -71,7 +71,7 @@ def test_block_sizes_and_3d_input(backend, block_size):
     W, _ = make_weight(256, 384, block_size, 0.4)
     W = W.float()
     x = torch.randn(2, 33, 384)
-    y = bsr_linear(x, W, None, backend=backend)
+    y = sparse_linear(x, W, None, backend=backend)
     assert y.shape == (2, 33, 256)
     assert_close_to_reference(y, expected(x, W.to_dense().double(), None), F.linear(x, W.to_dense()),
                               reduction=384)
@@ -85,7 +85,7 @@ def test_non_contiguous_input(backend):
     x_wide = torch.randn(40, 192)
     for x in (x_wide[:, ::2], x_wide[::2, :96], torch.randn(96, 40).t()):
         assert not x.is_contiguous()
-        y = bsr_linear(x, W, backend=backend)
+        y = sparse_linear(x, W, backend=backend)
         assert_close_to_reference(y, expected(x, W.to_dense().double(), None), F.linear(x, W.to_dense()))
 
 
@@ -100,7 +100,7 @@ def test_gradients_match_reference(backend, density, block_size):
     values = W.values.clone().requires_grad_(True)
     bias = torch.randn(128, requires_grad=True)
     Wv = BlockSparseTensor.from_parts(values, W.index(), W.shape)
-    y = bsr_linear(x, Wv, bias, backend=backend)
+    y = sparse_linear(x, Wv, bias, backend=backend)
     g = torch.randn_like(y)
     gx, gv, gb = torch.autograd.grad(y, (x, values, bias), g)
 
@@ -154,7 +154,7 @@ def test_auto_runs_dense_above_crossover(monkeypatch):
     monkeypatch.setattr(torch.ops.sparsekernels, "bsr_linear",
                         lambda *a: calls.append(1) or real(*a), raising=False)
     monkeypatch.setenv("SPARSEKERNELS_DENSE_CROSSOVER", "0.9")
-    y = bsr_linear(x, W)
+    y = sparse_linear(x, W)
     assert calls == []  # density 1.0 >= 0.9: plain dense
     assert_close_to_reference(y, expected(x, W.to_dense().double(), None), F.linear(x, W.to_dense()))
 
@@ -164,42 +164,42 @@ def test_env_forces_backend(monkeypatch):
     x = torch.randn(5, 64, dtype=torch.float64)
     monkeypatch.setenv("SPARSEKERNELS_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
-        bsr_linear(x, W)
+        sparse_linear(x, W)
     monkeypatch.setenv("SPARSEKERNELS_BACKEND", "reference")
-    assert_close_to_reference(bsr_linear(x, W), expected(x, W.to_dense(), None), reduction=64)
+    assert_close_to_reference(sparse_linear(x, W), expected(x, W.to_dense(), None), reduction=64)
 
 
 # ---- bad input: clear errors ---------------------------------------------------------------
 def test_error_wrong_input_width():
     W, _ = make_weight(64, 96, (32, 32), 0.5)
     with pytest.raises(ValueError, match=r"wrong input width.*\[\.\.\., 96\]"):
-        bsr_linear(torch.randn(4, 95, dtype=torch.float64), W)
+        sparse_linear(torch.randn(4, 95, dtype=torch.float64), W)
 
 
 def test_error_dtype_mismatch():
     W, _ = make_weight(64, 96, (32, 32), 0.5)
     with pytest.raises(TypeError, match="dtype mismatch"):
-        bsr_linear(torch.randn(4, 96), W)  # fp32 input, fp64 weight
+        sparse_linear(torch.randn(4, 96), W)  # fp32 input, fp64 weight
 
 
 def test_error_device_mismatch():
     W, _ = make_weight(64, 96, (32, 32), 0.5)
     with pytest.raises(ValueError, match="device mismatch"):
-        bsr_linear(torch.randn(4, 96, dtype=torch.float64, device="meta"), W)
+        sparse_linear(torch.randn(4, 96, dtype=torch.float64, device="meta"), W)
 
 
 def test_error_bias_shape():
     W, _ = make_weight(64, 96, (32, 32), 0.5)
     with pytest.raises(ValueError, match=r"bias must have shape \[64\]"):
-        bsr_linear(torch.randn(4, 96, dtype=torch.float64), W, torch.randn(65, dtype=torch.float64))
+        sparse_linear(torch.randn(4, 96, dtype=torch.float64), W, torch.randn(65, dtype=torch.float64))
 
 
 def test_error_dense_weight():
     with pytest.raises(TypeError, match="BlockSparseTensor.from_dense"):
-        bsr_linear(torch.randn(4, 96), torch.randn(64, 96))
+        sparse_linear(torch.randn(4, 96), torch.randn(64, 96))
 
 
 def test_error_explicit_backend_unavailable():
     W, _ = make_weight(64, 96, (32, 32), 0.5)
     with pytest.raises(RuntimeError, match="backend 'cuda' runs CUDA tensors"):
-        bsr_linear(torch.randn(4, 96, dtype=torch.float64), W, backend="cuda")
+        sparse_linear(torch.randn(4, 96, dtype=torch.float64), W, backend="cuda")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekernels.formats.block_sparse import BlockSparseTensor, topk_block_mask
-from sparsekernels.ops import bsr_linear
+from sparsekernels.formats.functional import sparse_linear
 from sparsekernels.ops.backend import Backend, available, triton_available, triton_interpret
 from sparsekernels.ops.reference import bsr_linear as ref
 
@@ -84,7 +84,7 @@ def _check_linear_and_grads(x, w, bias, backend):
     x = x.detach().clone().requires_grad_()
     bias = bias.detach().clone().requires_grad_() if bias is not None else None
     wg = _with_grad(w)
-    y = bsr_linear(x, wg, bias, backend=backend)
+    y = sparse_linear(x, wg, bias, backend=backend)
     g = torch.randn_like(y)
     y.backward(g)
 

@@ -6,7 +6,7 @@ import transformers as tf
 from torch import nn
 
 from sparsekernels.pruning.evaluator import TorchEvaluator
-from sparsekernels.pruning.heads import find_attention_blocks
+from sparsekernels.arch import find_attention
 from sparsekernels.pruning.pruners.movement import MovementPruner, cubic_schedule
 
 
@@ -101,7 +101,7 @@ def test_auto_granularity_prunes_heads_and_ffn_rows_columns():
                             warm_up_step=1, cool_down_beginning_step=3, training_steps=4,
                             sparse_granularity="auto")
     _, masks = pruner.compress()
-    block = find_attention_blocks(model)[0]
+    block = find_attention(model)[0]
     q = masks[block.q]["weight"]
     heads_kept = q.view(4, 8, 32).amax(dim=(1, 2))
     assert int(heads_kept.sum()) == 2  # 50% of 4 heads, whole heads

@@ -11,7 +11,8 @@ from pruning_models import (
 
 from sparsekernels.pruning import (
     ActivationAPoZRankPruner, ActivationMeanRankPruner, ConfigError, SlimPruner,
-    TaylorFOWeightPruner, find_attention_blocks)
+    TaylorFOWeightPruner)
+from sparsekernels.arch import find_attention
 
 
 def _zero_rows(mask):
@@ -80,7 +81,7 @@ def test_taylor_heads_on_bert_and_dependency_aware():
                               "bert.encoder.layer.1.output.dense"],
                  "sparsity": 0.25, "granularity": "out_channel"}],
         ev, training_steps=2, mode="dependency_aware").compress()
-    for block in find_attention_blocks(model):
+    for block in find_attention(model):
         cols = masks[block.o]["weight"].reshape(32, 4, 8).sum((0, 2)) == 0
         assert int(cols.sum()) == 2
     assert len(_zero_rows(masks["bert.encoder.layer.1.intermediate.dense"]["weight"])) == 16

@@ -7,9 +7,10 @@ import pytest
 import torch
 from pruning_models import BUILDERS, build_gpt2, build_mlp, dummy_input
 
-from sparsekernels.pruning import FPGMPruner, L1NormPruner, L2NormPruner, layers
-from sparsekernels.pruning.heads import find_attention_blocks
-from sparsekernels.pruning.dependency import TracingError, find_channel_groups
+from sparsekernels.pruning import FPGMPruner, L1NormPruner, L2NormPruner
+from sparsekernels.arch import layers
+from sparsekernels.arch import find_attention
+from sparsekernels.arch import TracingError, find_channel_groups
 
 
 def _group(groups, name, kind):
@@ -71,7 +72,7 @@ def test_vit_patch_embedding_and_free_parameters():
     residual = _group(groups, "embeddings.patch_embeddings.projection", "out")
     assert {"embeddings.cls_token", "embeddings.position_embeddings"} <= residual.names("param")
     # module names differ between transformers 4.x and 5.x: find them by structure
-    first_q = find_attention_blocks(model)[0].q
+    first_q = find_attention(model)[0].q
     ffn_in = [n for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and m.out_features > m.in_features]
     assert first_q in residual.names("in") and set(ffn_in) <= residual.names("in")

@@ -9,9 +9,9 @@ from pruning_models import BUILDERS, build_gpt2, build_mlp, dummy_input, run
 from safetensors.torch import load_model
 
 from sparsekernels.pruning import (
-    FPGMPruner, L1NormPruner, L2NormPruner, LevelPruner, find_attention_blocks,
+    FPGMPruner, L1NormPruner, L2NormPruner, LevelPruner,
     load_masks_file, total_sparsity)
-from sparsekernels.pruning import layers
+from sparsekernels.arch import find_attention, layers
 
 MODELS = list(BUILDERS)
 ATTENTION_RE = (r".*(attention\.self\.(query|key|value)|attention\.output\.dense|attn\.c_attn"
@@ -108,7 +108,7 @@ def test_head_granularity_prunes_whole_heads(kind, pruner):
     _, masks = pruner(model, [{"op_names_re": [ATTENTION_RE], "sparsity": 0.5,
                                "granularity": "head"}]).compress()
     modules = dict(model.named_modules())
-    for block in find_attention_blocks(model):
+    for block in find_attention(model):
         h, d = block.num_heads, block.head_dim
         o = layers.to_canonical(modules[block.o], masks[block.o]["weight"])
         o_heads = o.reshape(o.shape[0], h, d).sum((0, 2)) != 0

@@ -348,3 +348,29 @@ def test_evaluator_must_return_a_number():
     pruner = AGPPruner(build_mlp(), [{"sparsity": 0.5}], "level", 1, evaluator=Bad())
     with pytest.raises(TypeError, match="must return a number"):
         pruner.compress()
+
+
+def test_a_torch_evaluator_is_bound_by_the_pruner():
+    """NNI 3: the pruner binds the evaluator it is given to the model it prunes."""
+    model = build_mlp()
+    scores = []
+    ev = make_torch_evaluator(model, make_batches(n=1),
+                              evaluating_func=lambda m: scores.append(m) or float(len(scores)))
+    assert ev.model is None
+    pruner = AGPPruner(model, [{"sparsity": 0.5}], "level", 2, evaluator=ev)
+    assert ev.model is model
+    pruner.compress()
+    assert len(scores) == 2 and all(m is model for m in scores)
+    assert pruner.get_best_result().score == 2.0
+
+
+def test_an_evaluator_that_cannot_evaluate_is_refused_before_any_mask():
+    model = build_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev = make_torch_evaluator(model, make_batches(n=1))  # no evaluating_func
+    for cls in (AGPPruner, LinearPruner, LotteryTicketPruner):
+        with pytest.raises(ValueError, match="without evaluating_func cannot evaluate"):
+            cls(model, [{"sparsity": 0.5}], "level", 2, evaluator=ev)
+    assert set(model.state_dict()) == set(before)  # nothing wrapped
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert ev.model is None

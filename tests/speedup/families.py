@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-from sparsekernels.pruning import layers
-from sparsekernels.pruning.dependency import find_channel_groups
-from sparsekernels.pruning.heads import find_attention_blocks
+from sparsekernels.arch import layers
+from sparsekernels.arch import find_channel_groups
+from sparsekernels.arch import find_attention
 
 FAMILIES = ["bert", "roberta", "gpt2", "bart", "t5", "vit"]
 
@@ -71,7 +71,7 @@ def head_masks(model, per_block: int = 1, via: str = "all"):
     """Mask `per_block` random heads of every attention block: Q, K, V rows and O columns
     (via="all"), only V rows (via="value") or only O columns (via="output")."""
     masks: dict = {}
-    for block in find_attention_blocks(model):
+    for block in find_attention(model):
         h, d = block.num_heads, block.head_dim
         for head in torch.randperm(h)[:per_block].tolist():
             sl = slice(head * d, (head + 1) * d)
@@ -90,7 +90,7 @@ def head_masks(model, per_block: int = 1, via: str = "all"):
 
 
 def _groups(model, dummy):
-    blocks = find_attention_blocks(model)
+    blocks = find_attention(model)
     owned = set()
     for b in blocks:
         owned |= {(b.q, "out"), (b.k, "out"), (b.v, "out"), (b.o, "in")}

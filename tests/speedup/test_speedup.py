@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sparsekernels import SparseLinear
-from sparsekernels.pruning.masks import MaskError
+from sparsekernels.formats.masks import MaskError
 from sparsekernels.speedup import ModelSpeedup, load_model, save_model
 from tests.speedup.families import (FAMILIES, apply_masks, block_masks, build, ffn_masks,
                                     head_masks, hidden_masks, merge, output_of)

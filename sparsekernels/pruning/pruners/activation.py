@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
 from sparsekernels.pruning.distributed import all_reduce_sum_
 from sparsekernels.pruning.evaluator import Evaluator
 from sparsekernels.pruning.pruners.data_driven import DataDrivenPruner

@@ -40,9 +40,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
 from sparsekernels.pruning.pruners.search import AllocationSearch
-from sparsekernels.pruning.inputs import run_model
+from sparsekernels.arch.inputs import run_model
 
 DDPG_DEFAULTS = {"hidden1": 300, "hidden2": 300, "lr_c": 1e-3, "lr_a": 1e-4, "warmup": 100,
                  "discount": 1.0, "bsize": 64, "rmsize": 100, "tau": 0.01,

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from safetensors.torch import save_model
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import find_attention, layers
 from sparsekernels.pruning.config import (
     GRANULARITIES, ConfigError, PruningConfig, parse_config_list, select_targets)
 from sparsekernels.pruning.dependency import dependency_plan
@@ -29,8 +29,7 @@ from sparsekernels.pruning.distributed import is_main_process
 from sparsekernels.pruning.granularity import (
     BlockPool, ChannelMember, ChannelPool, ElementPool, Pool, channel_pool, select_global,
     select_local)
-from sparsekernels.pruning.heads import find_attention_blocks
-from sparsekernels.pruning.masks import (
+from sparsekernels.formats.masks import (
     Masks, load_masks_file, mask_sparsity, masks_to, merge_masks, save_masks,
     validate_masks)
 from sparsekernels.pruning.wrapper import MaskHandle, apply_masks_
@@ -108,7 +107,7 @@ class Pruner:
                 plan.append((BlockPool(name, shape, config.block_size), config))
             elif g == "head":
                 if blocks is None:
-                    blocks = find_attention_blocks(self.model)
+                    blocks = find_attention(self.model)
                 owner = next((b for b in blocks if name in b.projections), None)
                 if owner is None:
                     raise ConfigError(

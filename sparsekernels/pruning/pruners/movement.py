@@ -28,13 +28,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.func import functional_call
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import find_attention, layers
 from sparsekernels.pruning.config import parse_config_list, select_targets
 from sparsekernels.pruning.distributed import all_reduce_mean_
 from sparsekernels.pruning.evaluator import Evaluator
 from sparsekernels.pruning.granularity import select_local
-from sparsekernels.pruning.heads import find_attention_blocks
-from sparsekernels.pruning.masks import Masks
+from sparsekernels.formats.masks import Masks
 from sparsekernels.pruning.pruners.base import Pruner
 
 MODES = ("hard", "soft")
@@ -122,7 +121,7 @@ class MovementPruner(Pruner):
         # auto: one entry per selected module, appended so it wins (NNI: later entries win)
         configs = parse_config_list(entries)
         targets = select_targets(model, configs, self.default_types, self.supported_types)
-        projections = {p for b in find_attention_blocks(model) for p in b.projections}
+        projections = {p for b in find_attention(model) for p in b.projections}
         modules = dict(model.named_modules())
         for name, config in targets.items():
             if name in projections:
@@ -195,7 +194,7 @@ class MovementPruner(Pruner):
         keeps = []
         tensors = {n: layers.to_canonical(self._modules()[n], s.detach()).cpu()
                    for n, s in self.scores.items()}
-        from sparsekernels.pruning.masks import merge_masks
+        from sparsekernels.formats.masks import merge_masks
 
         canonical: Masks = {}
         for pool, cfg in self._plan:

@@ -33,9 +33,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
 from sparsekernels.pruning.config import _SPARSITY_ALIASES
-from sparsekernels.pruning.masks import Masks, mask_sparsity, merge_masks, save_masks
+from sparsekernels.pruning.evaluator import Evaluator
+from sparsekernels.formats.masks import Masks, mask_sparsity, merge_masks, save_masks
 from sparsekernels.pruning.pruners.activation import (
     ActivationAPoZRankPruner, ActivationMeanRankPruner)
 from sparsekernels.pruning.pruners.admm import ADMMPruner
@@ -187,6 +188,12 @@ class IterativePruner(Pruner):
         if evaluator is not None and not callable(getattr(evaluator, "evaluate", None)):
             raise TypeError(f"{owner}: evaluator must have an evaluate() method, got "
                             f"{type(evaluator).__name__}")
+        why = evaluator.cannot_evaluate() if isinstance(evaluator, Evaluator) else None
+        if why is not None:
+            raise ValueError(f"{owner}: the evaluator scores each iteration, but {why} cannot "
+                             "evaluate: give it one (e.g. TorchEvaluator(..., "
+                             "evaluating_func=...)) or pass no evaluator (the last iteration "
+                             "is then kept)")
         if pruning_params is not None and not isinstance(pruning_params, Mapping):
             raise TypeError(f"{owner}: pruning_params must be a dict of the wrapped pruner's "
                             f"arguments, got {type(pruning_params).__name__}")
@@ -208,6 +215,8 @@ class IterativePruner(Pruner):
         self.speedup = bool(speedup)
         self.speedup_dummy_input = dummy_input
         self.evaluator = evaluator
+        if isinstance(evaluator, Evaluator):
+            evaluator.bind_model(self.model)  # NNI 3: the pruner binds its evaluator
         self.prior_masks: Masks | None = None
         self.iteration = 0
         self.history: list[IterationResult] = []

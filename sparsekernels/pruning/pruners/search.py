@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from sparsekernels.pruning.config import ConfigError, PruningConfig
-from sparsekernels.pruning.masks import Masks
+from sparsekernels.formats.masks import Masks
 from sparsekernels.pruning.pruners.scheduled import (
     IterativePruner, build_pruner, check_positive_int, pruned_units, restore_state_)
 from sparsekernels.pruning.wrapper import apply_masks_

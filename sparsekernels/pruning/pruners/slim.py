@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
 from sparsekernels.pruning.evaluator import Evaluator
 from sparsekernels.pruning.pruners.data_driven import DataDrivenPruner
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
 from sparsekernels.pruning.pruners.data_driven import DataDrivenPruner
 
 

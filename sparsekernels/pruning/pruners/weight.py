@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
 from sparsekernels.pruning.pruners.base import Pruner
 
 
