@@ -135,3 +135,21 @@ def test_wrong_index_arrays_are_refused():
         op(x, w.values, bad, w.col_indices, None)
     with pytest.raises(RuntimeError, match="bias has 63 values"):
         op(x, w.values, w.crow_indices, w.col_indices, torch.randn(63))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_blocks_stored_transposed_are_packed_for_free(dtype):
+    """values laid out as W.T blocks (values.transpose(1, 2) contiguous: how a SparseLinear
+    stores them on the CPU) run the tiled path at every row count without a per-call copy:
+    the numbers of the call given those blocks as `packed`, bit for bit."""
+    dtype = DTYPES[dtype]
+    w = weight(96, 128, (32, 32), 0.5, dtype)
+    p = pack(w.values)
+    stored = p.transpose(1, 2)
+    assert stored.shape == w.values.shape and not stored.is_contiguous()
+    op = _ext.op("bsr_linear", "cpu")
+    for rows in (1, 3, 30):
+        x = torch.randn(rows, 128, dtype=dtype)
+        got = op(x, stored, w.crow_indices, w.col_indices, None)
+        assert torch.equal(got, linear(x, w, None, p))
+
