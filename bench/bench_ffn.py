@@ -13,6 +13,11 @@ b*(2*T*H + 2*d*H*F) when fused (the intermediate never reaches memory) and
 b*(2*T*H + 2*d*H*F + 4*T*F) unfused (written, read and written by the activation, read).
 efficiency = fused floor / fused time. At low density the unfused intermediate traffic is
 a large share of the unfused floor: that is what fusion removes.
+
+Gated FFNs (decoder LLMs: SmolLM2-135M's and Llama-3.2-1B's MLP, SiLU) run the same
+comparison with three weights, (silu(x @ Wg.T) * (x @ Wu.T)) @ Wd.T: dense, resized,
+unfused (bsr_linear x 3, silu, mul) and fused (bsr_gated_ffn); floor 6*T*H*F*d FLOPs,
+b*(2*T*H + 3*d*H*F) bytes.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from common import (kernel_bench_parser, kernel_bench_setup,  # noqa: E402
 
 from sparsekernels import BlockSparseTensor, SparseLinear  # noqa: E402
 from sparsekernels.nn import SparseFFN  # noqa: E402
-from sparsekernels.formats.functional import sparse_ffn, sparse_linear  # noqa: E402
+from sparsekernels.formats.functional import (sparse_ffn, sparse_gated_ffn,  # noqa: E402
+                                              sparse_linear)
 from sparsekernels.ops.backend import Backend  # noqa: E402
 from sparsekernels.testing import random_block_mask  # noqa: E402
 
 FFNS = {"bert-base": (768, 3072), "bert-large": (1024, 4096), "gpt2-xl": (1600, 6400)}
+GATED_FFNS = {"smollm2-135m": (576, 1536), "llama-3.2-1b": (2048, 8192)}
 DENSITIES = [1.0, 0.5, 0.3, 0.1, 0.05]
 
 
@@ -48,11 +55,13 @@ class Case:
     block: int
     dtype: str
     train: bool = False  # also time forward+backward and its peak activation memory
+    gated: bool = False  # a gated MLP (GATED_FFNS): gate, up, down
 
 
 def cases(device: torch.device, smoke: bool) -> list[Case]:
     if smoke:
-        return [Case("tiny", 64, d, 32, "float32", train=d == 0.3) for d in (1.0, 0.3)]
+        return ([Case("tiny", 64, d, 32, "float32", train=d == 0.3) for d in (1.0, 0.3)]
+                + [Case("smollm2-135m", 64, 0.3, 32, "float32", gated=True)])
     out = []
     if device.type == "cpu":
         for d in DENSITIES:
@@ -61,6 +70,8 @@ def cases(device: torch.device, smoke: bool) -> list[Case]:
             out.append(Case("bert-base", 2048, d, 64, "float32"))
             out.append(Case("bert-base", 128, d, 32, "float32"))
             out.append(Case("bert-large", 2048, d, 32, "float32"))
+        for model, t, d in itertools.product(GATED_FFNS, (128, 2048), (0.5, 0.3, 0.1)):
+            out.append(Case(model, t, d, 32, "float32", gated=True))
     else:
         for dtype in ("bfloat16", "float16"):
             for model, t, d, b in itertools.product(FFNS, (2048, 8192), DENSITIES, (32, 64)):
@@ -75,6 +86,8 @@ def _shape(model: str) -> tuple[int, int]:
 
 def run_case(c: Case, device: torch.device, backend: Backend, peak: float, bw: float,
              reps: int) -> dict:
+    if c.gated:
+        return run_gated_case(c, device, backend, peak, bw, reps)
     dtype = getattr(torch, c.dtype)
     h, f = _shape(c.model)
     b = c.block
@@ -122,6 +135,48 @@ def run_case(c: Case, device: torch.device, backend: Backend, peak: float, bw: f
     return row
 
 
+def run_gated_case(c: Case, device: torch.device, backend: Backend, peak: float, bw: float,
+                   reps: int) -> dict:
+    dtype = getattr(torch, c.dtype)
+    h, f = GATED_FFNS[c.model]
+    b = c.block
+    x = torch.randn(c.tokens, h, device=device, dtype=dtype)
+    ws = [torch.randn(f, h, device=device, dtype=dtype) / math.sqrt(h) for _ in range(2)]
+    ws.append(torch.randn(h, f, device=device, dtype=dtype) / math.sqrt(f))
+    grids = [(f // b, h // b), (f // b, h // b), (h // b, f // b)]
+    G, U, D = (BlockSparseTensor.from_dense(w, (b, b), random_block_mask(g, c.density).to(device))
+               for w, g in zip(ws, grids))
+    dg, du, dd = G.to_dense(), U.to_dense(), D.to_dense()
+    kept = max(b, round(c.density * f / b) * b)  # the resized MLP: kept intermediate units
+    rg, ru, rd = ws[0][:kept].contiguous(), ws[1][:kept].contiguous(), ws[2][:, :kept].contiguous()
+
+    def mlp(a, wg, wu, wd):
+        return F.linear(F.silu(F.linear(a, wg)) * F.linear(a, wu), wd)
+
+    y = sparse_gated_ffn(x, G, U, D, backend=backend)  # check before timing
+    ref = mlp(x.double(), dg.double(), du.double(), dd.double())
+    err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+    assert err < (1e-4 if dtype == torch.float32 else 3e-2), f"{c}: wrong output (rel err {err:.2e})"
+    fns = {
+        "dense": lambda: mlp(x, dg, du, dd),
+        "resized": lambda: mlp(x, rg, ru, rd),
+        "unfused": lambda: sparse_linear(F.silu(sparse_linear(x, G, None, backend))
+                                         * sparse_linear(x, U, None, backend), D, None, backend),
+        "fused": lambda: sparse_gated_ffn(x, G, U, D, backend=backend),
+    }
+    with torch.no_grad():
+        t = time_interleaved(fns, device, reps=reps)
+    e = x.element_size()
+    flops = 6 * c.tokens * h * f * c.density
+    floor = max(flops / peak, e * (2 * c.tokens * h + 3 * c.density * h * f) / bw)
+    return {"model": c.model + " (gated)", "h": h, "f": f, "tokens": c.tokens, "block": f"{b}x{b}",
+            "density": c.density, "dtype": c.dtype, "backend": backend.value,
+            **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+            "fused_vs_unfused": t["unfused"] / t["fused"], "speedup": t["dense"] / t["fused"],
+            "vs_resized": t["resized"] / t["fused"], "floor_ms": floor * 1e3,
+            "efficiency": floor / t["fused"]}
+
+
 def _train(c, device, backend, x, W1, b1, W2, b2, reps) -> dict:
     """Forward+backward: dense nn.Linear pair, unfused SparseLinear pair (saves the
     intermediate), fused SparseFFN (recomputes it in the backward)."""
@@ -154,7 +209,7 @@ def main(argv=None) -> int:
         print(f"[{i + 1}/{len(all_cases)}] {c.model} T={c.tokens} block {row['block']} "
               f"d={c.density}: dense {row['dense_ms']:.2f} ms, unfused {row['unfused_ms']:.2f}, "
               f"fused {row['fused_ms']:.2f} (x{row['fused_vs_unfused']:.2f} unfused, "
-              f"x{row['speedup']:.2f} dense), auto x{row['auto_vs_dense']:.2f}, "
+              f"x{row['speedup']:.2f} dense), auto x{row.get('auto_vs_dense', float('nan')):.2f}, "
               f"eff {row['efficiency']:.2f}"
               + (f"; train x{row['train_speedup']:.2f} dense, x{row['train_fused_vs_unfused']:.2f}"
                  f" unfused" if c.train else ""), flush=True)

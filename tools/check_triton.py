@@ -8,6 +8,7 @@ CI runs) cannot see, e.g. against the GPU image's triton 3.6. It proves the kern
 not that they compute the right numbers: that is `make test-gpu`. Exit code 1 on any failure.
 Checked 2026-11-24: 819 of 819 compile on triton 3.6.0 and 3.8.0 for sm_90; the 6 cases
 added since (bsr_ffn's gelu_tanh and relu epilogues) compile on both.
+The gated row-block kernel (bsr_gated_ffn: GATED, silu) adds 14 cases.
 """
 import itertools
 import sys
@@ -47,30 +48,45 @@ def compile_one(kernel, ptrs, consts, num_warps=4, num_stages=3):
 
 cases = []
 tdt = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+def rowblock_ptrs(dt):
+    return dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", out_ptr=f"*{dt}", bias_ptr=f"*{dt}", ptr_ptr="*i32",
+                idx_ptr="*i32", perm_ptr="*i32", w2_ptr=f"*{dt}", bias2_ptr=f"*{dt}",
+                ptr2_ptr="*i32", idx2_ptr="*i32")
+
+
 for dt, (bo, bi), bias, perm, act, in itertools.product(
         ["fp32", "fp16", "bf16"], [(16, 16), (32, 64), (64, 32)], [False, True], [False, True], ["none", "gelu"]):
     prec = "ieee" if dt == "fp32" else "tf32"
     cases.append((f"rowblock {dt} {bo}x{bi} bias={bias} perm={perm} {act}", bl._bsr_rowblock_kernel,
-                  dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", out_ptr=f"*{dt}", bias_ptr=f"*{dt}",
-                       ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32"),
-                  dict(BLOCK_OUT=bo, BLOCK_IN=bi, HAS_BIAS=bias, HAS_PERM=perm, ACTIVATION=act,
+                  rowblock_ptrs(dt),
+                  dict(BLOCK_OUT=bo, BLOCK_IN=bi, HAS_BIAS=bias, HAS_PERM=perm, ACTIVATION=act, GATED=False,
                        DOT_PRECISION=prec, UPCAST_DOT=False, BLOCK_M=64, GROUP_M=8)))
 for dt, act in itertools.product(["fp32", "fp16", "bf16"], ["gelu_tanh", "relu"]):  # bsr_ffn's
     cases.append((f"rowblock {dt} 32x64 bias=True perm=False {act}", bl._bsr_rowblock_kernel,
-                  dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", out_ptr=f"*{dt}", bias_ptr=f"*{dt}",
-                       ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32"),
-                  dict(BLOCK_OUT=32, BLOCK_IN=64, HAS_BIAS=True, HAS_PERM=False, ACTIVATION=act,
+                  rowblock_ptrs(dt),
+                  dict(BLOCK_OUT=32, BLOCK_IN=64, HAS_BIAS=True, HAS_PERM=False, ACTIVATION=act, GATED=False,
                        DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False,
                        BLOCK_M=64, GROUP_M=8)))
+for dt, act, bias in itertools.product(["fp32", "fp16", "bf16"], ["silu", "gelu_tanh"], [False, True]):
+    cases.append((f"rowblock gated {dt} 32x64 bias={bias} {act}", bl._bsr_rowblock_kernel,
+                  rowblock_ptrs(dt),
+                  dict(BLOCK_OUT=32, BLOCK_IN=64, HAS_BIAS=bias, HAS_PERM=False, ACTIVATION=act,
+                       GATED=True, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+                       UPCAST_DOT=False, BLOCK_M=64, GROUP_M=8)))
+for dt in ["fp32", "bf16"]:  # the silu epilogue alone (bsr_ffn with silu)
+    cases.append((f"rowblock {dt} 64x32 bias=True silu", bl._bsr_rowblock_kernel, rowblock_ptrs(dt),
+                  dict(BLOCK_OUT=64, BLOCK_IN=32, HAS_BIAS=True, HAS_PERM=False, ACTIVATION="silu",
+                       GATED=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+                       UPCAST_DOT=False, BLOCK_M=64, GROUP_M=8)))
 cases.append(("rowblock fp32 tf32", bl._bsr_rowblock_kernel,
-              dict(x_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", bias_ptr="*fp32",
-                   ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32"),
-              dict(BLOCK_OUT=32, BLOCK_IN=32, HAS_BIAS=True, HAS_PERM=False, ACTIVATION="none",
+              rowblock_ptrs("fp32"),
+              dict(BLOCK_OUT=32, BLOCK_IN=32, HAS_BIAS=True, HAS_PERM=False, ACTIVATION="none", GATED=False,
                    DOT_PRECISION="tf32", UPCAST_DOT=False, BLOCK_M=16, GROUP_M=8)))
 cases.append(("rowblock bf16 upcast (interpreter config)", bl._bsr_rowblock_kernel,
-              dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", bias_ptr="*bf16",
-                   ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32"),
-              dict(BLOCK_OUT=32, BLOCK_IN=32, HAS_BIAS=False, HAS_PERM=True, ACTIVATION="none",
+              rowblock_ptrs("bf16"),
+              dict(BLOCK_OUT=32, BLOCK_IN=32, HAS_BIAS=False, HAS_PERM=True, ACTIVATION="none", GATED=False,
                    DOT_PRECISION="tf32", UPCAST_DOT=True, BLOCK_M=32, GROUP_M=4)))
 for dt, out, (bo, bi), bt in itertools.product(["fp32", "fp16", "bf16"], ["same", "fp32"], [(16, 16), (32, 64)], [32, 128]):
     prec = "ieee" if dt == "fp32" else "tf32"

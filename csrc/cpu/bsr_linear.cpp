@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "dot.h"
 #include "dsd.h"
 #include "glue.h"
 #include "lowp.h"
@@ -20,34 +21,6 @@
 namespace sparsekernels {
 namespace cpu {
 namespace {
-
-// Few tokens (fewer than a register tile): a dot product per output along k, in vector
-// lanes, on the natural [bm, bk] blocks. It reads each weight once (the floor at T=1),
-// needs no packing, and its lane-parallel partial sums are as accurate as a BLAS gemv.
-template <typename T>
-void dot_rows(const T* A, int64_t rows, int64_t lda, const T* values, int64_t bm, int64_t bk,
-              const int32_t* crow, const int32_t* col, int64_t nbr, const T* bias, T* out,
-              int64_t ldo) {
-  constexpr int L = Vec<T>::L;
-  using V = typename Vec<T>::type;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < nbr; ++i) {
-    for (int64_t t = 0; t < rows; ++t) {
-      const T* x = A + t * lda;
-      for (int64_t n = 0; n < bm; ++n) {
-        V acc = {};
-        for (int32_t e = crow[i]; e < crow[i + 1]; ++e) {
-          const T* w = values + (static_cast<int64_t>(e) * bm + n) * bk;
-          const T* xe = x + static_cast<int64_t>(col[e]) * bk;
-          for (int64_t kk = 0; kk < bk; kk += L) acc += loadu<T>(w + kk) * loadu<T>(xe + kk);
-        }
-        T s = bias ? bias[i * bm + n] : T(0);
-        for (int l = 0; l < L; ++l) s += acc[l];
-        out[t * ldo + i * bm + n] = s;
-      }
-    }
-  }
-}
 
 // out[e] = G[:, row[e]*bm, +bm].T @ X[:, col[e]*BO, +BO]: a [bm, BO] block per stored block.
 template <typename T, int BO>
@@ -87,33 +60,35 @@ void sdd(const T* G, int64_t ldg, const T* X, int64_t ldx, int64_t rows, const i
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                           const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& packed_in) {
+                          const std::optional<at::Tensor>& packed_arg) {
   check_rows(x, "x");
-  check_index(crow_indices, "crow_indices");
-  check_index(col_indices, "col_indices");
-  TORCH_CHECK(values.dim() == 3, "sparsekernels: values must be [nnz, bm, bk]");
+  check_layer(values, crow_indices, col_indices, "W");
   const int64_t bm = values.size(1), bk = values.size(2);
   const int64_t n = (crow_indices.numel() - 1) * bm;
   TORCH_CHECK(x.size(1) % bk == 0, "sparsekernels: input width ", x.size(1),
               " is not a multiple of the block width ", bk);
   if (lowp::bf16_native(x, values))  // AVX-512 BF16 (bsr_linear_bf16.cpp)
-    return lowp::bsr_linear_bf16(x, values, crow_indices, col_indices, bias, packed_in);
+    return lowp::bsr_linear_bf16(x, values, crow_indices, col_indices, bias, packed_arg);
   const auto ct = compute_type(x.scalar_type());
   const at::Tensor xc = x.scalar_type() == ct ? x : x.to(ct);
+  const std::optional<at::Tensor> packed_in = free_packed(values, ct, packed_arg);
   at::Tensor b;
-  if (bias.has_value()) b = bias->to(ct).contiguous();
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n, "sparsekernels: bias has ", bias->numel(), " values for ",
+                n, " outputs");
+    b = in_compute_type(*bias, ct);
+  }
   at::Tensor out = at::empty({x.size(0), n}, x.options().dtype(ct));
   const int64_t lda = x.size(0) > 1 ? xc.stride(0) : x.size(1);
+  const int64_t rows = x.size(0);
   dispatch_float(ct, [&](auto tag) {
     using T = decltype(tag);
     const T* bias_ptr = b.defined() ? b.data_ptr<T>() : nullptr;
     dispatch_block(bm, [&](auto bo) {
       constexpr int BO = decltype(bo)::value;
-      // With the blocks already packed the tiled kernel wins from two rows on (x1.5-2.1
-      // at 4-8 rows, timed alone); dot rows stays for one row and for packing per call.
-      if (x.size(0) < tile_rows<T, BO>() && (!packed_in.has_value() || x.size(0) == 1)) {
-        const at::Tensor vc = values.to(ct).contiguous();
-        dot_rows<T>(xc.data_ptr<T>(), x.size(0), lda, vc.data_ptr<T>(), bm, bk,
+      if (reads_stored_blocks(rows, tile_rows<T, BO>(), packed_in.has_value())) {
+        const at::Tensor vc = in_compute_type(values, ct);
+        dot_rows<T>(xc.data_ptr<T>(), rows, lda, vc.data_ptr<T>(), bm, bk,
                     crow_indices.data_ptr<int32_t>(), col_indices.data_ptr<int32_t>(),
                     crow_indices.numel() - 1, bias_ptr, out.data_ptr<T>(), n);
         return;
@@ -122,11 +97,18 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
       const at::Tensor packed = packed_blocks(values, ct, packed_in);
       SparseOperand s{crow_indices.data_ptr<int32_t>(), col_indices.data_ptr<int32_t>(), nullptr,
                       crow_indices.numel() - 1, bk};
-      dsd<T, BO>(xc.data_ptr<T>(), x.size(0), lda, packed.data_ptr<T>(), s, bias_ptr,
+      dsd<T, BO>(xc.data_ptr<T>(), rows, lda, packed.data_ptr<T>(), s, bias_ptr,
                  out.data_ptr<T>(), n);
     });
   });
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+// Rows of the register tile of the kernels' tiled path for `dtype` (its compute type) and
+// output blocks `block_out` wide: below it, a call without packed blocks runs dot products on
+// the blocks as stored (see reads_stored_blocks). For the router.
+int64_t bsr_tile_rows_cpu(at::ScalarType dtype, int64_t block_out) {
+  return tile_rows_of(dtype, block_out);
 }
 
 // The operand SparseLinear caches for inference (bsr_linear's `packed`): made by the rule the
@@ -150,7 +132,7 @@ at::Tensor bsr_dsd_cpu(const at::Tensor& grad, const at::Tensor& values,
   const int64_t k = (ccol_indices.numel() - 1) * bk;
   const auto ct = compute_type(grad.scalar_type());
   const at::Tensor gc = grad.scalar_type() == ct ? grad : grad.to(ct);
-  const at::Tensor vc = values.to(ct).contiguous();
+  const at::Tensor vc = in_compute_type(values, ct);
   at::Tensor out = at::empty({grad.size(0), k}, grad.options().dtype(ct));
   const int64_t lda = grad.size(0) > 1 ? gc.stride(0) : grad.size(1);
   dispatch_float(ct, [&](auto tag) {
@@ -199,6 +181,8 @@ TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
         "Tensor? bias, Tensor? packed=None) -> Tensor",
         &sparsekernels::cpu::bsr_linear_cpu);
   m.def("bsr_pack_cpu(Tensor values) -> Tensor", &sparsekernels::cpu::bsr_pack_cpu);
+  m.def("bsr_tile_rows_cpu(ScalarType dtype, int block_out) -> int",
+        &sparsekernels::cpu::bsr_tile_rows_cpu);
   m.def("bsr_dsd_cpu(Tensor grad, Tensor values, Tensor ccol_indices, Tensor row_indices_t, "
         "Tensor transpose_perm) -> Tensor",
         &sparsekernels::cpu::bsr_dsd_cpu);

@@ -24,6 +24,8 @@
 #include <cstring>
 #include <string>
 
+#include "activation.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define SK_LOWP_X86 1
@@ -513,28 +515,9 @@ inline void block_w8(const float* A, int64_t rows, int64_t lda, const int8_t* bl
   block_w8_generic<BO, OutT>(A, rows, lda, blocks, s, o, ep, out, ldo);
 }
 
-// ---- the FFN's activation, in place on an fp32 [rows, n] buffer ---------------------------
-enum class Activation { kNone, kGelu, kGeluTanh, kRelu };
-
-inline Activation parse_activation(const std::string& name) {
-  if (name == "none") return Activation::kNone;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "relu") return Activation::kRelu;
-  TORCH_CHECK(false, "sparsekernels: unknown FFN activation '", name,
-              "'; use none, gelu, gelu_tanh or relu");
-}
-
-// ATen's vectorised kernels; inside an OpenMP region they run serially on the calling thread.
+// ---- the FFN's activation (activation.h), in place on an fp32 [rows, n] buffer ----------
 inline void activate(float* h, int64_t rows, int64_t n, Activation act) {
-  if (act == Activation::kNone || rows == 0) return;
-  at::Tensor t = at::from_blob(h, {rows, n}, at::TensorOptions().dtype(at::kFloat));
-  switch (act) {
-    case Activation::kGelu: at::gelu_(t); break;
-    case Activation::kGeluTanh: at::gelu_(t, "tanh"); break;
-    case Activation::kRelu: at::relu_(t); break;
-    default: break;
-  }
+  cpu::activate(h, rows, n, n, act, at::kFloat);
 }
 
 // Fused FFN row split: each thread takes an equal contiguous range of rows (whole tiles of

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 namespace sparsekernels {
 namespace cpu {
@@ -66,6 +68,18 @@ inline void micro_kernel(const T* __restrict a, int64_t sa_r, int64_t sa_k,
       for (int j = 0; j < NV; ++j) acc[r][j] += ar * bv[j];
     }
   }
+}
+
+// f(std::integral_constant<int, m>) for the runtime row count m in [1, MR]: a partial tile
+// gets its own register-resident accumulators instead of micro_kernel_tail's runtime loop.
+template <int MR, typename F, int... I>
+inline void dispatch_rows_impl(int m, F&& f, std::integer_sequence<int, I...>) {
+  (void)((m == I + 1 ? (f(std::integral_constant<int, I + 1>{}), true) : false) || ...);
+}
+
+template <int MR, typename F>
+inline void dispatch_rows(int m, F&& f) {
+  dispatch_rows_impl<MR>(m, f, std::make_integer_sequence<int, MR>{});
 }
 
 // The same product for a runtime row count mr <= MR (tails); slower, used for < MR rows.

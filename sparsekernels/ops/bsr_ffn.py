@@ -1,9 +1,10 @@
 """sparsekernels::bsr_ffn: a block-sparse feed-forward block, act(x @ W1.T + b1) @ W2.T + b2.
 
 How much is fused depends on the backend:
-  cpu        one C++ kernel: each thread keeps its rows' intermediate in an L2-sized buffer
-             (bias and activation applied there), so the [T, N1] intermediate never
-             reaches memory (csrc/cpu/bsr_ffn.cpp);
+  cpu        one C++ kernel at every token count: each thread keeps its rows' intermediate
+             in an L2-sized buffer (bias and activation applied there), or at decode the
+             threads split the hidden units, then the outputs, so the [T, N1]
+             intermediate never reaches memory (csrc/cpu/ffn.h);
   triton     FFN1 with bias + activation in its epilogue, then FFN2: the intermediate is
              written once and read once, with no separate activation pass;
   cuda       bsr_linear, activation, bsr_linear;
@@ -18,36 +19,29 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.reference import bsr_ffn as ref_ffn
+from sparsekernels.ops.reference.bsr_ffn import activate
 from sparsekernels.ops.router import route
-from sparsekernels.ops.reference import bsr_linear as ref
+
+__all__ = ["ACTIVATIONS", "activate", "activation_backward", "check_activation"]
 
 OP = "bsr_ffn"
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
 
 
-def activate(h: Tensor, activation: str) -> Tensor:
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "silu":
-        return F.silu(h)
-    return h
-
-
-def _activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+def activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    """d activate(h) / dh applied to grad."""
     if activation in ("gelu", "gelu_tanh"):
         approximate = "tanh" if activation == "gelu_tanh" else "none"
         return torch.ops.aten.gelu_backward(grad, h, approximate=approximate)
     if activation == "relu":
         return grad * (h > 0).to(grad.dtype)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, h)
     return grad
 
 
@@ -78,9 +72,9 @@ def _bsr_ffn(x: Tensor,
         h = tri.bsr_linear(x2, values1, crow1, col1, bias1, activation=activation)
         y = tri.bsr_linear(h, values2, crow2, col2, bias2)
     elif chosen is Backend.REFERENCE:
-        h = activate(ref.bsr_linear(x2, values1, row1, col1, n1, bias1), activation)
-        y = ref.bsr_linear(h, values2, row2, col2, n2, bias2)
-    else:  # cpu with few rows, cuda: two bsr_linear calls around the activation
+        y = ref_ffn.bsr_ffn(x2, values1, row1, col1, bias1, values2, row2, col2, bias2, n1, n2,
+                            activation)
+    else:  # cuda, or cpu below the router's min_fused_rows: bsr_linear, act, bsr_linear
         h = torch.ops.sparsekernels.bsr_linear(x2, values1, crow1, col1, row1, ccol1, row_t1,
                                                perm1, bias1, chosen.value)
         y = torch.ops.sparsekernels.bsr_linear(activate(h, activation), values2, crow2, col2,
@@ -143,7 +137,7 @@ def _backward(ctx, grad):
     grad_b2 = g.sum(0) if ctx.has_bias[1] and need[16] else None
     grad_x = grad_v1 = grad_b1 = None
     if need[0] or need[1] or need[8]:
-        grad_h = _activation_backward(ops.bsr_dsd(g, values2, ccol2, row_t2, perm2, backend), h,
+        grad_h = activation_backward(ops.bsr_dsd(g, values2, ccol2, row_t2, perm2, backend), h,
                                       ctx.activation)
         if need[0]:
             grad_x = ops.bsr_dsd(grad_h, values1, ccol1, row_t1, perm1,

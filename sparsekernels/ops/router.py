@@ -93,6 +93,12 @@ IMPLEMENTATIONS: dict[str, tuple[Impl, ...]] = {
         Impl(Backend.CUDA, ("cuda",), kernel="bsr_linear"),
         Impl(Backend.REFERENCE),
     ),
+    "bsr_gated_ffn": (
+        Impl(Backend.CPU, ("cpu",)),
+        Impl(Backend.TRITON, kernel="bsr_linear"),
+        Impl(Backend.CUDA, ("cuda",), kernel="bsr_linear"),
+        Impl(Backend.REFERENCE),
+    ),
     # int8 weights: a CPU kernel (weight-only or int8 x int8, see ops.precision), else torch
     "bsr_linear_int8": (
         Impl(Backend.CPU, ("cpu",)),
@@ -115,9 +121,10 @@ AUTO_ORDER: dict[str, tuple[Backend, ...]] = {
     "cuda": (Backend.TRITON, Backend.CUDA),
     "cpu": (Backend.CPU,),
 }
-# below this many rows the fused CPU FFN kernel cannot fill its register tiles, and two
-# bsr_linear calls (few-row path, one read of each weight) are faster
-CPU_MIN_FUSED_FFN_ROWS = 24
+# the fused CPU FFN kernels run from this many rows (below, bsr_linear calls): 0, since below
+# a register tile of rows per thread they split the hidden units, then the outputs, over the
+# threads and read each weight once (csrc/cpu/ffn.h), as bsr_linear's few-row path does
+CPU_MIN_FUSED_FFN_ROWS = 0
 
 
 def _impl(op: str, backend: Backend) -> Impl:
@@ -178,13 +185,13 @@ def _route(op, device_type, device_index, dtype, chosen: Backend, block_size, de
         why.append(reason)
     reason = "; ".join(why) or f"no sparse kernel for {device_type}"
     # the reference densifies anyway: for a weight op, dense torch is the same math, faster
-    dense = op in ("bsr_linear", "bsr_ffn") and block_size is not None
+    dense = op in ("bsr_linear", "bsr_ffn", "bsr_gated_ffn") and block_size is not None
     return Route(op, Backend.REFERENCE, dense=dense, crossover=0.0 if dense else 1.0,
                  reason=f"auto: reference ({reason})", **extra)
 
 
 def _op_fields(op: str, device: torch.device, dtype, chosen: Backend, dropout: bool) -> dict:
-    if op == "bsr_ffn":
+    if op in ("bsr_ffn", "bsr_gated_ffn"):
         return {"min_fused_rows": CPU_MIN_FUSED_FFN_ROWS if device.type == "cpu" else 0}
     if op == "block_sparse_attention":
         # auto on the CPU runs an all-true layout as dense SDPA (faster there; on a GPU,
@@ -196,7 +203,8 @@ def _op_fields(op: str, device: torch.device, dtype, chosen: Backend, dropout: b
 
 
 def _auto_dense(r: Route, device_type: str, dtype, block_size, density) -> Route:
-    if r.op not in ("bsr_linear", "bsr_ffn") or block_size is None or density is None:
+    weight_op = r.op in ("bsr_linear", "bsr_ffn", "bsr_gated_ffn")
+    if not weight_op or block_size is None or density is None:
         return r
     crossover = dense_crossover(device_type, dtype, block_size)
     dense = density >= crossover

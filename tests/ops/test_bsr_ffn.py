@@ -12,7 +12,7 @@ from sparsekernels.testing import assert_close_to_reference, random_block_mask
 
 K, HIDDEN, N = 96, 192, 64  # W1 [HIDDEN, K] in 32x16 blocks, W2 [N, HIDDEN] in 16x64 blocks
 B1, B2 = (32, 16), (16, 64)
-ACTS = ["none", "gelu", "gelu_tanh", "relu"]
+ACTS = ["none", "gelu", "gelu_tanh", "relu", "silu"]
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 
 
@@ -37,7 +37,7 @@ def weights(density, dtype, empty=False):
 
 def act64(h, activation):
     return {"none": h, "gelu": F.gelu(h), "gelu_tanh": F.gelu(h, approximate="tanh"),
-            "relu": F.relu(h)}[activation]
+            "relu": F.relu(h), "silu": F.silu(h)}[activation]
 
 
 def composed(x, w1, b1, w2, b2, activation, dtype):
@@ -49,7 +49,7 @@ def composed(x, w1, b1, w2, b2, activation, dtype):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("tokens", [(1,), (30,), (4, 97)], ids=["T1", "T30", "3d"])
+@pytest.mark.parametrize("tokens", [(1,), (3,), (30,), (4, 97)], ids=["T1", "T3", "T30", "3d"])
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("activation", ACTS)
 def test_forward_matches_reference(backend, dtype, tokens, density, activation):
@@ -127,6 +127,54 @@ def test_opcheck(backend):
             torch.randn(HIDDEN, requires_grad=True), w2.values.clone().requires_grad_(), *idx(w2),
             torch.randn(N, requires_grad=True), "gelu", backend)
     torch.library.opcheck(torch.ops.sparsekernels.bsr_ffn.default, args)
+
+
+def _packed_args(w1, b1, w2, b2):
+    from sparsekernels.ops.bsr_linear import pack
+
+    return (w1.values, pack(w1.values), w1.crow_indices, w1.col_indices, b1,
+            w2.values, pack(w2.values), w2.crow_indices, w2.col_indices, b2)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 2, 11, 47, 48, 200], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_packed_matches_reference(dtype, tokens, activation):
+    """bsr_ffn_packed around the register tiles and the schedules' switch (below 2 threads x
+    24 rows the threads split the hidden units, from there on whole rows)."""
+    need("cpu")
+    dtype = DTYPES[dtype]
+    w1, w2 = weights(0.5, dtype, empty=True)
+    x = torch.randn(tokens, K, dtype=dtype)
+    b1, b2 = torch.randn(HIDDEN, dtype=dtype), torch.randn(N, dtype=dtype)
+    y = torch.ops.sparsekernels.bsr_ffn_packed(x, *_packed_args(w1, b1, w2, b2), activation)
+    args = (x, w1, b1, w2, b2, activation)
+    base = None if dtype == torch.float64 else composed(*args, dtype)
+    assert_close_to_reference(y, composed(*args, torch.float64), base, reduction=K + HIDDEN)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+@pytest.mark.parametrize("tokens", [1, 5, 30, 97], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("packed", [False, True], ids=["stored", "packed"])
+def test_fused_rounds_as_two_bsr_linear_calls(dtype, tokens, packed):
+    """Both schedules run bsr_linear's own products per layer (the same few-row rule), so
+    with an exactly rounded activation fused == bsr_linear -> relu -> bsr_linear, bit for bit."""
+    need("cpu")
+    from sparsekernels.ops.bsr_linear import pack
+
+    dtype = DTYPES[dtype]
+    w1, w2 = weights(0.5, dtype, empty=True)
+    x = torch.randn(tokens, K, dtype=dtype)
+    b1, b2 = torch.randn(HIDDEN, dtype=dtype), torch.randn(N, dtype=dtype)
+    lin = _ext.op("bsr_linear", "cpu")
+    p = (lambda w: pack(w.values)) if packed else (lambda w: None)
+    h = F.relu(lin(x, w1.values, w1.crow_indices, w1.col_indices, b1, p(w1)))
+    want = lin(h, w2.values, w2.crow_indices, w2.col_indices, b2, p(w2))
+    if packed:
+        got = torch.ops.sparsekernels.bsr_ffn_packed(x, *_packed_args(w1, b1, w2, b2), "relu")
+    else:
+        got = sparse_ffn(x, w1, b1, w2, b2, "relu", backend="cpu")
+    assert torch.equal(got, want)
 
 
 def test_auto_composes_when_a_layer_is_too_dense(monkeypatch):

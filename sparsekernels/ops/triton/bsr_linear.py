@@ -7,6 +7,9 @@ blocks of (bm, bk), `values[e, n, k]` row-major inside a block.
   bsr_dsd(g, W)    = g @ W            the same kernel over block columns (ccol/row_t index,
                                       blocks read through transpose_perm, untransposed)
   bsr_sdd(g, x)    = (g.T @ x)[stored] _bsr_sdd_kernel, one program per stored block (x T split)
+  bsr_gated_linear = act(x @ Wg.T + bg) * (x @ Wu.T + bu)   the row-block kernel with a second
+                                      weight (GATED): the gated FFN's first half, its
+                                      activation-multiply in the epilogue
 
 Both products of a dense matrix with the sparse one are "block-row products": output
 column block r gathers, for every stored block p of its row in the index
@@ -29,7 +32,7 @@ import triton.language as tl
 
 from sparsekernels.ops.backend import triton_interpret
 
-ACTIVATIONS = (None, "none", "gelu", "gelu_tanh", "relu")  # as sparsekernels.ops.bsr_ffn
+ACTIVATIONS = (None, "none", "gelu", "gelu_tanh", "relu", "silu")  # as sparsekernels.ops.bsr_ffn
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SDD_SPLIT_QUANTUM = 32  # T per split is a multiple of this
 
@@ -107,18 +110,22 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
 def _bsr_rowblock_kernel(
     # pointers
     x_ptr, w_ptr, out_ptr, bias_ptr, ptr_ptr, idx_ptr, perm_ptr,
+    w2_ptr, bias2_ptr, ptr2_ptr, idx2_ptr,
     # sizes
     T, N_OUT, IN_FEATURES, T_BUCKET,
     # strides
     stride_xm, stride_om, stride_wb, stride_wo, stride_wi,
     # meta-parameters
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_PERM: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_PERM: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """out[:, r*BLOCK_OUT:+BLOCK_OUT] = sum_p x[:, idx[p]*BLOCK_IN:+BLOCK_IN] @ Wp (+ bias),
     Wp[i, o] = w[blk, o, i] (element at blk*stride_wb + o*stride_wo + i*stride_wi),
-    blk = perm[p] (or p), over the stored blocks ptr[r] <= p < ptr[r+1]."""
+    blk = perm[p] (or p), over the stored blocks ptr[r] <= p < ptr[r+1].
+    GATED: act(that) * (the same product over w2 / ptr2 / idx2 (+ bias2)), the second weight
+    laid out as the first (no perm)."""
     # 1-D grid in groups of GROUP_M token tiles, so the blocks of a row stay in L2
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -157,12 +164,30 @@ def _bsr_rowblock_kernel(
     offs_n = pid_r.to(tl.int64) * BLOCK_OUT + offs_o
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+    if GATED:  # the up projection, kept beside the gate's accumulator until the epilogue
+        start2 = tl.load(ptr2_ptr + pid_r).to(tl.int64)
+        end2 = tl.load(ptr2_ptr + pid_r + 1).to(tl.int64)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
+        for p in range(start2, end2):
+            col = tl.load(idx2_ptr + p).to(tl.int64)
+            x = tl.load(x_row_ptrs + col * BLOCK_IN, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w2_ptr + p * stride_wb + w_tile_offs)
+            if UPCAST_DOT:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc2 = tl.dot(x, w, acc2, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc2 += tl.load(bias2_ptr + offs_n).to(tl.float32)[None, :]
     if ACTIVATION == "gelu":  # exact (erf) GELU, as torch.nn.functional.gelu
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     elif ACTIVATION == "gelu_tanh":  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi)(a + 0.044715 a^3)
         acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
     elif ACTIVATION == "relu":
         acc = tl.maximum(acc, 0.0)
+    elif ACTIVATION == "silu":
+        acc = acc * tl.sigmoid(acc)
+    if GATED:
+        acc = acc * acc2
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
 
@@ -244,7 +269,8 @@ def _check_values(values: torch.Tensor, device) -> torch.Tensor:
 
 
 def _launch_rowblock(x2, values, ptr, idx, perm, bias, out, block_out, block_in, transposed,
-                     activation):
+                     activation, up=None):
+    """up: (values, ptr, idx, bias) of the gated kernel's second weight, or None."""
     t, n_out = out.shape
     if t == 0 or n_out == 0:
         return out
@@ -253,28 +279,22 @@ def _launch_rowblock(x2, values, ptr, idx, perm, bias, out, block_out, block_in,
     def grid(meta):
         return (triton.cdiv(t, meta["BLOCK_M"]) * (n_out // block_out),)
 
+    up_values, up_ptr, up_idx, up_bias = up if up is not None else (values, ptr, idx, bias)
     _bsr_rowblock_kernel[grid](
         x2, values, out, bias if bias is not None else out, ptr, idx,
         perm if perm is not None else idx,
+        up_values, up_bias if up_bias is not None else out, up_ptr, up_idx,
         t, n_out, x2.shape[1], _t_bucket(t),
         x2.stride(0), out.stride(0), values.stride(0), stride_wo, stride_wi,
         BLOCK_OUT=block_out, BLOCK_IN=block_in, HAS_BIAS=bias is not None,
-        HAS_PERM=perm is not None, ACTIVATION=activation or "none",
+        HAS_PERM=perm is not None, ACTIVATION=activation or "none", GATED=up is not None,
         DOT_PRECISION=_dot_precision(x2.dtype), UPCAST_DOT=_upcast_dot(x2.dtype),
     )
     return out
 
 
-def bsr_linear(x2: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
-               col_indices: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               activation: Optional[str] = None) -> torch.Tensor:
-    """y2[T, N] = activation(x2[T, K] @ W.T + bias), W the BSR [N, K] of (values, crow, col).
-
-    activation: None/"none", "gelu" (exact, erf form), "gelu_tanh" or "relu", fused into
-    the epilogue.
-    """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+def _check_layer(x2, values, crow_indices, col_indices, bias):
+    """(values, crow, col, bias, N) of a forward layer, checked against x2 [T, K]."""
     values = _check_values(values, x2.device)
     nnz, bm, bk = values.shape
     crow_indices = _check_index("crow_indices", crow_indices, None, x2.device)
@@ -283,7 +303,6 @@ def bsr_linear(x2: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tenso
     if x2.dim() != 2 or x2.shape[1] % bk:
         raise ValueError(f"x2 must be [T, K] with K a multiple of the block width {bk}, "
                          f"got {list(x2.shape)}")
-    x2 = _check_dense("x2", x2, x2.shape[1], x2.device, values.dtype)
     if bias is not None:
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
@@ -291,9 +310,52 @@ def bsr_linear(x2: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tenso
             raise TypeError(f"bias is {bias.dtype} on {bias.device}; expected {x2.dtype} on "
                             f"{x2.device}")
         bias = bias.contiguous()
+    return values, crow_indices, col_indices, bias, n
+
+
+def bsr_linear(x2: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
+               col_indices: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               activation: Optional[str] = None) -> torch.Tensor:
+    """y2[T, N] = activation(x2[T, K] @ W.T + bias), W the BSR [N, K] of (values, crow, col).
+
+    activation: None/"none", "gelu" (exact, erf form), "gelu_tanh", "relu" or "silu", fused
+    into the epilogue.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    values, crow_indices, col_indices, bias, n = _check_layer(x2, values, crow_indices,
+                                                              col_indices, bias)
+    x2 = _check_dense("x2", x2, x2.shape[1], x2.device, values.dtype)
     out = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
-    return _launch_rowblock(x2, values, crow_indices, col_indices, None, bias, out, bm, bk,
-                            transposed=True, activation=activation)
+    return _launch_rowblock(x2, values, crow_indices, col_indices, None, bias, out,
+                            values.shape[1], values.shape[2], transposed=True,
+                            activation=activation)
+
+
+def bsr_gated_linear(x2: torch.Tensor, values_g: torch.Tensor, crow_g: torch.Tensor,
+                     col_g: torch.Tensor, bias_g: Optional[torch.Tensor], values_u: torch.Tensor,
+                     crow_u: torch.Tensor, col_u: torch.Tensor, bias_u: Optional[torch.Tensor],
+                     activation: str = "silu") -> torch.Tensor:
+    """h2[T, N] = activation(x2 @ Wg.T + bias_g) * (x2 @ Wu.T + bias_u): a gated FFN's first
+    half in one kernel (gate and up products per tile, the activation-multiply in its
+    epilogue). Wg and Wu: BSR [N, K] with the same block size; biases both or neither."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if (bias_g is None) != (bias_u is None):
+        raise ValueError("bsr_gated_linear takes both biases or neither (pass zeros for one)")
+    values_g, crow_g, col_g, bias_g, n = _check_layer(x2, values_g, crow_g, col_g, bias_g)
+    values_u, crow_u, col_u, bias_u, n_u = _check_layer(x2, values_u, crow_u, col_u, bias_u)
+    if n_u != n or values_u.shape[1:] != values_g.shape[1:]:
+        raise ValueError(f"gate and up must have the same shape and block size, got {n} outputs "
+                         f"in {tuple(values_g.shape[1:])} blocks and {n_u} in "
+                         f"{tuple(values_u.shape[1:])}")
+    if values_u.dtype != values_g.dtype:
+        raise TypeError(f"gate is {values_g.dtype}, up is {values_u.dtype}")
+    x2 = _check_dense("x2", x2, x2.shape[1], x2.device, values_g.dtype)
+    out = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
+    return _launch_rowblock(x2, values_g, crow_g, col_g, None, bias_g, out, values_g.shape[1],
+                            values_g.shape[2], transposed=True, activation=activation,
+                            up=(values_u, crow_u, col_u, bias_u))
 
 
 def bsr_dsd(g2: torch.Tensor, values: torch.Tensor, ccol_indices: torch.Tensor,
