@@ -17,7 +17,9 @@ forward has no backward of its own; its backward runs on Triton when available.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Optional
 
 import torch
@@ -26,11 +28,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsekernels.formats.block_sparse import check_block_size
 from sparsekernels.ops import _ext
-from sparsekernels.ops.backend import Backend, available, requested_backend, select
+from sparsekernels.ops.backend import (ENV_BACKEND, Backend, available, requested_backend,
+                                        select)
 from sparsekernels.ops.reference import block_sparse_attention as ref
 
 OP = "block_sparse_attention"
 CPU_HEAD_DIMS = (16, 32, 64, 128)  # head dims the C++ kernel vectorises
+# the CUDA C++ kernel: a forward without dropout, these dtypes, head dims 32, 64, 128
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # at most this many queries is decode (a KV cache read once per call): the kernel, never dense
 DECODE_MAX_QUERIES = 16
 
@@ -145,17 +150,6 @@ def _mask4(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
     return attn_mask
 
 
-def _cpu_kernel_ok(q: Tensor, dropout_p: float) -> bool:
-    # the C++ kernel draws no dropout bits and vectorises head dims 16, 32, 64, 128
-    return dropout_p == 0.0 and q.shape[-1] in CPU_HEAD_DIMS
-
-
-def _cuda_kernel_ok(q: Tensor, dropout_p: float, for_backward: bool) -> bool:
-    # the CUDA C++ kernel is a forward without dropout, fp32/fp16/bf16, head dims 32/64/128
-    return (not for_backward and dropout_p == 0.0 and q.shape[-1] in (32, 64, 128)
-            and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
-
-
 def prefers_dense(q: Tensor, k: Tensor, layout: Tensor, dropout_p: float,
                   backend: Backend) -> bool:
     """auto's choice on CPU: an all-true layout runs as plain dense SDPA, which the 2-thread
@@ -164,8 +158,8 @@ def prefers_dense(q: Tensor, k: Tensor, layout: Tensor, dropout_p: float,
     stays on the kernel, which reads grouped keys / values once where SDPA repeats them. On
     GPU the Triton kernel runs every layout (checking the layout there would cost a device
     sync)."""
-    if (requested_backend(backend) is not Backend.AUTO or q.device.type != "cpu" or dropout_p
-            or k.shape[2] == 0 or q.shape[2] <= DECODE_MAX_QUERIES):
+    if (q.device.type != "cpu" or dropout_p or q.shape[2] <= DECODE_MAX_QUERIES
+            or k.shape[2] == 0 or requested_backend(backend) is not Backend.AUTO):
         return False
     if select(backend, q.device, OP) is Backend.REFERENCE and q.dtype == torch.float64:
         return False  # the float64 oracle stays the oracle
@@ -184,22 +178,33 @@ def _choose(backend: str, q: Tensor, dropout_p: float, for_backward: bool,
     CPU has them (else it converts to fp32), decided in C++ from the CPU's features."""
     if layout is not None and prefers_dense(q, k, layout, dropout_p, Backend.parse(backend)):
         return None
-    chosen = select(backend, q.device, OP)
+    return _kernel_for(backend, os.environ.get(ENV_BACKEND), os.environ.get("TRITON_INTERPRET"),
+                       q.device, q.dtype, q.shape[-1], dropout_p > 0.0, for_backward)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_for(backend: str, env_backend: Optional[str], env_interpret: Optional[str],
+                device: torch.device, dtype: torch.dtype, head_dim: int, dropout: bool,
+                for_backward: bool) -> Backend:
+    """_choose's kernel for what it depends on, cached (every layer asks at every call); the
+    environment variables that `select` reads are part of the key."""
+    chosen = select(backend, device, OP)
     explicit = Backend.parse(backend) is not Backend.AUTO
-    if chosen is Backend.CPU and not _cpu_kernel_ok(q, dropout_p):
+    if chosen is Backend.CPU and (dropout or head_dim not in CPU_HEAD_DIMS):
         if explicit:
             raise RuntimeError(
                 f"sparsekernels.{OP}: the cpu kernel runs head dims {CPU_HEAD_DIMS} "
-                f"without dropout, got head dim {q.shape[-1]}, dropout_p={dropout_p}; use "
+                f"without dropout, got head dim {head_dim}, dropout={dropout}; use "
                 "backend='auto' or 'reference'")
         return Backend.REFERENCE
-    if chosen is Backend.CUDA and not _cuda_kernel_ok(q, dropout_p, for_backward):
-        if available(Backend.TRITON, q.device, OP) is None:
+    if chosen is Backend.CUDA and (for_backward or dropout or head_dim not in (32, 64, 128)
+                                   or dtype not in CUDA_DTYPES):
+        if available(Backend.TRITON, device, OP) is None:
             return Backend.TRITON
         if explicit and not for_backward:
             raise RuntimeError(
                 f"sparsekernels.{OP}: the cuda kernel runs fp32/fp16/bf16 head dims 32, 64, 128 "
-                f"without dropout (got {q.dtype}, head dim {q.shape[-1]}, dropout_p={dropout_p})"
+                f"without dropout (got {dtype}, head dim {head_dim}, dropout={dropout})"
                 " and Triton, which covers the rest, is not available: pip install triton")
         return Backend.REFERENCE
     return chosen
