@@ -44,29 +44,46 @@ namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kMaskFloor = -1.0e30;  // finite masks stay finite in log2 units
-constexpr int64_t kItemsPerThread = 4;  // fewer forward items than this per thread: split them
+constexpr int64_t kItemsPerThread = 8;
+// rows of the next key / value block asked for ahead: enough to start the hardware's stream
+// (prefetching whole blocks stalls on the fill buffers)
+constexpr int64_t kPrefetchRows = 4;  // fewer forward items than this per thread: split them
+
+// C[R, BO] (+)= A[R, kdim] * B[kdim, BO] for a compile-time row count R: the accumulators
+// stay in registers (a runtime row count would keep them in memory; decode has 1 to 16 rows).
+template <typename T, int BO, int R>
+void gemm_rows(const T* a, int64_t sa_r, int64_t sa_k, const T* b, int64_t ldb, int64_t kdim,
+               T* c, int64_t ldc, bool accumulate) {
+  constexpr int L = Vec<T>::L;
+  constexpr int NV = BO / L;
+  using V = typename Vec<T>::type;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? loadu<T>(c + r * ldc + j * L) : V{};
+  micro_kernel<T, BO, R>(a, sa_r, sa_k, b, ldb, kdim, acc);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) storeu<T>(c + r * ldc + j * L, acc[r][j]);
+}
+
+// f(std::integral_constant<int, m>) for a runtime 1 <= m <= R.
+template <int R, typename F>
+void dispatch_rows(int m, F&& f) {
+  if constexpr (R > 1) {
+    if (m < R) return dispatch_rows<R - 1>(m, f);
+  }
+  f(std::integral_constant<int, R>{});
+}
 
 // C[m, BO] (+)= A[m, kdim] * B[kdim, BO]; A(r, k) = a[r * sa_r + k * sa_k], B row k at b + k*ldb.
 template <typename T, int BO>
 void gemm_fixed(int64_t m, const T* a, int64_t sa_r, int64_t sa_k, const T* b, int64_t ldb,
                 int64_t kdim, T* c, int64_t ldc, bool accumulate) {
-  constexpr int L = Vec<T>::L;
-  constexpr int NV = BO / L;
   constexpr int MR = tile_rows<T, BO>();
-  using V = typename Vec<T>::type;
-  for (int64_t r0 = 0; r0 < m; r0 += MR) {
-    const int mr = static_cast<int>(std::min<int64_t>(MR, m - r0));
-    V acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NV; ++j)
-        acc[r][j] = (accumulate && r < mr) ? loadu<T>(c + (r0 + r) * ldc + j * L) : V{};
-    if (mr == MR)
-      micro_kernel<T, BO, MR>(a + r0 * sa_r, sa_r, sa_k, b, ldb, kdim, acc);
-    else
-      micro_kernel_tail<T, BO, MR>(mr, a + r0 * sa_r, sa_r, sa_k, b, ldb, kdim, acc);
-    for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < NV; ++j) storeu<T>(c + (r0 + r) * ldc + j * L, acc[r][j]);
-  }
+  for (int64_t r0 = 0; r0 < m; r0 += MR)
+    dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, m - r0)), [&](auto rows) {
+      gemm_rows<T, BO, decltype(rows)::value>(a + r0 * sa_r, sa_r, sa_k, b, ldb, kdim,
+                                              c + r0 * ldc, ldc, accumulate);
+    });
 }
 
 template <typename T>
@@ -230,10 +247,69 @@ void finish_scores(const Problem<E, A>& P, int64_t b, int64_t h, int64_t q0, int
   }
 }
 
-// K block [kr, D] -> Kt [D, bk], zero columns past kr. Reads K row by row (sequential, so
-// the hardware prefetcher streams it from memory); the scattered writes stay in L1.
+// 16 x 32-bit lanes; may_alias: reads floats and bf16 pairs alike.
+typedef uint32_t U32x16 __attribute__((vector_size(64), may_alias, aligned(4)));
+
+// Transposes 16 rows of 16 32-bit lanes in registers: four butterfly stages of two-source
+// shuffles; the stage of width W pairs rows i and i + W (i & W == 0), the first keeping the
+// first W lanes of every 2W-lane chunk of both, the second the last W.
+#define SK_PAIRS(W, LO, HI)                          \
+  for (int i = 0; i < 16; ++i)                       \
+    if (!(i & W)) {                                  \
+      const U32x16 a = r[i], b = r[i + W];           \
+      r[i] = __builtin_shufflevector(a, b, SK_##LO);  \
+      r[i + W] = __builtin_shufflevector(a, b, SK_##HI); \
+    }
+#define SK_LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define SK_HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define SK_LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define SK_HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define SK_LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define SK_HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define SK_LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define SK_HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+inline void transpose16(U32x16 (&r)[16]) {
+  SK_PAIRS(8, LO8, HI8)
+  SK_PAIRS(4, LO4, HI4)
+  SK_PAIRS(2, LO2, HI2)
+  SK_PAIRS(1, LO1, HI1)
+}
+#undef SK_PAIRS
+#undef SK_LO8
+#undef SK_HI8
+#undef SK_LO4
+#undef SK_HI4
+#undef SK_LO2
+#undef SK_HI2
+#undef SK_LO1
+#undef SK_HI1
+
+// dst[d * bk + j] = src[j * lds + d] for j < rows, 0 for rows <= j < bk; d < width. 32-bit
+// elements; width a multiple of 16, bk of 16. Reads the source row by row (sequential, so the
+// hardware prefetcher streams it from memory).
+inline void transpose32(const uint32_t* src, int64_t lds, int64_t rows, int64_t width,
+                        int64_t bk, uint32_t* dst) {
+  for (int64_t j0 = 0; j0 < bk; j0 += 16)
+    for (int64_t d0 = 0; d0 < width; d0 += 16) {
+      U32x16 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < rows ? *reinterpret_cast<const U32x16*>(src + (j0 + i) * lds + d0)
+                             : U32x16{};
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) *reinterpret_cast<U32x16*>(dst + (d0 + i) * bk + j0) = r[i];
+    }
+}
+
+// K block [kr, D] -> Kt [D, bk], zero columns past kr.
 template <typename T>
 void pack_transposed(const T* src, int64_t ld, int64_t kr, int64_t D, int64_t bk, T* dst) {
+  if constexpr (sizeof(T) == 4) {
+    if (D % 16 == 0) {
+      transpose32(reinterpret_cast<const uint32_t*>(src), ld, kr, D, bk,
+                  reinterpret_cast<uint32_t*>(dst));
+      return;
+    }
+  }
   for (int64_t j = 0; j < kr; ++j) {
     const T* row = src + j * ld;
     for (int64_t d = 0; d < D; ++d) dst[d * bk + j] = row[d];
@@ -290,58 +366,65 @@ constexpr int bf16_tile_rows() {
   return NV >= 8 ? 3 : 24 / NV;
 }
 
-// S[qr, BK] = Q[qr, D] K^T; kp: K as pairs along D, [D/2][BK] 32-bit units.
-template <int BK>
-SPARSEKERNELS_AVX512BF16 void bf16_scores(const c10::BFloat16* q, int64_t ldq, int64_t qr,
-                                          const uint32_t* kp, int64_t D, float* S) {
+// S[R, BK] = Q[R, D] K^T; kp: K as pairs along D, [D/2][BK] 32-bit units.
+template <int BK, int R>
+SPARSEKERNELS_AVX512BF16 void bf16_scores_rows(const c10::BFloat16* q, int64_t ldq,
+                                               const uint32_t* kp, int64_t D, float* S) {
   constexpr int NV = BK / 16;
-  constexpr int MR = bf16_tile_rows<NV>();
-  for (int64_t r0 = 0; r0 < qr; r0 += MR) {
-    const int mr = static_cast<int>(std::min<int64_t>(MR, qr - r0));
-    const c10::BFloat16* rows[MR];
-    for (int r = 0; r < MR; ++r) rows[r] = q + (r0 + std::min(r, mr - 1)) * ldq;  // tail: redo
-    __m512 acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t dp = 0; dp < D / 2; ++dp) {
-      __m512bh b[NV];
-      for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(kp + dp * BK + j * 16);
-      for (int r = 0; r < MR; ++r) {
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(load_pair(rows[r] + 2 * dp));
-        for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
-      }
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t dp = 0; dp < D / 2; ++dp) {
+    __m512bh b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(kp + dp * BK + j * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(load_pair(q + r * ldq + 2 * dp));
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
     }
-    for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(S + (r0 + r) * BK + j * 16, acc[r][j]);
   }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(S + r * BK + j * 16, acc[r][j]);
 }
 
-// O[qr, DV] += P[qr, 2 * npairs] V; pp: P in bf16, rows of ldp pairs; vp: V as pairs along
-// the keys, [npairs][DV] 32-bit units.
-template <int DV>
-SPARSEKERNELS_AVX512BF16 void bf16_pv(const uint32_t* pp, int64_t ldp, int64_t qr,
-                                      int64_t npairs, const uint32_t* vp, float* O) {
+template <int BK>
+void bf16_scores(const c10::BFloat16* q, int64_t ldq, int64_t qr, const uint32_t* kp, int64_t D,
+                 float* S) {
+  constexpr int MR = bf16_tile_rows<BK / 16>();
+  for (int64_t r0 = 0; r0 < qr; r0 += MR)
+    dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
+      bf16_scores_rows<BK, decltype(rows)::value>(q + r0 * ldq, ldq, kp, D, S + r0 * BK);
+    });
+}
+
+// O[R, DV] += P[R, 2 * npairs] V; pp: P in bf16, rows of ldp pairs; vp: V as pairs along the
+// keys, [npairs][DV] 32-bit units.
+template <int DV, int R>
+SPARSEKERNELS_AVX512BF16 void bf16_pv_rows(const uint32_t* pp, int64_t ldp, int64_t npairs,
+                                           const uint32_t* vp, float* O) {
   constexpr int NV = DV / 16;
-  constexpr int MR = bf16_tile_rows<NV>();
-  for (int64_t r0 = 0; r0 < qr; r0 += MR) {
-    const int mr = static_cast<int>(std::min<int64_t>(MR, qr - r0));
-    const uint32_t* rows[MR];
-    for (int r = 0; r < MR; ++r) rows[r] = pp + (r0 + std::min(r, mr - 1)) * ldp;
-    __m512 acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NV; ++j)
-        acc[r][j] = _mm512_loadu_ps(O + (r0 + std::min(r, mr - 1)) * DV + j * 16);
-    for (int64_t jp = 0; jp < npairs; ++jp) {
-      __m512bh b[NV];
-      for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(vp + jp * DV + j * 16);
-      for (int r = 0; r < MR; ++r) {
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(rows[r][jp]);
-        for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
-      }
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_loadu_ps(O + r * DV + j * 16);
+  for (int64_t jp = 0; jp < npairs; ++jp) {
+    __m512bh b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(vp + jp * DV + j * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pp[r * ldp + jp]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
     }
-    for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(O + (r0 + r) * DV + j * 16, acc[r][j]);
   }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(O + r * DV + j * 16, acc[r][j]);
+}
+
+template <int DV>
+void bf16_pv(const uint32_t* pp, int64_t ldp, int64_t qr, int64_t npairs, const uint32_t* vp,
+             float* O) {
+  constexpr int MR = bf16_tile_rows<DV / 16>();
+  for (int64_t r0 = 0; r0 < qr; r0 += MR)
+    dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
+      bf16_pv_rows<DV, decltype(rows)::value>(pp + r0 * ldp, ldp, npairs, vp, O + r0 * DV);
+    });
 }
 
 // P [qr, bk] fp32 -> bf16 (round to nearest even), rows of bk; bk a multiple of 16.
@@ -385,6 +468,10 @@ SPARSEKERNELS_AVX512BF16 void bf16_pack_v(const c10::BFloat16* v, int64_t ld, in
 inline void bf16_pack_k(const c10::BFloat16* k, int64_t ld, int64_t kr, int64_t D, int64_t bk,
                         uint32_t* kp) {
   const int64_t dp_n = D / 2;
+  if (dp_n % 16 == 0 && ld % 2 == 0) {  // rows of whole 32-bit pairs
+    transpose32(reinterpret_cast<const uint32_t*>(k), ld / 2, kr, dp_n, bk, kp);
+    return;
+  }
   for (int64_t j = 0; j < kr; ++j) {
     const c10::BFloat16* row = k + j * ld;
     for (int64_t dp = 0; dp < dp_n; ++dp) kp[dp * bk + j] = load_pair(row + 2 * dp);
@@ -497,10 +584,75 @@ void finish_row(const typename Tile::A* o, typename Tile::A m, typename Tile::A 
   *st_log = live ? std::log2(l) : A(0);
 }
 
+// One forward work item: query block qb of every query head of key/value head hk, over the
+// stored key blocks idx[e0, e1). The group's query rows are stacked head by head (rows apart),
+// so that a key block all of them store is one product of G * rows rows.
+template <typename Tile>
+struct ForwardScratch {
+  using E = typename Tile::E;
+  using A = typename Tile::A;
+  std::vector<E> Q, Kb, Vb, Pb;
+  std::vector<A> S, O, m, l;
+  std::vector<char> stores;
+  ForwardScratch(int64_t G, int64_t rows, int64_t D, int64_t bk)
+      : Q(G * rows * D), Kb(D * bk), Vb(Tile::kPacksV ? D * bk : 0),
+        Pb(Tile::kPacksV ? G * rows * bk : 0), S(G * rows * bk), O(G * rows * D), m(G * rows),
+        l(G * rows), stores(G) {}
+};
+
+template <typename Tile>
+void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t b, int64_t hk,
+                  int64_t qb, const int32_t* idx, int64_t e0, int64_t e1, int64_t rows,
+                  ForwardScratch<Tile>& w) {
+  using E = typename Tile::E;
+  using A = typename Tile::A;
+  const int64_t G = P.G, bk = P.bk, D = P.D;
+  const int64_t q0 = qb * P.bq, qr = std::min(P.bq, P.Lq - q0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < qr; ++r) {
+      const E* src = P.q + b * P.sq[0] + (hk * G + g) * P.sq[1] + (q0 + r) * P.sq[2];
+      std::copy(src, src + D, w.Q.data() + (g * rows + r) * D);
+    }
+  std::fill(w.O.begin(), w.O.end(), A(0));
+  std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<A>::infinity());
+  std::fill(w.l.begin(), w.l.end(), A(0));
+  const E* kbase = P.k + b * P.sk[0] + hk * P.sk[1];
+  const E* vbase = P.v + b * P.sv[0] + hk * P.sv[1];
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t kb = idx[e], k0 = kb * bk, kr = std::min(bk, P.Lk - k0);
+    if (e + 1 < e1) {  // start the next pair's K and V streams (the hardware runs them on)
+      const int64_t n0 = static_cast<int64_t>(idx[e + 1]) * bk;
+      const int64_t nr = std::min<int64_t>(kPrefetchRows, P.Lk - n0);
+      prefetch_rows(kbase + n0 * P.sk[2], P.sk[2], nr, D);
+      prefetch_rows(vbase + n0 * P.sv[2], P.sv[2], nr, D);
+    }
+    Tile::pack_k(kbase + k0 * P.sk[2], P.sk[2], kr, D, bk, w.Kb.data());
+    Tile::pack_v(vbase + k0 * P.sv[2], P.sv[2], kr, D, bk, w.Vb.data());
+    bool all = qr == rows;
+    for (int64_t g = 0; g < G; ++g) all &= (w.stores[g] = P.stored(b, hk * G + g, qb, kb)) != 0;
+    // the stacked rows of heads [g0, g0 + n) at once
+    auto run = [&](int64_t g0, int64_t n) {
+      const int64_t off = g0 * rows, m_rows = (n - 1) * rows + qr;
+      Tile::scores(w.Q.data() + off * D, D, m_rows, w.Kb.data(), D, bk, w.S.data() + off * bk);
+      for (int64_t g = g0; g < g0 + n; ++g)
+        finish_scores(P, b, hk * G + g, q0, qr, k0, w.S.data() + g * rows * bk);
+      softmax_step(w.S.data() + off * bk, m_rows, bk, D, w.m.data() + off, w.l.data() + off,
+                   w.O.data() + off * D);
+      Tile::accumulate(w.S.data() + off * bk, m_rows, bk, kr, vbase + k0 * P.sv[2], P.sv[2],
+                       w.Vb.data(), w.Pb.data(), D, w.O.data() + off * D);
+    };
+    if (all) {
+      run(0, G);
+    } else {
+      for (int64_t g = 0; g < G; ++g)
+        if (w.stores[g]) run(g, 1);
+    }
+  }
+}
+
 template <typename Tile>
 void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLists& kv,
              typename Tile::E* out, typename Tile::A* stats) {
-  using E = typename Tile::E;
   using A = typename Tile::A;
   const int64_t G = P.G, bq = P.bq, bk = P.bk, D = P.D;
   const int64_t rows = std::min(bq, P.Lq);  // rows of a query block, at most
@@ -516,48 +668,20 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
   std::vector<A> parts(splits > 1 ? units * G * rows * part_ld : 0);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<A> S(rows * bk), O(G * rows * D), m(G * rows), l(G * rows);
-    std::vector<E> Kb(D * bk), Vb(Tile::kPacksV ? D * bk : 0), Pb(Tile::kPacksV ? rows * bk : 0);
+    ForwardScratch<Tile> w(G, rows, D, bk);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t item = u / splits, part = u % splits;
       const int64_t qb = item % P.nq, bhk = item / P.nq, b = bhk / P.Hkv, hk = bhk % P.Hkv;
       const int64_t q0 = qb * bq, qr = std::min(bq, P.Lq - q0);
-      const int32_t cnt = kv.count(item);
-      const int32_t* idx = kv.idx.data() + kv.ptr[item];
-      const int64_t e0 = cnt * part / splits, e1 = cnt * (part + 1) / splits;
-      std::fill(O.begin(), O.end(), A(0));
-      std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
-      std::fill(l.begin(), l.end(), A(0));
-      const E* kbase = P.k + b * P.sk[0] + hk * P.sk[1];
-      const E* vbase = P.v + b * P.sv[0] + hk * P.sv[1];
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t kb = idx[e], k0 = kb * bk, kr = std::min(bk, P.Lk - k0);
-        if (e + 1 < e1) {  // the next pair's K and V come from memory
-          const int64_t n0 = static_cast<int64_t>(idx[e + 1]) * bk;
-          const int64_t nr = std::min(bk, P.Lk - n0);
-          prefetch_rows(kbase + n0 * P.sk[2], P.sk[2], nr, D);
-          prefetch_rows(vbase + n0 * P.sv[2], P.sv[2], nr, D);
-        }
-        Tile::pack_k(kbase + k0 * P.sk[2], P.sk[2], kr, D, bk, Kb.data());
-        Tile::pack_v(vbase + k0 * P.sv[2], P.sv[2], kr, D, bk, Vb.data());
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t h = hk * G + g;
-          if (!P.stored(b, h, qb, kb)) continue;
-          const E* q = P.q + b * P.sq[0] + h * P.sq[1] + q0 * P.sq[2];
-          Tile::scores(q, P.sq[2], qr, Kb.data(), D, bk, S.data());
-          finish_scores(P, b, h, q0, qr, k0, S.data());
-          A* Og = O.data() + g * rows * D;
-          softmax_step(S.data(), qr, bk, D, m.data() + g * rows, l.data() + g * rows, Og);
-          Tile::accumulate(S.data(), qr, bk, kr, vbase + k0 * P.sv[2], P.sv[2], Vb.data(),
-                           Pb.data(), D, Og);
-        }
-      }
+      const int64_t cnt = kv.count(item);
+      forward_item<Tile>(P, b, hk, qb, kv.idx.data() + kv.ptr[item], cnt * part / splits,
+                         cnt * (part + 1) / splits, rows, w);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t bh = b * P.H + hk * G + g;
         for (int64_t r = 0; r < qr; ++r) {
-          const A* o = O.data() + (g * rows + r) * D;
-          const A mr = m[g * rows + r], lr = l[g * rows + r];
+          const A* o = w.O.data() + (g * rows + r) * D;
+          const A mr = w.m[g * rows + r], lr = w.l[g * rows + r];
           if (splits == 1) {
             A* st = stats + bh * 2 * P.Lq + q0 + r;
             finish_row<Tile>(o, mr, lr, D, out + (bh * P.Lq + q0 + r) * D, st, st + P.Lq);
@@ -578,7 +702,7 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
         const int64_t qb = item % P.nq, bhk = item / P.nq, b = bhk / P.Hkv, hk = bhk % P.Hkv;
         const int64_t q0 = qb * bq, qr = std::min(bq, P.Lq - q0);
         const int64_t bh = b * P.H + hk * G + g;
-        A* o = O.data();
+        A* o = w.O.data();
         for (int64_t r = 0; r < qr; ++r) {
           auto part_row = [&](int64_t s) {
             return parts.data() + (((item * splits + s) * G + g) * rows + r) * part_ld;
@@ -591,9 +715,9 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
           for (int64_t s = 0; s < splits; ++s) {
             const A* p = part_row(s);
             if (p[D + 1] == A(0)) continue;
-            const A w = std::exp2(p[D] - shift);
-            lsum += p[D + 1] * w;
-            for (int64_t d = 0; d < D; ++d) o[d] += p[d] * w;
+            const A wgt = std::exp2(p[D] - shift);
+            lsum += p[D + 1] * wgt;
+            for (int64_t d = 0; d < D; ++d) o[d] += p[d] * wgt;
           }
           A* st = stats + bh * 2 * P.Lq + q0 + r;
           finish_row<Tile>(o, mx, lsum, D, out + (bh * P.Lq + q0 + r) * D, st, st + P.Lq);

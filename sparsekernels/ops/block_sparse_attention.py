@@ -178,8 +178,10 @@ def _choose(backend: str, q: Tensor, dropout_p: float, for_backward: bool,
     CPU has them (else it converts to fp32), decided in C++ from the CPU's features."""
     if layout is not None and prefers_dense(q, k, layout, dropout_p, Backend.parse(backend)):
         return None
-    return _kernel_for(backend, os.environ.get(ENV_BACKEND), os.environ.get("TRITON_INTERPRET"),
-                       q.device, q.dtype, q.shape[-1], dropout_p > 0.0, for_backward)
+    # dynamo traces through the cache wrapper (and warns): it gets the function itself
+    kernel_for = _kernel_for.__wrapped__ if torch.compiler.is_compiling() else _kernel_for
+    return kernel_for(backend, os.environ.get(ENV_BACKEND), os.environ.get("TRITON_INTERPRET"),
+                      q.device, q.dtype, q.shape[-1], dropout_p > 0.0, for_backward)
 
 
 @functools.lru_cache(maxsize=256)
