@@ -44,10 +44,7 @@ namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kMaskFloor = -1.0e30;  // finite masks stay finite in log2 units
-constexpr int64_t kItemsPerThread = 8;
-// rows of the next key / value block asked for ahead: enough to start the hardware's stream
-// (prefetching whole blocks stalls on the fill buffers)
-constexpr int64_t kPrefetchRows = 4;  // fewer forward items than this per thread: split them
+constexpr int64_t kItemsPerThread = 8;  // fewer forward items than this per thread: split them
 
 // C[R, BO] (+)= A[R, kdim] * B[kdim, BO] for a compile-time row count R: the accumulators
 // stay in registers (a runtime row count would keep them in memory; decode has 1 to 16 rows).
@@ -620,13 +617,12 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
   const E* vbase = P.v + b * P.sv[0] + hk * P.sv[1];
   for (int64_t e = e0; e < e1; ++e) {
     const int64_t kb = idx[e], k0 = kb * bk, kr = std::min(bk, P.Lk - k0);
-    if (e + 1 < e1) {  // start the next pair's K and V streams (the hardware runs them on)
-      const int64_t n0 = static_cast<int64_t>(idx[e + 1]) * bk;
-      const int64_t nr = std::min<int64_t>(kPrefetchRows, P.Lk - n0);
-      prefetch_rows(kbase + n0 * P.sk[2], P.sk[2], nr, D);
-      prefetch_rows(vbase + n0 * P.sv[2], P.sv[2], nr, D);
-    }
+    // the next pair's K is asked for once this K is read, its V once this V is: memory
+    // works while this pair computes (asking for both before reading this pair stalled)
+    const int64_t n0 = e + 1 < e1 ? static_cast<int64_t>(idx[e + 1]) * bk : -1;
+    const int64_t nr = n0 >= 0 ? std::min(bk, P.Lk - n0) : 0;
     Tile::pack_k(kbase + k0 * P.sk[2], P.sk[2], kr, D, bk, w.Kb.data());
+    if (nr) prefetch_rows(kbase + n0 * P.sk[2], P.sk[2], nr, D);
     Tile::pack_v(vbase + k0 * P.sv[2], P.sv[2], kr, D, bk, w.Vb.data());
     bool all = qr == rows;
     for (int64_t g = 0; g < G; ++g) all &= (w.stores[g] = P.stored(b, hk * G + g, qb, kb)) != 0;
@@ -647,6 +643,7 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
       for (int64_t g = 0; g < G; ++g)
         if (w.stores[g]) run(g, 1);
     }
+    if (nr) prefetch_rows(vbase + n0 * P.sv[2], P.sv[2], nr, D);
   }
 }
 

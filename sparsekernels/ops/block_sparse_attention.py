@@ -176,12 +176,18 @@ def _choose(backend: str, q: Tensor, dropout_p: float, for_backward: bool,
     dims; CUDA C++: backward, dropout, fp64) the next best one: Triton when it runs, else the
     reference. The CPU kernel itself takes bf16 through AVX512-BF16 dot products when the
     CPU has them (else it converts to fp32), decided in C++ from the CPU's features."""
-    if layout is not None and prefers_dense(q, k, layout, dropout_p, Backend.parse(backend)):
+    if layout is not None and prefers_dense(q, k, layout, dropout_p,
+                                            _BACKENDS.get(backend) or Backend.parse(backend)):
         return None
+    # the environment matters only to auto (SPARSEKERNELS_BACKEND) and to Triton on CPU tensors
+    # (TRITON_INTERPRET); reading it costs more than the rest of the decision
+    env_backend = os.environ.get(ENV_BACKEND) if backend == "auto" else None
+    env_interpret = (os.environ.get("TRITON_INTERPRET")
+                     if q.device.type == "cpu" and "triton" in (backend, env_backend) else None)
     # dynamo traces through the cache wrapper (and warns): it gets the function itself
     kernel_for = _kernel_for.__wrapped__ if torch.compiler.is_compiling() else _kernel_for
-    return kernel_for(backend, os.environ.get(ENV_BACKEND), os.environ.get("TRITON_INTERPRET"),
-                      q.device, q.dtype, q.shape[-1], dropout_p > 0.0, for_backward)
+    return kernel_for(backend, env_backend, env_interpret, q.device, q.dtype, q.shape[-1],
+                      dropout_p > 0.0, for_backward)
 
 
 @functools.lru_cache(maxsize=256)
@@ -223,11 +229,11 @@ def _dropout_mask(seed: int, shape, dropout_p: float, device):
 
 
 # --- forward -------------------------------------------------------------------------------
-@torch.library.custom_op("sparsekernels::block_sparse_attention", mutates_args=())
-def _block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
-                            attn_mask: Optional[Tensor], causal: bool, window: int,
-                            scale: float, block_q: int, block_k: int, dropout_p: float,
-                            seed: int, backend: str) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, attn_mask: Optional[Tensor],
+             causal: bool, window: int, scale: float, block_q: int, block_k: int,
+             dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
+    """The forward op's implementation (also run directly by eager inference, see
+    _plain_inference)."""
     chosen = _choose(backend, q, dropout_p, for_backward=False)
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     mask = _mask4(attn_mask)
@@ -248,6 +254,10 @@ def _block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     out, stats = ref.block_sparse_attention(q, k, v, _layout4(layout), (block_q, block_k),
                                             mask, causal, scale, drop, dropout_p, window)
     return out.contiguous(), stats.contiguous()
+
+
+_block_sparse_attention = torch.library.custom_op("sparsekernels::block_sparse_attention",
+                                                  _forward, mutates_args=())
 
 
 @_block_sparse_attention.register_fake
@@ -395,6 +405,30 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size,
     return bq, bk
 
 
+def _plain_inference(*tensors: Optional[Tensor]) -> bool:
+    """True when the forward may run its implementation without the dispatcher: eager,
+    nothing needs a gradient, plain tensors, no torch function / dispatch mode active (those
+    must see the op). The custom op's Python dispatch is about half of a decode call's cost;
+    the implementation run is the same either way."""
+    if torch.compiler.is_compiling() or _MODE_STACKS():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def _mode_stacks() -> int:
+    return torch._C._len_torch_function_stack() + torch._C._len_torch_dispatch_stack()
+
+
+# private torch functions; without them every call takes the dispatcher
+_MODE_STACKS = (_mode_stacks if hasattr(torch._C, "_len_torch_function_stack")
+                and hasattr(torch._C, "_len_torch_dispatch_stack") else (lambda: 1))
+_BACKENDS = {b.value: b for b in Backend}
+
+
 def _check_window(window) -> int:
     if window is None:
         return 0
@@ -466,10 +500,14 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     window = _check_window(window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
-    backend = Backend.parse(backend)
-    if _choose(backend.value, q, dropout_p, False, k, layout) is None:
+    name = backend if backend.__class__ is str and backend in _BACKENDS else (
+        Backend.parse(backend).value)
+    chosen = _choose(name, q, dropout_p, False, k, layout)
+    if chosen is None:
         return _dense_sdpa(q, k, v, attn_mask, bool(causal), scale, window)
-    out, _ = torch.ops.sparsekernels.block_sparse_attention(
-        q, k, v, layout, attn_mask, bool(causal), window, scale, bq, bk, float(dropout_p), seed,
-        backend.value)
-    return out
+    # the op gets the backend chosen here (its backward re-checks what it can run)
+    args = (q, k, v, layout, attn_mask, bool(causal), window, scale, bq, bk, float(dropout_p),
+            seed, chosen.value)
+    if _plain_inference(q, k, v, layout, attn_mask):
+        return _forward(*args)[0]
+    return torch.ops.sparsekernels.block_sparse_attention.default(*args)[0]

@@ -741,6 +741,38 @@ def test_error_heads_and_window():
             block_sparse_attention(q, k, v, layout, (32, 32), window=bad)
 
 
+def test_eager_inference_runs_the_op_implementation():
+    """Without gradients, eager calls run the op's implementation without the custom op's
+    Python dispatch (half of a decode call): the same numbers; a dispatch mode (profilers,
+    FakeTensorMode) and a gradient still go through the op."""
+    need("cpu")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = make_qkv(1, 6, 3, 70, 32, torch.float32, kv_heads=2)
+    layout = random_layout(6, 1, 2, 0.7)
+    with torch.no_grad():
+        fast = block_sparse_attention(q, k, v, layout, (16, 64), causal=True, backend="cpu")
+    via_op, _ = torch.ops.sparsekernels.block_sparse_attention(
+        q, k, v, layout, None, True, 0, 32 ** -0.5, 16, 64, 0.0, 0, "cpu")
+    assert torch.equal(fast, via_op)
+    with Record() as rec, torch.no_grad():
+        block_sparse_attention(q, k, v, layout, (16, 64), causal=True, backend="cpu")
+    assert "sparsekernels.block_sparse_attention.default" in rec.names
+    with Record() as rec:
+        block_sparse_attention(q.requires_grad_(), k, v, layout, (16, 64), causal=True,
+                               backend="cpu")
+    assert "sparsekernels.block_sparse_attention.default" in rec.names
+
+
 # --- GPU ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
