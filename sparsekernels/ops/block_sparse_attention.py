@@ -154,10 +154,11 @@ def prefers_dense(q: Tensor, k: Tensor, layout: Tensor, dropout_p: float,
                   backend: Backend) -> bool:
     """auto's choice on CPU: an all-true layout runs as plain dense SDPA, which the 2-thread
     measurements (bench/results/cpu-*/attention.md) show ~1.2x faster than the block kernel
-    at density 1 for long queries. Decode (a few queries against a KV cache, memory-bound)
-    stays on the kernel, which reads grouped keys / values once where SDPA repeats them. On
-    GPU the Triton kernel runs every layout (checking the layout there would cost a device
-    sync)."""
+    at density 1 for long queries. Decode (at most DECODE_MAX_QUERIES queries against a KV
+    cache) stays on the kernel, which reads each key/value block once for its whole group of
+    query heads (bench/results/cpu-*/attention_decode.md; SDPA is ahead in fp32 below a few
+    hundred cached keys, where the call's fixed cost dominates). On GPU the Triton kernel
+    runs every layout (checking the layout there would cost a device sync)."""
     if (q.device.type != "cpu" or dropout_p or q.shape[2] <= DECODE_MAX_QUERIES
             or k.shape[2] == 0 or requested_backend(backend) is not Backend.AUTO):
         return False
