@@ -1,7 +1,8 @@
 """Benchmark sparsekernels::block_sparse_attention against dense SDPA and the other baselines.
 
     python bench/bench_attention.py            # the matrix for this device
-    python bench/bench_attention.py --smoke    # seconds; run in CI
+    python bench/bench_attention.py --decode   # decode against a KV cache (attention_decode.*)
+    python bench/bench_attention.py --smoke    # seconds; run in CI (both)
 
 Per case (12 heads, head dim 64, blocks 64x64; on GPU batch x L = 16k tokens in bf16, on CPU
 batch 1 in fp32): dense F.scaled_dot_product_attention (flash on GPU), FlexAttention with the
@@ -11,6 +12,16 @@ output is checked against the float64 reference (first head, first query rows) b
 Columns: times, speedups (dense / ours, flex / ours), effective TFLOP/s on the computed blocks,
 and efficiency = floor / time with the floor from the measured peak FLOP rate and copy
 bandwidth (BENCH.md).
+
+Decode (--decode): SmolLM2-135M's attention shape (9 query heads on 3 key/value heads, head
+dim 64), 1, 4 or 16 new queries at the end of a cache of 128, 512 or 2048 keys, causal, a dense
+layout and a 50% one (half the key blocks of each head; the newest always kept), fp32 and
+bf16. Baselines: transformers' own SDPA attention function (what a model runs: one query
+packs the group, more queries repeat the key/value heads), plain SDPA on repeated key/value
+heads, and SDPA with enable_gqa. Decode is memory-bound: the floor is the bytes of the cache
+blocks the call reads (the stored key blocks of any head of a group) over the copy bandwidth;
+each call reads a different cache of a rotation larger than the last-level cache, as the
+layers of a model do. The per-call cost (one key block) is reported beside it.
 """
 
 from __future__ import annotations
@@ -254,6 +265,190 @@ def run_backward(c: Case, q, k, v, layout, causal, ours, with_flex, device, reps
     return row
 
 
+# --- decode against a KV cache ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DecodeCase:
+    lq: int  # new queries, the last lq positions of the cache
+    lk: int  # keys in the cache, the new ones included
+    density: float  # fraction of key blocks each head stores (1: dense)
+    dtype: str = "float32"
+    heads: int = 9  # SmolLM2-135M
+    kv_heads: int = 3
+    head_dim: int = 64
+    block: tuple[int, int] = (16, 64)
+
+    @property
+    def name(self) -> str:
+        return f"q={self.lq} k={self.lk} d={self.density} {self.dtype}"
+
+
+def decode_cases(smoke: bool) -> list[DecodeCase]:
+    if smoke:
+        return [DecodeCase(1, 128, 1.0), DecodeCase(4, 256, 0.5, "bfloat16")]
+    return [DecodeCase(lq, lk, d, dt) for dt in ("float32", "bfloat16") for d in (1.0, 0.5)
+            for lk in (128, 512, 2048) for lq in (1, 4, 16)]
+
+
+LAST_LEVEL_CACHE = 32 << 20  # bytes (AMD EPYC here); rotating 3x this keeps caches in memory
+
+
+def decode_layout(c: DecodeCase, generator: torch.Generator) -> torch.Tensor:
+    nk = -(-c.lk // c.block[1])
+    keep = torch.rand(c.heads, 1, nk, generator=generator) < c.density
+    if c.density < 1.0:  # exactly half per head, the newest block always kept
+        order = torch.rand(c.heads, nk, generator=generator).argsort(-1)
+        keep = torch.zeros(c.heads, nk, dtype=torch.bool)
+        keep.scatter_(-1, order[:, :max(1, round(c.density * nk))], True)
+        keep = keep.unsqueeze(1)
+    else:
+        keep[:] = True
+    keep[..., -1] = True
+    return keep
+
+
+def _transformers_sdpa():
+    """transformers' SDPA attention function (what its models run), or None."""
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:
+        return None
+    return sdpa_attention_forward
+
+
+class _Module(torch.nn.Module):
+    """What transformers' attention functions read from an attention module."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def run_decode_case(c: DecodeCase, bw: float, reps: int) -> dict:
+    dtype = getattr(torch, c.dtype)
+    g = torch.Generator().manual_seed(c.lq * 10000 + c.lk)
+    layout = decode_layout(c, g)
+    groups = c.heads // c.kv_heads
+    cache_bytes = 2 * c.kv_heads * c.lk * c.head_dim * dtype.itemsize
+    n_sets = max(2, -(-3 * LAST_LEVEL_CACHE // cache_bytes))
+    sets = [(torch.randn(1, c.heads, c.lq, c.head_dim, dtype=dtype),
+             torch.randn(1, c.kv_heads, c.lk, c.head_dim, dtype=dtype),
+             torch.randn(1, c.kv_heads, c.lk, c.head_dim, dtype=dtype)) for _ in range(n_sets)]
+    # transformers' causal mask for new queries at the end of the cache (None for one query)
+    mask = None if c.lq == 1 else ref.position_mask(c.lq, c.lk, True)[None, None]
+    scale = c.head_dim ** -0.5
+
+    def rotating(fn):
+        state = {"i": 0}
+
+        def run():
+            state["i"] = (state["i"] + 1) % n_sets
+            return fn(*sets[state["i"]])
+        return run
+
+    def ours(q, k, v):
+        return block_sparse_attention(q, k, v, layout, c.block, causal=True, backend="cpu")
+
+    def repeat_kv(x):
+        return x.repeat_interleave(groups, dim=1)
+
+    fns = {"ours": rotating(ours),
+           "sdpa_repeat_kv": rotating(lambda q, k, v: F.scaled_dot_product_attention(
+               q, repeat_kv(k), repeat_kv(v), attn_mask=mask, scale=scale)),
+           "sdpa_gqa": rotating(lambda q, k, v: F.scaled_dot_product_attention(
+               q, k, v, attn_mask=mask, scale=scale, enable_gqa=True))}
+    hf = _transformers_sdpa()
+    module = _Module(groups)
+    if hf is not None:
+        fns["transformers_sdpa"] = rotating(lambda q, k, v: hf(module, q, k, v, mask,
+                                                               scaling=scale)[0])
+    # correctness gate: ours against the float64 reference, the dense baselines against SDPA
+    q, k, v = sets[0]
+    want, _ = ref.block_sparse_attention(q.double(), k.double(), v.double(), layout, c.block,
+                                         None, True, scale)
+    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    err = (ours(q, k, v).double() - want).abs().max().item()
+    if not err <= tol * max(1.0, want.abs().max().item()):
+        raise AssertionError(f"ours on {c.name}: max abs error {err:.3e} vs float64")
+    times = time_interleaved(fns, torch.device("cpu"), reps=reps, warmup=3)
+    # the bytes ours reads: the key blocks any query head of a group stores, K and V
+    nk = layout.shape[-1]
+    read = layout.view(c.kv_heads, groups, nk).any(1)
+    kv_rows = sum(min(c.block[1], c.lk - kb * c.block[1]) for h in range(c.kv_heads)
+                  for kb in range(nk) if read[h, kb])
+    read_bytes = 2 * kv_rows * c.head_dim * dtype.itemsize
+    io_bytes = 2 * c.heads * c.lq * c.head_dim * dtype.itemsize  # q in, out
+    floor = (read_bytes + io_bytes) / bw
+    row = {"case": c.name, "lq": c.lq, "lk": c.lk, "density": c.density, "dtype": c.dtype,
+           "cache_mb": cache_bytes / 2**20, "read_fraction": read_bytes / cache_bytes,
+           "ours_us": times["ours"] * 1e6}
+    for name in ("transformers_sdpa", "sdpa_repeat_kv", "sdpa_gqa"):
+        row[f"{name}_us"] = times.get(name, float("nan")) * 1e6
+    for name in ("transformers_sdpa", "sdpa_repeat_kv", "sdpa_gqa"):
+        row[f"x_vs_{name}"] = times.get(name, float("nan")) / times["ours"]
+    row["floor_us"] = floor * 1e6
+    row["efficiency_ours"] = floor / times["ours"]
+    row["efficiency_sdpa_gqa"] = ((cache_bytes + io_bytes) / bw) / times["sdpa_gqa"]
+    return row
+
+
+def call_overhead_rows(reps: int) -> list[dict]:
+    """The fixed cost of one call: one query, one key block (16 keys), 9 / 3 heads, fp32 —
+    through the public function, the torch.ops custom op, the C++ kernel alone, and SDPA."""
+    from sparsekernels.ops import _ext
+
+    q = torch.randn(1, 9, 1, 64)
+    k, v = torch.randn(1, 3, 16, 64), torch.randn(1, 3, 16, 64)
+    layout = torch.ones(9, 1, 1, dtype=torch.bool)
+    kernel = _ext.op(OP, "cpu")
+    lay4 = layout.unsqueeze(0)
+    fns = {"public op": lambda: block_sparse_attention(q, k, v, layout, (16, 64), causal=True,
+                                                       backend="cpu"),
+           "torch.ops custom op": lambda: torch.ops.sparsekernels.block_sparse_attention(
+               q, k, v, layout, None, True, 0, 0.125, 16, 64, 0.0, 0, "cpu"),
+           "C++ kernel alone": lambda: kernel(q, k, v, lay4, None, True, 0, 0.125, 16, 64, True),
+           "F.sdpa enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v,
+                                                                       enable_gqa=True)}
+    hf = _transformers_sdpa()
+    if hf is not None:
+        module = _Module(3)
+        fns["transformers sdpa"] = lambda: hf(module, q, k, v, None, scaling=0.125)
+    times = time_interleaved(fns, torch.device("cpu"), reps=reps, warmup=20, budget_s=30)
+    return [{"case": f"call: {name}", "lq": 1, "lk": 16, "ours_us": t * 1e6}
+            for name, t in times.items()]
+
+
+def run_decode(smoke: bool, reps: int) -> list[dict]:
+    bw = measure_bandwidth(torch.device("cpu"))
+    rows = []
+    for c in decode_cases(smoke):
+        row = run_decode_case(c, bw, reps)
+        rows.append(row)
+        print(f"{row['case']:<28} ours {row['ours_us']:8.1f} us  x{row['x_vs_transformers_sdpa']:.2f}"
+              f" vs transformers, x{row['x_vs_sdpa_gqa']:.2f} vs sdpa gqa, efficiency "
+              f"{row['efficiency_ours']:.2f}", flush=True)
+    for row in call_overhead_rows(20 if smoke else 2000):
+        rows.append(row)
+        print(f"{row['case']:<28} {row['ours_us']:8.1f} us", flush=True)
+    if smoke:
+        return rows
+    notes = [f"Measured copy bandwidth {bw / 1e9:.1f} GB/s. x_vs_* = baseline time / ours "
+             "(interleaved medians, each call on a different cache of a rotation larger than "
+             "the L3). floor = bytes ours reads (the stored key blocks of any head of a group, "
+             "K and V, plus q and out) / bandwidth; efficiency = floor / time; "
+             "efficiency_sdpa_gqa uses the whole cache's bytes. read_fraction: the share of the "
+             "cache ours reads. 9 query heads / 3 key/value heads, head dim 64, causal, blocks "
+             "16x64; 'call:' rows are the fixed cost of one call (one query, 16 keys)."]
+    cols = ["case", "cache_mb", "read_fraction", "ours_us", "transformers_sdpa_us",
+            "sdpa_repeat_kv_us", "sdpa_gqa_us", "x_vs_transformers_sdpa", "x_vs_sdpa_repeat_kv",
+            "x_vs_sdpa_gqa", "floor_us", "efficiency_ours", "efficiency_sdpa_gqa"]
+    out_dir = write_results(torch.device("cpu"), "attention_decode",
+                            "Block-sparse attention at decode: grouped heads against a KV cache",
+                            rows, notes, cols)
+    print(f"wrote {out_dir}/attention_decode.csv and .md")
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -262,11 +457,18 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compiles)")
     parser.add_argument("--max-seq-len", type=int, default=None)
+    parser.add_argument("--decode", action="store_true",
+                        help="decode against a KV cache (CPU), not the prefill matrix")
+    parser.add_argument("--decode-reps", type=int, default=200)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.decode or (args.smoke and device.type == "cpu"):
+        run_decode(args.smoke, 5 if args.smoke else args.decode_reps)
+        if args.decode:
+            return 0
     todo = cases(device, args.smoke)
     if args.max_seq_len:
         todo = [c for c in todo if c.seq_len <= args.max_seq_len]

@@ -100,10 +100,13 @@ for dt, mask, causal, drop, even, (bm, bn, bd) in itertools.product(
         [(32, 32, 64), (64, 64, 128), (16, 32, 16)]):
     prec = "ieee" if dt == "fp32" else "tf32"
     mptr = {None: f"*{dt}", "bool": "*u8", "add": f"*{dt}"}[mask]
+    window = even  # sliding windows: half the matrix, both causal and bidirectional
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HAS_MASK=mask is not None,
-                  MASK_IS_BOOL=mask == "bool", IS_CAUSAL=causal, DROPOUT=drop, PRECISION=prec, EVEN=even)
+                  MASK_IS_BOOL=mask == "bool", IS_CAUSAL=causal, HAS_WINDOW=window, DROPOUT=drop,
+                  PRECISION=prec, EVEN=even)
     nw = 4 if bm * bd <= 64 * 64 else 8
-    name = f"{dt} mask={mask} causal={causal} drop={drop} even={even} {bm}/{bn}/{bd}"
+    name = (f"{dt} mask={mask} causal={causal} window={window} drop={drop} even={even} "
+            f"{bm}/{bn}/{bd}")
     cases.append(("bsa fwd " + name, bsa._bsa_fwd_kernel,
                   dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", Mask=mptr, KvIdx="*i32", KvCnt="*i32",
                        Out=f"*{dt}", Stats="*fp32"), common, nw))

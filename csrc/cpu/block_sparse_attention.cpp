@@ -2,24 +2,38 @@
 // backward (dK/dV per key block, dQ per query block) that visit only the stored
 // (query block, key block) pairs of the layout.
 //
+// Grouped-query attention: k and v have Hkv <= H heads, query head h reads key/value head
+// h / G (G = H / Hkv). A forward work item is one query block of one key/value head's whole
+// group: each key block is read from memory and packed once, then used by every query head
+// of the group that stores it (decode is memory-bound: the KV cache is read once per call).
+// The dK/dV items are key blocks of a key/value head and sum their group's query heads.
+// Positions: query i sits at Lk - Lq + i (the queries end the keys, as in a KV cache);
+// causal and the sliding window are applied per element, blocks they empty are skipped.
+// Few work items (decode: B * Hkv of them) are split along their key blocks, each part with
+// its own softmax statistics, and merged after (flash-decoding), so that every thread
+// streams part of the cache.
+//
 // The layout arrives as the bool block mask [B or 1, H, nq, nk]; the kernel turns it into
-// compressed lists (the key blocks of each query block, and for the backward the query blocks
-// of each key block), dropping the blocks that causal masking empties, in one serial pass:
-// no extra torch ops (each one wakes the thread pool) per call.
-// Cost model (BENCH.md): 4 * bq * bk * D FLOPs and bq * bk exponentials per stored pair in
-// the forward; nothing for a missing pair. Each work item (one query block of one head) keeps
-// its Q panel, scores and output accumulator in L1/L2 and streams the K/V blocks it needs.
-// The products use the register-blocked micro-kernel of microkernel.h; the exponential is a
-// vectorised exp2 (range reduction + degree-7 polynomial, ~1 ulp in float).
+// compressed lists in one serial pass: no extra torch ops (each one wakes the thread pool)
+// per call. The products use the register-blocked micro-kernel of microkernel.h in fp32 /
+// fp64; bf16 inputs use AVX512-BF16 dot products (fp32 accumulation) when the CPU has them
+// (checked at run time, the build needs no flag), else they are converted to fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SPARSEKERNELS_BF16_DOT 1
+#endif
 
 #include "glue.h"
 #include "microkernel.h"
@@ -30,28 +44,43 @@ namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kMaskFloor = -1.0e30;  // finite masks stay finite in log2 units
+constexpr int64_t kItemsPerThread = 8;  // fewer forward items than this per thread: split them
+
+// C[R, BO] (+)= A[R, kdim] * B[kdim, BO] for a compile-time row count R: the accumulators
+// stay in registers (a runtime row count would keep them in memory; decode has 1 to 16 rows).
+template <typename T, int BO, int R>
+void gemm_rows(const T* a, int64_t sa_r, int64_t sa_k, const T* b, int64_t ldb, int64_t kdim,
+               T* c, int64_t ldc, bool accumulate) {
+  constexpr int L = Vec<T>::L;
+  constexpr int NV = BO / L;
+  using V = typename Vec<T>::type;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? loadu<T>(c + r * ldc + j * L) : V{};
+  micro_kernel<T, BO, R>(a, sa_r, sa_k, b, ldb, kdim, acc);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) storeu<T>(c + r * ldc + j * L, acc[r][j]);
+}
+
+// f(std::integral_constant<int, m>) for a runtime 1 <= m <= R.
+template <int R, typename F>
+void dispatch_rows(int m, F&& f) {
+  if constexpr (R > 1) {
+    if (m < R) return dispatch_rows<R - 1>(m, f);
+  }
+  f(std::integral_constant<int, R>{});
+}
 
 // C[m, BO] (+)= A[m, kdim] * B[kdim, BO]; A(r, k) = a[r * sa_r + k * sa_k], B row k at b + k*ldb.
 template <typename T, int BO>
 void gemm_fixed(int64_t m, const T* a, int64_t sa_r, int64_t sa_k, const T* b, int64_t ldb,
                 int64_t kdim, T* c, int64_t ldc, bool accumulate) {
-  constexpr int L = Vec<T>::L;
-  constexpr int NV = BO / L;
   constexpr int MR = tile_rows<T, BO>();
-  using V = typename Vec<T>::type;
-  for (int64_t r0 = 0; r0 < m; r0 += MR) {
-    const int mr = static_cast<int>(std::min<int64_t>(MR, m - r0));
-    V acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NV; ++j)
-        acc[r][j] = (accumulate && r < mr) ? loadu<T>(c + (r0 + r) * ldc + j * L) : V{};
-    if (mr == MR)
-      micro_kernel<T, BO, MR>(a + r0 * sa_r, sa_r, sa_k, b, ldb, kdim, acc);
-    else
-      micro_kernel_tail<T, BO, MR>(mr, a + r0 * sa_r, sa_r, sa_k, b, ldb, kdim, acc);
-    for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < NV; ++j) storeu<T>(c + (r0 + r) * ldc + j * L, acc[r][j]);
-  }
+  for (int64_t r0 = 0; r0 < m; r0 += MR)
+    dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, m - r0)), [&](auto rows) {
+      gemm_rows<T, BO, decltype(rows)::value>(a + r0 * sa_r, sa_r, sa_k, b, ldb, kdim,
+                                              c + r0 * ldc, ldc, accumulate);
+    });
 }
 
 template <typename T>
@@ -135,32 +164,65 @@ inline double row_max(const double* s, int64_t n, double init) {
 }
 
 // --- problem description -----------------------------------------------------------------------
-template <typename T>
-struct Problem {
-  const T *q, *k, *v;
-  int64_t sq[3], sk[3], sv[3];  // batch, head, row strides (unit stride along D)
-  int64_t B, H, Lq, Lk, D, bq, bk, nq, nk;
+// Sizes, positions and the layout: what decides which (query, key) pairs are computed.
+struct Shape {
+  int64_t B, H, Hkv, G, Lq, Lk, D, bq, bk, nq, nk;
+  int64_t off;  // the position of query 0: Lk - Lq (the queries end the keys)
   bool causal;
-  T qk_scale;  // scale * log2(e)
+  int64_t window;  // > 0: a query at position p sees keys j with p - window < j (< p + window)
+  const bool* layout;  // [Bl, H, nq, nk] contiguous
+  int64_t Bl;
+
+  bool stored(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
+    return layout[(((Bl == 1 ? 0 : b) * H + h) * nq + qb) * nk + kb];
+  }
+  // query row i may see key j (< Lk) by position
+  bool sees(int64_t i, int64_t j) const {
+    const int64_t d = i + off - j;
+    if (causal && d < 0) return false;
+    return window <= 0 || (d < window && (causal || -d < window));
+  }
+  // some pair of (query block qb, key block kb) is visible by position
+  bool reachable(int64_t qb, int64_t kb) const {
+    if (!causal && window <= 0) return true;
+    const int64_t lo = qb * bq + off - (std::min(kb * bk + bk, Lk) - 1);
+    const int64_t hi = std::min(qb * bq + bq, Lq) - 1 + off - kb * bk;
+    if (causal && hi < 0) return false;
+    return window <= 0 || (lo < window && (causal || hi > -window));
+  }
+  // every pair of the tile (rows q0..q0+qr, the bk columns from k0) is a key visible by position
+  bool all_visible(int64_t q0, int64_t qr, int64_t k0) const {
+    if (k0 + bk > Lk) return false;
+    if (!causal && window <= 0) return true;
+    const int64_t lo = q0 + off - (k0 + bk - 1), hi = q0 + qr - 1 + off - k0;
+    if (causal && lo < 0) return false;
+    return window <= 0 || (hi < window && (causal || lo > -window));
+  }
+};
+
+// E: the element type of q, k, v; A: the accumulation / softmax type.
+template <typename E, typename A>
+struct Problem : Shape {
+  const E *q, *k, *v;
+  int64_t sq[3], sk[3], sv[3];  // batch, head, row strides (unit stride along D)
+  A qk_scale;  // scale * log2(e)
   // mask, broadcast to [B, H, Lq, Lk] through strides
   const uint8_t* mask_bool = nullptr;
-  const T* mask_add = nullptr;
+  const A* mask_add = nullptr;
   int64_t sm[4] = {0, 0, 0, 0};
 };
 
 // Scores of one (query block, key block) tile in log2 units, -inf where not allowed.
-// S [qr, bk] holds q k^T on entry (rows = query rows of the block).
-template <typename T>
-void finish_scores(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int64_t qr,
-                   int64_t k0, T* S) {
+// S [qr, bk] holds q k^T on entry (rows = query rows of the block, head h).
+template <typename E, typename A>
+void finish_scores(const Problem<E, A>& P, int64_t b, int64_t h, int64_t q0, int64_t qr,
+                   int64_t k0, A* S) {
   const int64_t bk = P.bk;
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  const T scale = P.qk_scale;
-  const bool full = k0 + bk <= P.Lk;
-  const bool straddles = P.causal && k0 + bk - 1 > q0;
-  const bool plain = full && !straddles && !P.mask_bool && !P.mask_add;
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  const A scale = P.qk_scale;
+  const bool plain = P.all_visible(q0, qr, k0) && !P.mask_bool && !P.mask_add;
   for (int64_t r = 0; r < qr; ++r) {
-    T* s = S + r * bk;
+    A* s = S + r * bk;
     if (plain) {
       for (int64_t j = 0; j < bk; ++j) s[j] *= scale;
       continue;
@@ -169,23 +231,82 @@ void finish_scores(const Problem<T>& P, int64_t b, int64_t h, int64_t q0, int64_
     const int64_t moff = b * P.sm[0] + h * P.sm[1] + i * P.sm[2];
     for (int64_t j = 0; j < bk; ++j) {
       const int64_t kj = k0 + j;
-      bool ok = kj < P.Lk && !(P.causal && kj > i);
-      T val = s[j] * scale;
+      bool ok = kj < P.Lk && P.sees(i, kj);
+      A val = s[j] * scale;
       if (ok && P.mask_bool) ok = P.mask_bool[moff + kj * P.sm[3]] != 0;
       if (ok && P.mask_add) {
-        T mv = P.mask_add[moff + kj * P.sm[3]];
-        if (mv != neg_inf) mv = std::max<T>(mv, static_cast<T>(kMaskFloor));
-        val += mv * static_cast<T>(kLog2e);
+        A mv = P.mask_add[moff + kj * P.sm[3]];
+        if (mv != neg_inf) mv = std::max<A>(mv, static_cast<A>(kMaskFloor));
+        val += mv * static_cast<A>(kLog2e);
       }
       s[j] = ok ? val : neg_inf;
     }
   }
 }
 
-// K block [kr, D] -> Kt [D, bk], zero columns past kr. Reads K row by row (sequential, so
-// the hardware prefetcher streams it from memory); the scattered writes stay in L1.
+// 16 x 32-bit lanes; may_alias: reads floats and bf16 pairs alike.
+typedef uint32_t U32x16 __attribute__((vector_size(64), may_alias, aligned(4)));
+
+// Transposes 16 rows of 16 32-bit lanes in registers: four butterfly stages of two-source
+// shuffles; the stage of width W pairs rows i and i + W (i & W == 0), the first keeping the
+// first W lanes of every 2W-lane chunk of both, the second the last W.
+#define SK_PAIRS(W, LO, HI)                          \
+  for (int i = 0; i < 16; ++i)                       \
+    if (!(i & W)) {                                  \
+      const U32x16 a = r[i], b = r[i + W];           \
+      r[i] = __builtin_shufflevector(a, b, SK_##LO);  \
+      r[i + W] = __builtin_shufflevector(a, b, SK_##HI); \
+    }
+#define SK_LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define SK_HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define SK_LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define SK_HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define SK_LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define SK_HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define SK_LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define SK_HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+inline void transpose16(U32x16 (&r)[16]) {
+  SK_PAIRS(8, LO8, HI8)
+  SK_PAIRS(4, LO4, HI4)
+  SK_PAIRS(2, LO2, HI2)
+  SK_PAIRS(1, LO1, HI1)
+}
+#undef SK_PAIRS
+#undef SK_LO8
+#undef SK_HI8
+#undef SK_LO4
+#undef SK_HI4
+#undef SK_LO2
+#undef SK_HI2
+#undef SK_LO1
+#undef SK_HI1
+
+// dst[d * bk + j] = src[j * lds + d] for j < rows, 0 for rows <= j < bk; d < width. 32-bit
+// elements; width a multiple of 16, bk of 16. Reads the source row by row (sequential, so the
+// hardware prefetcher streams it from memory).
+inline void transpose32(const uint32_t* src, int64_t lds, int64_t rows, int64_t width,
+                        int64_t bk, uint32_t* dst) {
+  for (int64_t j0 = 0; j0 < bk; j0 += 16)
+    for (int64_t d0 = 0; d0 < width; d0 += 16) {
+      U32x16 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < rows ? *reinterpret_cast<const U32x16*>(src + (j0 + i) * lds + d0)
+                             : U32x16{};
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) *reinterpret_cast<U32x16*>(dst + (d0 + i) * bk + j0) = r[i];
+    }
+}
+
+// K block [kr, D] -> Kt [D, bk], zero columns past kr.
 template <typename T>
 void pack_transposed(const T* src, int64_t ld, int64_t kr, int64_t D, int64_t bk, T* dst) {
+  if constexpr (sizeof(T) == 4) {
+    if (D % 16 == 0) {
+      transpose32(reinterpret_cast<const uint32_t*>(src), ld, kr, D, bk,
+                  reinterpret_cast<uint32_t*>(dst));
+      return;
+    }
+  }
   for (int64_t j = 0; j < kr; ++j) {
     const T* row = src + j * ld;
     for (int64_t d = 0; d < D; ++d) dst[d * bk + j] = row[d];
@@ -202,106 +323,408 @@ inline void prefetch_rows(const T* src, int64_t ld, int64_t rows, int64_t D) {
     for (int64_t d = 0; d < D; d += per_line) __builtin_prefetch(src + j * ld + d, 0, 2);
 }
 
-// --- layout -> compressed block lists ----------------------------------------------------------
-struct BlockLists {
-  std::vector<int32_t> ptr;  // [B * H * rows + 1]
-  std::vector<int32_t> idx;  // the allowed columns of each row, increasing
+// --- tiles: how one (query block, key block) pair is multiplied -------------------------------
+// fp32 / fp64: K packed transposed for S = Q K^T, V read in place for O += P V.
+template <typename T>
+struct FloatTile {
+  using E = T;
+  using A = T;
+  static constexpr bool kPacksV = false;
+  static void pack_k(const E* k, int64_t ld, int64_t kr, int64_t D, int64_t bk, E* buf) {
+    pack_transposed(k, ld, kr, D, bk, buf);
+  }
+  static void pack_v(const E*, int64_t, int64_t, int64_t, int64_t, E*) {}
+  static void scores(const E* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D, int64_t bk,
+                     A* S) {
+    gemm<T>(bk, qr, q, ldq, 1, kbuf, bk, D, S, bk, false);
+  }
+  static void accumulate(const A* P, int64_t qr, int64_t bk, int64_t kr, const E* v,
+                         int64_t ldv, const E*, E*, int64_t D, A* O) {
+    gemm<T>(D, qr, P, bk, 1, v, ldv, kr, O, D, true);
+  }
+  static E to_out(A x) { return x; }
 };
 
-// Rows are query blocks (by_key = false) or key blocks (by_key = true) of every (b, h).
-// layout: bool [Bl, H, nq, nk] contiguous, Bl = 1 (shared by the batch) or B.
-inline BlockLists block_lists(const bool* layout, int64_t Bl, int64_t B, int64_t H, int64_t nq,
-                              int64_t nk, int64_t bq, int64_t bk, bool causal, bool by_key) {
-  const int64_t rows = by_key ? nk : nq, cols = by_key ? nq : nk;
+#ifdef SPARSEKERNELS_BF16_DOT
+#define SPARSEKERNELS_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+// VDPBF16PS multiplies pairs of bf16 and adds both products to an fp32 lane: the reduction
+// dim is stored in pairs, (x[2t], x[2t+1]) as one 32-bit unit.
+inline uint32_t load_pair(const c10::BFloat16* p) {
+  uint32_t u;
+  std::memcpy(&u, p, 4);
+  return u;
+}
+
+// Rows of the register tile for NV accumulator vectors per row: about 24 accumulators.
+template <int NV>
+constexpr int bf16_tile_rows() {
+  return NV >= 8 ? 3 : 24 / NV;
+}
+
+// S[R, BK] = Q[R, D] K^T; kp: K as pairs along D, [D/2][BK] 32-bit units.
+template <int BK, int R>
+SPARSEKERNELS_AVX512BF16 void bf16_scores_rows(const c10::BFloat16* q, int64_t ldq,
+                                               const uint32_t* kp, int64_t D, float* S) {
+  constexpr int NV = BK / 16;
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t dp = 0; dp < D / 2; ++dp) {
+    __m512bh b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(kp + dp * BK + j * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(load_pair(q + r * ldq + 2 * dp));
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(S + r * BK + j * 16, acc[r][j]);
+}
+
+template <int BK>
+void bf16_scores(const c10::BFloat16* q, int64_t ldq, int64_t qr, const uint32_t* kp, int64_t D,
+                 float* S) {
+  constexpr int MR = bf16_tile_rows<BK / 16>();
+  for (int64_t r0 = 0; r0 < qr; r0 += MR)
+    dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
+      bf16_scores_rows<BK, decltype(rows)::value>(q + r0 * ldq, ldq, kp, D, S + r0 * BK);
+    });
+}
+
+// O[R, DV] += P[R, 2 * npairs] V; pp: P in bf16, rows of ldp pairs; vp: V as pairs along the
+// keys, [npairs][DV] 32-bit units.
+template <int DV, int R>
+SPARSEKERNELS_AVX512BF16 void bf16_pv_rows(const uint32_t* pp, int64_t ldp, int64_t npairs,
+                                           const uint32_t* vp, float* O) {
+  constexpr int NV = DV / 16;
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_loadu_ps(O + r * DV + j * 16);
+  for (int64_t jp = 0; jp < npairs; ++jp) {
+    __m512bh b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(vp + jp * DV + j * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pp[r * ldp + jp]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(O + r * DV + j * 16, acc[r][j]);
+}
+
+template <int DV>
+void bf16_pv(const uint32_t* pp, int64_t ldp, int64_t qr, int64_t npairs, const uint32_t* vp,
+             float* O) {
+  constexpr int MR = bf16_tile_rows<DV / 16>();
+  for (int64_t r0 = 0; r0 < qr; r0 += MR)
+    dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
+      bf16_pv_rows<DV, decltype(rows)::value>(pp + r0 * ldp, ldp, npairs, vp, O + r0 * DV);
+    });
+}
+
+// P [qr, bk] fp32 -> bf16 (round to nearest even), rows of bk; bk a multiple of 16.
+SPARSEKERNELS_AVX512BF16 void bf16_round_rows(const float* P, int64_t qr, int64_t bk,
+                                              c10::BFloat16* out) {
+  for (int64_t r = 0; r < qr; ++r) {
+    const float* p = P + r * bk;
+    c10::BFloat16* o = out + r * bk;
+    int64_t j = 0;
+    for (; j + 32 <= bk; j += 32)
+      _mm512_storeu_si512(o + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + j + 16),
+                                                              _mm512_loadu_ps(p + j)));
+    if (j < bk) _mm256_storeu_si256((__m256i*)(o + j), (__m256i)_mm512_cvtneps_pbh(
+                                                           _mm512_loadu_ps(p + j)));
+  }
+}
+
+// V block [kr, D] -> pairs along the keys [ceil(kr/2)][D] (a zero row pads an odd kr).
+SPARSEKERNELS_AVX512BF16 void bf16_pack_v(const c10::BFloat16* v, int64_t ld, int64_t kr,
+                                          int64_t D, uint32_t* vp) {
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int t = 0; t < 16; ++t) {
+    lo_idx[2 * t] = t, lo_idx[2 * t + 1] = 32 + t;
+    hi_idx[2 * t] = 16 + t, hi_idx[2 * t + 1] = 48 + t;
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (int64_t jp = 0; jp < (kr + 1) / 2; ++jp) {
+    const c10::BFloat16* r0 = v + 2 * jp * ld;
+    const c10::BFloat16* r1 = 2 * jp + 1 < kr ? r0 + ld : nullptr;
+    for (int64_t d = 0; d < D; d += 32) {
+      const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (D - d)) - 1;
+      const __m512i a = _mm512_maskz_loadu_epi16(m, r0 + d);
+      const __m512i b = r1 ? _mm512_maskz_loadu_epi16(m, r1 + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(vp + jp * D + d, _mm512_permutex2var_epi16(a, lo, b));
+      if (D - d > 16) _mm512_storeu_si512(vp + jp * D + d + 16, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
+// K block [kr, D] -> pairs along D, transposed: [D/2][bk] 32-bit units, zero past kr.
+inline void bf16_pack_k(const c10::BFloat16* k, int64_t ld, int64_t kr, int64_t D, int64_t bk,
+                        uint32_t* kp) {
+  const int64_t dp_n = D / 2;
+  if (dp_n % 16 == 0 && ld % 2 == 0) {  // rows of whole 32-bit pairs
+    transpose32(reinterpret_cast<const uint32_t*>(k), ld / 2, kr, dp_n, bk, kp);
+    return;
+  }
+  for (int64_t j = 0; j < kr; ++j) {
+    const c10::BFloat16* row = k + j * ld;
+    for (int64_t dp = 0; dp < dp_n; ++dp) kp[dp * bk + j] = load_pair(row + 2 * dp);
+  }
+  for (int64_t dp = 0; dp < dp_n; ++dp)
+    for (int64_t j = kr; j < bk; ++j) kp[dp * bk + j] = 0;
+}
+
+// bf16 inputs, fp32 accumulation and softmax; both products on VDPBF16PS. P is rounded to
+// bf16 for P V, as FlashAttention does on GPUs.
+struct Bf16Tile {
+  using E = c10::BFloat16;
+  using A = float;
+  static constexpr bool kPacksV = true;
+  static void pack_k(const E* k, int64_t ld, int64_t kr, int64_t D, int64_t bk, E* buf) {
+    bf16_pack_k(k, ld, kr, D, bk, reinterpret_cast<uint32_t*>(buf));
+  }
+  static void pack_v(const E* v, int64_t ld, int64_t kr, int64_t D, int64_t, E* buf) {
+    bf16_pack_v(v, ld, kr, D, reinterpret_cast<uint32_t*>(buf));
+  }
+  static void scores(const E* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D, int64_t bk,
+                     A* S) {
+    const auto* kp = reinterpret_cast<const uint32_t*>(kbuf);
+    dispatch_block(bk, [&](auto w) { bf16_scores<decltype(w)::value>(q, ldq, qr, kp, D, S); },
+                   "attention key block");
+  }
+  static void accumulate(const A* P, int64_t qr, int64_t bk, int64_t kr, const E*, int64_t,
+                         const E* vbuf, E* pbuf, int64_t D, A* O) {
+    bf16_round_rows(P, qr, bk, pbuf);
+    const auto* pp = reinterpret_cast<const uint32_t*>(pbuf);
+    const auto* vp = reinterpret_cast<const uint32_t*>(vbuf);
+    dispatch_block(D, [&](auto w) { bf16_pv<decltype(w)::value>(pp, bk / 2, qr, (kr + 1) / 2,
+                                                                 vp, O); },
+                   "head dim");
+  }
+  static E to_out(A x) { return E(x); }
+};
+#endif  // SPARSEKERNELS_BF16_DOT
+
+bool cpu_has_bf16_dot() {
+#ifdef SPARSEKERNELS_BF16_DOT
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// --- layout -> compressed block lists ----------------------------------------------------------
+struct BlockLists {
+  std::vector<int32_t> ptr;  // [rows + 1]
+  std::vector<int32_t> idx;  // the columns of each row, increasing
+  int32_t count(int64_t row) const { return ptr[row + 1] - ptr[row]; }
+};
+
+// One list per (b, unit, block): units are query heads, or with `grouped` key/value heads
+// (a column is listed when any query head of the group stores it); blocks are query blocks
+// listing key blocks, or with `by_key` key blocks listing query blocks. Pairs that causal /
+// the window leave empty are not listed.
+BlockLists block_lists(const Shape& P, bool by_key, bool grouped) {
+  const int64_t units = grouped ? P.Hkv : P.H, per = grouped ? P.G : 1;
+  const int64_t rows = by_key ? P.nk : P.nq, cols = by_key ? P.nq : P.nk;
   BlockLists out;
-  out.ptr.reserve(B * H * rows + 1);
+  out.ptr.reserve(P.B * units * rows + 1);
   out.ptr.push_back(0);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const bool* lay = layout + ((Bl == 1 ? 0 : b) * H + h) * nq * nk;
+  for (int64_t b = 0; b < P.B; ++b)
+    for (int64_t u = 0; u < units; ++u)
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t c = 0; c < cols; ++c) {
           const int64_t qb = by_key ? c : r, kb = by_key ? r : c;
-          // causal (top-left): the block is empty when its first key is after its last query
-          if (lay[qb * nk + kb] && !(causal && kb * bk > qb * bq + bq - 1))
-            out.idx.push_back(static_cast<int32_t>(c));
+          if (!P.reachable(qb, kb)) continue;
+          bool any = false;
+          for (int64_t t = 0; t < per && !any; ++t) any = P.stored(b, u * per + t, qb, kb);
+          if (any) out.idx.push_back(static_cast<int32_t>(c));
         }
         out.ptr.push_back(static_cast<int32_t>(out.idx.size()));
       }
-    }
   return out;
 }
 
-at::Tensor check_layout(const at::Tensor& layout, const at::Tensor& q, int64_t nq, int64_t nk) {
-  TORCH_CHECK(layout.device().is_cpu() && layout.scalar_type() == at::kBool && layout.dim() == 4 &&
-                  (layout.size(0) == 1 || layout.size(0) == q.size(0)) &&
-                  layout.size(1) == q.size(1) && layout.size(2) == nq && layout.size(3) == nk,
-              "sparsekernels: layout must be a bool CPU tensor [1 or B, H, nq, nk] = [1 or ",
-              q.size(0), ", ", q.size(1), ", ", nq, ", ", nk, "], got ", layout.scalar_type(), " ",
-              layout.sizes());
-  return layout.contiguous();
+// --- forward -----------------------------------------------------------------------------------
+// Online softmax of one head's rows over one more tile: S (log2 units) becomes P, the
+// running max m, sum l and output O (rows of D) are rescaled.
+template <typename A>
+void softmax_step(A* S, int64_t qr, int64_t bk, int64_t D, A* m, A* l, A* O) {
+  for (int64_t r = 0; r < qr; ++r) {
+    A* s = S + r * bk;
+    const A mx = row_max(s, bk, m[r]);
+    const A shift = std::isinf(mx) ? A(0) : mx;
+    const A alpha = std::exp2(m[r] - shift);
+    l[r] = l[r] * alpha + exp2_row(s, bk, shift);
+    m[r] = mx;
+    A* o = O + r * D;
+    if (alpha != A(1))
+      for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
+  }
 }
 
-// --- forward -----------------------------------------------------------------------------------
-template <typename T>
-void forward(const Problem<T>& P, const BlockLists& kv, T* out, T* stats) {
-  const int64_t bq = P.bq, bk = P.bk, D = P.D;
-  const int64_t items = P.B * P.H * P.nq;
-#pragma omp parallel num_threads(at::get_num_threads())
+// out row = O / l in E (zeros where no key was allowed); stats: max (+inf there), log2(l).
+template <typename Tile>
+void finish_row(const typename Tile::A* o, typename Tile::A m, typename Tile::A l, int64_t D,
+                typename Tile::E* dst, typename Tile::A* st_max, typename Tile::A* st_log) {
+  using A = typename Tile::A;
+  const bool live = l > A(0);
+  const A inv = live ? A(1) / l : A(0);
+  for (int64_t d = 0; d < D; ++d) dst[d] = Tile::to_out(o[d] * inv);
+  *st_max = live ? m : std::numeric_limits<A>::infinity();
+  *st_log = live ? std::log2(l) : A(0);
+}
+
+// One forward work item: query block qb of every query head of key/value head hk, over the
+// stored key blocks idx[e0, e1). The group's query rows are stacked head by head (rows apart),
+// so that a key block all of them store is one product of G * rows rows.
+template <typename Tile>
+struct ForwardScratch {
+  using E = typename Tile::E;
+  using A = typename Tile::A;
+  std::vector<E> Q, Kb, Vb, Pb;
+  std::vector<A> S, O, m, l;
+  std::vector<char> stores;
+  ForwardScratch(int64_t G, int64_t rows, int64_t D, int64_t bk)
+      : Q(G * rows * D), Kb(D * bk), Vb(Tile::kPacksV ? D * bk : 0),
+        Pb(Tile::kPacksV ? G * rows * bk : 0), S(G * rows * bk), O(G * rows * D), m(G * rows),
+        l(G * rows), stores(G) {}
+};
+
+template <typename Tile>
+void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t b, int64_t hk,
+                  int64_t qb, const int32_t* idx, int64_t e0, int64_t e1, int64_t rows,
+                  ForwardScratch<Tile>& w) {
+  using E = typename Tile::E;
+  using A = typename Tile::A;
+  const int64_t G = P.G, bk = P.bk, D = P.D;
+  const int64_t q0 = qb * P.bq, qr = std::min(P.bq, P.Lq - q0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < qr; ++r) {
+      const E* src = P.q + b * P.sq[0] + (hk * G + g) * P.sq[1] + (q0 + r) * P.sq[2];
+      std::copy(src, src + D, w.Q.data() + (g * rows + r) * D);
+    }
+  std::fill(w.O.begin(), w.O.end(), A(0));
+  std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<A>::infinity());
+  std::fill(w.l.begin(), w.l.end(), A(0));
+  const E* kbase = P.k + b * P.sk[0] + hk * P.sk[1];
+  const E* vbase = P.v + b * P.sv[0] + hk * P.sv[1];
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t kb = idx[e], k0 = kb * bk, kr = std::min(bk, P.Lk - k0);
+    // the next pair's K is asked for once this K is read, its V once this V is: memory
+    // works while this pair computes (asking for both before reading this pair stalled)
+    const int64_t n0 = e + 1 < e1 ? static_cast<int64_t>(idx[e + 1]) * bk : -1;
+    const int64_t nr = n0 >= 0 ? std::min(bk, P.Lk - n0) : 0;
+    Tile::pack_k(kbase + k0 * P.sk[2], P.sk[2], kr, D, bk, w.Kb.data());
+    if (nr) prefetch_rows(kbase + n0 * P.sk[2], P.sk[2], nr, D);
+    Tile::pack_v(vbase + k0 * P.sv[2], P.sv[2], kr, D, bk, w.Vb.data());
+    bool all = qr == rows;
+    for (int64_t g = 0; g < G; ++g) all &= (w.stores[g] = P.stored(b, hk * G + g, qb, kb)) != 0;
+    // the stacked rows of heads [g0, g0 + n) at once
+    auto run = [&](int64_t g0, int64_t n) {
+      const int64_t off = g0 * rows, m_rows = (n - 1) * rows + qr;
+      Tile::scores(w.Q.data() + off * D, D, m_rows, w.Kb.data(), D, bk, w.S.data() + off * bk);
+      for (int64_t g = g0; g < g0 + n; ++g)
+        finish_scores(P, b, hk * G + g, q0, qr, k0, w.S.data() + g * rows * bk);
+      softmax_step(w.S.data() + off * bk, m_rows, bk, D, w.m.data() + off, w.l.data() + off,
+                   w.O.data() + off * D);
+      Tile::accumulate(w.S.data() + off * bk, m_rows, bk, kr, vbase + k0 * P.sv[2], P.sv[2],
+                       w.Vb.data(), w.Pb.data(), D, w.O.data() + off * D);
+    };
+    if (all) {
+      run(0, G);
+    } else {
+      for (int64_t g = 0; g < G; ++g)
+        if (w.stores[g]) run(g, 1);
+    }
+    if (nr) prefetch_rows(vbase + n0 * P.sv[2], P.sv[2], nr, D);
+  }
+}
+
+template <typename Tile>
+void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLists& kv,
+             typename Tile::E* out, typename Tile::A* stats) {
+  using A = typename Tile::A;
+  const int64_t G = P.G, bq = P.bq, bk = P.bk, D = P.D;
+  const int64_t rows = std::min(bq, P.Lq);  // rows of a query block, at most
+  const int64_t items = P.B * P.Hkv * P.nq;
+  const int64_t threads = at::get_num_threads();
+  int64_t longest = 0;
+  for (int64_t i = 0; i < items; ++i) longest = std::max<int64_t>(longest, kv.count(i));
+  int64_t splits = 1;
+  if (threads > 1 && items < kItemsPerThread * threads)
+    splits = std::max<int64_t>(1, std::min(longest, (kItemsPerThread * threads + items - 1) / items));
+  const int64_t units = items * splits;
+  const int64_t part_ld = D + 2;  // a part's row: O[D], m, l
+  std::vector<A> parts(splits > 1 ? units * G * rows * part_ld : 0);
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<T> S(bq * bk), Kt(D * bk), O(bq * D), m(bq), l(bq);
+    ForwardScratch<Tile> w(G, rows, D, bk);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t qb = item % P.nq, bh = item / P.nq, b = bh / P.H, h = bh % P.H;
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t item = u / splits, part = u % splits;
+      const int64_t qb = item % P.nq, bhk = item / P.nq, b = bhk / P.Hkv, hk = bhk % P.Hkv;
       const int64_t q0 = qb * bq, qr = std::min(bq, P.Lq - q0);
-      const T* q = P.q + b * P.sq[0] + h * P.sq[1] + q0 * P.sq[2];
-      const T* kbase = P.k + b * P.sk[0] + h * P.sk[1];
-      const T* vbase = P.v + b * P.sv[0] + h * P.sv[1];
-      const int32_t* idx = kv.idx.data() + kv.ptr[item];
-      const int32_t cnt = kv.ptr[item + 1] - kv.ptr[item];
-      std::fill(O.begin(), O.end(), T(0));
-      std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
-      std::fill(l.begin(), l.end(), T(0));
-      for (int32_t e = 0; e < cnt; ++e) {
-        const int64_t k0 = static_cast<int64_t>(idx[e]) * bk;
-        const int64_t kr = std::min(bk, P.Lk - k0);
-        if (e + 1 < cnt) {  // the next pair's K and V come from memory at low density
-          const int64_t n0 = static_cast<int64_t>(idx[e + 1]) * bk;
-          const int64_t nr = std::min(bk, P.Lk - n0);
-          prefetch_rows(kbase + n0 * P.sk[2], P.sk[2], nr, D);
-          prefetch_rows(vbase + n0 * P.sv[2], P.sv[2], nr, D);
-        }
-        pack_transposed(kbase + k0 * P.sk[2], P.sk[2], kr, D, bk, Kt.data());
-        gemm<T>(bk, qr, q, P.sq[2], 1, Kt.data(), bk, D, S.data(), bk, false);
-        finish_scores(P, b, h, q0, qr, k0, S.data());
+      const int64_t cnt = kv.count(item);
+      forward_item<Tile>(P, b, hk, qb, kv.idx.data() + kv.ptr[item], cnt * part / splits,
+                         cnt * (part + 1) / splits, rows, w);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t bh = b * P.H + hk * G + g;
         for (int64_t r = 0; r < qr; ++r) {
-          T* s = S.data() + r * bk;
-          const T mx = row_max(s, bk, m[r]);
-          const T shift = std::isinf(mx) ? T(0) : mx;
-          const T alpha = std::exp2(m[r] - shift);
-          l[r] = l[r] * alpha + exp2_row(s, bk, shift);
-          m[r] = mx;
-          T* o = O.data() + r * D;
-          if (alpha != T(1))
-            for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
+          const A* o = w.O.data() + (g * rows + r) * D;
+          const A mr = w.m[g * rows + r], lr = w.l[g * rows + r];
+          if (splits == 1) {
+            A* st = stats + bh * 2 * P.Lq + q0 + r;
+            finish_row<Tile>(o, mr, lr, D, out + (bh * P.Lq + q0 + r) * D, st, st + P.Lq);
+          } else {
+            A* dst = parts.data() + ((u * G + g) * rows + r) * part_ld;
+            std::copy(o, o + D, dst);
+            dst[D] = mr;
+            dst[D + 1] = lr;
+          }
         }
-        gemm<T>(D, qr, S.data(), bk, 1, vbase + k0 * P.sv[2], P.sv[2], kr, O.data(), D, true);
       }
-      const int64_t row0 = bh * P.Lq + q0;
-      T* st = stats + bh * 2 * P.Lq + q0;
-      for (int64_t r = 0; r < qr; ++r) {
-        const bool live = l[r] > T(0);
-        const T inv = live ? T(1) / l[r] : T(0);
-        T* dst = out + (row0 + r) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = O[r * D + d] * inv;
-        st[r] = live ? m[r] : std::numeric_limits<T>::infinity();
-        st[P.Lq + r] = live ? std::log2(l[r]) : T(0);
+    }
+    if (splits > 1) {
+      // merge the parts of each row: rescale each to the largest max and add
+#pragma omp for schedule(static)
+      for (int64_t ig = 0; ig < items * G; ++ig) {
+        const int64_t item = ig / G, g = ig % G;
+        const int64_t qb = item % P.nq, bhk = item / P.nq, b = bhk / P.Hkv, hk = bhk % P.Hkv;
+        const int64_t q0 = qb * bq, qr = std::min(bq, P.Lq - q0);
+        const int64_t bh = b * P.H + hk * G + g;
+        A* o = w.O.data();
+        for (int64_t r = 0; r < qr; ++r) {
+          auto part_row = [&](int64_t s) {
+            return parts.data() + (((item * splits + s) * G + g) * rows + r) * part_ld;
+          };
+          A mx = -std::numeric_limits<A>::infinity();
+          for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, part_row(s)[D]);
+          const A shift = std::isinf(mx) ? A(0) : mx;
+          A lsum = 0;
+          std::fill(o, o + D, A(0));
+          for (int64_t s = 0; s < splits; ++s) {
+            const A* p = part_row(s);
+            if (p[D + 1] == A(0)) continue;
+            const A wgt = std::exp2(p[D] - shift);
+            lsum += p[D + 1] * wgt;
+            for (int64_t d = 0; d < D; ++d) o[d] += p[d] * wgt;
+          }
+          A* st = stats + bh * 2 * P.Lq + q0 + r;
+          finish_row<Tile>(o, mx, lsum, D, out + (bh * P.Lq + q0 + r) * D, st, st + P.Lq);
+        }
       }
     }
   }
 }
 
-// --- backward ----------------------------------------------------------------------------------
+// --- backward (fp32 / fp64) ----------------------------------------------------------------------
 // P of one tile from the stored statistics: 2^((s - max) - log2(sum)), 0 on empty rows.
 template <typename T>
 void probabilities(const T* st, int64_t Lq, int64_t q0, int64_t qr, int64_t bk, T* S) {
@@ -322,50 +745,54 @@ struct Grads {
   const T* dout;  // [B, H, Lq, D] contiguous
   const T* delta;  // [B, H, Lq]
   const T* stats;  // [B, H, 2, Lq]
-  T *dq, *dk, *dv;  // contiguous
+  T *dq, *dk, *dv;  // contiguous; dk, dv [B, Hkv, Lk, D]
   float* dscores;  // [B, H, Lq, Lk] or null
 };
 
+// dK, dV of one key block of a key/value head: the sum over its group's query heads.
 template <typename T>
-void backward_dkdv(const Problem<T>& P, const Grads<T>& G, const BlockLists& qs) {
+void backward_dkdv(const Problem<T, T>& P, const Grads<T>& G, const BlockLists& qs) {
   const int64_t bq = P.bq, bk = P.bk, D = P.D;
-  const int64_t items = P.B * P.H * P.nk;
+  const int64_t items = P.B * P.Hkv * P.nk;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<T> S(bq * bk), dP(bq * bk), Kt(D * bk), Vt(D * bk), dK(bk * D), dV(bk * D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t kb = item % P.nk, bh = item / P.nk, b = bh / P.H, h = bh % P.H;
+      const int64_t kb = item % P.nk, bhk = item / P.nk, b = bhk / P.Hkv, hk = bhk % P.Hkv;
       const int64_t k0 = kb * bk, kr = std::min(bk, P.Lk - k0);
-      pack_transposed(P.k + b * P.sk[0] + h * P.sk[1] + k0 * P.sk[2], P.sk[2], kr, D, bk,
+      pack_transposed(P.k + b * P.sk[0] + hk * P.sk[1] + k0 * P.sk[2], P.sk[2], kr, D, bk,
                       Kt.data());
-      pack_transposed(P.v + b * P.sv[0] + h * P.sv[1] + k0 * P.sv[2], P.sv[2], kr, D, bk,
+      pack_transposed(P.v + b * P.sv[0] + hk * P.sv[1] + k0 * P.sv[2], P.sv[2], kr, D, bk,
                       Vt.data());
       std::fill(dK.begin(), dK.end(), T(0));
       std::fill(dV.begin(), dV.end(), T(0));
       const int32_t* idx = qs.idx.data() + qs.ptr[item];
-      const T* st = G.stats + bh * 2 * P.Lq;
-      for (int32_t e = 0, cnt = qs.ptr[item + 1] - qs.ptr[item]; e < cnt; ++e) {
-        const int64_t q0 = static_cast<int64_t>(idx[e]) * bq, qr = std::min(bq, P.Lq - q0);
-        const T* q = P.q + b * P.sq[0] + h * P.sq[1] + q0 * P.sq[2];
-        const T* dout = G.dout + (bh * P.Lq + q0) * D;
-        gemm<T>(bk, qr, q, P.sq[2], 1, Kt.data(), bk, D, S.data(), bk, false);
-        finish_scores(P, b, h, q0, qr, k0, S.data());
-        probabilities(st, P.Lq, q0, qr, bk, S.data());
-        // dV += P^T dO
-        gemm<T>(D, kr, S.data(), 1, bk, dout, D, qr, dV.data(), D, true);
-        // dP = dO V^T; dS = P * (dP - delta)
-        gemm<T>(bk, qr, dout, D, 1, Vt.data(), bk, D, dP.data(), bk, false);
-        const T* delta = G.delta + bh * P.Lq + q0;
-        for (int64_t r = 0; r < qr; ++r)
-          for (int64_t j = 0; j < bk; ++j)
-            dP[r * bk + j] = S[r * bk + j] * (dP[r * bk + j] - delta[r]);
-        // dK += dS^T Q
-        gemm<T>(D, kr, dP.data(), 1, bk, q, P.sq[2], qr, dK.data(), D, true);
+      for (int32_t e = 0, cnt = qs.count(item); e < cnt; ++e) {
+        const int64_t qb = idx[e], q0 = qb * bq, qr = std::min(bq, P.Lq - q0);
+        for (int64_t g = 0; g < P.G; ++g) {
+          const int64_t h = hk * P.G + g, bh = b * P.H + h;
+          if (!P.stored(b, h, qb, kb)) continue;
+          const T* q = P.q + b * P.sq[0] + h * P.sq[1] + q0 * P.sq[2];
+          const T* dout = G.dout + (bh * P.Lq + q0) * D;
+          gemm<T>(bk, qr, q, P.sq[2], 1, Kt.data(), bk, D, S.data(), bk, false);
+          finish_scores(P, b, h, q0, qr, k0, S.data());
+          probabilities(G.stats + bh * 2 * P.Lq, P.Lq, q0, qr, bk, S.data());
+          // dV += P^T dO
+          gemm<T>(D, kr, S.data(), 1, bk, dout, D, qr, dV.data(), D, true);
+          // dP = dO V^T; dS = P * (dP - delta)
+          gemm<T>(bk, qr, dout, D, 1, Vt.data(), bk, D, dP.data(), bk, false);
+          const T* delta = G.delta + bh * P.Lq + q0;
+          for (int64_t r = 0; r < qr; ++r)
+            for (int64_t j = 0; j < bk; ++j)
+              dP[r * bk + j] = S[r * bk + j] * (dP[r * bk + j] - delta[r]);
+          // dK += dS^T Q
+          gemm<T>(D, kr, dP.data(), 1, bk, q, P.sq[2], qr, dK.data(), D, true);
+        }
       }
       const T scale = P.qk_scale / static_cast<T>(kLog2e);
-      T* dk = G.dk + (bh * P.Lk + k0) * D;
-      T* dv = G.dv + (bh * P.Lk + k0) * D;
+      T* dk = G.dk + (bhk * P.Lk + k0) * D;
+      T* dv = G.dv + (bhk * P.Lk + k0) * D;
       for (int64_t x = 0; x < kr * D; ++x) {
         dk[x] = dK[x] * scale;
         dv[x] = dV[x];
@@ -375,7 +802,7 @@ void backward_dkdv(const Problem<T>& P, const Grads<T>& G, const BlockLists& qs)
 }
 
 template <typename T>
-void backward_dq(const Problem<T>& P, const Grads<T>& G, const BlockLists& kv) {
+void backward_dq(const Problem<T, T>& P, const Grads<T>& G, const BlockLists& kv) {
   const int64_t bq = P.bq, bk = P.bk, D = P.D;
   const int64_t items = P.B * P.H * P.nq;
 #pragma omp parallel num_threads(at::get_num_threads())
@@ -384,16 +811,17 @@ void backward_dq(const Problem<T>& P, const Grads<T>& G, const BlockLists& kv) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t qb = item % P.nq, bh = item / P.nq, b = bh / P.H, h = bh % P.H;
+      const int64_t hk = h / P.G;
       const int64_t q0 = qb * bq, qr = std::min(bq, P.Lq - q0);
       const T* q = P.q + b * P.sq[0] + h * P.sq[1] + q0 * P.sq[2];
       const T* dout = G.dout + (bh * P.Lq + q0) * D;
       const T* delta = G.delta + bh * P.Lq + q0;
       const T* st = G.stats + bh * 2 * P.Lq;
-      const T* kbase = P.k + b * P.sk[0] + h * P.sk[1];
-      const T* vbase = P.v + b * P.sv[0] + h * P.sv[1];
+      const T* kbase = P.k + b * P.sk[0] + hk * P.sk[1];
+      const T* vbase = P.v + b * P.sv[0] + hk * P.sv[1];
       std::fill(dQ.begin(), dQ.end(), T(0));
       const int32_t* idx = kv.idx.data() + kv.ptr[item];
-      for (int32_t e = 0, cnt = kv.ptr[item + 1] - kv.ptr[item]; e < cnt; ++e) {
+      for (int32_t e = 0, cnt = kv.count(item); e < cnt; ++e) {
         const int64_t k0 = static_cast<int64_t>(idx[e]) * bk, kr = std::min(bk, P.Lk - k0);
         pack_transposed(kbase + k0 * P.sk[2], P.sk[2], kr, D, bk, Kt.data());
         pack_transposed(vbase + k0 * P.sv[2], P.sv[2], kr, D, bk, Vt.data());
@@ -420,95 +848,130 @@ void backward_dq(const Problem<T>& P, const Grads<T>& G, const BlockLists& kv) {
 }
 
 // --- torch glue ----------------------------------------------------------------------------------
-at::ScalarType compute_type(at::ScalarType t) {
-  return (t == at::kFloat || t == at::kDouble) ? t : at::kFloat;
-}
-
-// q/k/v in the compute type with a unit stride along the head dim (a view when possible).
+// q/k/v in `ct` with a unit stride along the head dim (a view when possible).
 at::Tensor rows(const at::Tensor& t, at::ScalarType ct) {
   at::Tensor x = t.scalar_type() == ct ? t : t.to(ct);
   return x.stride(3) == 1 ? x : x.contiguous();
 }
 
-template <typename T>
-Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& mask, bool causal, double scale, int64_t bq,
-                        int64_t bk) {
-  Problem<T> P;
-  P.q = q.data_ptr<T>();
-  P.k = k.data_ptr<T>();
-  P.v = v.data_ptr<T>();
+at::Tensor check_layout(const at::Tensor& layout, const at::Tensor& q, int64_t nq, int64_t nk) {
+  TORCH_CHECK(layout.device().is_cpu() && layout.scalar_type() == at::kBool && layout.dim() == 4 &&
+                  (layout.size(0) == 1 || layout.size(0) == q.size(0)) &&
+                  layout.size(1) == q.size(1) && layout.size(2) == nq && layout.size(3) == nk,
+              "sparsekernels: layout must be a bool CPU tensor [1 or B, H, nq, nk] = [1 or ",
+              q.size(0), ", ", q.size(1), ", ", nq, ", ", nk, "], got ", layout.scalar_type(), " ",
+              layout.sizes());
+  return layout.contiguous();
+}
+
+// The shape of a call; `layout` (checked, contiguous) must outlive the Shape.
+Shape make_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& layout, bool causal,
+                 int64_t window, int64_t bq, int64_t bk) {
+  Shape S;
+  S.B = q.size(0);
+  S.H = q.size(1);
+  S.Hkv = k.size(1);
+  S.G = S.H / S.Hkv;
+  S.Lq = q.size(2);
+  S.Lk = k.size(2);
+  S.D = q.size(3);
+  S.bq = bq;
+  S.bk = bk;
+  S.nq = (S.Lq + bq - 1) / bq;
+  S.nk = (S.Lk + bk - 1) / bk;
+  S.off = S.Lk - S.Lq;
+  S.causal = causal;
+  S.window = window;
+  S.layout = layout.data_ptr<bool>();
+  S.Bl = layout.size(0);
+  return S;
+}
+
+template <typename E, typename A>
+Problem<E, A> make_problem(const Shape& shape, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& mask, double scale) {
+  Problem<E, A> P;
+  static_cast<Shape&>(P) = shape;
+  P.q = reinterpret_cast<const E*>(q.data_ptr());
+  P.k = reinterpret_cast<const E*>(k.data_ptr());
+  P.v = reinterpret_cast<const E*>(v.data_ptr());
   for (int i = 0; i < 3; ++i) {
     P.sq[i] = q.stride(i);
     P.sk[i] = k.stride(i);
     P.sv[i] = v.stride(i);
   }
-  P.B = q.size(0);
-  P.H = q.size(1);
-  P.Lq = q.size(2);
-  P.Lk = k.size(2);
-  P.D = q.size(3);
-  P.bq = bq;
-  P.bk = bk;
-  P.nq = (P.Lq + bq - 1) / bq;
-  P.nk = (P.Lk + bk - 1) / bk;
-  P.causal = causal;
-  P.qk_scale = static_cast<T>(scale * kLog2e);
+  P.qk_scale = static_cast<A>(scale * kLog2e);
   if (mask.defined()) {
     if (mask.scalar_type() == at::kBool)
       P.mask_bool = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
     else
-      P.mask_add = mask.data_ptr<T>();
+      P.mask_add = mask.data_ptr<A>();
     for (int i = 0; i < 4; ++i) P.sm[i] = mask.stride(i);
   }
   return P;
 }
 
-at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, at::ScalarType ct,
+// bool masks stay bool; additive ones in the accumulation type `at`.
+at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, at::ScalarType at_,
                         const at::Tensor& q, const at::Tensor& k) {
   if (!mask.has_value()) return at::Tensor();
   at::Tensor m = *mask;
   TORCH_CHECK(m.dim() <= 4, "sparsekernels: attn_mask must have at most 4 dims");
-  if (m.scalar_type() != at::kBool && m.scalar_type() != ct) m = m.to(ct);
+  if (m.scalar_type() != at::kBool && m.scalar_type() != at_) m = m.to(at_);
   return m.expand({q.size(0), q.size(1), q.size(2), k.size(2)});
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t bq,
-                  int64_t bk) {
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+                  int64_t bq, int64_t bk) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "sparsekernels: block_sparse_attention_cpu runs CPU tensors");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() &&
-                  q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "sparsekernels: q [B, H, Lq, D], k and v [B, H, Lk, D] expected, got ", q.sizes(),
-              " ", k.sizes(), " ", v.sizes());
+                  q.size(0) == k.size(0) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 &&
+                  q.size(3) == k.size(3),
+              "sparsekernels: q [B, H, Lq, D], k and v [B, Hkv, Lk, D] with Hkv dividing H "
+              "expected, got ", q.sizes(), " ", k.sizes(), " ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "sparsekernels: q, k, v dtypes differ");
+  TORCH_CHECK(window >= 0, "sparsekernels: window must be >= 0 (0: none), got ", window);
   TORCH_CHECK(bq == 16 || bq == 32 || bq == 64 || bq == 128,
               "sparsekernels: unsupported query block ", bq);
   TORCH_CHECK(bk == 16 || bk == 32 || bk == 64 || bk == 128,
               "sparsekernels: unsupported key block ", bk);
 }
 
+// allow_bf16_dot: bf16 inputs run on AVX512-BF16 dot products when this CPU has them; false
+// (or a CPU without them) converts them to fp32 first.
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& layout_in, const std::optional<at::Tensor>& mask, bool causal, double scale,
-    int64_t block_q, int64_t block_k) {
-  check_inputs(q_in, k_in, v_in, block_q, block_k);
-  const auto ct = compute_type(q_in.scalar_type());
+    const at::Tensor& layout_in, const std::optional<at::Tensor>& mask, bool causal,
+    int64_t window, double scale, int64_t block_q, int64_t block_k, bool allow_bf16_dot) {
+  check_inputs(q_in, k_in, v_in, window, block_q, block_k);
+  const bool bf16_dot =
+      allow_bf16_dot && q_in.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot();
+  const auto ct = bf16_dot ? at::kBFloat16 : compute_type(q_in.scalar_type());
+  const auto acc = ct == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor q = rows(q_in, ct), k = rows(k_in, ct), v = rows(v_in, ct);
-  const at::Tensor m = prepare_mask(mask, ct, q, k);
+  const at::Tensor m = prepare_mask(mask, acc, q, k);
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(ct));
-  at::Tensor stats = at::empty({q.size(0), q.size(1), 2, q.size(2)},
-                               q.options().dtype(ct == at::kDouble ? at::kDouble : at::kFloat));
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    auto P = make_problem<T>(q, k, v, m, causal, scale, block_q, block_k);
-    const at::Tensor lay = check_layout(layout_in, q, P.nq, P.nk);
-    const BlockLists kv = block_lists(lay.data_ptr<bool>(), lay.size(0), P.B, P.H, P.nq, P.nk,
-                                      P.bq, P.bk, causal, false);
-    forward<T>(P, kv, out.data_ptr<T>(), stats.data_ptr<T>());
-  };
+  at::Tensor stats = at::empty({q.size(0), q.size(1), 2, q.size(2)}, q.options().dtype(acc));
+  const int64_t nq = (q.size(2) + block_q - 1) / block_q, nk = (k.size(2) + block_k - 1) / block_k;
+  const at::Tensor lay = check_layout(layout_in, q, nq, nk);
+  const Shape shape = make_shape(q, k, lay, causal, window, block_q, block_k);
   if (q.numel() > 0) {
-    if (ct == at::kDouble) run(double{});
-    else run(float{});
+    const BlockLists kv = block_lists(shape, false, true);
+    auto run = [&](auto tile) {
+      using Tile = decltype(tile);
+      using E = typename Tile::E;
+      using A = typename Tile::A;
+      const auto P = make_problem<E, A>(shape, q, k, v, m, scale);
+      forward<Tile>(P, kv, reinterpret_cast<E*>(out.data_ptr()), stats.data_ptr<A>());
+    };
+#ifdef SPARSEKERNELS_BF16_DOT
+    if (bf16_dot) run(Bf16Tile{});
+    else
+#endif
+    if (ct == at::kDouble) run(FloatTile<double>{});
+    else run(FloatTile<float>{});
   }
   if (out.scalar_type() != q_in.scalar_type()) out = out.to(q_in.scalar_type());
   return {out, stats};
@@ -518,8 +981,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attentio
     const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& stats_in,
     const at::Tensor& layout_in, const std::optional<at::Tensor>& mask, bool causal,
-    double scale, int64_t block_q, int64_t block_k, bool need_dscores) {
-  check_inputs(q_in, k_in, v_in, block_q, block_k);
+    int64_t window, double scale, int64_t block_q, int64_t block_k, bool need_dscores) {
+  check_inputs(q_in, k_in, v_in, window, block_q, block_k);
   const auto ct = compute_type(q_in.scalar_type());
   const at::Tensor q = rows(q_in, ct), k = rows(k_in, ct), v = rows(v_in, ct);
   const at::Tensor m = prepare_mask(mask, ct, q, k);
@@ -533,18 +996,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attentio
                       ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)},
                                   q.options().dtype(at::kFloat))
                       : at::empty({0}, q.options().dtype(at::kFloat));
+  const int64_t nq = (q.size(2) + block_q - 1) / block_q, nk = (k.size(2) + block_k - 1) / block_k;
+  const at::Tensor lay = check_layout(layout_in, q, nq, nk);
+  const Shape shape = make_shape(q, k, lay, causal, window, block_q, block_k);
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    auto P = make_problem<T>(q, k, v, m, causal, scale, block_q, block_k);
+    auto P = make_problem<T, T>(shape, q, k, v, m, scale);
     Grads<T> G{dout.data_ptr<T>(), delta.data_ptr<T>(), stats.data_ptr<T>(), dq.data_ptr<T>(),
                dk.data_ptr<T>(), dv.data_ptr<T>(),
                need_dscores ? ds.data_ptr<float>() : nullptr};
-    const at::Tensor lay = check_layout(layout_in, q, P.nq, P.nk);
-    const bool* l = lay.data_ptr<bool>();
-    backward_dkdv<T>(P, G, block_lists(l, lay.size(0), P.B, P.H, P.nq, P.nk, P.bq, P.bk,
-                                       causal, true));
-    backward_dq<T>(P, G, block_lists(l, lay.size(0), P.B, P.H, P.nq, P.nk, P.bq, P.bk, causal,
-                                     false));
+    backward_dkdv<T>(P, G, block_lists(shape, true, true));
+    backward_dq<T>(P, G, block_lists(shape, false, false));
   };
   if (q.numel() > 0 && k.numel() > 0) {
     if (ct == at::kDouble) run(double{});
@@ -563,19 +1025,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attentio
   return {dq, dk, dv, ds};
 }
 
+bool cpu_has_avx512_bf16() { return cpu_has_bf16_dot(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   m.def(
       "block_sparse_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor layout, Tensor? mask, "
-      "bool causal, float scale, int block_q, int block_k) -> (Tensor, Tensor)",
+      "bool causal, int window, float scale, int block_q, int block_k, bool allow_bf16_dot) -> "
+      "(Tensor, Tensor)",
       &block_sparse_attention_cpu);
   m.def(
       "block_sparse_attention_backward_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-      "Tensor out, Tensor stats, Tensor layout, Tensor? mask, bool causal, float scale, "
-      "int block_q, int block_k, bool need_dscores) -> "
+      "Tensor out, Tensor stats, Tensor layout, Tensor? mask, bool causal, int window, "
+      "float scale, int block_q, int block_k, bool need_dscores) -> "
       "(Tensor, Tensor, Tensor, Tensor)",
       &block_sparse_attention_backward_cpu);
+  // whether the CPU kernels can use AVX512-BF16 dot products here (tests, benchmarks)
+  m.def("cpu_has_avx512_bf16() -> bool", &cpu_has_avx512_bf16);
 }
 
 }  // namespace cpu

@@ -1,5 +1,9 @@
 // Block-sparse attention forward on CUDA: one thread block per (query block, batch*head),
 // FlashAttention-style online softmax over only the key blocks stored for that query block.
+// Grouped-query attention: k and v have H / group heads, query head h reads head h / group.
+// Positions: query i sits at Lk - Lq + i (the queries end the keys, as in a KV cache);
+// causal keeps keys j <= Lk - Lq + i, a window w keeps (Lk - Lq + i) - j < w (and without
+// causal j - (Lk - Lq + i) < w). The index lists only blocks those leave non-empty.
 //
 // No torch headers here (the file compile-checks with plain `nvcc -std=c++17 -arch=sm_90 -c`);
 // block_sparse_attention_binding.cpp holds the torch glue. fp16/bf16 run both products on
@@ -41,6 +45,9 @@ struct Params {
   int64_t sq[3], sk[3], sv[3], so[3];  // batch, head, row strides; unit stride along D
   int64_t sm[4];                       // mask strides (0 on broadcast dims)
   int B, H, Lq, Lk, nq, nk, bq, bk;
+  int group;   // query heads per key/value head
+  int offset;  // the position of query 0: Lk - Lq
+  int window;  // 0: none
   float qk_scale;  // scale * log2(e)
   bool causal;
 };
@@ -59,7 +66,10 @@ __device__ __forceinline__ T from_float(float x) {
 // Score of one element in log2 units, -inf when not allowed.
 __device__ __forceinline__ float finish_score(const Params& p, float dot, int b, int h, int i,
                                               int j) {
-  if (i >= p.Lq || j >= p.Lk || (p.causal && j > i)) return -INFINITY;
+  if (i >= p.Lq || j >= p.Lk) return -INFINITY;
+  const int dist = i + p.offset - j;  // query position - key position
+  if (p.causal && dist < 0) return -INFINITY;
+  if (p.window > 0 && (dist >= p.window || (!p.causal && -dist >= p.window))) return -INFINITY;
   float s = dot * p.qk_scale;
   if (p.mask_kind != kNoMask) {
     const int64_t off = b * p.sm[0] + h * p.sm[1] + i * p.sm[2] + j * p.sm[3];
@@ -214,8 +224,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t item = static_cast<int64_t>(bh) * p.nq + qb;
   const int32_t* idx = p.kv_idx + item * p.nk;
   const int cnt = p.kv_cnt[item];
-  const T* kbase = static_cast<const T*>(p.k) + b * p.sk[0] + h * p.sk[1];
-  const T* vbase = static_cast<const T*>(p.v) + b * p.sv[0] + h * p.sv[1];
+  const int hk = h / p.group;
+  const T* kbase = static_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
+  const T* vbase = static_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
 
   for (int e = 0; e < cnt; ++e) {
     const int k0 = idx[e] * bk;
@@ -301,17 +312,19 @@ int launch_dim(const Params& p, int head_dim, cudaStream_t stream) {
 
 }  // namespace
 
-// Returns 0 on success; 1 unsupported head dim / block size / dtype, 2 blocks too large for
-// shared memory, 3 shared-memory opt-in failed, 4 launch error. dtype: 0 fp32, 1 fp16, 2 bf16.
-// Strides: q/k/v/out [batch, head, row] (unit stride along the head dim), mask [4].
+// Returns 0 on success; 1 unsupported head dim / block size / dtype / head grouping, 2 blocks
+// too large for shared memory, 3 shared-memory opt-in failed, 4 launch error. dtype: 0 fp32,
+// 1 fp16, 2 bf16. Strides: q/k/v/out [batch, head, row] (unit stride along the head dim), mask
+// [4]; k and v have kv_heads heads, which divide heads.
 int block_sparse_attention_forward(
     const void* q, const void* k, const void* v, void* out, float* stats, const int32_t* kv_idx,
     const int32_t* kv_cnt, const void* mask, int mask_kind, const int64_t* q_strides,
     const int64_t* k_strides, const int64_t* v_strides, const int64_t* out_strides,
-    const int64_t* mask_strides, int batch, int heads, int len_q, int len_k, int head_dim,
-    int block_q, int block_k, float scale, bool causal, int dtype, cudaStream_t stream) {
+    const int64_t* mask_strides, int batch, int heads, int kv_heads, int len_q, int len_k,
+    int head_dim, int block_q, int block_k, float scale, bool causal, int window, int dtype,
+    cudaStream_t stream) {
   if (block_q % 16 || block_k % 16 || block_q < 16 || block_k < 16 || block_q > 128 ||
-      block_k > 128)
+      block_k > 128 || kv_heads <= 0 || heads % kv_heads || window < 0)
     return 1;
   Params p;
   p.q = q;
@@ -338,6 +351,9 @@ int block_sparse_attention_forward(
   p.bk = block_k;
   p.nq = (len_q + block_q - 1) / block_q;
   p.nk = (len_k + block_k - 1) / block_k;
+  p.group = heads / kv_heads;
+  p.offset = len_k - len_q;
+  p.window = window;
   p.qk_scale = scale * kLog2e;
   p.causal = causal;
   if (p.nq == 0 || batch * heads == 0) return 0;

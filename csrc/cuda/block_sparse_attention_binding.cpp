@@ -14,8 +14,9 @@ int block_sparse_attention_forward(
     const void* q, const void* k, const void* v, void* out, float* stats, const int32_t* kv_idx,
     const int32_t* kv_cnt, const void* mask, int mask_kind, const int64_t* q_strides,
     const int64_t* k_strides, const int64_t* v_strides, const int64_t* out_strides,
-    const int64_t* mask_strides, int batch, int heads, int len_q, int len_k, int head_dim,
-    int block_q, int block_k, float scale, bool causal, int dtype, cudaStream_t stream);
+    const int64_t* mask_strides, int batch, int heads, int kv_heads, int len_q, int len_k,
+    int head_dim, int block_q, int block_k, float scale, bool causal, int window, int dtype,
+    cudaStream_t stream);
 
 namespace {
 
@@ -42,14 +43,16 @@ void check_index(const at::Tensor& t, const char* name, int64_t dims) {
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& kv_idx, const at::Tensor& kv_cnt, const std::optional<at::Tensor>& mask,
-    bool causal, double scale, int64_t block_q, int64_t block_k) {
+    bool causal, int64_t window, double scale, int64_t block_q, int64_t block_k) {
   TORCH_CHECK(q_in.is_cuda() && k_in.is_cuda() && v_in.is_cuda(),
               "sparsekernels: block_sparse_attention_cuda runs CUDA tensors");
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 &&
                   k_in.sizes() == v_in.sizes() && q_in.size(0) == k_in.size(0) &&
-                  q_in.size(1) == k_in.size(1) && q_in.size(3) == k_in.size(3),
-              "sparsekernels: q [B, H, Lq, D], k and v [B, H, Lk, D] expected, got ",
-              q_in.sizes(), " ", k_in.sizes(), " ", v_in.sizes());
+                  k_in.size(1) > 0 && q_in.size(1) % k_in.size(1) == 0 &&
+                  q_in.size(3) == k_in.size(3),
+              "sparsekernels: q [B, H, Lq, D], k and v [B, Hkv, Lk, D] with Hkv dividing H "
+              "expected, got ", q_in.sizes(), " ", k_in.sizes(), " ", v_in.sizes());
+  TORCH_CHECK(window >= 0, "sparsekernels: window must be >= 0 (0: none), got ", window);
   TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && q_in.scalar_type() == v_in.scalar_type(),
               "sparsekernels: q, k, v dtypes differ");
   check_index(kv_idx, "kv_idx", 4);
@@ -86,9 +89,10 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
       q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), stats.data_ptr<float>(),
       kv_idx.data_ptr<int32_t>(), kv_cnt.data_ptr<int32_t>(), m.defined() ? m.data_ptr() : nullptr,
       mask_kind, qs, ks, vs, os, ms, static_cast<int>(q.size(0)), static_cast<int>(q.size(1)),
-      static_cast<int>(q.size(2)), static_cast<int>(k.size(2)), static_cast<int>(q.size(3)),
-      static_cast<int>(block_q), static_cast<int>(block_k), static_cast<float>(scale), causal,
-      dtype, c10::cuda::getCurrentCUDAStream().stream());
+      static_cast<int>(k.size(1)), static_cast<int>(q.size(2)), static_cast<int>(k.size(2)),
+      static_cast<int>(q.size(3)), static_cast<int>(block_q), static_cast<int>(block_k),
+      static_cast<float>(scale), causal, static_cast<int>(window), dtype,
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(rc != 1, "sparsekernels: block_sparse_attention_cuda supports head dims 32, 64, "
               "128 and block sizes 16..128 (multiples of 16), got head dim ", q.size(3),
               ", blocks ", block_q, "x", block_k);
@@ -104,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
 TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   m.def(
       "block_sparse_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor kv_idx, Tensor kv_cnt, "
-      "Tensor? mask, bool causal, float scale, int block_q, int block_k) -> (Tensor, Tensor)",
+      "Tensor? mask, bool causal, int window, float scale, int block_q, int block_k) -> "
+      "(Tensor, Tensor)",
       &block_sparse_attention_cuda);
 }
 

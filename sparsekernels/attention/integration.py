@@ -70,13 +70,6 @@ def _dense(heads: int, nq: int, nk: int, device) -> Tensor:
     return lay
 
 
-def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    if n_rep == 1:
-        return x
-    b, h, l, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, l, d).reshape(b, h * n_rep, l, d)
-
-
 def refuse_output_attentions(output_attentions) -> None:
     if output_attentions:
         raise ValueError("attn_implementation='sparsekernels' does not return attention "
@@ -87,9 +80,10 @@ def refuse_output_attentions(output_attentions) -> None:
 
 def attend(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
            mask: Optional[Tensor], causal: bool, scale: Optional[float],
-           dropout: float) -> Tensor:
+           dropout: float, window: Optional[int] = None) -> Tensor:
     """One attention module's block-sparse attention with its layout (dense if it has none):
-    query [B, H, Lq, D], key/value [B, H, Lk, D], mask bool or additive -> [B, H, Lq, D]."""
+    query [B, H, Lq, D], key/value [B, Hkv, Lk, D] (Hkv divides H), mask bool or additive ->
+    [B, H, Lq, D]. The queries are the last Lq key positions (causal, window: see the op)."""
     from sparsekernels.ops.block_sparse_attention import block_sparse_attention
 
     cfg: SparseAttentionConfig = getattr(module, _ATTR, None) or SparseAttentionConfig()
@@ -97,7 +91,7 @@ def attend(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
     return block_sparse_attention(query, key, value, layout, cfg.block_size, attn_mask=mask,
                                   causal=causal, scale=scale,
                                   dropout_p=dropout if module.training else 0.0,
-                                  backend=cfg.backend)
+                                  backend=cfg.backend, window=window)
 
 
 def sparsekernels_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
@@ -110,14 +104,16 @@ def sparsekernels_attention_forward(module: torch.nn.Module, query: Tensor, key:
     refuse_output_attentions(kwargs.get("output_attentions", False))
     if kwargs.get("softcap") is not None:
         raise ValueError("attn_implementation='sparsekernels' does not support softcap")
-    heads = query.shape[1]
-    if key.shape[1] != heads:  # grouped-query attention
-        key = _repeat_kv(key, heads // key.shape[1])
-        value = _repeat_kv(value, heads // value.shape[1])
-    lq, lk = query.shape[2], key.shape[2]
+    lq, lk = query.shape[2], key.shape[2]  # key/value may have fewer heads (the op groups them)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     # as in transformers' SDPA path: a mask, when given, already holds the causal pattern
     causal = bool(is_causal) and lq > 1 and attention_mask is None
+    if causal and lk > lq:
+        # prefill into an empty static cache (the only unmasked causal case with more keys):
+        # the slots past the queries are empty; transformers' SDPA path drops them the same way
+        key, value, lk = key[:, :, :lq], value[:, :, :lq], lq
+        if position_bias is not None:
+            position_bias = position_bias[..., :lq]
     mask = attention_mask
     if mask is not None and mask.dim() == 4 and mask.shape[-1] != lk:
         mask = mask[..., :lk]
@@ -129,7 +125,10 @@ def sparsekernels_attention_forward(module: torch.nn.Module, query: Tensor, key:
             mask = bias.masked_fill(~mask, float("-inf"))
         else:
             mask = bias + mask
-    out = attend(module, query, key, value, mask, causal, scaling, dropout)
+    # the window (transformers' sliding_window: the keys p - window < j <= p, or |p - j| < window
+    # bidirectional) is in the mask too; passing it lets the kernel skip blocks outside it
+    out = attend(module, query, key, value, mask, causal, scaling, dropout,
+                 window=kwargs.get("sliding_window"))
     return out.transpose(1, 2).contiguous(), None
 
 

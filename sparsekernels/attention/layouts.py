@@ -67,14 +67,15 @@ def head_mask_layout(head_mask: Tensor, seq_len_q: int, seq_len_k: Optional[int]
 
 def causal_layout(heads: int, seq_len: int, block_size=64, device=None,
                   seq_len_k: Optional[int] = None) -> Tensor:
-    """The blocks on or below the diagonal (top-left aligned, like SDPA's is_causal): a block
-    is kept when any of its query positions may see any of its key positions."""
+    """The blocks on or below the diagonal: a block is kept when any of its query positions
+    may see any of its key positions. With seq_len_k > seq_len the queries are the last
+    positions of the keys (a KV cache), as the op's `causal` aligns them."""
     bq, bk = _pair(block_size)
     lk = seq_len if seq_len_k is None else seq_len_k
     nq, nk = grid(seq_len, lk, (bq, bk))
     _, q_last = _block_ranges(nq, bq, seq_len, device)
     k_first, _ = _block_ranges(nk, bk, lk, device)
-    lay = k_first[None, :] <= q_last[:, None]
+    lay = k_first[None, :] <= q_last[:, None] + (lk - seq_len)
     return lay.expand(heads, nq, nk).clone()
 
 

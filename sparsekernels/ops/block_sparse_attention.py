@@ -4,8 +4,11 @@ Two custom ops (torch.library), each with a fake implementation:
   block_sparse_attention(q, k, v, layout, ...)          -> (out, stats)  forward
   block_sparse_attention_backward(grad_out, q, k, v, ...) -> (dq, dk, dv, dmask)
 The forward has an autograd formula made of the backward op. `layout` is a bool block mask
-[(B,) H, ceil(Lq/bq), ceil(Lk/bk)]: only its true (query block, key block) pairs are computed;
-the rest count as -inf scores, and a query row with no allowed key gets zeros (never NaN).
+[(B,) H, ceil(Lq/bq), ceil(Lk/bk)] per query head: only its true (query block, key block)
+pairs are computed; the rest count as -inf scores, and a query row with no allowed key gets
+zeros (never NaN). k and v may have fewer heads than q (grouped-query attention: query head h
+reads key/value head h // (H / Hkv), never copied per query head). Positions (causal, window):
+the queries are the last Lq of the Lk key positions, as in a KV cache (see the reference).
 
 Backends: triton (GPU; CPU under TRITON_INTERPRET=1), cuda (C++/CUDA forward), cpu (C++
 extension, forward and backward), reference (float64-capable dense oracle). The CUDA
@@ -24,8 +27,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from sparsekernels.ops.limits import check_block_size
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
-from sparsekernels.ops.router import route
 from sparsekernels.ops.reference import block_sparse_attention as ref
+from sparsekernels.ops.router import DECODE_MAX_QUERIES, route
 
 OP = "block_sparse_attention"
 
@@ -37,15 +40,41 @@ def _triton():
 
 
 # --- layout -> padded block index --------------------------------------------------------
-def effective_layout(layout: Tensor, causal: bool, block_q: int, block_k: int) -> Tensor:
-    """The layout with the blocks that causal masking empties entirely removed."""
-    if not causal:
-        return layout
-    nq, nk = layout.shape[-2], layout.shape[-1]
-    first_q = torch.arange(nq, device=layout.device) * block_q
-    last_q = first_q + block_q - 1
-    first_k = torch.arange(nk, device=layout.device) * block_k
-    return layout & (first_k[None, :] <= last_q[:, None])
+def reachable_blocks(nq: int, nk: int, block_q: int, block_k: int, causal: bool,
+                     window: int = 0, lq: Optional[int] = None, lk: Optional[int] = None,
+                     device=None) -> Optional[Tensor]:
+    """Bool [nq, nk]: the (query block, key block) pairs where `causal` / `window` leave some
+    (query, key) pair visible (None: all of them). Query i sits at position lk - lq + i;
+    lq and lk default to the grid's extent with lq == lk."""
+    if not causal and not window:
+        return None
+    lq = nq * block_q if lq is None else lq
+    lk = lq if lk is None else lk
+    qb = torch.arange(nq, device=device)
+    kb = torch.arange(nk, device=device)
+    q_first = qb * block_q + (lk - lq)
+    q_last = torch.clamp(qb * block_q + block_q, max=max(lq, 1)) - 1 + (lk - lq)
+    k_first = kb * block_k
+    k_last = torch.clamp(kb * block_k + block_k, max=max(lk, 1)) - 1
+    lo = q_first[:, None] - k_last[None, :]  # the smallest position - key distance in the pair
+    hi = q_last[:, None] - k_first[None, :]  # the largest
+    ok = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    if causal:
+        ok &= hi >= 0
+    if window:
+        ok &= lo < window
+        if not causal:
+            ok &= hi > -window
+    return ok
+
+
+def effective_layout(layout: Tensor, causal: bool, block_q: int, block_k: int,
+                     lq: Optional[int] = None, lk: Optional[int] = None,
+                     window: int = 0) -> Tensor:
+    """The layout without the blocks that causal masking / the window empty entirely."""
+    ok = reachable_blocks(layout.shape[-2], layout.shape[-1], block_q, block_k, causal, window,
+                          lq, lk, layout.device)
+    return layout if ok is None else layout & ok
 
 
 def block_index(layout: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,17 +112,19 @@ _INDEX_CACHE = WeakIdKeyDictionary()
 
 
 def layout_index(layout: Tensor, causal: bool, block_q: int, block_k: int, batch: int,
-                 contiguous: bool, transposed: bool = False) -> tuple[Tensor, Tensor]:
-    """The block index of `layout` with causal masking applied: over key blocks per query
-    block, or (transposed) over query blocks per key block, for the GPU kernels."""
+                 contiguous: bool, transposed: bool = False, lq: Optional[int] = None,
+                 lk: Optional[int] = None, window: int = 0) -> tuple[Tensor, Tensor]:
+    """The block index of `layout` with causal masking / the window applied: over key blocks
+    per query block, or (transposed) over query blocks per key block, for the GPU kernels."""
     def build():
-        lay = _layout4(effective_layout(layout, causal, block_q, block_k))
+        lay = _layout4(effective_layout(layout, causal, block_q, block_k, lq, lk, window))
         return _index(lay.transpose(-1, -2) if transposed else lay, batch, contiguous)
 
     if torch.compiler.is_compiling():
         return build()
     per_layout = _INDEX_CACHE.setdefault(layout, {})
-    key = (layout._version, causal, block_q, block_k, batch, contiguous, transposed)
+    key = (layout._version, causal, window, lq, lk, block_q, block_k, batch, contiguous,
+           transposed)
     if key not in per_layout:
         if any(k[0] != layout._version for k in per_layout):
             per_layout.clear()  # changed in place: every older index is stale
@@ -112,9 +143,24 @@ def _mask4(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
     return attn_mask
 
 
-def _choose(backend: str, q: Tensor, dropout_p: float, for_backward: bool) -> Backend:
+def prefers_dense(q: Tensor, k: Tensor, layout: Tensor, dropout_p: float,
+                  backend: "Backend | str") -> bool:
+    """The router's choice for an all-true layout: dense SDPA (auto on the CPU), except at
+    decode (at most DECODE_MAX_QUERIES queries against a KV cache), where the kernel reads
+    each key/value block once for its whole group of query heads."""
+    if q.shape[2] <= DECODE_MAX_QUERIES or k.shape[2] == 0:
+        return False
+    r = route(OP, q.device, q.dtype, backend, head_dim=q.shape[-1], dropout=dropout_p > 0)
+    return r.dense_full_layout and bool(layout.all())
+
+
+def _choose(backend: str, q: Tensor, dropout_p: float, for_backward: bool,
+            k: Optional[Tensor] = None, layout: Optional[Tensor] = None) -> Optional[Backend]:
     """The backend that runs this call: the router's choice for this head size, dropout and
-    direction (see sparsekernels.ops.router)."""
+    direction (see sparsekernels.ops.router). With `k` and `layout` (the public entry asks
+    first): None when the call runs as plain dense SDPA instead of the op."""
+    if layout is not None and prefers_dense(q, k, layout, dropout_p, backend):
+        return None
     return route(OP, q.device, q.dtype, backend, head_dim=q.shape[-1], dropout=dropout_p > 0,
                  backward=for_backward).backend
 
@@ -130,33 +176,40 @@ def _dropout_mask(seed: int, shape, dropout_p: float, device):
 
 
 # --- forward -------------------------------------------------------------------------------
-@torch.library.custom_op("sparsekernels::block_sparse_attention", mutates_args=())
-def _block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
-                            attn_mask: Optional[Tensor], causal: bool, scale: float,
-                            block_q: int, block_k: int, dropout_p: float, seed: int,
-                            backend: str) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, attn_mask: Optional[Tensor],
+             causal: bool, window: int, scale: float, block_q: int, block_k: int,
+             dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
+    """The forward op's implementation (also run directly by eager inference, see
+    _plain_inference)."""
     chosen = _choose(backend, q, dropout_p, for_backward=False)
-    b = q.shape[0]
+    b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     mask = _mask4(attn_mask)
-    if chosen is Backend.CPU:  # builds its block lists (causal included) in C++
-        return _ext.op(OP, "cpu")(q, k, v, _layout4(layout), mask, causal, scale, block_q,
-                                  block_k)
+    if chosen is Backend.CPU:  # builds its block lists (positions included) in C++
+        return _ext.op(OP, "cpu")(q, k, v, _layout4(layout), mask, causal, window, scale,
+                                  block_q, block_k, True)
     if chosen is Backend.TRITON:
-        idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False)
-        return _triton().forward(q, k, v, idx, cnt, mask, causal, scale, block_q, block_k,
-                                 dropout_p, seed)
+        idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False, lq=lq,
+                                lk=lk, window=window)
+        return _triton().forward(q, k, v, idx, cnt, mask, causal, window, scale, block_q,
+                                 block_k, dropout_p, seed)
     if chosen is Backend.CUDA:
-        idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=True)
-        return _ext.op(OP, "cuda")(q, k, v, idx, cnt, mask, causal, scale, block_q, block_k)
-    lay = _layout4(effective_layout(layout, causal, block_q, block_k))
-    drop = _dropout_mask(seed, (b, q.shape[1], q.shape[2], k.shape[2]), dropout_p, q.device)
-    out, stats = ref.block_sparse_attention(q, k, v, lay, (block_q, block_k), mask, causal,
-                                            scale, drop, dropout_p)
+        idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=True, lq=lq,
+                                lk=lk, window=window)
+        return _ext.op(OP, "cuda")(q, k, v, idx, cnt, mask, causal, window, scale, block_q,
+                                   block_k)
+    drop = _dropout_mask(seed, (b, q.shape[1], lq, lk), dropout_p, q.device)
+    out, stats = ref.block_sparse_attention(q, k, v, _layout4(layout), (block_q, block_k),
+                                            mask, causal, scale, drop, dropout_p, window)
     return out.contiguous(), stats.contiguous()
 
 
+_block_sparse_attention = torch.library.custom_op("sparsekernels::block_sparse_attention",
+                                                  _forward, mutates_args=())
+
+
 @_block_sparse_attention.register_fake
-def _(q, k, v, layout, attn_mask, causal, scale, block_q, block_k, dropout_p, seed, backend):
+def _(q, k, v, layout, attn_mask, causal, window, scale, block_q, block_k, dropout_p, seed,
+      backend):
     b, h, lq, _ = q.shape
     out = q.new_empty((b, h, lq, v.shape[-1]))
     stats = q.new_empty((b, h, 2, lq), dtype=stats_dtype(q.dtype))
@@ -167,40 +220,43 @@ def _(q, k, v, layout, attn_mask, causal, scale, block_q, block_k, dropout_p, se
 @torch.library.custom_op("sparsekernels::block_sparse_attention_backward", mutates_args=())
 def _block_sparse_attention_backward(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
-        layout: Tensor, attn_mask: Optional[Tensor], causal: bool, scale: float, block_q: int,
-        block_k: int, dropout_p: float, seed: int, need_dmask: bool,
+        layout: Tensor, attn_mask: Optional[Tensor], causal: bool, window: int, scale: float,
+        block_q: int, block_k: int, dropout_p: float, seed: int, need_dmask: bool,
         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dscores): dscores [B, H, Lq, Lk] fp32 is the gradient of the additive
-    mask before broadcasting (empty [0] unless need_dmask)."""
+    """(dq, dk, dv, dscores): dk, dv have k's heads (summed over each group of query heads);
+    dscores [B, H, Lq, Lk] fp32 is the gradient of the additive mask before broadcasting
+    (empty [0] unless need_dmask)."""
     chosen = _choose(backend, q, dropout_p, for_backward=True)
-    b = q.shape[0]
+    b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     mask = _mask4(attn_mask)
     grad_out = grad_out.contiguous()
     empty = q.new_empty((0,), dtype=torch.float32)
     if chosen is Backend.CPU:
         dq, dk, dv, ds = _ext.op(OP + "_backward", "cpu")(
-            grad_out, q, k, v, out, stats, _layout4(layout), mask, causal, scale, block_q,
-            block_k, need_dmask)
+            grad_out, q, k, v, out, stats, _layout4(layout), mask, causal, window, scale,
+            block_q, block_k, need_dmask)
         return dq, dk, dv, (ds if need_dmask else empty)
     if chosen is Backend.TRITON:
-        kv_idx, kv_cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False)
+        where = dict(lq=lq, lk=lk, window=window)
+        kv_idx, kv_cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False,
+                                      **where)
         q_idx, q_cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False,
-                                    transposed=True)
+                                    transposed=True, **where)
         dq, dk, dv, ds = _triton().backward(grad_out, q, k, v, out, stats, kv_idx, kv_cnt, q_idx,
-                                            q_cnt, mask, causal, scale, block_q, block_k,
+                                            q_cnt, mask, causal, window, scale, block_q, block_k,
                                             dropout_p, seed, need_dmask)
         return dq, dk, dv, (ds if need_dmask else empty)
-    lay = _layout4(effective_layout(layout, causal, block_q, block_k))
-    drop = _dropout_mask(seed, (b, q.shape[1], q.shape[2], k.shape[2]), dropout_p, q.device)
-    dq, dk, dv, ds = ref.block_sparse_attention_backward(grad_out, q, k, v, lay, (block_q, block_k),
-                                                         mask, causal, scale, drop, dropout_p)
+    drop = _dropout_mask(seed, (b, q.shape[1], lq, lk), dropout_p, q.device)
+    dq, dk, dv, ds = ref.block_sparse_attention_backward(
+        grad_out, q, k, v, _layout4(layout), (block_q, block_k), mask, causal, scale, drop,
+        dropout_p, window=window)
     return (dq.contiguous(), dk.contiguous(), dv.contiguous(),
             ds.float().contiguous() if need_dmask else empty)
 
 
 @_block_sparse_attention_backward.register_fake
-def _(grad_out, q, k, v, out, stats, layout, attn_mask, causal, scale, block_q, block_k,
-      dropout_p, seed, need_dmask, backend):
+def _(grad_out, q, k, v, out, stats, layout, attn_mask, causal, window, scale, block_q,
+      block_k, dropout_p, seed, need_dmask, backend):
     b, h, lq, _ = q.shape
     lk = k.shape[2]
     ds = (q.new_empty((b, h, lq, lk), dtype=torch.float32) if need_dmask
@@ -210,11 +266,11 @@ def _(grad_out, q, k, v, out, stats, layout, attn_mask, causal, scale, block_q, 
 
 # --- autograd ------------------------------------------------------------------------------
 def _setup_context(ctx, inputs, output):
-    (q, k, v, layout, attn_mask, causal, scale, block_q, block_k, dropout_p, seed,
+    (q, k, v, layout, attn_mask, causal, window, scale, block_q, block_k, dropout_p, seed,
      backend) = inputs
     out, stats = output
     ctx.save_for_backward(q, k, v, out, stats, layout, attn_mask)
-    ctx.args = (causal, scale, block_q, block_k, dropout_p, seed, backend)
+    ctx.args = (causal, window, scale, block_q, block_k, dropout_p, seed, backend)
     ctx.mask_shape = None if attn_mask is None else attn_mask.shape
     ctx.mask_dtype = None if attn_mask is None else attn_mask.dtype
 
@@ -230,14 +286,14 @@ def _reduce_to(grad: Tensor, shape) -> Tensor:
 
 def _backward(ctx, grad_out, grad_stats):
     q, k, v, out, stats, layout, attn_mask = ctx.saved_tensors
-    causal, scale, block_q, block_k, dropout_p, seed, backend = ctx.args
+    causal, window, scale, block_q, block_k, dropout_p, seed, backend = ctx.args
     need_dmask = (attn_mask is not None and attn_mask.dtype != torch.bool
                   and ctx.needs_input_grad[4])
     dq, dk, dv, ds = torch.ops.sparsekernels.block_sparse_attention_backward(
-        grad_out, q, k, v, out, stats, layout, attn_mask, causal, scale, block_q, block_k,
-        dropout_p, seed, need_dmask, backend)
+        grad_out, q, k, v, out, stats, layout, attn_mask, causal, window, scale, block_q,
+        block_k, dropout_p, seed, need_dmask, backend)
     dmask = _reduce_to(ds, ctx.mask_shape).to(ctx.mask_dtype) if need_dmask else None
-    return dq, dk, dv, None, dmask, None, None, None, None, None, None, None
+    return dq, dk, dv, None, dmask, None, None, None, None, None, None, None, None
 
 
 _block_sparse_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -253,11 +309,13 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size,
             raise ValueError(f"{name} must be [batch, heads, seq, head_dim], got "
                              f"{list(t.shape)}")
     b, h, lq, d = q.shape
-    lk = k.shape[2]
-    if k.shape[:2] != (b, h) or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
+    hkv, lk = k.shape[1], k.shape[2]
+    if (k.shape[0] != b or hkv == 0 or h % hkv or v.shape[:3] != k.shape[:3]
+            or k.shape[3] != d):
         raise ValueError(f"shape mismatch: q {list(q.shape)}, k {list(k.shape)}, v "
-                         f"{list(v.shape)}; expected k [b, h, Lk, {d}] and v [b, h, Lk, dv] with "
-                         f"b={b}, h={h}")
+                         f"{list(v.shape)}; expected k [b, Hkv, Lk, {d}] and v [b, Hkv, Lk, dv] "
+                         f"with b={b} and Hkv dividing the {h} query heads (grouped-query "
+                         "attention: query head h reads key/value head h // (H / Hkv))")
     if v.shape[3] != d:
         raise ValueError(f"v's head dim {v.shape[3]} differs from q/k's {d}: not supported")
     if not (q.dtype == k.dtype == v.dtype):
@@ -274,8 +332,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size,
     if layout.dim() not in (3, 4) or tuple(layout.shape[-3:]) != (h, nq, nk) or (
             layout.dim() == 4 and layout.shape[0] not in (1, b)):
         raise ValueError(f"layout must be [heads, ceil(Lq/bq), ceil(Lk/bk)] = [{h}, {nq}, {nk}] "
-                         f"(optionally with a leading batch dim 1 or {b}) for q {list(q.shape)}, "
-                         f"k {list(k.shape)} and block size {(bq, bk)}; got {list(layout.shape)}")
+                         f"(one row per query head, optionally with a leading batch dim 1 or "
+                         f"{b}) for q {list(q.shape)}, k {list(k.shape)} and block size "
+                         f"{(bq, bk)}; got {list(layout.shape)}")
     if attn_mask is not None:
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}")
@@ -293,20 +352,55 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size,
     return bq, bk
 
 
-def prefers_dense(q: Tensor, layout: Tensor, dropout_p: float, backend: Backend) -> bool:
-    """The router's choice for an all-true layout: dense SDPA (auto on the CPU)."""
-    r = route(OP, q.device, q.dtype, backend, head_dim=q.shape[-1], dropout=dropout_p > 0)
-    return r.dense_full_layout and bool(layout.all())
+def _plain_inference(*tensors: Optional[Tensor]) -> bool:
+    """True when the forward may run its implementation without the dispatcher: eager,
+    nothing needs a gradient, plain tensors, no torch function / dispatch mode active (those
+    must see the op). The custom op's Python dispatch is about half of a decode call's cost;
+    the implementation run is the same either way."""
+    if torch.compiler.is_compiling() or _MODE_STACKS():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
 
 
-def _dense_sdpa(q, k, v, attn_mask, causal: bool, scale: float) -> Tensor:
-    """The dense equivalent of an all-true layout, with this op's semantics: rows with no
-    allowed key give zeros (SDPA gives NaN there)."""
+def _mode_stacks() -> int:
+    return torch._C._len_torch_function_stack() + torch._C._len_torch_dispatch_stack()
+
+
+# private torch functions; without them every call takes the dispatcher
+_MODE_STACKS = (_mode_stacks if hasattr(torch._C, "_len_torch_function_stack")
+                and hasattr(torch._C, "_len_torch_dispatch_stack") else (lambda: 1))
+_BACKENDS = {b.value: b for b in Backend}
+
+
+def _check_window(window) -> int:
+    if window is None:
+        return 0
+    if isinstance(window, bool) or int(window) != window or window < 1:
+        raise ValueError(f"window must be a positive int (the number of most recent key "
+                         f"positions a query sees, itself included) or None, got {window!r}")
+    return int(window)
+
+
+def _dense_sdpa(q, k, v, attn_mask, causal: bool, scale: float, window: int) -> Tensor:
+    """The dense equivalent of an all-true layout, with this op's semantics: grouped key/value
+    heads, queries at the end of the keys, rows with no allowed key give zeros (SDPA gives NaN
+    there)."""
+    lq, lk = q.shape[2], k.shape[2]
     mask = attn_mask
-    if causal and mask is not None:
-        tril = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        mask = (mask & tril) if mask.dtype == torch.bool else mask.masked_fill(~tril,
-                                                                               float("-inf"))
+    by_position = None
+    if window or (causal and lq != lk) or (causal and mask is not None):
+        by_position = ref.position_mask(lq, lk, causal, window, q.device)
+    if by_position is not None:
+        if mask is None:
+            mask = by_position
+        elif mask.dtype == torch.bool:
+            mask = mask & by_position
+        else:
+            mask = mask.masked_fill(~by_position, float("-inf"))
     dead = None
     if mask is not None:
         if mask.dtype != torch.bool and mask.dtype != q.dtype:
@@ -317,32 +411,50 @@ def _dense_sdpa(q, k, v, attn_mask, causal: bool, scale: float) -> Tensor:
         dead = ~allowed.any(-1, keepdim=True)
         mask = (mask | dead) if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+        q, k, v, attn_mask=mask, is_causal=causal and by_position is None and mask is None,
+        scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out if dead is None else out.masked_fill(dead, 0.0)
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
                            block_size=(64, 64), attn_mask: Optional[Tensor] = None,
                            causal: bool = False, scale: Optional[float] = None,
-                           dropout_p: float = 0.0, backend: "Backend | str" = "auto") -> Tensor:
+                           dropout_p: float = 0.0, backend: "Backend | str" = "auto",
+                           window: Optional[int] = None) -> Tensor:
     """softmax(q k^T * scale + attn_mask) v over the (query block, key block) pairs in `layout`.
 
-    q [B, H, Lq, D], k and v [B, H, Lk, D]; layout bool [(B,) H, ceil(Lq/bq), ceil(Lk/bk)].
+    q [B, H, Lq, D]; k and v [B, Hkv, Lk, D] with Hkv dividing H (grouped-query attention:
+    query head h reads key/value head h // (H / Hkv), without copying them per query head);
+    layout bool [(B,) H, ceil(Lq/bq), ceil(Lk/bk)], one row per query head.
     attn_mask: bool (True = attend) or additive float, broadcastable to [B, H, Lq, Lk].
-    causal: top-left aligned like F.scaled_dot_product_attention(is_causal=True).
+    Positions: the queries are the LAST Lq of the Lk key positions (query i at Lk - Lq + i),
+    as in a KV cache, FlashAttention >= 2.1 and transformers; with Lq == Lk that is the usual
+    square case. causal: query i sees keys j <= Lk - Lq + i (bottom-right aligned; for
+    Lq == Lk the same as SDPA's is_causal, which aligns top-left; for top-left alignment with
+    Lq != Lk pass the mask `torch.ones(Lq, Lk, dtype=torch.bool).tril()` instead).
+    window: None, or the number of most recent key positions a query sees, itself included
+    (transformers' `sliding_window`: key j is visible from position p when p - window < j;
+    without causal also when j - p < window); applied per element inside the kernels, and
+    key blocks entirely outside it are skipped.
     scale: defaults to 1/sqrt(D). dropout_p: attention-probability dropout (training).
-    Rows with no allowed key return zeros. backend: auto (on CPU an all-true layout runs as
-    dense SDPA), triton, cuda, cpu or reference (SPARSEKERNELS_BACKEND overrides auto).
+    Rows with no allowed key (Lk = 0 included) return zeros, with zero gradients.
+    backend: auto (on CPU an all-true layout with more than 16 queries runs as dense SDPA),
+    triton, cuda, cpu or reference (SPARSEKERNELS_BACKEND overrides auto).
     """
     bq, bk = check_inputs(q, k, v, layout, block_size, attn_mask)
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    window = _check_window(window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
-    backend = Backend.parse(backend)
-    if prefers_dense(q, layout, dropout_p, backend):
-        return _dense_sdpa(q, k, v, attn_mask, causal, scale)
-    out, _ = torch.ops.sparsekernels.block_sparse_attention(
-        q, k, v, layout, attn_mask, bool(causal), scale, bq, bk, float(dropout_p), seed,
-        backend.value)
-    return out
+    name = backend if backend.__class__ is str and backend in _BACKENDS else (
+        Backend.parse(backend).value)
+    chosen = _choose(name, q, dropout_p, False, k, layout)
+    if chosen is None:
+        return _dense_sdpa(q, k, v, attn_mask, bool(causal), scale, window)
+    # the op gets the backend chosen here (its backward re-checks what it can run)
+    args = (q, k, v, layout, attn_mask, bool(causal), window, scale, bq, bk, float(dropout_p),
+            seed, chosen.value)
+    if _plain_inference(q, k, v, layout, attn_mask):
+        return _forward(*args)[0]
+    return torch.ops.sparsekernels.block_sparse_attention.default(*args)[0]

@@ -125,6 +125,10 @@ AUTO_ORDER: dict[str, tuple[Backend, ...]] = {
 # a register tile of rows per thread they split the hidden units, then the outputs, over the
 # threads and read each weight once (csrc/cpu/ffn.h), as bsr_linear's few-row path does
 CPU_MIN_FUSED_FFN_ROWS = 0
+# attention with at most this many queries is decode (a KV cache read once per call): auto
+# runs the kernel even for an all-true layout, which reads each key/value block once for its
+# whole group of query heads (dense SDPA repeats them per query head)
+DECODE_MAX_QUERIES = 16
 
 
 def _impl(op: str, backend: Backend) -> Impl:
@@ -152,7 +156,9 @@ def route(op: str, device: torch.device, dtype: torch.dtype, backend: "Backend |
     dropout and backward select among attention kernels. Raises when the requested backend
     cannot run the case and has no fallback, naming what it runs and the way out."""
     device = torch.device(device)
-    return _route(op, device.type, device.index, dtype, requested(backend),
+    # dynamo traces through the cache wrapper (and warns): it gets the function itself
+    find = _route.__wrapped__ if torch.compiler.is_compiling() else _route
+    return find(op, device.type, device.index, dtype, requested(backend),
                   tuple(block_size) if block_size is not None else None,
                   None if density is None else float(density), head_dim, bool(dropout),
                   bool(backward), os.environ.get(ENV_CROSSOVER))

@@ -17,13 +17,11 @@ Each training stretch also checkpoints every `checkpoint_minutes`, with the opti
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import platform
 import random
 import shutil
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch

@@ -10,8 +10,6 @@ The model is changed in place and returned; `self.report` says what changed.
 
 from __future__ import annotations
 
-import copy
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping

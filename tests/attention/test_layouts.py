@@ -29,6 +29,20 @@ def test_causal_layout_is_the_smallest_cover(seq_len, block_size):
     assert torch.equal(effective_layout(lay, True, *block_size), lay)
 
 
+@pytest.mark.parametrize("lq,lk", [(1, 300), (16, 300), (70, 200)], ids=str)
+def test_causal_layout_with_a_kv_cache_is_the_smallest_cover(lq, lk):
+    """More keys than queries: the queries are the last positions (the op's causal)."""
+    from sparsekernels.ops.block_sparse_attention import effective_layout
+    from sparsekernels.ops.reference.block_sparse_attention import causal_mask
+
+    bs = (16, 32)
+    lay = L.causal_layout(2, lq, bs, seq_len_k=lk)
+    elem = element_pattern(lay, bs, lq, lk)[0]
+    assert (elem | ~causal_mask(lq, lk, None)).all()
+    assert torch.equal(effective_layout(lay, True, *bs, lq, lk), lay)
+    assert lay[0, -1].all()  # the last queries see every key block
+
+
 @pytest.mark.parametrize("window", [0, 50, 64, 300])
 @pytest.mark.parametrize("causal", [False, True])
 def test_sliding_window_covers_the_band_and_only_it(window, causal):

@@ -65,24 +65,28 @@ def random_layout(heads, nq, nk, density, batch=None) -> torch.Tensor:
     return flat.view(*lead, nq, nk)
 
 
-def make_qkv(b, h, lq, lk, d, dtype, device="cpu", requires_grad=False):
-    ts = [torch.randn(b, h, n, d, dtype=torch.float64, device=device) for n in (lq, lk, lk)]
+def make_qkv(b, h, lq, lk, d, dtype, device="cpu", requires_grad=False, kv_heads=None):
+    """q [b, h, lq, d]; k, v [b, kv_heads (default h), lk, d]."""
+    hkv = h if kv_heads is None else kv_heads
+    ts = [torch.randn(b, n_heads, n, d, dtype=torch.float64, device=device)
+          for n_heads, n in ((h, lq), (hkv, lk), (hkv, lk))]
     return [t.to(dtype).requires_grad_(requires_grad) for t in ts]
 
 
-def expected(q, k, v, layout, block_size, mask=None, causal=False, grad=None):
+def expected(q, k, v, layout, block_size, mask=None, causal=False, grad=None, window=0):
     """(float64 truth, torch's own result in q's dtype) for outputs and, given grad, grads."""
     def run(dtype):
         qs, ks, vs = (t.detach().to(dtype) for t in (q, k, v))
         m = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
         out, _ = ref.block_sparse_attention(qs, ks, vs, layout, block_size, m, causal,
-                                            1.0 / math.sqrt(q.shape[-1]))
+                                            1.0 / math.sqrt(q.shape[-1]), window=window)
         if grad is None:
             return out, None
         # the baseline forms rowsum(P * dP) from the rounded output, as the kernels do
         grads = ref.block_sparse_attention_backward(grad.to(dtype), qs, ks, vs, layout,
                                                     block_size, m, causal,
-                                                    1.0 / math.sqrt(q.shape[-1]), out=out)
+                                                    1.0 / math.sqrt(q.shape[-1]), out=out,
+                                                    window=window)
         return out, grads
     return run(torch.float64), run(q.dtype)
 
@@ -99,10 +103,15 @@ GRAD_FACTOR = 4.0
 OUT_FACTOR = 3.0
 
 
-def check(out, grads, truth, base, names=("out", "dq", "dk", "dv"), grad_reduction=1):
+def check(out, grads, truth, base, names=("out", "dq", "dk", "dv"), grad_reduction=1,
+          out_reduction=1):
+    """out_reduction: the floor of the forward's bound is the rounding of a sum of this many
+    terms; decode passes the cache length, as one query row's max error is taken over only D
+    outputs, where torch's own error is often a single ulp."""
     # in float64 the truth is the same dtype: torch's "own error" is 0, allow a few ulps
     f = 4.0 if out.dtype == torch.float64 else 1.0
-    assert_close_to_reference(out, truth[0], base[0], factor=OUT_FACTOR * f, name=names[0])
+    assert_close_to_reference(out, truth[0], base[0], factor=OUT_FACTOR * f, name=names[0],
+                              reduction=out_reduction)
     if grads is not None:
         for g, t, bl, name in zip(grads, truth[1], base[1], names[1:]):
             assert_close_to_reference(g, t, bl, factor=GRAD_FACTOR * f, name=name,
@@ -278,7 +287,7 @@ def test_triton_dropout_matches_reference_with_the_same_bits():
     b, h, l, d, bs, p, seed = 1, 2, 64, 32, (32, 32), 0.3, 1234
     q, k, v = make_qkv(b, h, l, l, d, torch.float32, requires_grad=True)
     layout = random_layout(h, 2, 2, 0.75)
-    out, _ = torch.ops.sparsekernels.block_sparse_attention(q, k, v, layout, None, False,
+    out, _ = torch.ops.sparsekernels.block_sparse_attention(q, k, v, layout, None, False, 0,
                                                             d ** -0.5, 32, 32, p, seed, "triton")
     g = torch.randn_like(out)
     out.backward(g)
@@ -314,20 +323,23 @@ def test_dropout_public_op(backend):
 
 # --- op contracts ----------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("case", ["mha", "gqa-cache-window"])
+def test_opcheck(backend, case):
     need(backend)
-    q, k, v = make_qkv(1, 2, 40, 40, 32, torch.float32, requires_grad=True)
-    layout = random_layout(2, 3, 3, 0.5)
-    bias = torch.randn(1, 1, 40, 40, requires_grad=True)
+    # gqa-cache-window: 4 query heads on 2 key/value heads, 24 queries ending 40 keys, window 9
+    h, hkv, lq, window = (2, 2, 40, 0) if case == "mha" else (4, 2, 24, 9)
+    q, k, v = make_qkv(1, h, lq, 40, 32, torch.float32, requires_grad=True, kv_heads=hkv)
+    layout = random_layout(h, -(-lq // 16), 3, 0.5)
+    bias = torch.randn(1, 1, lq, 40, requires_grad=True)
     ops = torch.ops.sparsekernels
     torch.library.opcheck(ops.block_sparse_attention.default,
-                          (q, k, v, layout, bias, True, 0.2, 16, 16, 0.0, 0, backend))
-    out, stats = ops.block_sparse_attention(q, k, v, layout, None, False, 0.2, 16, 16, 0.0, 0,
-                                          backend)
+                          (q, k, v, layout, bias, True, window, 0.2, 16, 16, 0.0, 0, backend))
+    out, stats = ops.block_sparse_attention(q, k, v, layout, None, False, window, 0.2, 16, 16,
+                                            0.0, 0, backend)
     torch.library.opcheck(ops.block_sparse_attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
-                           out.detach(), stats.detach(), layout, bias.detach(), False, 0.2, 16, 16, 0.0, 0,
-                           True, backend))
+                           out.detach(), stats.detach(), layout, bias.detach(), False, window,
+                           0.2, 16, 16, 0.0, 0, True, backend))
 
 
 def test_torch_compile_reference():
@@ -359,11 +371,13 @@ def test_auto_on_cpu_runs_all_true_layouts_dense(monkeypatch, mask_kind, causal)
     m = _op_module()
     q, k, v = make_qkv(2, 2, 40, 40, 32, torch.float32, requires_grad=True)
     layout = torch.ones(2, 3, 3, dtype=torch.bool)
-    assert m.prefers_dense(q, layout, 0.0, m.Backend.AUTO)
-    assert not m.prefers_dense(q, layout, 0.0, m.Backend.REFERENCE)
+    assert m.prefers_dense(q, k, layout, 0.0, m.Backend.AUTO)
+    assert not m.prefers_dense(q, k, layout, 0.0, m.Backend.REFERENCE)
     sparse = layout.clone()
     sparse[0, 1, 2] = False
-    assert not m.prefers_dense(q, sparse, 0.0, m.Backend.AUTO)
+    assert not m.prefers_dense(q, k, sparse, 0.0, m.Backend.AUTO)
+    # decode (few queries against a cache) stays on the kernel
+    assert not m.prefers_dense(q[:, :, :16], k, layout[:, :1], 0.0, m.Backend.AUTO)
     keep = torch.ones(2, 1, 40, 40, dtype=torch.bool)
     keep[1, :, 30:] = False  # rows with no allowed key
     mask = {"none": None, "bool": keep,
@@ -415,6 +429,348 @@ def test_error_explicit_backend_unavailable(monkeypatch):
     with pytest.raises(RuntimeError, match="sparsekernels.block_sparse_attention"):
         block_sparse_attention(q, k, v, torch.ones(1, 1, 1, dtype=torch.bool), (32, 32),
                                backend="cuda")
+
+
+# --- grouped-query attention, KV caches, sliding windows ---------------------------------------
+def transformers_allowed(lq, lk, causal, window):
+    """Which keys each query sees, written out pair by pair from transformers' masking_utils
+    (causal_mask_function: kv_idx <= q_idx; sliding_window_overlay: kv_idx > q_idx - window)
+    with the queries at cache positions lk - lq .. lk - 1; without causal the window is
+    symmetric, |q_idx - kv_idx| < window (FlashAttention's (window - 1, window - 1))."""
+    ok = torch.zeros(lq, lk, dtype=torch.bool)
+    for i in range(lq):
+        q_idx = lk - lq + i
+        for kv_idx in range(lk):
+            see = kv_idx <= q_idx if causal else True
+            if window:
+                see = see and kv_idx > q_idx - window and (causal or kv_idx < q_idx + window)
+            ok[i, kv_idx] = see
+    return ok
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 37), (5, 37), (37, 37), (12, 5)], ids=str)
+@pytest.mark.parametrize("causal,window", [(True, 0), (True, 6), (False, 6), (True, 1)],
+                         ids=["causal", "causal-w6", "bidirectional-w6", "causal-w1"])
+def test_reference_positions_match_transformers_and_sdpa(lq, lk, causal, window):
+    """The oracle's positions, checked against pair-by-pair rules and against SDPA on repeated
+    key/value heads (what transformers does for grouped-query attention)."""
+    allowed = transformers_allowed(lq, lk, causal, window)
+    assert torch.equal(ref.position_mask(lq, lk, causal, window), allowed)
+    try:  # transformers' own mask functions, where this transformers version has them
+        from transformers import masking_utils as mu
+        fn = (mu.sliding_window_causal_mask_function(window) if causal and window
+              else mu.causal_mask_function if causal else None)
+    except (ImportError, AttributeError):
+        fn = None
+    if fn is not None:
+        t = torch.tensor
+        theirs = torch.tensor([[bool(fn(t(0), t(0), t(lk - lq + i), t(j))) for j in range(lk)]
+                               for i in range(lq)])
+        assert torch.equal(theirs, allowed)
+    if causal and not window and lq <= lk:  # FlashAttention >= 2.1's alignment, in torch
+        from torch.nn.attention.bias import causal_lower_right
+        assert torch.equal(causal_lower_right(lq, lk)._materialize(), allowed)
+    q, k, v = make_qkv(2, 6, lq, lk, 16, torch.float64, kv_heads=2)
+    layout = torch.ones(6, -(-lq // 16), -(-lk // 16), dtype=torch.bool)
+    out, _ = ref.block_sparse_attention(q, k, v, layout, (16, 16), None, causal, 0.25,
+                                        window=window)
+    live = allowed.any(-1)
+    expect = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1),
+                                            v.repeat_interleave(3, 1),
+                                            attn_mask=allowed | ~live[:, None], scale=0.25)
+    torch.testing.assert_close(out[..., live, :], expect[..., live, :], rtol=1e-12, atol=1e-12)
+    assert (out[..., ~live, :] == 0).all()
+
+
+def test_reference_gqa_backward_matches_autograd():
+    """dK, dV of a grouped key/value head sum its query heads' gradients."""
+    q, k, v = make_qkv(2, 6, 9, 40, 16, torch.float64, requires_grad=True, kv_heads=2)
+    bias = torch.randn(2, 1, 9, 40, dtype=torch.float64, requires_grad=True)
+    layout = random_layout(6, 1, 3, 0.7)
+    out, _ = ref.block_sparse_attention(q, k, v, layout, (16, 16), bias, True, 0.3, window=25)
+    g = torch.randn_like(out)
+    auto = torch.autograd.grad(out, (q, k, v, bias), g)
+    mine = ref.block_sparse_attention_backward(g, q.detach(), k.detach(), v.detach(), layout,
+                                               (16, 16), bias.detach(), True, 0.3, window=25)
+    for a, m in zip(auto[:3], mine[:3]):
+        torch.testing.assert_close(m, a, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mine[3].sum(1, keepdim=True), auto[3], rtol=1e-10, atol=1e-10)
+
+
+# (query heads, key/value heads): group sizes 1, 2, 3 (SmolLM2's 9 / 3) and 4
+GQA = {"g1": (4, 4), "g2": (4, 2), "g3": (9, 3), "g4": (8, 2)}
+
+
+def _decode_cases():
+    """backend x group x Lq x Lk; under the Triton interpreter the longest cache runs for
+    the SmolLM2 group (g3) only (interpreter time)."""
+    out = []
+    for backend in ("reference", "cpu", "triton"):
+        for name, heads in GQA.items():
+            for lq in (1, 5, 16):
+                for lk in (1, 97, 600):
+                    if backend == "triton" and lk == 600 and name != "g3":
+                        continue
+                    out.append(pytest.param(backend, heads, lq, lk,
+                                            id=f"{backend}-{name}-q{lq}-k{lk}"))
+    return out
+
+
+@pytest.mark.parametrize("backend,heads,lq,lk", _decode_cases())
+def test_decode_against_kv_cache(backend, heads, lq, lk):
+    """Lq new queries at the end of a cache of Lk keys (ragged, not block multiples), causal,
+    grouped heads, a random layout with empty rows: forward and backward."""
+    need(backend)
+    h, hkv = heads
+    lk = max(lk, lq)  # the queries are the last Lq of the keys
+    bs = (16, 64)
+    q, k, v = make_qkv(1, h, lq, lk, 64, torch.float32, requires_grad=True, kv_heads=hkv)
+    layout = random_layout(h, 1, -(-lk // 64), 0.6)
+    layout[0] = False  # a pruned head: zeros
+    out = block_sparse_attention(q, k, v, layout, bs, causal=True, backend=backend)
+    g = torch.randn_like(out)
+    out.backward(g)
+    truth, base = expected(q, k, v, layout, bs, None, True, g)
+    check(out, (q.grad, k.grad, v.grad), truth, base, out_reduction=lk)
+    assert (out[:, 0] == 0).all() and (q.grad[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("window", [1, 13, 64, 1000])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("lq,lk", [(4, 150), (70, 70), (45, 90)], ids=str)
+def test_sliding_window(backend, window, causal, lq, lk):
+    need(backend)
+    h, hkv, bs = 4, 2, (16, 16)
+    q, k, v = make_qkv(2, h, lq, lk, 32, torch.float32, requires_grad=True, kv_heads=hkv)
+    layout = random_layout(h, -(-lq // 16), -(-lk // 16), 0.8)
+    out = block_sparse_attention(q, k, v, layout, bs, causal=causal, window=window,
+                                 backend=backend)
+    g = torch.randn_like(out)
+    out.backward(g)
+    truth, base = expected(q, k, v, layout, bs, None, causal, g, window=window)
+    check(out, (q.grad, k.grad, v.grad), truth, base)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_blocks_outside_the_window_are_never_read(backend):
+    """Keys and values of blocks that causal / the window / the layout leave entirely empty
+    hold NaN: the kernels skip those blocks, so the result stays finite and exact."""
+    need(backend)
+    h, hkv, lq, lk, bs, window = 4, 2, 16, 200, (16, 16), 40
+    q, k, v = make_qkv(1, h, lq, lk, 32, torch.float32, kv_heads=hkv)
+    layout = random_layout(h, 1, -(-lk // 16), 0.7)
+    layout[:, 0, -2] = True  # the newest blocks: read
+    reached = m_eff = _op_module().effective_layout(layout, True, *bs, lq, lk, window)
+    read = reached.any(0)[0]  # key blocks any head reads
+    assert 2 <= int(read.sum()) < read.numel()
+    k_nan, v_nan = k.clone(), v.clone()
+    for kb in torch.nonzero(~read).flatten().tolist():
+        k_nan[:, :, kb * 16:(kb + 1) * 16] = float("nan")
+        v_nan[:, :, kb * 16:(kb + 1) * 16] = float("nan")
+    out = block_sparse_attention(q, k_nan, v_nan, layout, bs, causal=True, window=window,
+                                 backend=backend)
+    truth, base = expected(q, k, v, m_eff, bs, None, True, None, window=window)
+    check(out, None, truth, base)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize("lq", [1, 7])
+def test_padded_batch_decode(backend, mask_kind, lq):
+    """A left-padded batch decoding against its cache (transformers' [B, 1, Lq, Lk] mask),
+    grouped heads, a window; one sequence is padding only (its rows give zeros)."""
+    need(backend)
+    b, h, hkv, lk, bs = 4, 6, 2, 75, (16, 32)
+    q, k, v = make_qkv(b, h, lq, lk, 32, torch.float32, requires_grad=True, kv_heads=hkv)
+    lengths = torch.tensor([75, 40, 9, 0])
+    keys_ok = torch.arange(lk)[None, :] >= (lk - lengths)[:, None]  # left padding
+    keep = keys_ok[:, None, None, :].expand(b, 1, lq, lk)
+    mask = (keep.contiguous() if mask_kind == "bool" else
+            torch.zeros(b, 1, lq, lk).masked_fill(~keep, float("-inf")))
+    layout = random_layout(h, 1, 3, 0.8, batch=b)
+    out = block_sparse_attention(q, k, v, layout, bs, attn_mask=mask, causal=True, window=50,
+                                 backend=backend)
+    g = torch.randn_like(out)
+    out.backward(g)
+    truth, base = expected(q, k, v, layout, bs, mask, True, g, window=50)
+    check(out, (q.grad, k.grad, v.grad), truth, base, out_reduction=50)
+    assert (out[3] == 0).all() and (q.grad[3] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "triton"])
+@pytest.mark.parametrize("lq", [0, 1, 20])
+def test_no_keys_gives_zeros(backend, lq):
+    """Lk = 0 (an empty cache): zeros everywhere and zero gradients, in every backend."""
+    if backend != "auto":
+        need(backend)
+    q, k, v = make_qkv(2, 4, lq, 0, 32, torch.float32, requires_grad=True, kv_heads=2)
+    layout = torch.zeros(4, -(-lq // 16), 0, dtype=torch.bool)
+    out = block_sparse_attention(q, k, v, layout, (16, 16), causal=True, backend=backend)
+    assert out.shape == q.shape and (out == 0).all()
+    out.backward(torch.randn_like(out))
+    assert q.grad.shape == q.shape and (q.grad == 0).all()
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_more_queries_than_keys_empty_rows(backend):
+    """Causal with Lq > Lk: the first Lq - Lk queries sit before every key and give zeros,
+    with zero (finite) gradients."""
+    need(backend)
+    q, k, v = make_qkv(1, 4, 30, 12, 32, torch.float32, requires_grad=True, kv_heads=1)
+    layout = torch.ones(4, 2, 1, dtype=torch.bool)
+    out = block_sparse_attention(q, k, v, layout, (16, 16), causal=True, backend=backend)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert (out[:, :, :18] == 0).all() and (q.grad[:, :, :18] == 0).all()
+    truth, base = expected(q, k, v, layout, (16, 16), None, True, g)
+    check(out, (q.grad, k.grad, v.grad), truth, base)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_cpu_split_keys_across_threads(threads):
+    """Few work items (decode) are split along the cache across threads and merged: the same
+    result for any thread count, with empty parts (a layout row with one block)."""
+    need("cpu")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v = make_qkv(1, 3, 2, 900, 64, torch.float32, kv_heads=1)
+        layout = random_layout(3, 1, 15, 0.5)
+        layout[1] = False
+        layout[1, 0, 7] = True  # one stored block: most parts of this head are empty
+        out = block_sparse_attention(q, k, v, layout, (16, 64), causal=True, window=700,
+                                     backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    truth, base = expected(q, k, v, layout, (16, 64), None, True, None, window=700)
+    check(out, None, truth, base, out_reduction=700)
+
+
+def _bf16_cpu(native: bool):
+    ext = importlib.import_module("sparsekernels.ops._ext")
+
+    def run(q, k, v, layout, mask, causal, window, scale, bq, bk):
+        lay = layout if layout.dim() == 4 else layout.unsqueeze(0)
+        return ext.op(OP, "cpu")(q, k, v, lay, mask, causal, window, scale, bq, bk, native)[0]
+    return run
+
+
+BF16_CASES = {"decode-g3": (9, 3, 1, 600, 64, (16, 64), 0), "chunk-g2-window": (4, 2, 16, 300, 64, (16, 32), 100),
+              "prefill-g1-d128": (2, 2, 130, 130, 128, (32, 64), 0), "prefill-g4-d16": (8, 2, 70, 70, 16, (16, 16), 30),
+              "d32-b128": (2, 1, 40, 200, 32, (32, 128), 0)}
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["avx512bf16", "fp32-fallback"])
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_cpu_bf16(native, case):
+    """bf16 on the CPU kernel: AVX512-BF16 dot products with fp32 accumulation (where this CPU
+    has them; the fallback converts to fp32), within about twice torch's own bf16 error."""
+    need("cpu")
+    if native and not torch.ops.sparsekernels_C.cpu_has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16 (the fallback case covers it)")
+    h, hkv, lq, lk, d, bs, window = BF16_CASES[case]
+    q, k, v = make_qkv(1, h, lq, lk, d, torch.bfloat16, kv_heads=hkv)
+    layout = random_layout(h, -(-lq // bs[0]), -(-lk // bs[1]), 0.6)
+    mask = torch.zeros(1, 1, lq, lk).masked_fill(torch.rand(1, 1, lq, lk) < 0.1, float("-inf"))
+    out = _bf16_cpu(native)(q, k, v, layout, mask, True, window, d ** -0.5, *bs)
+    assert out.dtype == torch.bfloat16
+    truth, base = expected(q, k, v, layout, bs, mask, True, None, window=window)
+    check(out, None, truth, base)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+def test_public_bf16_gqa_decode(backend):
+    need("cpu" if backend == "auto" else backend)
+    q, k, v = make_qkv(2, 9, 4, 333, 64, torch.bfloat16, kv_heads=3)
+    layout = torch.ones(9, 1, 6, dtype=torch.bool)
+    out = block_sparse_attention(q, k, v, layout, (16, 64), causal=True, window=200,
+                                 backend=backend)
+    truth, base = expected(q, k, v, layout, (16, 64), None, True, None, window=200)
+    check(out, None, truth, base)
+
+
+@pytest.mark.parametrize("case", ["gqa-causal-cache", "window", "mask-window"])
+def test_auto_dense_route_keeps_positions(monkeypatch, case):
+    """auto's dense SDPA route (all-true layout, more than 16 queries) keeps grouped heads,
+    the end-aligned causal band and the window."""
+    monkeypatch.delenv("SPARSEKERNELS_BACKEND", raising=False)
+    m = _op_module()
+    q, k, v = make_qkv(2, 6, 40, 70, 32, torch.float32, requires_grad=True, kv_heads=2)
+    layout = torch.ones(6, 3, 5, dtype=torch.bool)
+    assert m.prefers_dense(q, k, layout, 0.0, m.Backend.AUTO)
+    window = {"gqa-causal-cache": 0, "window": 20, "mask-window": 9}[case]
+    mask = None
+    if case == "mask-window":
+        mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
+        mask[1, ..., :65] = False  # with window 9, most rows of sequence 1 see nothing
+    out = block_sparse_attention(q, k, v, layout, (16, 16), attn_mask=mask, causal=True,
+                                 window=window or None)
+    g = torch.randn_like(out)
+    out.backward(g)
+    truth, base = expected(q, k, v, layout, (16, 16), mask, True, g, window=window)
+    check(out, (q.grad, k.grad, v.grad), truth, base, grad_reduction=70)
+
+
+def test_effective_layout_keeps_exactly_the_reachable_blocks():
+    """A block survives causal / window pruning iff the element rule allows one of its pairs."""
+    m = _op_module()
+    for lq, lk, causal, window in [(5, 300, True, 0), (40, 300, True, 50), (70, 70, False, 20),
+                                  (30, 12, True, 0), (16, 100, False, 3)]:
+        bs = (16, 32)
+        nq, nk = -(-lq // 16), -(-lk // 32)
+        layout = torch.ones(1, nq, nk, dtype=torch.bool)
+        eff = m.effective_layout(layout, causal, *bs, lq, lk, window)[0]
+        pairs = F.pad(ref.position_mask(lq, lk, causal, window).float(),
+                      (0, nk * 32 - lk, 0, nq * 16 - lq))
+        has_pair = pairs.view(nq, 16, nk, 32).sum((1, 3)) > 0
+        assert torch.equal(eff, has_pair), (lq, lk, causal, window)
+
+
+def test_error_heads_and_window():
+    q, k, v = make_qkv(1, 6, 8, 32, 32, torch.float32, kv_heads=4)
+    layout = torch.ones(6, 1, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="Hkv dividing"):
+        block_sparse_attention(q, k, v, layout, (32, 32))
+    q, k, v = make_qkv(1, 6, 8, 32, 32, torch.float32, kv_heads=3)
+    with pytest.raises(ValueError, match="one row per query head"):
+        block_sparse_attention(q, k, v, torch.ones(3, 1, 1, dtype=torch.bool), (32, 32))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            block_sparse_attention(q, k, v, layout, (32, 32), window=bad)
+
+
+def test_eager_inference_runs_the_op_implementation():
+    """Without gradients, eager calls run the op's implementation without the custom op's
+    Python dispatch (half of a decode call): the same numbers; a dispatch mode (profilers,
+    FakeTensorMode) and a gradient still go through the op."""
+    need("cpu")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = make_qkv(1, 6, 3, 70, 32, torch.float32, kv_heads=2)
+    layout = random_layout(6, 1, 2, 0.7)
+    with torch.no_grad():
+        fast = block_sparse_attention(q, k, v, layout, (16, 64), causal=True, backend="cpu")
+    via_op, _ = torch.ops.sparsekernels.block_sparse_attention(
+        q, k, v, layout, None, True, 0, 32 ** -0.5, 16, 64, 0.0, 0, "cpu")
+    assert torch.equal(fast, via_op)
+    with Record() as rec, torch.no_grad():
+        block_sparse_attention(q, k, v, layout, (16, 64), causal=True, backend="cpu")
+    assert "sparsekernels.block_sparse_attention.default" in rec.names
+    with Record() as rec:
+        block_sparse_attention(q.requires_grad_(), k, v, layout, (16, 64), causal=True,
+                               backend="cpu")
+    assert "sparsekernels.block_sparse_attention.default" in rec.names
 
 
 # --- GPU ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 from sparsekernels import SparseLinear
-from sparsekernels.formats.block_sparse import INDEX_NAMES, INNER_NAMES
+from sparsekernels.formats.block_sparse import INNER_NAMES
 from sparsekernels.speedup import CheckpointError, ModelSpeedup, load_model, save_model
 from sparsekernels.speedup.io import RECORD, WEIGHTS
 from sparsekernels.speedup.surgery import restore_structure
