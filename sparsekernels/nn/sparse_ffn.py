@@ -5,15 +5,21 @@ sparsekernels.ops.bsr_ffn call (on the CPU, without writing the [tokens, 4 x hid
 intermediate); when either layer is too dense for its kernel, each layer runs as its own
 SparseLinear would (dense above the crossover).
 
+A gated FFN (SwiGLU, GeGLU) is down(act(gate(x)) * up(x)), run as one
+sparsekernels.ops.bsr_gated_ffn call.
+
 fuse_ffn_(model) does this for every FFN the model map finds (sparsekernels.arch), after
-ModelSpeedup's kernel or auto mode, without changing module names or the state_dict: the FFN's first SparseLinear becomes
-a `FusedFFNInput` that computes the whole block, the activation an identity, and the second
-SparseLinear a `FusedFFNOutput` that passes its input through (its parameters stay where
-they were; the first layer reads them). unfuse_ffn_ undoes it.
+ModelSpeedup's kernel or auto mode, without changing module names or the state_dict: the
+FFN's first SparseLinear becomes a `FusedFFNInput` that computes the whole block, the
+activation an identity, and the second SparseLinear a `FusedFFNOutput` that passes its input
+through (its parameters stay where they were; the first layer reads them). A gated MLP
+module instead gets a forward of its own that calls the fused op, once a random input shows
+that its code computes down(act(gate(x)) * up(x)). unfuse_ffn_ undoes both.
 """
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,7 +33,8 @@ from sparsekernels.nn.quantized_sparse_linear import (
 )
 from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
 from sparsekernels.ops.backend import Backend
-from sparsekernels.ops.bsr_ffn import activate, check_activation
+from sparsekernels.ops.bsr_ffn import activate, check_activation, ffn_packed
+from sparsekernels.ops.bsr_gated_ffn import gated_ffn_packed
 
 
 def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.Tensor):
@@ -39,11 +46,33 @@ def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.
             and not (_needs_grad(x, fc1) or _needs_grad(x, fc2))):
         packed1, packed2 = fc1.packed(), fc2.packed()
         if packed1 is not None and packed2 is not None:  # the W.T blocks, as stored
-            return torch.ops.sparsekernels.bsr_ffn_packed(
-                x, fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
-                fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias, activation)
+            return ffn_packed(x, fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
+                              fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias,
+                              activation)
     return torch.ops.sparsekernels.bsr_ffn(x, *fc1.op_args(), fc1.bias, *fc2.op_args(), fc2.bias,
                                            activation, fc1.backend.value)
+
+
+def gated_ffn_forward(gate: SparseLinear, up: SparseLinear, down: SparseLinear,
+                      activation: str, x: torch.Tensor) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)): one fused op when the three layers run their kernels, else
+    layer by layer."""
+    layers = (gate, up, down)
+    if any(layer.route.dense for layer in layers):
+        h = activate(SparseLinear.forward(gate, x), activation) * SparseLinear.forward(up, x)
+        return SparseLinear.forward(down, h)
+    gate.check_input(x)  # up, down and the activation were checked when fused
+    if (all(layer.route.backend is Backend.CPU for layer in layers)
+            and not any(_needs_grad(x, layer) for layer in layers)):
+        packed = [layer.packed() for layer in layers]
+        if all(p is not None for p in packed):  # the W.T blocks, as stored
+            return gated_ffn_packed(
+                x, *[t for layer, p in zip(layers, packed)
+                     for t in (layer.values, p, layer.crow_indices, layer.col_indices,
+                               layer.bias)], activation)
+    return torch.ops.sparsekernels.bsr_gated_ffn(
+        x, *gate.op_args(), gate.bias, *up.op_args(), up.bias, *down.op_args(), down.bias,
+        activation, gate.backend.value)
 
 
 def _check_pair(fc1, fc2, activation: str) -> None:
@@ -61,28 +90,53 @@ def _check_pair(fc1, fc2, activation: str) -> None:
     check_activation(activation)
 
 
-class SparseFFN(nn.Module):
-    """fc2(activation(fc1(x))) with two SparseLinear layers, run as one fused op."""
+def _check_gate(gate, up) -> None:
+    """A gate must be a SparseLinear shaped, blocked and routed like the up projection."""
+    if not isinstance(gate, SparseLinear):
+        raise TypeError(f"gate must be a SparseLinear, got {type(gate).__name__}: convert it "
+                        "with SparseLinear.from_linear(linear, block_size, sparsity=...)")
+    if (gate.in_features, gate.out_features) != (up.in_features, up.out_features):
+        raise ValueError(f"gate is [{gate.out_features}, {gate.in_features}] but the up "
+                         f"projection (fc1) is [{up.out_features}, {up.in_features}]: they "
+                         "must have one shape")
+    if gate.block_size != up.block_size:
+        raise ValueError(f"gate has blocks {gate.block_size}, the up projection "
+                         f"{up.block_size}: the fused op takes one block size for both")
+    if gate.backend != up.backend:
+        raise ValueError(f"gate and fc1 have different backends ({gate.backend.value}, "
+                         f"{up.backend.value}): give all layers the same backend")
 
-    def __init__(self, fc1: SparseLinear, fc2: SparseLinear, activation: str = "gelu"):
+
+class SparseFFN(nn.Module):
+    """fc2(activation(fc1(x))) with two SparseLinear layers, run as one fused op; with a
+    `gate` (a gated MLP: SwiGLU, GeGLU) fc2(activation(gate(x)) * fc1(x)), fc1 being the up
+    projection."""
+
+    def __init__(self, fc1: SparseLinear, fc2: SparseLinear, activation: str = "gelu",
+                 gate: SparseLinear | None = None):
         super().__init__()
         _check_pair(fc1, fc2, activation)
-        self.fc1, self.fc2, self.activation = fc1, fc2, activation
+        if gate is not None:
+            _check_gate(gate, fc1)
+        self.fc1, self.fc2, self.activation, self.gate = fc1, fc2, activation, gate
 
     @classmethod
     def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, activation: str = "gelu",
                      block_size=(32, 32), sparsity: float | None = None,
-                     backend: str = "auto") -> "SparseFFN":
-        """Both layers to SparseLinear (see SparseLinear.from_linear), then fused."""
+                     backend: str = "auto", gate: nn.Linear | None = None) -> "SparseFFN":
+        """The layers to SparseLinear (see SparseLinear.from_linear), then fused."""
         check_activation(activation)  # before converting anything
         convert = lambda layer: layer if isinstance(layer, SparseLinear) else \
             SparseLinear.from_linear(layer, block_size, sparsity=sparsity, backend=backend)
-        return cls(convert(fc1), convert(fc2), activation)
+        return cls(convert(fc1), convert(fc2), activation,
+                   gate=None if gate is None else convert(gate))
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation}"
+        return f"activation={self.activation}, gated={self.gate is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return gated_ffn_forward(self.gate, self.fc1, self.fc2, self.activation, x)
         return ffn_forward(self.fc1, self.fc2, self.activation, x)
 
 
@@ -137,10 +191,14 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
     """
     from sparsekernels.arch.find import activation_name, find_ffn
 
-    report, plan = {}, []
+    report, plan, gated = {}, [], []
     for site in find_ffn(model):
         if site.gated:
-            report[site.name] = "left as is: a gated FFN (two first layers) has no fused kernel"
+            why = _gated_plan(model, site)
+            if isinstance(why, str):
+                report[site.name] = why
+            else:
+                gated.append(why)
             continue
         if site.act is None:
             report[site.name] = "left as is: the model map found no activation module"
@@ -176,13 +234,93 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
         fc1.__class__, fc2.__class__ = fused_classes
         setattr(*act_slot, nn.Identity())
         report[site.name] = f"fused ({name})"
+    for mlp, state in gated:
+        mlp.__dict__["_gated_ffn"] = state
+        mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
+        report[state.name] = f"fused ({state.activation}, gated)"
     return report
+
+
+@dataclass
+class _GatedFused:
+    """What fuse_ffn_ changed at one gated MLP: its forward runs the fused op."""
+
+    name: str
+    gate: SparseLinear
+    up: SparseLinear
+    down: SparseLinear
+    activation: str
+    dropout_p: Callable[[], float]
+
+
+def _gated_mlp_forward(self, x, *args, **kwargs):
+    """A fused gated MLP's forward (bound to the MLP module by fuse_ffn_)."""
+    state = self.__dict__["_gated_ffn"]
+    if args or kwargs or (self.training and state.dropout_p() > 0):
+        return type(self).forward(self, x, *args, **kwargs)  # the model's own code
+    return gated_ffn_forward(state.gate, state.up, state.down, state.activation, x)
+
+
+def _gated_plan(model: nn.Module, site):
+    """(MLP module, _GatedFused) for a gated FFN site, or why it stays as it is."""
+    from sparsekernels.arch.find import activation_name
+
+    if site.gate_up_fused:
+        return "left as is: gate and up are one fused layer (no split SparseLinear pair)"
+    mlp = model.get_submodule(site.name)
+    if "_gated_ffn" in mlp.__dict__:
+        return "already fused"
+    gate, up, down = (model.get_submodule(n) for n in (site.gate, site.up, site.down))
+    if not all(type(layer) is SparseLinear for layer in (gate, up, down)):
+        kinds = ", ".join(type(layer).__name__ for layer in (gate, up, down))
+        return (f"left as is: gate, up and down are {kinds} (a fused gated FFN takes three "
+                "SparseLinear)")
+    act = getattr(model.get_submodule(site.act[0]), site.act[1]) if site.act else None
+    name = activation_name(act) if act is not None else site.activation
+    if name is None:
+        return "left as is: the model map found no supported activation"
+    try:
+        _check_pair(up, down, name)
+        _check_gate(gate, up)
+    except (TypeError, ValueError) as e:
+        return f"left as is: {e}"
+    state = _GatedFused(site.name, gate, up, down, name, lambda: site.dropout_p(model))
+    if not _computes_the_same(mlp, state):
+        return ("left as is: its forward is not down(act(gate(x)) * up(x)) on a random "
+                "input, so it cannot run as the fused op")
+    return mlp, state
+
+
+def _computes_the_same(mlp: nn.Module, state: _GatedFused) -> bool:
+    """The module's own forward and the fused op agree on a random input (the map found
+    the layers and the activation; this checks that the forward combines them as assumed)."""
+    values = state.gate.values
+    x = torch.randn(3, state.gate.in_features, dtype=values.dtype, device=values.device)
+    modes = {m: m.training for m in mlp.modules()}
+    try:
+        mlp.eval()
+        with torch.no_grad():
+            want = type(mlp).forward(mlp, x)
+            got = gated_ffn_forward(state.gate, state.up, state.down, state.activation, x)
+    except Exception:  # a forward that needs more than x
+        return False
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return False
+    tol = 1e-4 if values.dtype in (torch.float32, torch.float64) else 2e-2
+    return bool((got - want).abs().max() <= tol * want.abs().max().clamp_min(1e-6))
 
 
 def unfuse_ffn_(model: nn.Module) -> int:
     """Undo fuse_ffn_: the layers become plain SparseLinear again. Returns how many FFNs."""
     count = 0
     for module in list(model.modules()):
+        if "_gated_ffn" in module.__dict__:
+            del module.__dict__["_gated_ffn"], module.__dict__["forward"]
+            count += 1
+            continue
         if isinstance(module, (FusedFFNInput, FusedQuantizedFFNInput)):
             state = module.__dict__.pop("_ffn")
             setattr(*state.act_slot, state.act)

@@ -33,6 +33,7 @@ from sparsekernels.formats.block_sparse import (
     validate_index,
 )
 from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.bsr_linear import linear_packed
 from sparsekernels.ops.router import Route, route
 
 
@@ -222,8 +223,8 @@ class SparseLinear(nn.Module):
         if r.backend is Backend.CPU and not _needs_grad(x, self):
             packed = self.packed()
             if packed is not None:
-                return torch.ops.sparsekernels.bsr_linear_packed(
-                    x, self.values, packed, self.crow_indices, self.col_indices, self.bias)
+                return linear_packed(x, self.values, packed, self.crow_indices,
+                                     self.col_indices, self.bias)
         return torch.ops.sparsekernels.bsr_linear(x, *self.op_args(), self.bias, r.backend.value)
 
     def op_args(self) -> tuple:

@@ -27,6 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from sparsekernels.ops.limits import check_block_size
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.eager import plain_inference
 from sparsekernels.ops.reference import block_sparse_attention as ref
 from sparsekernels.ops.router import DECODE_MAX_QUERIES, route
 
@@ -180,7 +181,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, attn_mask: Optiona
              causal: bool, window: int, scale: float, block_q: int, block_k: int,
              dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
     """The forward op's implementation (also run directly by eager inference, see
-    _plain_inference)."""
+    sparsekernels.ops.eager)."""
     chosen = _choose(backend, q, dropout_p, for_backward=False)
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     mask = _mask4(attn_mask)
@@ -352,27 +353,6 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size,
     return bq, bk
 
 
-def _plain_inference(*tensors: Optional[Tensor]) -> bool:
-    """True when the forward may run its implementation without the dispatcher: eager,
-    nothing needs a gradient, plain tensors, no torch function / dispatch mode active (those
-    must see the op). The custom op's Python dispatch is about half of a decode call's cost;
-    the implementation run is the same either way."""
-    if torch.compiler.is_compiling() or _MODE_STACKS():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
-            return False
-    return True
-
-
-def _mode_stacks() -> int:
-    return torch._C._len_torch_function_stack() + torch._C._len_torch_dispatch_stack()
-
-
-# private torch functions; without them every call takes the dispatcher
-_MODE_STACKS = (_mode_stacks if hasattr(torch._C, "_len_torch_function_stack")
-                and hasattr(torch._C, "_len_torch_dispatch_stack") else (lambda: 1))
 _BACKENDS = {b.value: b for b in Backend}
 
 
@@ -455,6 +435,6 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     # the op gets the backend chosen here (its backward re-checks what it can run)
     args = (q, k, v, layout, attn_mask, bool(causal), window, scale, bq, bk, float(dropout_p),
             seed, chosen.value)
-    if _plain_inference(q, k, v, layout, attn_mask):
+    if plain_inference(q, k, v, layout, attn_mask):
         return _forward(*args)[0]
     return torch.ops.sparsekernels.block_sparse_attention.default(*args)[0]

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.eager import plain_inference
 from sparsekernels.ops.reference import bsr_ffn as ref_ffn
 from sparsekernels.ops.reference.bsr_ffn import activate
 from sparsekernels.ops.router import route
@@ -89,8 +90,7 @@ def _(x, values1, crow1, col1, row1, ccol1, row_t1, perm1, bias1,
     return x.new_empty((*x.shape[:-1], n2))
 
 
-@torch.library.custom_op("sparsekernels::bsr_ffn_packed", mutates_args=())
-def _bsr_ffn_packed(x: Tensor, values1: Tensor, packed1: Tensor, crow1: Tensor, col1: Tensor,
+def _ffn_packed(x: Tensor, values1: Tensor, packed1: Tensor, crow1: Tensor, col1: Tensor,
                     bias1: Optional[Tensor], values2: Tensor, packed2: Tensor, crow2: Tensor,
                     col2: Tensor, bias2: Optional[Tensor], activation: str) -> Tensor:
     """bsr_ffn's CPU inference route with both layers' W.T blocks made by the caller (no
@@ -106,6 +106,18 @@ def _bsr_ffn_packed(x: Tensor, values1: Tensor, packed1: Tensor, crow1: Tensor, 
         h = activate(linear(x2, values1, crow1, col1, bias1, packed1), activation)
         y = linear(h, values2, crow2, col2, bias2, packed2)
     return y.reshape(*x.shape[:-1], n2)
+
+
+_bsr_ffn_packed = torch.library.custom_op("sparsekernels::bsr_ffn_packed", _ffn_packed,
+                                          mutates_args=())
+
+
+def ffn_packed(x: Tensor, *args) -> Tensor:
+    """bsr_ffn_packed(x, *args) (the op's arguments), run directly when the call may
+    skip the dispatcher (eager, no gradient: sparsekernels.ops.eager), else through the op."""
+    if plain_inference(x, *args[:-1]):  # the last argument is the activation's name
+        return _ffn_packed(x, *args)
+    return torch.ops.sparsekernels.bsr_ffn_packed(x, *args)
 
 
 @_bsr_ffn_packed.register_fake

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.eager import plain_inference
 from sparsekernels.ops.bsr_ffn import activate, activation_backward
 from sparsekernels.ops.reference import bsr_ffn as ref_ffn
 from sparsekernels.ops.router import route
@@ -90,8 +91,7 @@ def _(x, values_g, crow_g, col_g, row_g, ccol_g, row_t_g, perm_g, bias_g,
     return x.new_empty((*x.shape[:-1], (crow_d.shape[0] - 1) * values_d.shape[1]))
 
 
-@torch.library.custom_op("sparsekernels::bsr_gated_ffn_packed", mutates_args=())
-def _bsr_gated_ffn_packed(x: Tensor,
+def _gated_ffn_packed(x: Tensor,
                           values_g: Tensor, packed_g: Tensor, crow_g: Tensor, col_g: Tensor,
                           bias_g: Optional[Tensor],
                           values_u: Tensor, packed_u: Tensor, crow_u: Tensor, col_u: Tensor,
@@ -112,6 +112,18 @@ def _bsr_gated_ffn_packed(x: Tensor,
              * linear(x2, values_u, crow_u, col_u, bias_u, packed_u))
         y = linear(h, values_d, crow_d, col_d, bias_d, packed_d)
     return y.reshape(*x.shape[:-1], n2)
+
+
+_bsr_gated_ffn_packed = torch.library.custom_op("sparsekernels::bsr_gated_ffn_packed",
+                                                _gated_ffn_packed, mutates_args=())
+
+
+def gated_ffn_packed(x: Tensor, *args) -> Tensor:
+    """bsr_gated_ffn_packed(x, *args) (the op's arguments), run directly when the call may
+    skip the dispatcher (eager, no gradient: sparsekernels.ops.eager), else through the op."""
+    if plain_inference(x, *args[:-1]):  # the last argument is the activation's name
+        return _gated_ffn_packed(x, *args)
+    return torch.ops.sparsekernels.bsr_gated_ffn_packed(x, *args)
 
 
 @_bsr_gated_ffn_packed.register_fake

@@ -7,9 +7,10 @@ Three custom ops (torch.library), each with a fake implementation:
   bsr_sdd(g, x)     = (g.T @ x)[stored] sampled dense-dense -> blocks (weight gradient)
 bsr_linear has an autograd formula made of the other two.
 
-bsr_linear_packed is bsr_linear's CPU inference route with the W.T blocks made once by the
-caller (SparseLinear's cache) instead of on every call: 15% of a forward at 128 tokens.
-It has no autograd formula; callers use it only when no gradient is needed.
+bsr_linear_packed is bsr_linear's CPU inference route with the W.T blocks given by the caller
+(a SparseLinear on the CPU stores its blocks so that values.transpose(1, 2) is that operand)
+instead of packed on every call. It has no autograd formula; callers use it only when no
+gradient is needed (linear_packed also skips the dispatcher where it may).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.eager import plain_inference
 from sparsekernels.ops.router import route
 from sparsekernels.ops.reference import bsr_linear as ref
 
@@ -71,12 +73,25 @@ def pack(values: Tensor) -> Tensor:
     return _ext.op("bsr_pack", "cpu")(values.detach())
 
 
-@torch.library.custom_op("sparsekernels::bsr_linear_packed", mutates_args=())
-def _bsr_linear_packed(x: Tensor, values: Tensor, packed: Tensor, crow_indices: Tensor,
-                       col_indices: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _linear_packed(x: Tensor, values: Tensor, packed: Tensor, crow_indices: Tensor,
+                   col_indices: Tensor, bias: Optional[Tensor]) -> Tensor:
     n = (crow_indices.numel() - 1) * values.shape[1]
     y = _ext.op(OP, "cpu")(_as_rows(x), values, crow_indices, col_indices, bias, packed)
     return y.reshape(*x.shape[:-1], n)
+
+
+_bsr_linear_packed = torch.library.custom_op("sparsekernels::bsr_linear_packed", _linear_packed,
+                                             mutates_args=())
+
+
+def linear_packed(x: Tensor, values: Tensor, packed: Tensor, crow_indices: Tensor,
+                  col_indices: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """bsr_linear_packed, run directly when the call may skip the dispatcher (eager, no
+    gradient: sparsekernels.ops.eager), else through the op."""
+    if plain_inference(x, values, bias):
+        return _linear_packed(x, values, packed, crow_indices, col_indices, bias)
+    return torch.ops.sparsekernels.bsr_linear_packed(x, values, packed, crow_indices,
+                                                     col_indices, bias)
 
 
 @_bsr_linear_packed.register_fake
