@@ -11,7 +11,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.mark.parametrize("script", ["bench_bsr_linear.py", "bench_ffn.py", "bench_models.py", "bench_attention.py",
-                                    "bench_pack_cache.py", "bench_call_overhead.py"])
+                                    "bench_pack_cache.py", "bench_call_overhead.py", "bench_oneshot.py"])
 def test_smoke(script):
     path = BENCH / script
     if not path.exists():
