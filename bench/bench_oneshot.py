@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 from common import RESULTS, device_name, read_results, write_results  # noqa: E402
 
+from sparsekernels.formats.masks import total_sparsity  # noqa: E402
 from sparsekernels.pruning import LevelPruner, SparseGPTPruner, WandaPruner  # noqa: E402
-from sparsekernels.pruning.masks import total_sparsity  # noqa: E402
 
 DECODER_LINEARS = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 PRUNERS = ("magnitude", "wanda", "sparsegpt")

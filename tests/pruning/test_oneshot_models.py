@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pruning_models import VOCAB, build_bert, build_gpt2, build_mlp
 
+from sparsekernels.formats.block_sparse import units_to_prune
 from sparsekernels.pruning import SparseGPTPruner, WandaPruner
-from sparsekernels.pruning.granularity import units_to_prune
 from sparsekernels.pruning.pruners.calibration import transformer_layers
 from sparsekernels.pruning.pruners.oneshot import wanda_scores
 
@@ -181,6 +181,29 @@ def test_bert_heads(name):
         assert torch.equal(o.sum((0, 2)) == 0, gone)
         weight = model.get_submodule(f"{prefix}.output.dense").weight.view(32, 4, 8)
         assert torch.all(weight[:, gone] == 0)
+
+
+@pytest.mark.parametrize("name", list(ONE_SHOT))
+def test_llama_heads_with_grouped_query_attention(name):
+    """4 query heads share 2 key/value heads: a unit is one K/V head with its query heads."""
+    model = build_llama()
+    config = [{"op_names_re": [r".*self_attn\.(q|k|v|o)_proj"], "granularity": "head",
+               "sparsity": 0.5}]
+    ids = token_batches()
+    _, masks = ONE_SHOT[name](model, config, ids).compress()
+    for i in range(3):
+        prefix = f"model.layers.{i}.self_attn"
+        kv_gone = masks[f"{prefix}.k_proj"]["weight"].view(2, 8, 32).sum((1, 2)) == 0
+        assert int(kv_gone.sum()) == 1
+        assert torch.equal(masks[f"{prefix}.v_proj"]["weight"].view(2, 8, 32).sum((1, 2)) == 0,
+                           kv_gone)
+        q_gone = masks[f"{prefix}.q_proj"]["weight"].view(2, 2, 8, 32).sum((1, 2, 3)) == 0
+        o_gone = masks[f"{prefix}.o_proj"]["weight"].view(32, 2, 16).sum((0, 2)) == 0
+        assert torch.equal(q_gone, kv_gone) and torch.equal(o_gone, kv_gone)
+        o = model.get_submodule(f"{prefix}.o_proj").weight.view(32, 2, 16)
+        assert torch.all(o[:, kv_gone] == 0)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[0]).logits).all()
 
 
 # --------------------------------------------------------------------------------- OWL

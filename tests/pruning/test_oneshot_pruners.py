@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from sparsekernels.formats.block_sparse import units_to_prune
 from sparsekernels.pruning import (
     ConfigError, L1NormPruner, LevelPruner, SparseGPTPruner, WandaPruner, parse_config_list)
-from sparsekernels.pruning.granularity import RowGroupPool, spread_counts, units_to_prune
+from sparsekernels.pruning.granularity import RowGroupPool, spread_counts
 from sparsekernels.pruning.pruners.obs import ObsPattern, sparsegpt_prune
 
 PRUNERS = {"magnitude": LevelPruner, "wanda": WandaPruner, "sparsegpt": SparseGPTPruner}

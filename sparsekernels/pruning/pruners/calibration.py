@@ -3,8 +3,7 @@
 One job: move calibration activations through a model and measure the inputs of the
 layers being pruned.
 
-* :func:`transformer_layers` finds the stack of transformer layers (structurally; the model
-  map will own this knowledge).
+* :func:`transformer_layers` picks the stack of transformer layers from the model map.
 * :func:`capture_layer_inputs` runs the model up to its first layer and keeps what that
   layer is called with: the hidden states and the other arguments (attention mask,
   position embeddings ...). The other arguments are passed to every layer of the stack, as
@@ -27,39 +26,23 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import find_layers, layers
+from sparsekernels.arch.inputs import run_model
 from sparsekernels.pruning.distributed import all_reduce_sum_
-from sparsekernels.pruning.inputs import run_model
 
 PRUNABLE_TYPES = ("Linear", "Conv1D")
 _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
 def transformer_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
-    """``(name, layers)`` of the model's transformer layer stack, or None.
-
-    The stack is the longest ``nn.ModuleList`` whose children are all of one class and hold
-    a Linear (or GPT-2's Conv1D); lists inside another such list (MoE experts) do not
-    count; ties go to the first in ``named_modules`` order (the encoder of an
-    encoder-decoder model).
-    """
-    candidates = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
-            continue
-        children = list(module)
-        if len({type(c) for c in children}) != 1:
-            continue
-        if layers.type_name(children[0]) in PRUNABLE_TYPES:
-            continue        # a list of bare Linears is not a stack of layers
-        if not any(layers.type_name(m) in PRUNABLE_TYPES for m in children[0].modules()):
-            continue
-        candidates.append((name, module))
-    outer = [(n, m) for n, m in candidates
-             if not any(n.startswith(f"{o}.") for o, _ in candidates if o)]
-    if not outer:
-        return None
-    return max(outer, key=lambda c: len(c[1]))   # max keeps the first of equal lengths
+    """``(name, layers)`` of the model's transformer layer stack, or None: the longest of the
+    model map's layer lists (``arch.find_layers``: repeated blocks holding weight layers,
+    outermost only), ties to the first (the encoder of an encoder-decoder); a list of bare
+    Linears is not a stack of layers."""
+    modules = dict(model.named_modules())
+    stacks = [(name, modules[name]) for name, paths in find_layers(model)
+              if layers.type_name(modules[paths[0]]) not in PRUNABLE_TYPES]
+    return max(stacks, key=lambda s: len(s[1])) if stacks else None   # max keeps the first
 
 
 def check_batches(owner: str, calibration_data: Any) -> list[Any]:

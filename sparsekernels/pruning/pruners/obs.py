@@ -33,7 +33,8 @@ from typing import Iterator
 
 import torch
 
-from sparsekernels.pruning.granularity import spread_counts, units_to_prune
+from sparsekernels.formats.block_sparse import units_to_prune
+from sparsekernels.pruning.granularity import spread_counts
 
 PATTERNS = ("fine", "nm", "block")
 

@@ -30,11 +30,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
+from sparsekernels.arch.inputs import run_model
+from sparsekernels.formats.masks import Masks, merge_masks
 from sparsekernels.pruning.config import ConfigError, PruningConfig
 from sparsekernels.pruning.granularity import CanonicalMasks, Pool
-from sparsekernels.pruning.inputs import run_model
-from sparsekernels.pruning.masks import Masks, merge_masks
 from sparsekernels.pruning.pruners.base import Pruner
 from sparsekernels.pruning.pruners.calibration import (
     PRUNABLE_TYPES, InputStatistics, LayerInput, calibration_mode, capture_layer_inputs,

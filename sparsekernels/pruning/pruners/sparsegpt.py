@@ -10,7 +10,9 @@ within each column batch, adaptive per row), N:M patterns (``"2:4"``, ``"4:8"``)
 of ``bk`` columns), ``"out_channel"`` (rows of least output energy ``w H w^T``; rows cannot
 be reconstructed, so the others stay), ``"in_channel"`` and ``"head"`` (input columns /
 a head's output-projection columns chosen by their joint OBS error and removed with the
-joint OBS update of the remaining columns; a head's Q/K/V rows are zeroed).
+joint OBS update of the remaining columns; a head's Q/K/V rows are zeroed; with grouped-
+query attention a unit is a key/value head with its query heads, as the model map groups
+them).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from sparsekernels.pruning import layers
+from sparsekernels.arch import layers
 from sparsekernels.pruning.config import NM
 from sparsekernels.pruning.granularity import BlockPool, ChannelPool, ElementPool, RowGroupPool
 from sparsekernels.pruning.pruners.obs import (

@@ -7,8 +7,8 @@ same amount up to one weight, and the layer exactly ``round(sparsity * numel)``)
 pattern (``"2:4"``, ``"4:8"``) within each group of M inputs of a row; ``"block"`` ranks
 ``[bm, bk]`` blocks of the layer by their summed scores; ``"out_channel"`` /
 ``"in_channel"`` rank rows / columns by their summed scores; ``"head"`` ranks attention
-heads by the scores of their Q/K/V rows and output-projection columns. Kept weights are
-not changed.
+heads (with grouped-query attention: key/value heads with their query heads) by the scores
+of their Q/K/V rows and output-projection columns. Kept weights are not changed.
 """
 
 from __future__ import annotations
