@@ -17,6 +17,8 @@ def test_smoke(script):
     if not path.exists():
         pytest.fail(f"{path} is missing")
     env = dict(os.environ, TRITON_INTERPRET="0")  # smoke runs time real kernels, not the interpreter
+    # the checkout under test, not whichever sparsekernels the venv points at
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH.parent), env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -17,6 +17,7 @@ from sparsekernels.pruning.pruners.calibration import transformer_layers
 from sparsekernels.pruning.pruners.oneshot import wanda_scores
 
 DECODER = r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
+NOT_ROTARY = r"model\.layers\.\d+\.(self_attn\.(v|o)_proj|mlp\.\w+_proj)"
 ONE_SHOT = {"wanda": WandaPruner, "sparsegpt": SparseGPTPruner}
 
 
@@ -74,7 +75,9 @@ def test_transformer_layers_found_structurally():
 @pytest.mark.parametrize("granularity", ["fine", "2:4", "block", "out_channel"])
 def test_decoder_llm_layer_by_layer(name, granularity):
     model = build_llama()
-    entry = {"op_names_re": [DECODER], "granularity": granularity}
+    # rotary Q/K rows pair up inside a head: output channels of Q and K are refused
+    selection = DECODER if granularity != "out_channel" else NOT_ROTARY
+    entry = {"op_names_re": [selection], "granularity": granularity}
     if granularity != "2:4":
         entry["sparsity"] = 0.5
     if granularity == "block":
@@ -82,7 +85,8 @@ def test_decoder_llm_layer_by_layer(name, granularity):
     ids = token_batches()
     use_cache = model.config.use_cache
     _, masks = ONE_SHOT[name](model, [entry], ids).compress()
-    assert len(masks) == 3 * 7 and "lm_head" not in masks
+    assert len(masks) == 3 * (7 if granularity != "out_channel" else 5)
+    assert "lm_head" not in masks
     assert model.config.use_cache == use_cache
     for layer, mask in masks.items():
         assert float((mask["weight"] == 0).float().mean()) == 0.5, layer
@@ -202,6 +206,28 @@ def test_llama_heads_with_grouped_query_attention(name):
         assert torch.equal(q_gone, kv_gone) and torch.equal(o_gone, kv_gone)
         o = model.get_submodule(f"{prefix}.o_proj").weight.view(32, 2, 16)
         assert torch.all(o[:, kv_gone] == 0)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[0]).logits).all()
+
+
+@pytest.mark.parametrize("name", list(ONE_SHOT))
+def test_llama_query_heads_within_groups(name):
+    """'query_head': one of the two query heads of every key/value group; K and V stay."""
+    model = build_llama()
+    config = [{"op_names_re": [r".*self_attn\.(q|k|v|o)_proj"], "granularity": "query_head",
+               "sparsity": 0.5}]
+    ids = token_batches()
+    _, masks = ONE_SHOT[name](model, config, ids).compress()
+    for i in range(3):
+        prefix = f"model.layers.{i}.self_attn"
+        q_gone = masks[f"{prefix}.q_proj"]["weight"].view(2, 2, 8, 32).sum((2, 3)) == 0
+        assert torch.equal(q_gone.sum(1), torch.ones(2, dtype=torch.long))
+        o_gone = masks[f"{prefix}.o_proj"]["weight"].view(32, 2, 2, 8).sum((0, 3)) == 0
+        assert torch.equal(o_gone, q_gone)
+        for proj in ("k_proj", "v_proj"):
+            assert f"{prefix}.{proj}" not in masks or bool(masks[f"{prefix}.{proj}"]["weight"].all())
+        o = model.get_submodule(f"{prefix}.o_proj").weight.view(32, 2, 2, 8)
+        assert torch.all(o[:, q_gone] == 0) and bool((o[:, ~q_gone] != 0).all())
     with torch.no_grad():
         assert torch.isfinite(model(ids[0]).logits).all()
 

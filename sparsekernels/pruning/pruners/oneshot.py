@@ -106,7 +106,8 @@ class OneShotPruner(Pruner):
             lam = self._owl.get(config.index, (None,))[0]
             if lam is not None:
                 if config.granularity in (None, "fine", "block", "out_channel", "in_channel",
-                                          "head") and 2 * lam <= config.sparsity < 1 - 2 * lam:
+                                          "head", "query_head") \
+                        and 2 * lam <= config.sparsity < 1 - 2 * lam:
                     continue
                 raise ConfigError(
                     f"config_list[{config.index}]: 'owl' needs a free amount per layer and "

@@ -12,7 +12,8 @@ be reconstructed, so the others stay), ``"in_channel"`` and ``"head"`` (input co
 a head's output-projection columns chosen by their joint OBS error and removed with the
 joint OBS update of the remaining columns; a head's Q/K/V rows are zeroed; with grouped-
 query attention a unit is a key/value head with its query heads, as the model map groups
-them).
+them), and ``"query_head"`` (as many query heads in every key/value group, each group
+solved on the columns the groups before it left).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class SparseGPTPruner(OneShotPruner):
     this model).
     """
 
-    granularities = ("fine", NM, "block", "out_channel", "in_channel", "head")
+    granularities = ("fine", NM, "block", "out_channel", "in_channel", "head", "query_head")
     gram = True
 
     def __init__(self, model: torch.nn.Module, config_list: Sequence[Mapping[str, Any]],
@@ -86,8 +87,7 @@ class SparseGPTPruner(OneShotPruner):
         hinv = {}
         if columns:      # in_channel, heads: the joint OBS error of the units' columns
             for m in columns:
-                hinv[m.module] = damped_inverse(stats.hessian(m.module), self.percdamp).to(
-                    weights[m.module].device)
+                hinv[m.module] = self._live_inverse(weights[m.module], stats.hessian(m.module))
                 scores += column_group_errors(weights[m.module], hinv[m.module],
                                               m.index).cpu()
         else:            # out_channel: the output energy of the units' rows
@@ -104,3 +104,13 @@ class SparseGPTPruner(OneShotPruner):
         masks = pool.masks(keep)
         self._zero_(modules, masks)
         return masks
+
+    def _live_inverse(self, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+        """The damped inverse Hessian of the columns still alive, zero elsewhere: columns
+        an earlier pool removed from this layer (another key/value group's query heads)
+        are out of the problem and take no compensation."""
+        live = (weight != 0).any(0).nonzero().flatten().to(hessian.device)
+        hinv = torch.zeros(hessian.shape, dtype=torch.float64, device=weight.device)
+        part = damped_inverse(hessian[live][:, live], self.percdamp).to(weight.device)
+        hinv[live.to(weight.device).unsqueeze(1), live.to(weight.device)] = part
+        return hinv

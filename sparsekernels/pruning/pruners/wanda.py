@@ -8,7 +8,8 @@ pattern (``"2:4"``, ``"4:8"``) within each group of M inputs of a row; ``"block"
 ``[bm, bk]`` blocks of the layer by their summed scores; ``"out_channel"`` /
 ``"in_channel"`` rank rows / columns by their summed scores; ``"head"`` ranks attention
 heads (with grouped-query attention: key/value heads with their query heads) by the scores
-of their Q/K/V rows and output-projection columns. Kept weights are not changed.
+of their Q/K/V rows and output-projection columns, ``"query_head"`` the same number of
+query heads in every key/value group. Kept weights are not changed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class WandaPruner(OneShotPruner):
     """``WandaPruner(model, config_list, calibration_data)``; ``compress()`` returns
     ``(model, masks)`` with the pruned weights zero and the kept ones unchanged."""
 
-    granularities = ("fine", NM, "block", "out_channel", "in_channel", "head")
+    granularities = ("fine", NM, "block", "out_channel", "in_channel", "head", "query_head")
 
     def _build_plan(self):
         plan = super()._build_plan()
