@@ -10,8 +10,9 @@ Modules, one job each: ``config`` (config_list -> frozen PruningConfig, selectio
 ``masks`` (NNI mask dicts, safetensors save/load), ``granularity`` (units, rounding,
 local and global ranking), ``dependency`` (one pool per set of coupled channels, from the
 model map's traced channel groups), ``wrapper`` (masks applied with parameter names unchanged),
-``evaluator`` (TorchEvaluator, TransformersEvaluator) and ``pruners`` (the eight NNI 2.10
-pruners on a shared base class).
+``evaluator`` (TorchEvaluator, TransformersEvaluator) and ``pruners`` (NNI 2.10's pruners
+on a shared base class, and the one-shot LLM pruners WandaPruner and SparseGPTPruner, which
+prune layer by layer from calibration batches).
 """
 
 from sparsekernels.pruning.config import ConfigError, PruningConfig, parse_config_list
@@ -22,7 +23,8 @@ from sparsekernels.pruning.evaluator import Evaluator, TorchEvaluator, Transform
 from sparsekernels.pruning.pruners import (
     ADMMPruner, AGPPruner, AMCPruner, AutoCompressPruner, LinearPruner, LotteryTicketPruner,
     SimulatedAnnealingPruner, ActivationAPoZRankPruner, ActivationMeanRankPruner, FPGMPruner, L1NormPruner,
-    L2NormPruner, LevelPruner, MovementPruner, Pruner, SlimPruner, TaylorFOWeightPruner)
+    L2NormPruner, LevelPruner, MovementPruner, Pruner, SlimPruner, SparseGPTPruner,
+    TaylorFOWeightPruner, WandaPruner)
 from sparsekernels.pruning.wrapper import MaskHandle, apply_masks_
 
 __all__ = [
@@ -32,5 +34,5 @@ __all__ = [
     "TransformersEvaluator", "ConfigError", "FPGMPruner", "L1NormPruner", "L2NormPruner",
     "LevelPruner", "MaskError", "MovementPruner", "MaskHandle", "Masks", "Pruner", "PruningConfig",
     "apply_masks_", "load_masks_file", "mask_sparsity",
-    "parse_config_list", "save_masks", "total_sparsity",
+    "parse_config_list", "save_masks", "total_sparsity", "SparseGPTPruner", "WandaPruner",
 ]

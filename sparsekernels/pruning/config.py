@@ -16,9 +16,12 @@ Amount keys: ``sparsity`` == ``sparsity_per_layer`` == ``sparse_ratio`` (NNI 3),
 
 Granularity: ``"fine"``, ``"out_channel"``, ``"in_channel"``, ``"block"`` (with
 ``block_size: [bm, bk]``), ``"head"`` (whole heads; under grouped-query attention whole
-key/value groups with their query heads) or ``"query_head"`` (the same number of query
-heads in every key/value group). Left out, each pruner uses NNI's default for it
-(``"fine"`` for LevelPruner, ``"out_channel"`` for the channel pruners).
+key/value groups with their query heads), ``"query_head"`` (the same number of query
+heads in every key/value group), or an N:M pattern such as ``"2:4"`` / ``"4:8"``: keep N
+of every M consecutive input weights of each output row (NVIDIA's semantics), so the
+sparsity is ``1 - N/M``; an N:M entry may leave ``sparsity`` out, and if it sets it, it
+must equal ``1 - N/M`` (no ``total_sparsity``). Left out, each pruner uses NNI's default
+for it (``"fine"`` for LevelPruner, ``"out_channel"`` for the channel pruners).
 
 When several entries match a module, the later one wins, as in NNI; an ``exclude``
 entry removes the modules it matches from what earlier entries selected.
@@ -36,6 +39,7 @@ import torch
 from sparsekernels.arch import layers
 
 GRANULARITIES = ("fine", "out_channel", "in_channel", "block", "head", "query_head")
+NM = "N:M"   # the granularity kind of "2:4", "4:8" ... (see parse_nm)
 
 _SELECT_KEYS = ("op_types", "op_names", "op_names_re", "op_partial_names")
 _EXCLUDE_KEYS = ("exclude_op_types", "exclude_op_names", "exclude_op_names_re")
@@ -118,6 +122,32 @@ def _fraction(index: int, key: str, value: Any, *, upper_inclusive: bool = False
     return float(value)
 
 
+def parse_nm(granularity: Any) -> tuple[int, int] | None:
+    """``(N, M)`` for an N:M granularity string such as ``"2:4"``, else None (no checks)."""
+    if not isinstance(granularity, str):
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", granularity)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def granularity_kind(granularity: str | None) -> str | None:
+    """``"N:M"`` for any N:M pattern, else the granularity itself (what pruners list)."""
+    return NM if parse_nm(granularity) is not None else granularity
+
+
+def _nm_entry(index: int, granularity: Any) -> tuple[int, int] | None:
+    """The entry's valid N:M pattern, None when it is not one; refuses a malformed one."""
+    nm = parse_nm(granularity)
+    if nm is None:
+        return None
+    n, m = nm
+    if not 1 <= n < m:
+        raise _err(index, f"granularity {granularity!r} is not a valid N:M pattern: N (the "
+                          f"weights kept) must be at least 1 and below M (the group size), "
+                          "e.g. '2:4' or '4:8'")
+    return nm
+
+
 def _one_of(index: int, entry: Mapping[str, Any], keys: Sequence[str]) -> tuple[str, Any] | None:
     present = [k for k in keys if k in entry]
     if len(present) > 1:
@@ -152,6 +182,7 @@ def parse_entry(index: int, entry: Any) -> PruningConfig:
     per_layer = _one_of(index, entry, _SPARSITY_ALIASES)
     cap = _one_of(index, entry, _MAX_ALIASES)
     total = entry.get("total_sparsity")
+    nm = None if exclude else _nm_entry(index, entry.get("granularity"))
     if exclude:
         amount_keys = [k for k in entry if k in _SPARSITY_ALIASES + _MAX_ALIASES
                        + ("total_sparsity", "granularity", "block_size")]
@@ -167,6 +198,19 @@ def parse_entry(index: int, entry: Any) -> PruningConfig:
         raise _err(index, f"{per_layer[0]!r} and 'total_sparsity' conflict; use "
                           f"{per_layer[0]!r} for a per-layer amount or 'total_sparsity' "
                           "for one global ranking")
+    if nm is not None:
+        implied = (nm[1] - nm[0]) / nm[1]
+        if total is not None:
+            raise _err(index, f"granularity {entry['granularity']!r} fixes the sparsity of "
+                              f"every layer at {implied:g}; remove 'total_sparsity'")
+        if per_layer is None:
+            per_layer = ("sparsity", implied)
+        elif not isinstance(per_layer[1], (int, float)) or isinstance(per_layer[1], bool) \
+                or abs(per_layer[1] - implied) > 1e-9:
+            raise _err(index, f"granularity {entry['granularity']!r} keeps {nm[0]} of every "
+                              f"{nm[1]} weights, a sparsity of {implied:g}, but "
+                              f"{per_layer[0]!r} is {per_layer[1]!r}; remove it or set "
+                              f"{implied:g}")
     if per_layer is None and total is None:
         raise _err(index, "no amount; set 'sparsity' (per layer) or 'total_sparsity' "
                           "(global), or add 'exclude': True")
@@ -186,9 +230,11 @@ def parse_entry(index: int, entry: Any) -> PruningConfig:
         fields["max_sparsity_per_layer"] = pairs
 
     granularity = entry.get("granularity")
-    if granularity is not None and granularity not in GRANULARITIES:
-        raise _err(index, f"'granularity' must be one of {', '.join(GRANULARITIES)}, "
-                          f"got {granularity!r}")
+    if nm is not None:
+        granularity = f"{nm[0]}:{nm[1]}"
+    elif granularity is not None and granularity not in GRANULARITIES:
+        raise _err(index, f"'granularity' must be one of {', '.join(GRANULARITIES)} or an "
+                          f"N:M pattern such as '2:4', got {granularity!r}")
     fields["granularity"] = granularity
     block = entry.get("block_size")
     if granularity == "block":

@@ -9,6 +9,9 @@ a criterion reduces each row to a score; ``masks`` expands a kept/pruned vector 
 canonical masks. Pools:
 
 * :class:`ElementPool` - every element is a unit (``"fine"``; 1-D norm weights).
+* :class:`RowGroupPool` - every element is a unit, chosen within groups of ``group``
+  consecutive input features of one row: N:M patterns (``group = M``) and the per-row
+  comparison of Wanda (``group = in``).
 * :class:`BlockPool` - ``[bm, bk]`` tiles of the canonical weight seen as
   ``[out, in * kernel]`` (the layout ``SparseLinear`` runs).
 * :class:`ChannelPool` - unit ``u`` owns ``index[u]`` along a canonical dim of one or
@@ -20,7 +23,11 @@ Rounding: a pool of ``U`` units at sparsity ``s`` prunes ``floor(s * U + 0.5)`` 
 (round half up). A global ranking prunes the lowest-scoring units across pools until the
 pruned element count is as close as possible to ``floor(s * N + 0.5)`` (``N`` elements),
 so it lands within one unit of the target; per-pool caps (``max_sparsity_per_layer``)
-allow at most ``floor(cap * U)`` units of a pool. Ties go to the unit that comes first
+allow at most ``floor(cap * U)`` units of a pool. A :class:`RowGroupPool` spreads the
+count ``floor(s * U + 0.5)`` over its groups in order (group ``g`` prunes
+``round(s * (g + 1) * group) - round(s * g * group)``), so every group is within one unit
+of ``s * group`` and the total is exact; an N:M pattern prunes ``M - N`` in every group.
+Ties go to the unit that comes first
 (stable sort), in pool order then unit order.
 """
 
@@ -36,6 +43,16 @@ import torch
 from sparsekernels.formats.block_sparse import units_to_prune
 
 CanonicalMasks = dict[str, dict[str, torch.Tensor]]
+
+
+def spread_counts(sizes: Sequence[int] | torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Units to prune in each of consecutive chunks of ``sizes`` units (long tensor): the
+    rounded cumulative target, so the chunks add up to
+    ``units_to_prune(sum(sizes), sparsity)`` and each is within one unit of
+    ``sparsity * size``."""
+    seen = torch.cumsum(torch.as_tensor(sizes, dtype=torch.float64), 0)
+    upto = torch.floor(float(sparsity) * seen + 0.5).long()   # float64: units_to_prune's rule
+    return torch.diff(upto, prepend=upto.new_zeros(1))
 
 
 class Pool:
@@ -54,6 +71,10 @@ class Pool:
     def masks(self, keep: torch.Tensor) -> CanonicalMasks:
         """Canonical ``{"weight": ..., "bias": ...}`` masks for each module."""
         raise NotImplementedError
+
+    def select(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+        """Keep mask over the units for a per-pool ``sparsity`` (lowest scores pruned)."""
+        return select_local(scores, sparsity)
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,50 @@ class ElementPool(Pool):
         if self.prune_bias:
             out["bias"] = weight.clone()
         return {self.module: out}
+
+
+@dataclass(frozen=True)
+class RowGroupPool(Pool):
+    """Elements of the canonical weight seen as ``[out, in * kernel]``, chosen within each
+    group of ``group`` consecutive columns of a row (N:M: ``group = M``)."""
+
+    module: str
+    shape: tuple[int, ...]
+    group: int
+
+    @property
+    def modules(self):  # type: ignore[override]
+        return (self.module,)
+
+    @property
+    def num_units(self):  # type: ignore[override]
+        return math.prod(self.shape)
+
+    @staticmethod
+    def check(shape: Sequence[int], group: int) -> str | None:
+        """A reason groups of ``group`` input features do not tile ``shape``, or None."""
+        cols = math.prod(shape[1:])
+        if cols % group:
+            return (f"the weight has {cols} input features per row, not a multiple of the "
+                    f"group size {group}; pick an M that divides it or exclude this layer")
+        return None
+
+    def unit_matrix(self, tensors):
+        return tensors[self.module].reshape(-1, 1)
+
+    def unit_sizes(self):
+        return torch.ones(self.num_units, dtype=torch.long)
+
+    def masks(self, keep):
+        return {self.module: {"weight": keep.to(torch.float32).view(self.shape)}}
+
+    def select(self, scores, sparsity):
+        groups = scores.reshape(-1, self.group)
+        counts = spread_counts(torch.full((groups.shape[0],), self.group), sparsity)
+        order = torch.sort(groups, dim=1, stable=True).indices   # ties: lower index first
+        ranks_kept = torch.arange(self.group).unsqueeze(0) >= counts.unsqueeze(1)
+        keep = torch.empty_like(groups, dtype=torch.bool).scatter_(1, order, ranks_kept)
+        return keep.reshape(-1)
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,19 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-@pytest.mark.parametrize("script", ["bench_bsr_linear.py", "bench_ffn.py", "bench_models.py", "bench_attention.py",
-                                    "bench_pack_cache.py", "bench_call_overhead.py", "bench_lowp.py",
-                                    "bench_lowp_models.py", "bench_decode_linear.py"])
+SCRIPTS = ["bench_bsr_linear.py", "bench_ffn.py", "bench_models.py", "bench_attention.py",
+           "bench_pack_cache.py", "bench_call_overhead.py", "bench_lowp.py", "bench_lowp_models.py",
+           "bench_decode_linear.py", "bench_oneshot.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_smoke(script):
     path = BENCH / script
     if not path.exists():
         pytest.fail(f"{path} is missing")
-    env = dict(os.environ, TRITON_INTERPRET="0")  # smoke runs time real kernels, not the interpreter
+    env = dict(os.environ, TRITON_INTERPRET="0")  # smoke runs time real kernels
+    # the checkout under test, not whichever sparsekernels the venv points at
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH.parent), env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

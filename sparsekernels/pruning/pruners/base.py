@@ -25,12 +25,13 @@ from safetensors.torch import save_model
 
 from sparsekernels.arch import find_attention, layers
 from sparsekernels.pruning.config import (
-    GRANULARITIES, ConfigError, PruningConfig, parse_config_list, select_targets)
+    GRANULARITIES, ConfigError, PruningConfig, granularity_kind, parse_config_list, parse_nm,
+    select_targets)
 from sparsekernels.pruning.dependency import dependency_plan
 from sparsekernels.pruning.distributed import is_main_process
 from sparsekernels.pruning.granularity import (
-    BlockPool, ChannelMember, ChannelPool, ElementPool, Pool, channel_pool, select_global,
-    select_local)
+    BlockPool, ChannelMember, ChannelPool, ElementPool, Pool, RowGroupPool, channel_pool,
+    select_global)
 from sparsekernels.formats.masks import (
     Masks, load_masks_file, mask_sparsity, masks_to, merge_masks, save_masks,
     validate_masks)
@@ -91,7 +92,7 @@ class Pruner:
         self._targets = select_targets(model, self._configs, self.default_types,
                                        self.supported_types)
         for name, config in self._targets.items():
-            if config.granularity not in self.granularities:
+            if granularity_kind(config.granularity) not in self.granularities:
                 raise ConfigError(
                     f"config_list[{config.index}]: {type(self).__name__} does not support "
                     f"granularity {config.granularity!r} (selected {name!r}); use one of "
@@ -133,6 +134,13 @@ class Pruner:
                 plan.append((ElementPool(name, shape, prune_bias=True), config))
             elif g == "fine":
                 plan.append((ElementPool(name, shape), config))
+            elif parse_nm(g) is not None:
+                group = parse_nm(g)[1]
+                reason = ("N:M patterns need a 2-D weight [out, in]; this one is "
+                          f"{list(shape)}" if len(shape) != 2 else RowGroupPool.check(shape, group))
+                if reason:
+                    raise ConfigError(f"config_list[{config.index}]: {name!r}: {reason}")
+                plan.append((RowGroupPool(name, shape, group), config))
             elif g == "block":
                 reason = BlockPool.check(shape, config.block_size)
                 if reason:
@@ -200,7 +208,7 @@ class Pruner:
             if config.is_global:
                 global_groups.setdefault(config.index, []).append(i)
             else:
-                keeps[i] = select_local(self._unit_scores(pool, tensors), config.sparsity)
+                keeps[i] = pool.select(self._unit_scores(pool, tensors), config.sparsity)
         for idx in global_groups.values():
             config = self._plan[idx[0]][1]
             pools = [self._plan[i][0] for i in idx]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from sparsekernels.arch import layers
+from sparsekernels.pruning.config import GRANULARITIES, NM
 from sparsekernels.pruning.pruners.base import Pruner
 
 
@@ -20,9 +21,11 @@ def _canonical_weight(module: torch.nn.Module) -> torch.Tensor:
 
 
 class LevelPruner(Pruner):
-    """Prune the weights of smallest magnitude (``"fine"`` by default)."""
+    """Prune the weights of smallest magnitude (``"fine"`` by default; also N:M patterns
+    such as ``"2:4"``, on Linear / Conv1D weights)."""
 
     default_granularity = "fine"
+    granularities = GRANULARITIES + (NM,)
 
     def _element_scores(self, name, module):
         return _canonical_weight(module).abs()
