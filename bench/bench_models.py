@@ -125,7 +125,8 @@ def apply(model, masks):
     with torch.no_grad():
         for name, entry in masks.items():
             for p, m in entry.items():
-                getattr(model.get_submodule(name), p).mul_(m)
+                param = getattr(model.get_submodule(name), p)
+                param.mul_(m.to(param.device, param.dtype))  # masks are made on the CPU
     return model
 
 

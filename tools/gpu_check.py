@@ -93,19 +93,20 @@ class Phase:
     dry_argv: Optional[tuple[str, ...]]
     dry_cap_s: float = 300.0
     env: tuple[tuple[str, str], ...] = ()
+    min_s: float = 0.0  # skipped when the budget allows less (a phase of leftover time)
     about: str = ""
 
 
 PY = "{python}"  # replaced by the interpreter that runs the phases
 
 
-def pytest_args() -> tuple[str, ...]:
-    """pytest -m gpu, spread over worker processes when pytest-xdist is there (the Triton
+def pytest_args(marks: str) -> tuple[str, ...]:
+    """pytest -m MARKS, spread over worker processes when pytest-xdist is there (the Triton
     kernels compile on CPU cores: one process would spend most of its cap compiling), with
     a per-test timeout when pytest-timeout is."""
     import importlib.util
 
-    args = ["-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "--durations=15"]
+    args = ["-m", "pytest", "-m", marks, "-v", "-p", "no:cacheprovider", "--durations=10"]
     cpus = os.cpu_count() or 1
     if importlib.util.find_spec("xdist") is not None and cpus >= 4:
         args += ["-n", str(min(12, cpus - 2))]
@@ -116,6 +117,7 @@ def pytest_args() -> tuple[str, ...]:
 
 def phases() -> list[Phase]:
     cpus = str(os.cpu_count() or 1)
+    collect = (PY, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider")
     return [
         Phase("env", 10, (PY, str(SCRIPT), "_env"), (PY, str(SCRIPT), "_env"), 60,
               about="GPU, driver, nvcc, Python packages"),
@@ -123,25 +125,26 @@ def phases() -> list[Phase]:
               env=(("TORCH_CUDA_ARCH_LIST", "9.0"), ("MAX_JOBS", cpus)),
               about="the extension in place, sm_90 only"),
         Phase("import", 20, (PY, str(SCRIPT), "_import"), (PY, str(SCRIPT), "_import"), 90,
-              about="the built extension loads; each GPU backend against dense once"),
-        Phase("pytest", 75, (PY, *pytest_args()),
-              (PY, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider"),
-              180, about="the GPU test suite (pytest -m gpu)"),
-        Phase("bench_bsr_linear", 60,
+              about="the built extension loads; each GPU backend against float64 once"),
+        Phase("pytest", 55, (PY, *pytest_args("gpu and not slow")), collect, 180,
+              about="the GPU test suite but its slow matrix (pytest -m 'gpu and not slow')"),
+        Phase("bench_bsr_linear", 55,
               (PY, "bench/bench_bsr_linear.py", "--headline", "--write-crossover"),
               (PY, "bench/bench_bsr_linear.py", "--headline", "--smoke"), 400,
               about="768->3072 and 3072->768 at 8192 tokens; the crossover"),
         Phase("bench_ffn", 35, (PY, "bench/bench_ffn.py", "--headline"),
               (PY, "bench/bench_ffn.py", "--headline", "--smoke"), 300,
               about="the fused BERT-base FFN at 8192 tokens"),
-        Phase("bench_attention", 75, (PY, "bench/bench_attention.py", "--headline"),
+        Phase("bench_attention", 90, (PY, "bench/bench_attention.py", "--headline"),
               (PY, "bench/bench_attention.py", "--headline", "--smoke"), 300,
               about="L=4096 at block density 0.25 and 1 vs flash SDPA and FlexAttention"),
-        Phase("bench_models", 40, (PY, "bench/bench_models.py", "--headline"),
+        Phase("bench_models", 45, (PY, "bench/bench_models.py", "--headline"),
               (PY, "bench/bench_models.py", "--headline", "--smoke"), 300,
               about="BERT-base kernel mode at 70% block sparsity, batch 32 x 128"),
-        Phase("demo", 45, (PY, str(SCRIPT), "_demo"), (PY, str(SCRIPT), "_demo", "--quick"), 600,
+        Phase("demo", 50, (PY, str(SCRIPT), "_demo"), (PY, str(SCRIPT), "_demo", "--quick"), 600,
               about="the recipe on the GPU (configs/gpu-check.yaml), interrupted and resumed"),
+        Phase("pytest_slow", 0, (PY, *pytest_args("gpu and slow")), None, min_s=30,
+              about="the GPU suite's slow matrix, in the time the other phases left (if 30 s)"),
     ]
 
 
@@ -572,11 +575,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finalize(out_dir, results, work, args.dry_run, argv, [p.name for p, c, _ in steps if c])
         for i, (phase, cmd, cap) in enumerate(steps):
             if cmd is None:
-                why = "dry run: the extension built here is used" if (
-                    args.dry_run and phase.name == "build" and not args.only) else "not selected"
+                why = "not selected"
+                if args.dry_run and phase.dry_argv is None:
+                    why = ("dry run: the extension built here is used" if phase.name == "build"
+                           else "dry run: nothing to do on a CPU")
                 results.append(PhaseResult(phase.name, "skipped", 0.0, cap, None, why))
                 continue
             allowed = budget.allow(cap)
+            if allowed < phase.min_s:
+                results.append(PhaseResult(phase.name, "skipped", 0.0, cap, None,
+                                           f"{allowed:.0f} s left, it needs {phase.min_s:.0f}"))
+                continue
             result = run_phase(phase.name, cmd, allowed, log, phase_env(work, phase, build_ok), REPO)
             budget.spend(allowed, result.seconds)
             result.cap_s = cap

@@ -45,7 +45,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_phase_past_its_cap_is_stopped_and_the_next_runs(gc, tmp_path):
     log = _log(gc, tmp_path)
-    cap = random.uniform(0.5, 1.5)
+    cap = random.uniform(1.0, 2.0)
     start = time.monotonic()
     slow = gc.run_phase("slow", _py("import time; print('started', flush=True); time.sleep(60)"),
                         cap, log, dict(os.environ), tmp_path, grace_s=2.0)
@@ -54,7 +54,7 @@ def test_a_phase_past_its_cap_is_stopped_and_the_next_runs(gc, tmp_path):
     nxt = gc.run_phase("next", _py("print('second phase')"), 30, log, dict(os.environ), tmp_path)
     assert (nxt.status, nxt.rc) == ("ok", 0)
     text = (tmp_path / "log.txt").read_text()
-    assert "started" in text and "second phase" in text
+    assert "second phase" in text  # (whether "started" made it depends on the machine's load)
     assert text.index("== slow") < text.index("-- slow: timeout") < text.index("== next")
 
 
@@ -107,7 +107,10 @@ def test_budget_lends_what_earlier_phases_left_and_never_passes_the_sum(gc):
 def test_main_runs_every_phase_writes_the_planned_files_and_exits_0(gc, tmp_path, monkeypatch):
     fake = [gc.Phase("sleepy", 1.0, tuple(_py("import time; time.sleep(60)")), None),
             gc.Phase("broken", 20, tuple(_py("raise SystemExit(3)")), None),
-            gc.Phase("fine", 20, (gc.PY, "-c", "print('fine')"), None)]
+            gc.Phase("fine", 20, (gc.PY, "-c", "print('fine')"), None),
+            # phases of leftover time: the first fits in what "broken" and "fine" left
+            gc.Phase("leftover", 0, tuple(_py("print('leftover ran')")), None, min_s=10),
+            gc.Phase("too_late", 0, tuple(_py("print('too late')")), None, min_s=1000)]
     monkeypatch.setattr(gc, "phases", lambda: fake)
     monkeypatch.setattr(gc, "KILL_GRACE_S", 0.5)
     work, out = tmp_path / "work", tmp_path / "out"
@@ -115,13 +118,16 @@ def test_main_runs_every_phase_writes_the_planned_files_and_exits_0(gc, tmp_path
     assert gc.main(["--work", str(work), "--out", str(out)]) == 0
     summary = json.loads((out / gc.SUMMARY_JSON).read_text())
     assert [(p["name"], p["status"]) for p in summary["phases"]] == [
-        ("sleepy", "timeout"), ("broken", "failed"), ("fine", "ok")]
+        ("sleepy", "timeout"), ("broken", "failed"), ("fine", "ok"), ("leftover", "ok"),
+        ("too_late", "skipped")]
+    assert "it needs 1000" in summary["phases"][-1]["note"]
     assert summary["phases"][1]["rc"] == 3 and summary["pending"] == []
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(gc.PLANNED)
     assert gc.check_out_dir(out) == []
     md = (out / gc.SUMMARY_MD).read_text()
     assert "| sleepy | timeout |" in md and "| broken | failed |" in md and "| fine | ok |" in md
-    assert "fine" in (out / gc.LOG_NAME).read_text()
+    log = (out / gc.LOG_NAME).read_text()
+    assert "fine" in log and "leftover ran" in log and "too late" not in log
 
 
 def test_the_results_folder_keeps_to_the_device_tools_limits(gc, tmp_path):
