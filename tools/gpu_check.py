@@ -15,12 +15,15 @@ build/gpu-check/out, as at most 8 files (the device tool brings back no more):
   summary.md       phases (status, seconds, cap), the issue's targets against the measured
                    numbers, each bench's table, the recipe's report
   summary.json     the same for programs
-  results.tar.gz   bench/results/<device>/* and sparsekernels/ops/crossover.json, paths from
-                   the repository root: `tar -xzf results.tar.gz -C <checkout>` puts them in place
+  results.tar.gz   bench/results/<device>/* and (when this run measured it)
+                   sparsekernels/ops/crossover.json, paths from the repository root:
+                   `tar -xzf results.tar.gz -C <checkout>` puts them in place
 They are rewritten after every phase, so a run stopped from outside still leaves its results.
 
 Budget: the caps add up to 470 s (under 8 minutes on an H100, build included). A phase may
-use what the phases before it left of their caps, never more, so the whole stays in the sum.
+use what the phases before it left of their caps, never more, so the whole stays in the sum;
+the last phase (pytest_slow, the GPU suite's slow matrix) has no cap of its own and runs only
+in what the others left, when that is 30 s or more.
 
 How to run it when a GPU is lent (device tool; 15 device minutes in all, start and idle
 time counted; one command at most 10 minutes):
@@ -29,11 +32,15 @@ time counted; one command at most 10 minutes):
      image's Python 3.12 and torch), and the script makes its demo model and data itself.
   2. run(command="PYTHONUNBUFFERED=1 python3 tools/gpu_check.py", timeout_s=540)
      (470 s of caps plus margin; with the machine's start, about 10 of the 15 minutes).
-  3. If a phase failed for a reason you can fix, rerun at once on the warm machine (the
-     built extension and build/ stay there between calls), only what failed, e.g.
+     The reply's output_tail ends with the phase table, the targets and the file list.
+  3. If a phase failed for a reason you can fix, fix it here, then rerun at once on the warm
+     machine (it keeps the built extension and build/gpu-check between calls; the tracked
+     files are laid anew from the checkout), only what failed, with a timeout that fits
+     status's budget_left_s less a minute, e.g.
        run(command="PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --skip-build
-                    --only bench_attention,demo", timeout_s=240)
-     then give_back. Each rerun's $OUT holds only its own phases' results.
+                    --only bench_attention,demo --cap bench_attention=120", timeout_s=240)
+     then give_back. A rerun's $OUT holds only its own phases' results: fetch and unpack the
+     first run's before it (the tool keeps only the latest command's files).
   4. Here: the files lie under the reply's files_at, read-only. Put the results in place
      and look before committing:
        tar -xzf <files_at>/results.tar.gz -C /work/main
@@ -121,10 +128,10 @@ def phases() -> list[Phase]:
     return [
         Phase("env", 10, (PY, str(SCRIPT), "_env"), (PY, str(SCRIPT), "_env"), 60,
               about="GPU, driver, nvcc, Python packages"),
-        Phase("build", 110, (PY, "setup.py", "build_ext", "--inplace"), None,
+        Phase("build", 105, (PY, "setup.py", "build_ext", "--inplace"), None,
               env=(("TORCH_CUDA_ARCH_LIST", "9.0"), ("MAX_JOBS", cpus)),
               about="the extension in place, sm_90 only"),
-        Phase("import", 20, (PY, str(SCRIPT), "_import"), (PY, str(SCRIPT), "_import"), 90,
+        Phase("import", 30, (PY, str(SCRIPT), "_import"), (PY, str(SCRIPT), "_import"), 90,
               about="the built extension loads; each GPU backend against float64 once"),
         Phase("pytest", 55, (PY, *pytest_args("gpu and not slow")), collect, 180,
               about="the GPU test suite but its slow matrix (pytest -m 'gpu and not slow')"),
@@ -135,7 +142,7 @@ def phases() -> list[Phase]:
         Phase("bench_ffn", 35, (PY, "bench/bench_ffn.py", "--headline"),
               (PY, "bench/bench_ffn.py", "--headline", "--smoke"), 300,
               about="the fused BERT-base FFN at 8192 tokens"),
-        Phase("bench_attention", 90, (PY, "bench/bench_attention.py", "--headline"),
+        Phase("bench_attention", 85, (PY, "bench/bench_attention.py", "--headline"),
               (PY, "bench/bench_attention.py", "--headline", "--smoke"), 300,
               about="L=4096 at block density 0.25 and 1 vs flash SDPA and FlexAttention"),
         Phase("bench_models", 45, (PY, "bench/bench_models.py", "--headline"),
@@ -335,7 +342,8 @@ def results_tarball(results_dir: Path, extra: Sequence[Path] = ()) -> bytes:
         if results_dir.is_dir():
             for path in sorted(results_dir.rglob("*")):
                 if path.is_file() and not path.name.endswith(".tmp"):
-                    tar.add(path, arcname=str(Path("bench/results") / path.relative_to(results_dir)))
+                    rel = path.relative_to(results_dir)
+                    tar.add(path, arcname=str(Path("bench/results") / rel))
         for path in extra:
             if path.is_file():
                 tar.add(path, arcname=str(path.resolve().relative_to(REPO)))
@@ -367,7 +375,8 @@ def _num(row: dict, key: str) -> float:
     return value if isinstance(value, float) else float("nan")
 
 
-def _verdict(values: list[float], ok: Callable[[float], bool], fmt: str = "{:.2f}") -> tuple[str, str]:
+def _verdict(values: list[float], ok: Callable[[float], bool],
+             fmt: str = "{:.2f}") -> tuple[str, str]:
     values = [v for v in values if v == v]
     if not values:
         return "n/a", "n/a"
@@ -393,7 +402,8 @@ def targets(results_dir: Path) -> list[tuple[str, str, str]]:
                           lambda v: v > 1.0)))
     att = _rows(results_dir, "attention")
     for pas in ("fwd", "fwd+bwd"):
-        sparse = [r for r in att if r.get("pass") == pas and abs(_num(r, "block_density") - 0.25) < 0.02]
+        sparse = [r for r in att
+                  if r.get("pass") == pas and abs(_num(r, "block_density") - 0.25) < 0.02]
         full = [r for r in att if r.get("pass") == pas and _num(r, "block_density") > 0.99]
         out.append((f"attention {pas} at density 0.25: >= 3x dense SDPA",
                     *_verdict([_num(r, "speedup_vs_dense") for r in sparse], lambda v: v >= 3.0)))
@@ -459,8 +469,12 @@ def finalize(out_dir: Path, results: list[PhaseResult], work: Path, dry_run: boo
     data, md = summarize(results, work, dry_run, argv, pending)
     write_out(out_dir, SUMMARY_JSON, (json.dumps(data, indent=2) + "\n").encode())
     write_out(out_dir, SUMMARY_MD, md.encode())
-    write_out(out_dir, TARBALL, results_tarball(work / "results",
-                                                [REPO / "sparsekernels" / "ops" / "crossover.json"]))
+    # the crossover only when this run measured it: each call lays the checkout's own copy
+    # anew, so a rerun's would undo the first run's when unpacked over it
+    measured = not dry_run and any(r.name == "bench_bsr_linear" and r.status == "ok"
+                                   for r in results)
+    crossover = [REPO / "sparsekernels" / "ops" / "crossover.json"] if measured else []
+    write_out(out_dir, TARBALL, results_tarball(work / "results", crossover))
 
 
 def summary_table(results: list[PhaseResult]) -> str:
@@ -498,7 +512,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         unknown = [n for n in names(getattr(args, option)) if n not in PHASE_NAMES]
         if unknown:
             p.error(f"--{option}: unknown phase {unknown[0]!r}; phases: {', '.join(PHASE_NAMES)}")
-    args.only, args.skip = names(args.only), names(args.skip) + (["build"] if args.skip_build else [])
+    args.only = names(args.only)
+    args.skip = names(args.skip) + (["build"] if args.skip_build else [])
     caps = {}
     for item in args.cap:
         name, _, value = item.partition("=")
@@ -559,9 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shutil.rmtree(out_dir)  # our own default folder: last run's files go
     out_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    for stale in ("results", "env.json"):  # this run's results only
-        path = work / stale
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    shutil.rmtree(work / "results", ignore_errors=True)  # this run's results only
     (work / "results").mkdir()
     log = Log(out_dir / LOG_NAME)
     total = sum(cap for _, cmd, cap in steps if cmd)
@@ -586,7 +599,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 results.append(PhaseResult(phase.name, "skipped", 0.0, cap, None,
                                            f"{allowed:.0f} s left, it needs {phase.min_s:.0f}"))
                 continue
-            result = run_phase(phase.name, cmd, allowed, log, phase_env(work, phase, build_ok), REPO)
+            env = phase_env(work, phase, build_ok)
+            result = run_phase(phase.name, cmd, allowed, log, env, REPO)
             budget.spend(allowed, result.seconds)
             result.cap_s = cap
             if allowed != cap and result.status == "timeout":
@@ -661,7 +675,8 @@ def cmd_env(argv: Sequence[str]) -> int:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
-                    sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2 ** 30, 1))
+                    sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2 ** 30, 1))
     info["device"] = device_name(device)
     print(json.dumps(info, indent=2))
     (work / "env.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -700,7 +715,8 @@ def cmd_import(argv: Sequence[str]) -> int:
         print(f"{props.name}: sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
               f"{props.total_memory / 2 ** 30:.0f} GiB")
         if (props.major, props.minor) != (9, 0):
-            print("  note: the extension is built for sm_90 only; its CUDA kernels need a Hopper GPU")
+            print("  note: the extension is built for sm_90 only: its CUDA kernels need a "
+                  "Hopper GPU")
         for op in ("bsr_linear", "block_sparse_attention"):
             if not _ext.has_op(op, "cuda"):
                 problems.append(f"the extension has no CUDA kernel for {op}")
@@ -726,7 +742,8 @@ def cmd_import(argv: Sequence[str]) -> int:
             try:
                 err = _rel_err(fn(), ref)
                 ok = err <= tol
-                print(f"  {name} {backend}: rel err {err:.2e} vs float64 ({'ok' if ok else 'WRONG'})")
+                verdict = "ok" if ok else "WRONG"
+                print(f"  {name} {backend}: rel err {err:.2e} vs float64 ({verdict})")
                 if not ok:
                     problems.append(f"{name} {backend}: rel err {err:.2e}")
             except Exception as exc:

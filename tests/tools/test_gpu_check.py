@@ -197,7 +197,8 @@ def test_targets_read_the_bench_rows(gc, tmp_path):
         f"{eff:.2f}, 0.80", "pass")
     assert got["bsr_linear efficiency >= 0.5 at block 32, density <= 0.5"] == ("0.40", "MISS")
     assert got["bsr_linear faster than torch.sparse BSR at every point (x)"][1] == "MISS"
-    assert got["bsr_linear fwd+bwd faster than dense at density <= 0.3 (x)"] == ("1.40, 1.20", "pass")
+    assert got["bsr_linear fwd+bwd faster than dense at density <= 0.3 (x)"] == (
+        "1.40, 1.20", "pass")
     assert got["BERT-base kernel mode at 70% blocks: >= 1.5x dense"] == ("n/a", "n/a")
 
 
@@ -248,3 +249,50 @@ def test_the_headline_lists_are_the_issues_points():
     for module in (bench_bsr_linear, bench_ffn, bench_attention):  # the CPU form is small
         assert all(getattr(c, "tokens", getattr(c, "seq_len", 0)) <= 256
                    for c in module.headline_cases(torch.device("cpu"), smoke=True))
+
+
+def test_targets_read_columns_the_benches_write(gc):
+    """A renamed bench column would turn a target into n/a without a word: the columns
+    targets() reads are in the rows the benches make (tiny CPU cases)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_attention
+        import bench_bsr_linear
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    from sparsekernels.ops.backend import Backend
+
+    cpu = torch.device("cpu")
+    lin = bench_bsr_linear.run_case(bench_bsr_linear.Case(128, 256, 33, 0.3, (32, 32), "float32",
+                                                          backward=True),
+                                    cpu, Backend.CPU, 1e11, 1e10, reps=1)
+    assert {"block", "density", "efficiency", "vs_torch_bsr", "fwdbwd_speedup"} <= set(lin)
+    assert lin["block"] == "32x32"
+    att = bench_attention.run_case(bench_attention.Case(128, 1, "random", 0.25, heads=2,
+                                                        backward=True),
+                                   cpu, 1e11, 1e10, reps=1, flex=False)
+    assert [r["pass"] for r in att] == ["fwd", "fwd+bwd"]
+    for row in att:
+        assert {"block_density", "speedup_vs_dense", "speedup_vs_flex"} <= set(row)
+
+
+@pytest.mark.parametrize("status, dry_run, packed", [("ok", False, True), ("timeout", False, False),
+                                                     ("ok", True, False)],
+                         ids=["measured", "stopped", "dry-run"])
+def test_the_crossover_is_packed_only_when_this_run_measured_it(gc, tmp_path, status, dry_run,
+                                                                 packed):
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "results" / "nvidia-h200").mkdir(parents=True)
+    (work / "results" / "nvidia-h200" / "ffn.csv").write_text(f"a\n{random.random()}\n")
+    out.mkdir()
+    results = [gc.PhaseResult("bench_bsr_linear", status, 1.0, 55.0)]
+    gc.finalize(out, results, work, dry_run, ["--only", "bench_bsr_linear"])
+    with tarfile.open(out / gc.TARBALL) as tar:
+        names = tar.getnames()
+    assert "bench/results/nvidia-h200/ffn.csv" in names
+    assert ("sparsekernels/ops/crossover.json" in names) == packed
+    summary = json.loads((out / gc.SUMMARY_JSON).read_text())
+    assert summary["phases"][0]["status"] == status and summary["mode"] == (
+        "dry-run" if dry_run else "gpu")
