@@ -280,6 +280,9 @@ def run_phase(name: str, argv: Sequence[str], cap_s: float, log: Log, env: dict,
         timed_out = True
         _stop(proc, grace_s)
         rc = proc.poll()
+    except KeyboardInterrupt:  # the phase runs in its own session: stop it too
+        _stop(proc, grace_s)
+        raise
     reader.join(timeout=5.0)
     seconds = time.monotonic() - start
     log.end_phase()
@@ -562,6 +565,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return INTERNAL[argv[0]](argv[1:])
     args = parse_args(argv)
     steps = plan(args)
+    if hasattr(sys.stdout, "reconfigure"):  # each line as it comes, also into a pipe
+        sys.stdout.reconfigure(line_buffering=True)
     if args.list:
         for phase, cmd, cap in steps:
             print(f"{phase.name:<18} cap {cap:>4.0f} s  {shlex.join(cmd) if cmd else '(skipped)'}"
@@ -604,7 +609,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             budget.spend(allowed, result.seconds)
             result.cap_s = cap
             if allowed != cap and result.status == "timeout":
-                result.note += f" (its cap {cap:.0f} s + {allowed - cap:.0f} s left by others)"
+                result.note += f" (its cap {cap:.0f} s {allowed - cap:+.0f} s from the others)"
             if phase.name == "build":
                 build_ok = result.status == "ok"
             results.append(result)
