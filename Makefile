@@ -3,6 +3,9 @@
 # make demo  : same set-up, then the pruning recipe on the embedded default (quick config)
 # make test-gpu : on a GPU machine, with its own torch: build in place, run the GPU suite
 # make bench-gpu: on a GPU machine: every bench's GPU matrix into bench/results/<device>/
+# make gpu-check: on a GPU machine: the prepared 8-minute check (tools/gpu_check.py says how
+#              to run it through the device tool); on a CPU, a dry run:
+#              GPU_CHECK_DRY_RUN=1 make gpu-check PYTHON_SYS=.venv/bin/python
 PYTHON_SYS ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
@@ -13,7 +16,7 @@ EXT_STAMP  := $(VENV)/.ext-stamp
 CSRC       := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 PYTEST_CPU := -m "not slow and not gpu"
 
-.PHONY: setup build test test-all test-gpu bench-gpu check-cuda check-triton demo bench clean
+.PHONY: setup build test test-all test-gpu bench-gpu gpu-check check-cuda check-triton demo bench clean
 
 setup: $(STAMP)
 
@@ -63,6 +66,11 @@ bench-gpu:
 	$(PYTHON_SYS) bench/bench_ffn.py
 	$(PYTHON_SYS) bench/bench_attention.py
 	$(PYTHON_SYS) bench/bench_models.py
+
+# Build for sm_90, the GPU suite, each bench's headline points, the recipe on the GPU and the
+# crossover, every phase capped (470 s in all); results in $OUT or build/gpu-check/out
+gpu-check:
+	$(PYTHON_SYS) tools/gpu_check.py
 
 demo: build
 	$(PY) -m sparsekernels demo --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)

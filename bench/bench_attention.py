@@ -3,6 +3,7 @@
     python bench/bench_attention.py            # the matrix for this device
     python bench/bench_attention.py --decode   # decode against a KV cache (attention_decode.*)
     python bench/bench_attention.py --smoke    # seconds; run in CI (both)
+    python bench/bench_attention.py --headline # the GPU check's points (tools/gpu_check.py)
 
 Per case (12 heads, head dim 64, blocks 64x64; on GPU batch x L = 16k tokens in bf16, on CPU
 batch 1 in fp32): dense F.scaled_dot_product_attention (flash on GPU), FlexAttention with the
@@ -92,6 +93,16 @@ def cases(device: torch.device, smoke: bool) -> list[Case]:
                 out.append(Case(n, b, "window", window=w, dtype="bfloat16", backward=True))
             out.append(Case(n, b, "causal", dtype="bfloat16", backward=True))
     return out
+
+
+def headline_cases(device: torch.device, smoke: bool) -> list[Case]:
+    """The GPU check's points: L = 4096 in bf16 at block density 0.25 and 1, forward and
+    forward+backward; smoke: L = 256, 2 heads (seconds on a CPU)."""
+    if smoke:
+        return [Case(256, 1, "random", d, heads=2, dtype="bfloat16", backward=True)
+                for d in (0.25, 1.0)]
+    return [Case(4096, TOKENS // 4096, "random", d, dtype="bfloat16", backward=True)
+            for d in (0.25, 1.0)]
 
 
 def make_layout(c: Case, generator: torch.Generator) -> torch.Tensor:
@@ -460,16 +471,19 @@ def main(argv=None) -> int:
     parser.add_argument("--decode", action="store_true",
                         help="decode against a KV cache (CPU), not the prefill matrix")
     parser.add_argument("--decode-reps", type=int, default=200)
+    parser.add_argument("--headline", action="store_true",
+                        help="only the headline points (tools/gpu_check.py); with --smoke, the "
+                             "same list at a size a CPU runs in seconds")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    if args.decode or (args.smoke and device.type == "cpu"):
+    if args.decode or (args.smoke and device.type == "cpu" and not args.headline):
         run_decode(args.smoke, 5 if args.smoke else args.decode_reps)
         if args.decode:
             return 0
-    todo = cases(device, args.smoke)
+    todo = (headline_cases if args.headline else cases)(device, args.smoke)
     if args.max_seq_len:
         todo = [c for c in todo if c.seq_len <= args.max_seq_len]
     dtype = getattr(torch, todo[0].dtype)

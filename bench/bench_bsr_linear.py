@@ -3,6 +3,7 @@
     python bench/bench_bsr_linear.py               # the matrix for this device
     python bench/bench_bsr_linear.py --smoke       # seconds; run in CI
     python bench/bench_bsr_linear.py --write-crossover   # also update ops/crossover.json
+    python bench/bench_bsr_linear.py --headline    # the GPU check's points (tools/gpu_check.py)
 
 Per case: dense F.linear, the physically resized dense layer (same kept fraction of output
 rows), torch.sparse BSR, 2:4 semi-structured (GPU, density 0.5), our kernel (explicit
@@ -35,6 +36,9 @@ from sparsekernels.testing import random_block_mask  # noqa: E402
 SHAPES = [(768, 3072), (3072, 768), (768, 2304), (1024, 4096), (4096, 1024), (1600, 6400)]
 DENSITIES = [1.0, 0.5, 0.3, 0.1, 0.05]
 TARGET_SHAPE, TARGET_TOKENS = (768, 3072), 2048
+# the GPU check's points (issue 22); density 1 anchors the crossover
+HEADLINE_SHAPES, HEADLINE_TOKENS = ((768, 3072), (3072, 768)), 8192
+HEADLINE_DENSITIES, HEADLINE_BLOCKS = (1.0, 0.5, 0.3, 0.1), (32, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,15 @@ def cases(device: torch.device, smoke: bool) -> list[Case]:
                                                      (16, 32, 64, 128)):
                 out.append(Case(k, n, t, d, (b, b), dtype, backward=(t == 8192 and b in (32, 64))))
     return out
+
+
+def headline_cases(device: torch.device, smoke: bool) -> list[Case]:
+    """BERT-base FFN shapes at 8192 tokens in bf16, forward+backward below density 1;
+    smoke: the same list at 64 tokens (seconds on a CPU)."""
+    tokens = 64 if smoke else HEADLINE_TOKENS
+    return [Case(k, n, tokens, d, (b, b), "bfloat16", backward=d < 1.0)
+            for (k, n), b, d in itertools.product(HEADLINE_SHAPES, HEADLINE_BLOCKS,
+                                                  HEADLINE_DENSITIES)]
 
 
 def run_case(c: Case, device: torch.device, backend: Backend, peak: float, bw: float, reps: int) -> dict:
@@ -213,7 +226,8 @@ def main(argv=None) -> int:
         rows = read_results(args.crossover_from_csv)
         write_crossover(torch.device(args.device), rows, sorted({r["dtype"] for r in rows}))
         return 0
-    device, backend, all_cases, peaks, bw = kernel_bench_setup(args, cases, "bsr_linear")
+    device, backend, all_cases, peaks, bw = kernel_bench_setup(
+        args, headline_cases if args.headline else cases, "bsr_linear")
     dtypes = sorted(peaks)
     rows = []
     for i, c in enumerate(all_cases):

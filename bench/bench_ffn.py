@@ -2,6 +2,7 @@
 
     python bench/bench_ffn.py             # the matrix for this device
     python bench/bench_ffn.py --smoke     # seconds; run in CI
+    python bench/bench_ffn.py --headline  # the GPU check's points (tools/gpu_check.py)
 
 An FFN is act(x @ W1.T + b1) @ W2.T + b2 with W1 [F, H], W2 [H, F] (F = 4H). Per case:
 dense (F.linear, GELU, F.linear), the resized dense FFN (the kept fraction of the F
@@ -78,6 +79,14 @@ def cases(device: torch.device, smoke: bool) -> list[Case]:
                 out.append(Case(model, t, d, b, dtype, train=(t == 8192 and b == 32 and
                                                               model == "bert-base")))
     return out
+
+
+def headline_cases(device: torch.device, smoke: bool) -> list[Case]:
+    """The GPU check's points: BERT-base at 8192 tokens in bf16, blocks 32 and 64, forward
+    and forward+backward; smoke: 64 tokens (seconds on a CPU)."""
+    tokens = 64 if smoke else 8192
+    return [Case("bert-base", tokens, d, b, "bfloat16", train=True)
+            for b in (32, 64) for d in (0.5, 0.3, 0.1)]
 
 
 def _shape(model: str) -> tuple[int, int]:
@@ -201,7 +210,8 @@ def _train(c, device, backend, x, W1, b1, W2, b2, reps) -> dict:
 
 def main(argv=None) -> int:
     args = kernel_bench_parser(__doc__).parse_args(argv)
-    device, backend, all_cases, peaks, bw = kernel_bench_setup(args, cases, "bsr_linear")
+    device, backend, all_cases, peaks, bw = kernel_bench_setup(
+        args, headline_cases if args.headline else cases, "bsr_linear")
     rows = []
     for i, c in enumerate(all_cases):
         row = run_case(c, device, backend, peaks[c.dtype], bw, 3 if args.smoke else args.reps)

@@ -3,6 +3,7 @@
     python bench/bench_models.py            # BERT-base, GPT-2 small, T5-small, ViT-B/16 shapes
     python bench/bench_models.py --smoke    # a tiny BERT, seconds (CI)
     python bench/bench_models.py --memory-only   # add the memory columns to saved rows
+    python bench/bench_models.py --headline # BERT-base kernel mode at 70% (tools/gpu_check.py)
 
 Peak memory (*_MB) = the model's parameters and buffers + the peak allocated above them
 during one forward (GPU: the caching allocator's peak; CPU: the malloc heap sampled after
@@ -38,6 +39,7 @@ from sparsekernels.speedup.model_speedup import count_params  # noqa: E402
 
 
 MODELS = "bert-base,gpt2,t5-small,vit-b16"
+MASK_KINDS = ("block", "structured")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,15 +125,16 @@ def apply(model, masks):
     with torch.no_grad():
         for name, entry in masks.items():
             for p, m in entry.items():
-                getattr(model.get_submodule(name), p).mul_(m)
+                param = getattr(model.get_submodule(name), p)
+                param.mul_(m.to(param.device, param.dtype))  # masks are made on the CPU
     return model
 
 
 def _saved_rows(device) -> list[dict]:
     """Rows of the existing models.csv."""
-    from common import RESULTS, device_name, read_results
+    from common import device_name, read_results, results_root
 
-    return read_results(RESULTS / device_name(device) / "models.csv")
+    return read_results(results_root() / device_name(device) / "models.csv")
 
 
 def _key(row: dict) -> tuple:
@@ -154,6 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=MODELS)
     p.add_argument("--sparsities", default="0.5,0.7,0.9")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--masks", default=",".join(MASK_KINDS), help="mask kinds to run")
+    p.add_argument("--headline", action="store_true",
+                   help="the GPU check's point: --models bert-base --sparsities 0.7 --masks block")
     p.add_argument("--merge", action="store_true",
                    help="replace only these models' rows in the existing results file")
     p.add_argument("--memory-only", action="store_true",
@@ -164,6 +170,11 @@ def main(argv=None) -> int:
     p.add_argument("--note", action="append", default=[],
                    help="a provenance line for the notes (e.g. which run made which rows)")
     args = p.parse_args(argv)
+    if args.headline:
+        args.models, args.sparsities, args.masks = "bert-base", "0.7", "block"
+    kinds = args.masks.split(",")
+    if not set(kinds) <= set(MASK_KINDS):
+        p.error(f"--masks: each must be one of {', '.join(MASK_KINDS)}, got {args.masks!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
@@ -184,7 +195,7 @@ def main(argv=None) -> int:
         if "pixel_values" in dummy:
             dummy["pixel_values"] = dummy["pixel_values"].to(dtype)
         for s in sparsities:
-            for kind in ("block", "structured"):
+            for kind in kinds:
                 masks = (block_masks if kind == "block" else structured_masks)(base, scope, s)
                 masked = apply(copy.deepcopy(base), masks)
                 variants = {"dense": base, "masked": masked}

@@ -20,6 +20,13 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# another folder in place of bench/results (tools/gpu_check.py gathers a run's files there)
+ENV_RESULTS = "SPARSEKERNELS_BENCH_RESULTS"
+
+
+def results_root() -> Path:
+    """Where results are written: bench/results, or the folder SPARSEKERNELS_BENCH_RESULTS names."""
+    return Path(os.environ.get(ENV_RESULTS) or RESULTS)
 
 
 def device_name(device: torch.device) -> str:
@@ -119,7 +126,7 @@ def measure_bandwidth(device: torch.device) -> float:
 
 def write_results(device: torch.device, name: str, title: str, rows: list[dict],
                   notes: list[str] | None = None, md_columns: list[str] | None = None) -> Path:
-    out_dir = RESULTS / device_name(device)
+    out_dir = results_root() / device_name(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     head = header(device, title)
     with open(out_dir / f"{name}.csv", "w", newline="") as f:
@@ -254,6 +261,9 @@ def kernel_bench_parser(doc: str) -> "argparse.ArgumentParser":
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="a few tiny cases; nothing written")
     p.add_argument("--limit", type=int, default=0, help="run only the first N cases")
+    p.add_argument("--headline", action="store_true",
+                   help="only the headline points (tools/gpu_check.py); with --smoke, the same "
+                        "list at a size a CPU runs in seconds")
     return p
 
 
