@@ -28,10 +28,15 @@ def plain_inference(*tensors: Optional[Tensor]) -> bool:
     """True when a call on `tensors` may skip the dispatcher: eager, no active torch function
     or dispatch mode, plain tensors, and no gradient needed (grad mode off, or nothing
     requires one)."""
-    if _MODE_STACKS() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _MODE_STACKS():  # dynamo cannot trace the second
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
             return False
     return True
+
+
+# a Parameter runs ops as a plain tensor (no torch function of its own); other subclasses
+# (BlockSparseTensor, FakeTensor, DTensor, ...) must see the op
+_PLAIN = (Tensor, torch.nn.Parameter)

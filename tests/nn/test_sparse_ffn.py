@@ -10,6 +10,7 @@ import transformers as tf
 from torch import nn
 
 from sparsekernels.nn import SparseFFN, SparseLinear, fuse_ffn_, unfuse_ffn_
+from sparsekernels.nn import sparse_ffn
 from sparsekernels.nn.sparse_ffn import FusedFFNInput, FusedFFNOutput
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
@@ -98,7 +99,7 @@ def t5_v1_0():
                                                        "decoder_input_ids": ids[:, :7]}
 
 
-FUSED_PER_FAMILY = {"bert": 2, "roberta": 2, "gpt2": 2, "bart": 4, "t5": 0, "vit": 2,
+FUSED_PER_FAMILY = {"bert": 2, "roberta": 2, "gpt2": 2, "bart": 4, "t5": 4, "vit": 2,
                     "t5-relu": 4}
 
 
@@ -115,10 +116,14 @@ def kernel_model(family, backend="cpu"):
 def test_kernel_mode_fuses_ffns_and_matches_the_masked_model(family, monkeypatch):
     need("cpu")
     calls = []
-    for name in ("bsr_ffn", "bsr_ffn_packed"):  # inference takes the second on the CPU
-        real = getattr(torch.ops.sparsekernels, name)
-        monkeypatch.setattr(torch.ops.sparsekernels, name,
-                            lambda *a, real=real: calls.append(1) or real(*a), raising=False)
+    # the fused forwards' two entries each: the op, and the CPU inference route (which runs
+    # the op's implementation directly when no gradient is needed)
+    for owner, name in ((torch.ops.sparsekernels, "bsr_ffn"),
+                        (torch.ops.sparsekernels, "bsr_gated_ffn"),
+                        (sparse_ffn, "ffn_packed"), (sparse_ffn, "gated_ffn_packed")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, real=real: calls.append(1) or real(*a),
+                            raising=False)
     model, dummy, reference, report = kernel_model(family)
     fused = [k for k, v in report.fused_ffn.items() if v.startswith("fused")]
     assert len(fused) == FUSED_PER_FAMILY[family], report.fused_ffn

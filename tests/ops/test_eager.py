@@ -1,0 +1,77 @@
+"""Eager calls that need no gradient skip the custom ops' dispatcher and compute the same;
+everything that must see the op (autograd, torch function modes, compile) still does."""
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from sparsekernels import SparseLinear
+from sparsekernels.ops import _ext
+from sparsekernels.ops.eager import plain_inference
+
+
+class Seen(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def layer():
+    if not _ext.has_op("bsr_linear", "cpu"):
+        pytest.skip("compiled CPU extension not built (make build)")
+    return SparseLinear.from_linear(nn.Linear(64, 96), (32, 32), sparsity=0.5, backend="cpu")
+
+
+def test_plain_inference_rules():
+    x = torch.randn(3, requires_grad=True)
+    p = nn.Parameter(torch.randn(3))
+    assert plain_inference(torch.randn(3), None)
+    assert not plain_inference(x)  # needs a gradient
+    with torch.no_grad():
+        assert plain_inference(x, p)
+    with Seen():
+        assert not plain_inference(torch.randn(3))
+    sub = torch.randn(3).as_subclass(type("Sub", (torch.Tensor,), {}))
+    with torch.no_grad():
+        assert not plain_inference(sub)
+
+
+def test_no_grad_call_runs_the_implementation_directly_with_the_same_result(monkeypatch):
+    sl = layer()
+    x = torch.randn(5, 64)
+    via_op = []
+    real = torch.ops.sparsekernels.bsr_linear_packed
+    monkeypatch.setattr(torch.ops.sparsekernels, "bsr_linear_packed",
+                        lambda *a: via_op.append(1) or real(*a), raising=False)
+    with torch.no_grad():
+        direct = sl(x)
+    assert not via_op
+    with Seen() as seen, torch.no_grad():  # a mode active: the call goes through the op
+        through = sl(x)
+    assert via_op and seen.names
+    assert torch.equal(direct, through)
+    ref = x.double() @ sl.to_linear().weight.double().T + sl.bias.double()
+    assert ((direct.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_a_call_that_needs_a_gradient_goes_through_autograd():
+    sl = layer()
+    x = torch.randn(5, 64, requires_grad=True)
+    y = sl(x)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert x.grad is not None and sl.values.grad is not None
+
+
+def test_compiled_call_sees_the_op():
+    sl = layer()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        want = sl(x)
+        got = torch.compile(sl, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, want)
