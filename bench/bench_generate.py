@@ -2,8 +2,9 @@
 ../shared/DATA.md), dense against block-sparse in kernel, auto and resize modes.
 
 Every decoder Linear (q, k, v, o, gate, up, down of the 30 layers) keeps the blocks of
-largest norm at the given block sparsity; the tied 49,152 x 576 embedding / LM head stays
-dense. Batch 1, a --prompt-token prompt, --new new tokens, greedy, transformers' own
+largest norm at the given block sparsity (kernel and auto modes); the tied 49,152 x 576
+embedding / LM head stays dense. Resize removes whole things only, so its row prunes that
+fraction of FFN units (gate row, up row, down column) instead and keeps attention. Batch 1, a --prompt-token prompt, --new new tokens, greedy, transformers' own
 generate() and KV cache (eager attention, fp32).
 
 Columns: prefill_ms (generate() of one token: the prompt's forward), decode_ms per new token
@@ -87,6 +88,24 @@ def block_masks(model, names, block, sparsity) -> dict:
     return masks
 
 
+def ffn_unit_masks(model, sparsity) -> dict:
+    """Resize's kind of pruning: whole FFN units (a gate row, an up row and a down column
+    together) of smallest norm, in every decoder layer (attention stays: rotary heads go
+    whole or not at all, and block masks on them are not what resize removes)."""
+    from sparsekernels.arch import find_ffn
+
+    masks = {}
+    for site in find_ffn(model):
+        gate, up, down = (model.get_submodule(n).weight for n in (site.gate, site.up, site.down))
+        score = gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)
+        drop = score.argsort()[: int(round(sparsity * score.numel()))]
+        for name, w, dim in ((site.gate, gate, 0), (site.up, up, 0), (site.down, down, 1)):
+            m = torch.ones_like(w)
+            m.index_fill_(dim, drop, 0)
+            masks[name] = {"weight": m}
+    return masks
+
+
 def masked_copy(model, masks):
     out = copy.deepcopy(model)
     with torch.no_grad():
@@ -141,12 +160,14 @@ def main(argv=None) -> int:
             configs.append((mode, args.mode_sparsity, None))
     models, rows = {}, {}
     for mode, s, _ in configs:
-        key = "dense" if mode == "dense" else f"{mode} {int(round(s * 100))}%"
+        key = "dense" if mode == "dense" else \
+            f"{mode}{' ffn' if mode == 'resize' else ''} {int(round(s * 100))}%"
         t0 = time.perf_counter()
         if mode == "dense":
             model, err, same = base, 0.0, True
         else:
-            masks = block_masks(base, names, block, s)
+            masks = ffn_unit_masks(base, s) if mode == "resize" else \
+                block_masks(base, names, block, s)
             masked = masked_copy(base, masks)
             model = copy.deepcopy(base)
             ModelSpeedup(model, {"input_ids": ids}, masks, mode=mode,
@@ -193,7 +214,8 @@ def main(argv=None) -> int:
     title = "Greedy generation: SmolLM2-135M, dense vs block-sparse"
     notes = [f"- SmolLM2-135M-Instruct fp32 (eager attention), batch 1, {args.prompt}-token "
              f"prompt, {args.new} new tokens, greedy; blocks {block[0]}x{block[1]} kept by "
-             "norm in every decoder Linear; embedding / LM head dense",
+             "norm in every decoder Linear (kernel, auto); resize ffn: that fraction of FFN "
+             "units removed, attention kept; embedding / LM head dense",
              f"- copy bandwidth measured in this run: {bandwidth / 1e9:.1f} GB/s; "
              f"medians of {args.reps} generate() runs per model, the models taking turns",
              "- prefill_x / decode_x: dense time / this model's time (same run)"]

@@ -168,3 +168,20 @@ def test_dependency_aware_ffn_units_span_gate_up_and_down(family):
     assert find_ffn(model)[0].units == site.units // 2
     with torch.no_grad():
         assert rel_err(output_of(model, dummy), output_of(masked, dummy)) <= 1e-4
+
+
+@pytest.mark.parametrize("family", [f for f in LLM_FAMILIES if f != "gemma2"])
+def test_generate_through_enable_gives_the_eager_tokens(family):
+    """Attention through the block-sparse op (all-true layouts) under generate() with
+    transformers' KV cache: grouped k/v heads, queries at the end of the cache, Mistral's
+    sliding window; greedy tokens equal the eager model's. (Gemma2's soft-capped scores
+    are refused by enable_.)"""
+    from sparsekernels import attention
+
+    model, dummy = build(family)
+    sparse = attention.enable_(copy.deepcopy(model), block_size=(16, 16))
+    ids = dummy["input_ids"][:1, :9]
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        got = sparse.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
