@@ -1,9 +1,15 @@
-// The importable module sparsekernels._C. It holds no functions itself: every kernel
-// registers into the `sparsekernels_C` op namespace (TORCH_LIBRARY_FRAGMENT in its own
-// source file), and importing this module runs those registrations.
-#include <Python.h>
+// The importable module sparsekernels._C. The kernels register into the `sparsekernels_C`
+// op namespace (TORCH_LIBRARY_FRAGMENT in their own source files), and importing this
+// module runs those registrations. The module's own functions are the direct entries that
+// skip the op dispatcher where its per-call cost matters (decode): see cpu/direct.h.
+#include <torch/extension.h>
 
-static struct PyModuleDef sparsekernels_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                                   nullptr};
+#include "cpu/direct.h"
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&sparsekernels_module); }
+PYBIND11_MODULE(_C, m) {
+  m.def("linear_inference", &sparsekernels::cpu::linear_inference,
+        "bsr_linear on the CPU for an eager call that needs no gradient (SparseLinear); None "
+        "when x is not [..., in_features] in the values' dtype on the CPU",
+        pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("crow_indices"),
+        pybind11::arg("col_indices"), pybind11::arg("bias"), pybind11::arg("in_features"));
+}

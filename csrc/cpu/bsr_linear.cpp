@@ -11,7 +11,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
+#include "direct.h"
 #include "dot.h"
 #include "dsd.h"
 #include "glue.h"
@@ -173,6 +175,26 @@ at::Tensor bsr_sdd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
 }
 
 }  // namespace
+}  // namespace cpu
+}  // namespace sparsekernels
+
+namespace sparsekernels {
+namespace cpu {
+
+at::Tensor linear_inference(const at::Tensor& x, const at::Tensor& values,
+                            const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                            const std::optional<at::Tensor>& bias, int64_t in_features) {
+  if (x.dim() < 1 || x.size(-1) != in_features || !x.device().is_cpu() ||
+      x.scalar_type() != values.scalar_type() || x.is_complex())
+    return at::Tensor();
+  at::Tensor y = bsr_linear_cpu(x.reshape({-1, in_features}), values, crow_indices, col_indices,
+                                bias, std::nullopt);
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.view(sizes);
+}
+
 }  // namespace cpu
 }  // namespace sparsekernels
 

@@ -117,7 +117,8 @@ template <typename T>
 void dot_rows(const T* A, int64_t rows, int64_t lda, const T* values, int64_t bm, int64_t bk,
               const int32_t* crow, const int32_t* col, int64_t nbr, const T* bias, T* out,
               int64_t ldo) {
-#pragma omp parallel num_threads(at::get_num_threads())
+  const int64_t macs = rows * (crow[nbr] - crow[0]) * bm * bk;
+#pragma omp parallel num_threads(threads_for(macs))
   {
     int64_t i0, i1;
     split_stored(crow, nbr, omp_get_num_threads(), omp_get_thread_num(), &i0, &i1);

@@ -102,6 +102,13 @@ inline void dsd_block(const T* A, int64_t rows, int64_t lda, const T* blocks,
     });
 }
 
+// Threads for a few-row product of `macs` multiply-adds: one below a fork / join's worth of
+// work (waking a second thread costs about as much as 16K multiply-adds on one), else all.
+inline int threads_for(int64_t macs) {
+  constexpr int64_t kSerialMacs = int64_t{1} << 14;
+  return macs < kSerialMacs ? 1 : at::get_num_threads();
+}
+
 // Output blocks [o0, o1) of out = A @ S (+ bias) for all rows, serially.
 template <typename T, int BO>
 inline void dsd_range(const T* A, int64_t rows, int64_t lda, const T* blocks,
@@ -118,7 +125,8 @@ void dsd(const T* A, int64_t rows, int64_t lda, const T* blocks, const SparseOpe
   if (rows <= MR) {
     // One tile of rows (decode): the call streams the stored blocks once, so each thread
     // takes an equal share of them as one contiguous run (sequential reads, no scheduling).
-#pragma omp parallel num_threads(at::get_num_threads())
+    const int64_t macs = rows * (s.ptr[s.n_out] - s.ptr[0]) * BO * s.bi;
+#pragma omp parallel num_threads(threads_for(macs))
     {
       int64_t o0, o1;
       split_stored(s.ptr, s.n_out, omp_get_num_threads(), omp_get_thread_num(), &o0, &o1);

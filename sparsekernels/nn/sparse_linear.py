@@ -33,7 +33,8 @@ from sparsekernels.formats.block_sparse import (
     validate_index,
 )
 from sparsekernels.ops.backend import Backend
-from sparsekernels.ops.bsr_linear import linear_packed
+from sparsekernels.ops.bsr_linear import direct_linear, linear_packed
+from sparsekernels.ops.eager import _MODE_STACKS
 from sparsekernels.ops.router import Route, route
 
 
@@ -190,6 +191,9 @@ class SparseLinear(nn.Module):
         when the layer is built, moved or loaded)."""
         self._route = route("bsr_linear", self.values.device, self.values.dtype, self.backend,
                             block_size=self.block_size, density=self.density)
+        # eager calls that need no gradient skip the op dispatcher (see forward)
+        r = self._route
+        self._direct = direct_linear() if r.backend is Backend.CPU and not r.dense else None
         return self._route
 
     @property
@@ -216,6 +220,16 @@ class SparseLinear(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        direct = self._direct
+        if direct is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling():
+            params = self._parameters
+            values = params["values"]
+            if (not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad))
+                    and not _MODE_STACKS()):  # eager inference: the kernel, without dispatch
+                y = direct(x, values, self._buffers["crow_indices"],
+                           self._buffers["col_indices"], params.get("bias"), self.in_features)
+                if y is not None:
+                    return y
         self.check_input(x)
         r = self._route
         if r.dense:

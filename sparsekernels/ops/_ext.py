@@ -60,3 +60,13 @@ def missing_message(name: str, device_type: str) -> str:
         return (f"the extension was built without CUDA kernels ({name}): rebuild on a machine "
                 "with a CUDA build of torch and nvcc, without SPARSEKERNELS_SKIP_CUDA_BUILD=1")
     return f"the extension has no {device_type} kernel for {name}; rebuild it: {_BUILD_HINT}"
+
+
+def direct(name: str):
+    """A direct entry of the extension module (`sparsekernels._C.<name>`, called without the
+    op dispatcher), or None when the extension or the entry is missing."""
+    if load() is not None:
+        return None
+    import sys
+
+    return getattr(sys.modules["sparsekernels._C"], name, None)

@@ -84,6 +84,14 @@ _bsr_linear_packed = torch.library.custom_op("sparsekernels::bsr_linear_packed",
                                              mutates_args=())
 
 
+def direct_linear():
+    """The extension's direct CPU entry for an eager SparseLinear call that needs no gradient:
+    `f(x, values, crow_indices, col_indices, bias, in_features)` with the blocks laid out as
+    a SparseLinear stores them on the CPU; it returns None for an x it does not take. None
+    when the extension lacks it. The caller checks plain_inference first."""
+    return _ext.direct("linear_inference")
+
+
 def linear_packed(x: Tensor, values: Tensor, packed: Tensor, crow_indices: Tensor,
                   col_indices: Tensor, bias: Optional[Tensor]) -> Tensor:
     """bsr_linear_packed, run directly when the call may skip the dispatcher (eager, no

@@ -75,3 +75,24 @@ def test_compiled_call_sees_the_op():
         want = sl(x)
         got = torch.compile(sl, backend="eager", fullgraph=True)(x)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 64), (3, 64, 5)])
+def test_direct_entry_takes_any_leading_dims_and_layouts(shape):
+    sl = layer()
+    x = torch.randn(*shape, 64) if len(shape) == 1 else torch.randn(*shape)
+    if shape == (3, 64, 5):
+        x = x.transpose(1, 2)  # [3, 5, 64], not contiguous
+    with torch.no_grad():
+        got = sl(x)
+    ref = x.double() @ sl.to_linear().weight.double().T + sl.bias.double()
+    assert got.shape == (*x.shape[:-1], 96)
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_an_input_the_layer_does_not_take_gets_the_checked_error():
+    sl = layer()
+    with torch.no_grad(), pytest.raises(ValueError, match="64"):
+        sl(torch.randn(4, 32))
+    with torch.no_grad(), pytest.raises((TypeError, ValueError), match="float64|dtype"):
+        sl(torch.randn(4, 64, dtype=torch.float64))

@@ -1,0 +1,22 @@
+// Direct entries (bound in csrc/extension.cpp): the same kernels as the registered ops,
+// called without the op dispatcher, whose per-call cost is as large as a decode kernel.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace sparsekernels {
+namespace cpu {
+
+// bsr_linear_cpu for x [..., in_features] (any leading dims) with the blocks as a
+// SparseLinear stores them (transposed in memory, so no packing). The layer's index was
+// validated when it was built or loaded; x is checked here, and an undefined tensor comes
+// back when it is not a CPU tensor of the values' dtype and width in_features (the caller
+// then takes the checked path, whose error names the fix).
+at::Tensor linear_inference(const at::Tensor& x, const at::Tensor& values,
+                            const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                            const std::optional<at::Tensor>& bias, int64_t in_features);
+
+}  // namespace cpu
+}  // namespace sparsekernels
