@@ -21,6 +21,8 @@ calls. So each case is timed twice:
 
 Candidates (fp32, 32x32 blocks, no bias):
   dense         F.linear on the dense weight (what the pruned model replaces)
+  module        a SparseLinear called in inference (no gradient): the direct C++ entry on
+                the blocks as it stores them, what a pruned model runs
   op            torch.ops.sparsekernels.bsr_linear(..., "cpu"): the custom op, per-call
                 Python cost included, on the blocks as stored (the dot path below 12 rows)
   op_packed     torch.ops.sparsekernels.bsr_linear_packed with pre-packed W.T blocks
@@ -55,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 from common import (kernel_bench_parser, measure_bandwidth, measure_peak_flops,  # noqa: E402
                     write_results)
 
-from sparsekernels import BlockSparseTensor  # noqa: E402
+from sparsekernels import BlockSparseTensor, SparseLinear  # noqa: E402
 from sparsekernels.formats.block_sparse import inner_tensors  # noqa: E402
 from sparsekernels.ops import _ext  # noqa: E402
 from sparsekernels.ops.bsr_linear import pack  # noqa: E402
@@ -165,8 +167,13 @@ def linear_case(c: Case, reps: int, bw: float, peak: float, evict: Evictor) -> d
     x = torch.randn(c.tokens, n_in)
     op_args = inner_tensors(w)
     kernel = _ext.op("bsr_linear", "cpu")
+    linear = torch.nn.Linear(n_in, n_out, bias=False)
+    linear.weight.data.copy_(wd)
+    module = SparseLinear.from_linear(linear, (c.block, c.block), mask=wd != 0, backend="cpu")
+    module.requires_grad_(False)  # inference: the direct kernel entry, no dispatcher
     fns = {
         "dense": lambda: F.linear(x, wd),
+        "module": lambda: module(x),
         "op": lambda: torch.ops.sparsekernels.bsr_linear(x, *op_args, None, "cpu"),
         "op_packed": lambda: torch.ops.sparsekernels.bsr_linear_packed(
             x, w.values, packed, w.crow_indices, w.col_indices, None),
@@ -180,7 +187,7 @@ def linear_case(c: Case, reps: int, bw: float, peak: float, evict: Evictor) -> d
     flops = 2 * c.tokens * w.values.numel()
     return summarize(c, fns, reps, max(nbytes / bw, flops / peak), evict, lambda: x.sum(), nbytes,
                      dense_bytes=4 * (n_in * n_out + c.tokens * (n_in + n_out)),
-                     sparse=("op", "op_packed", "kernel_packed"), best="kernel_packed")
+                     sparse=("module", "op", "op_packed", "kernel_packed"), best="kernel_packed")
 
 
 def gated_case(c: Case, reps: int, bw: float, peak: float, evict: Evictor) -> dict:
@@ -295,16 +302,19 @@ def main(argv=None) -> int:
         "bytes, the speedup a memory-bound kernel could reach over a dense one at the same "
         "bandwidth",
         "- op = the custom op on the blocks as stored (dot path below 12 rows, packs per call "
-        "from 12 on); op_packed / kernel_packed = with pre-packed W.T blocks, through the "
+        "from 12 on); module = a SparseLinear in inference (the direct C++ entry); "
+        "op_packed / kernel_packed = with pre-packed W.T blocks, through the "
         "custom op / the C++ kernel directly; gated: separate = bsr_linear_packed x 3 + silu + "
         "mul, fused = bsr_gated_ffn_packed, fused_stored = bsr_gated_ffn (no packed blocks)",
     ]
     cols = ["kind", "layer", "tokens", "density", "MB", "floor_us", "bytes_ratio",
-            "cold_dense_us", "cold_op_us", "cold_op_packed_us", "cold_kernel_packed_us",
+            "cold_dense_us", "cold_module_us", "cold_op_us", "cold_op_packed_us",
+            "cold_kernel_packed_us",
             "cold_separate_us", "cold_fused_us", "cold_fused_stored_us", "cold_eff",
-            "cold_op_packed_vs_dense", "cold_kernel_packed_vs_dense", "cold_fused_vs_dense",
-            "cold_fused_vs_separate", "hot_dense_us", "hot_kernel_packed_us", "hot_fused_us",
-            "hot_eff", "hot_kernel_packed_vs_dense", "hot_fused_vs_dense"]
+            "cold_module_vs_dense", "cold_kernel_packed_vs_dense", "cold_fused_vs_dense",
+            "cold_fused_vs_separate", "hot_dense_us", "hot_module_us", "hot_kernel_packed_us",
+            "hot_fused_us", "hot_eff", "hot_module_vs_dense", "hot_kernel_packed_vs_dense",
+            "hot_fused_vs_dense"]
     out = write_results(device, "decode_linear",
                         "Decode (1-16 tokens): block-sparse Linear and gated FFN vs the "
                         "memory floor",
