@@ -153,17 +153,26 @@ class QuantizedSparseLinear(nn.Module):
     # -- compute --------------------------------------------------------------------------
     def packed(self, x: torch.Tensor) -> tuple:
         """(packed blocks, compensation) for the CPU kernels, cached until `values` changes
-        (in place, by a load or a move); (None, None) where the kernels pack per call or do
-        not run."""
+        (in place, by a load or a move; a write through `values.data` bumps no version
+        counter: call clear_cache() after one); (None, None) where the kernels pack per call
+        or do not run."""
         if torch.compiler.is_compiling() or x.device.type != "cpu":
             return None, None
         if choose_backend(self.backend.value, x.device) is not Backend.CPU:
             return None, None
         v = self.values
+        if v.is_inference() or self.crow_indices.is_inference():
+            # inference tensors keep no version counter, so no key could see an in-place
+            # edit: pack per call rather than risk stale blocks
+            return pack(v, self.crow_indices)
         key = (v.data_ptr(), v._version, v.device, self.crow_indices._version)
         if self._packed_cache is None or self._packed_cache[0] != key:
             self._packed_cache = (key, *pack(v, self.crow_indices))
         return self._packed_cache[1:]
+
+    def clear_cache(self) -> None:
+        """Drop the packed blocks (after writing the values through `.data`)."""
+        self._packed_cache = None
 
     def op_args(self, x: torch.Tensor) -> tuple:
         """(values, scale, crow, col, row, bias, packed, comp): what the int8 ops take."""

@@ -221,3 +221,16 @@ def test_model_speedup_bf16_casts_the_model():
     assert sparse and all(m.values.dtype == torch.bfloat16 for m in sparse)
     with torch.no_grad():
         assert model(input_ids=ids)[0].dtype == torch.bfloat16
+
+
+def test_made_and_called_in_inference_mode():
+    dense = nn.Linear(128, 96)
+    x = torch.randn(5, 128)
+    with torch.inference_mode():
+        ql = QuantizedSparseLinear.from_linear(dense, (32, 32), sparsity=0.5)
+        y1 = ql(x)
+        with torch.no_grad():
+            ql.values.mul_(-1)  # in place, inside inference mode: no version counter
+        y2 = ql(x)
+    # negated weights: y2 = bias - (y1 - bias), so a stale pack would show
+    torch.testing.assert_close(y2, 2 * ql.bias - y1, rtol=1e-4, atol=1e-4)
