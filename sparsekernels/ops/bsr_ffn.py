@@ -70,8 +70,8 @@ def _bsr_ffn(x: Tensor,
     elif chosen is Backend.TRITON:
         from sparsekernels.ops.triton import bsr_linear as tri
 
-        h = tri.bsr_linear(x2, values1, crow1, col1, bias1, activation=activation)
-        y = tri.bsr_linear(h, values2, crow2, col2, bias2)
+        h = tri.forward(x2, values1, crow1, col1, bias1, activation=activation)
+        y = tri.forward(h, values2, crow2, col2, bias2)
     elif chosen is Backend.REFERENCE:
         y = ref_ffn.bsr_ffn(x2, values1, row1, col1, bias1, values2, row2, col2, bias2, n1, n2,
                             activation)

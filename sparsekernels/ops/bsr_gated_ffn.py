@@ -69,7 +69,7 @@ def _bsr_gated_ffn(x: Tensor,
             bias_u = bias_u if bias_u is not None else values_u.new_zeros(n1)
         h = tri.bsr_gated_linear(x2, values_g, crow_g, col_g, bias_g, values_u, crow_u, col_u,
                                  bias_u, activation)
-        y = tri.bsr_linear(h, values_d, crow_d, col_d, bias_d)
+        y = tri.forward(h, values_d, crow_d, col_d, bias_d)
     elif chosen is Backend.REFERENCE:
         y = ref_ffn.bsr_gated_ffn(x2, values_g, row_g, col_g, bias_g, values_u, row_u, col_u,
                                   bias_u, values_d, row_d, col_d, bias_d, n1, n2, activation)

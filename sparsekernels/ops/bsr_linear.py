@@ -54,9 +54,9 @@ def _bsr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Te
     elif chosen is Backend.CUDA:
         y = _ext.op(OP, "cuda")(x2, values, crow_indices, col_indices, bias)
     elif chosen is Backend.TRITON:
-        y = _triton().bsr_linear(x2, values, crow_indices, col_indices, bias)
+        y = _triton().forward(x2, values, crow_indices, col_indices, bias)
     else:
-        y = ref.bsr_linear(x2, values, row_indices, col_indices, n, bias)
+        y = ref.forward(x2, values, row_indices, col_indices, n, bias)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -133,7 +133,7 @@ def test_empty_block_rows_and_columns(interp, dtype):
     w = _weight(N_OUT, K_IN, (16, 32), 0.5, dtype, empty_row=True, empty_col=True)
     x = torch.randn(97, K_IN, dtype=dtype)
     bias = torch.randn(N_OUT, dtype=dtype)
-    y = interp.bsr_linear(x, w.values, w.crow_indices, w.col_indices, bias)
+    y = interp.forward(x, w.values, w.crow_indices, w.col_indices, bias)
     assert torch.equal(y[:, :16], bias[:16].expand(97, 16))
     g = torch.randn(97, N_OUT, dtype=dtype)
     dx = interp.bsr_dsd(g, w.values, w.ccol_indices, w.row_indices_t, w.transpose_perm)
@@ -147,7 +147,7 @@ def test_nnz_zero_writes_bias_or_zeros(interp, with_bias):
     assert w.nnz_blocks == 0
     x = torch.randn(5, K_IN)
     bias = torch.randn(N_OUT) if with_bias else None
-    y = interp.bsr_linear(x, w.values, w.crow_indices, w.col_indices, bias)
+    y = interp.forward(x, w.values, w.crow_indices, w.col_indices, bias)
     expected = bias.expand(5, N_OUT) if with_bias else torch.zeros(5, N_OUT)
     assert torch.equal(y, expected)
     dx = interp.bsr_dsd(torch.randn(5, N_OUT), w.values, w.ccol_indices, w.row_indices_t,
@@ -160,7 +160,7 @@ def test_nnz_zero_writes_bias_or_zeros(interp, with_bias):
 def test_zero_tokens(interp):
     w = _weight(N_OUT, K_IN, (16, 16), 0.5, torch.float32)
     x = torch.randn(0, K_IN)
-    assert interp.bsr_linear(x, w.values, w.crow_indices, w.col_indices, None).shape == (0, N_OUT)
+    assert interp.forward(x, w.values, w.crow_indices, w.col_indices, None).shape == (0, N_OUT)
     assert interp.bsr_dsd(torch.randn(0, N_OUT), w.values, w.ccol_indices, w.row_indices_t,
                           w.transpose_perm).shape == (0, K_IN)
     dw = interp.bsr_sdd(torch.randn(0, N_OUT), x, w.row_indices, w.col_indices, 16, 16)
@@ -179,12 +179,12 @@ def test_fused_activation_epilogue(interp, dtype, with_bias, activation):
     x = torch.randn(97, K_IN, dtype=dtype)
     bias = torch.randn(N_OUT, dtype=dtype) if with_bias else None
     act = _EPILOGUES[activation]
-    y = interp.bsr_linear(x, w.values, w.crow_indices, w.col_indices, bias, activation=activation)
+    y = interp.forward(x, w.values, w.crow_indices, w.col_indices, bias, activation=activation)
     y64 = act(F.linear(x.double(), w.to_dense().double(), bias.double() if with_bias else None))
     y_torch = act(F.linear(x, w.to_dense(), bias))
     assert_close_to_reference(y, y64, y_torch, f"bias+{activation}")
     with pytest.raises(ValueError, match="activation"):
-        interp.bsr_linear(x, w.values, w.crow_indices, w.col_indices, bias, activation="relu6")
+        interp.forward(x, w.values, w.crow_indices, w.col_indices, bias, activation="relu6")
 
 
 @pytest.mark.parametrize("block_size", BLOCKS.values(), ids=BLOCKS.keys())
@@ -195,7 +195,7 @@ def test_direct_calls_strided_rows_and_split_t(interp, block_size):
     wide = torch.randn(97, K_IN + 40)
     x = wide[:, 7:7 + K_IN]  # row stride K + 40, unit column stride
     assert x.stride() == (K_IN + 40, 1)
-    y = interp.bsr_linear(x, w.values, w.crow_indices, w.col_indices, None)
+    y = interp.forward(x, w.values, w.crow_indices, w.col_indices, None)
     dense, dense64 = w.to_dense(), w.to_dense().double()
     assert_close_to_reference(y, x.double() @ dense64.T, x @ dense.T, "strided forward")
 
@@ -233,11 +233,11 @@ def test_launcher_rejects_bad_inputs(interp):
     w = _weight(N_OUT, K_IN, (16, 16), 0.5, torch.float32)
     x = torch.randn(4, K_IN)
     with pytest.raises(TypeError, match="int32"):
-        interp.bsr_linear(x, w.values, w.crow_indices.long(), w.col_indices, None)
+        interp.forward(x, w.values, w.crow_indices.long(), w.col_indices, None)
     with pytest.raises(TypeError, match="float16"):
-        interp.bsr_linear(x.half(), w.values, w.crow_indices, w.col_indices, None)
+        interp.forward(x.half(), w.values, w.crow_indices, w.col_indices, None)
     with pytest.raises(ValueError, match="bias"):
-        interp.bsr_linear(x, w.values, w.crow_indices, w.col_indices, torch.randn(N_OUT + 1))
+        interp.forward(x, w.values, w.crow_indices, w.col_indices, torch.randn(N_OUT + 1))
     with pytest.raises(ValueError, match="same T"):
         interp.bsr_sdd(torch.randn(3, N_OUT), x, w.row_indices, w.col_indices, 16, 16)
 
@@ -299,7 +299,7 @@ def test_gpu_triton_fused_gelu_and_split_t(dtype):
     w = _weight(3072, 768, (32, 32), 0.2, dtype, device="cuda")
     x = torch.randn(1000, 768, dtype=dtype, device="cuda")
     bias = torch.randn(3072, dtype=dtype, device="cuda")
-    y = kernels.bsr_linear(x, w.values, w.crow_indices, w.col_indices, bias, activation="gelu")
+    y = kernels.forward(x, w.values, w.crow_indices, w.col_indices, bias, activation="gelu")
     dense = w.to_dense()
     assert_close_to_reference(y, F.gelu(F.linear(x.double(), dense.double(), bias.double())),
                               F.gelu(F.linear(x, dense, bias)), "bias+gelu")

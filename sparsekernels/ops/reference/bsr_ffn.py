@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from sparsekernels.ops.reference.bsr_linear import bsr_linear
+from sparsekernels.ops.reference.bsr_linear import forward as bsr_linear
 
 
 def activate(h, activation: str):

@@ -22,7 +22,7 @@ def dense_to_blocks(dense: torch.Tensor, row_indices, col_indices, block_size) -
     return grid[row_indices.long(), col_indices.long()]
 
 
-def bsr_linear(x, values, row_indices, col_indices, out_features, bias=None):
+def forward(x, values, row_indices, col_indices, out_features, bias=None):
     """x[..., K] @ W.T + bias, W the block-sparse [out_features, K]."""
     w = bsr_to_dense(values, row_indices, col_indices, (out_features, x.shape[-1]))
     y = x @ w.T

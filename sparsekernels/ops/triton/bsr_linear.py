@@ -313,7 +313,7 @@ def _check_layer(x2, values, crow_indices, col_indices, bias):
     return values, crow_indices, col_indices, bias, n
 
 
-def bsr_linear(x2: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
+def forward(x2: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
                col_indices: torch.Tensor, bias: Optional[torch.Tensor] = None,
                activation: Optional[str] = None) -> torch.Tensor:
     """y2[T, N] = activation(x2[T, K] @ W.T + bias), W the BSR [N, K] of (values, crow, col).
