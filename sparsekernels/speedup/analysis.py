@@ -159,7 +159,10 @@ def _producer_nonzero(member, modules) -> torch.Tensor:
     if member.kind == "norm":
         norm = modules[member.name]
         live = torch.zeros(norm.weight.shape[0], dtype=torch.bool, device=norm.weight.device)
-        for attr in ("weight", "bias"):
+        # an RMS norm scales its input: where every other producer leaves the stream zero its
+        # output is zero whatever its weight (LayerNorm subtracts the mean: its weight writes)
+        rms = layers.type_name(norm) in ("RMSNorm", "T5LayerNorm")
+        for attr in ("bias",) if rms else ("weight", "bias"):
             p = getattr(norm, attr, None)
             if isinstance(p, torch.Tensor):
                 live |= p.detach() != 0

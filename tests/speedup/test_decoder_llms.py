@@ -185,3 +185,24 @@ def test_generate_through_enable_gives_the_eager_tokens(family):
         want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
         got = sparse.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", LLM_FAMILIES)
+def test_hidden_size_pruned_by_a_pruner_resizes(family):
+    """Dependency-aware out_channel pruning of the stream's producers (embedding, o_proj,
+    down_proj) zeroes hidden channels everywhere they are written; the RMS norms leave a zero
+    channel zero, so resize removes it (the norms keep normalising over the old width)."""
+    from sparsekernels.arch import map_model
+
+    model, dummy = build(family)
+    stream = map_model(model, dummy).streams[0]
+    config = [{"op_names": list(stream.producers), "op_types": ["Linear", "Embedding"],
+               "sparsity": 0.25, "granularity": "out_channel"}]
+    pruner = L1NormPruner(model, config, mode="dependency_aware", dummy_input=dummy)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    masked = copy.deepcopy(model)
+    ModelSpeedup(model, dummy, masks, mode="resize").speedup_model()
+    assert model.get_input_embeddings().weight.shape[1] == stream.width - stream.width // 4
+    with torch.no_grad():
+        assert rel_err(output_of(model, dummy), output_of(masked, dummy)) <= 1e-4
