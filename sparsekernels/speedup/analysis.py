@@ -13,8 +13,9 @@ One job: read the (already masked) weights and decide, exactly:
   gate row masked while its up row lives) stays, reported, whatever the dummy batch.
 - residual-stream (hidden) channels: removable only when every producer on the stream
   (embeddings, output projections, FFN outputs, norms, free parameters such as ViT's
-  cls_token) is zero there, so the channel is zero everywhere; norms keep normalising over
-  the original width. A channel any producer keeps stays (reported as reconciled).
+  cls_token) is zero there, so the channel is zero everywhere (an RMS norm writes only its
+  bias there: it scales a zero input; a LayerNorm's weight and bias both write); norms keep
+  normalising over the original width. A channel any producer keeps stays (reported as reconciled).
 """
 
 from __future__ import annotations
