@@ -531,8 +531,10 @@ def test_decode_against_kv_cache(backend, heads, lq, lk):
     g = torch.randn_like(out)
     out.backward(g)
     truth, base = expected(q, k, v, layout, bs, None, True, g)
-    # a decode row's dq is a sum over the cache too, with only D outputs to take the max over
-    check(out, (q.grad, k.grad, v.grad), truth, base, out_reduction=lk, grad_reduction=lk)
+    # the gradients' rounding floor: a decode row's dq sums over the Lk cached keys, and every
+    # gradient goes through dP = g . v over the D = 64 head dims (with one key, dS is 0 up to
+    # the rounding of dP - rowsum(P dP), so the floor is all there is to compare with)
+    check(out, (q.grad, k.grad, v.grad), truth, base, out_reduction=lk, grad_reduction=lk + 64)
     assert (out[:, 0] == 0).all() and (q.grad[:, 0] == 0).all()
 
 
