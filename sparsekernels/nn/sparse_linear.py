@@ -193,7 +193,8 @@ class SparseLinear(nn.Module):
                             block_size=self.block_size, density=self.density)
         # eager calls that need no gradient skip the op dispatcher (see forward)
         r = self._route
-        self._direct = direct_linear() if r.backend is Backend.CPU and not r.dense else None
+        self._direct = (direct_linear() if r.backend is Backend.CPU
+                        and (not r.dense or r.sparse_below_rows) else None)
         return self._route
 
     @property
@@ -221,7 +222,9 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         direct = self._direct
-        if direct is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        if (direct is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling()
+                and (not self._route.dense
+                     or x.numel() < self._route.sparse_below_rows * self.in_features)):
             params = self._parameters
             values = params["values"]
             if (not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad))

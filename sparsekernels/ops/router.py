@@ -41,6 +41,9 @@ class Route:
     # block_sparse_attention: an all-true layout runs as dense SDPA
     dense_full_layout: bool = False
     reason: str = ""
+    # bsr_linear on a dense route: calls with fewer rows than this still run the sparse
+    # kernel (a layer that stores only blocks would first have to build its dense weight)
+    sparse_below_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ CPU_MIN_FUSED_FFN_ROWS = 0
 # runs the kernel even for an all-true layout, which reads each key/value block once for its
 # whole group of query heads (dense SDPA repeats them per query head)
 DECODE_MAX_QUERIES = 16
+# a Linear called on at most this many rows is decode: memory-bound, the weight read once
+CPU_DECODE_ROWS = 16
 
 
 def _impl(op: str, backend: Backend) -> Impl:
@@ -216,7 +221,11 @@ def _auto_dense(r: Route, device_type: str, dtype, block_size, density) -> Route
     dense = density >= crossover
     reason = (f"auto: dense F.linear (block density {density:.2f} >= crossover {crossover:.2f})"
               if dense else f"{r.reason} (block density {density:.2f} < crossover {crossover:.2f})")
-    return Route(r.op, r.backend, dense, crossover, r.min_fused_rows, r.dense_full_layout, reason)
+    # at decode the CPU kernel streams the stored blocks once and outruns a dense GEMV at any
+    # density (bench_decode_linear), and building the dense weight per call costs more still
+    below = CPU_DECODE_ROWS + 1 if dense and device_type == "cpu" and r.op == "bsr_linear" else 0
+    return Route(r.op, r.backend, dense, crossover, r.min_fused_rows, r.dense_full_layout, reason,
+                 below)
 
 
 def clear_cache() -> None:

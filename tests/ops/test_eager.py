@@ -96,3 +96,26 @@ def test_an_input_the_layer_does_not_take_gets_the_checked_error():
         sl(torch.randn(4, 32))
     with torch.no_grad(), pytest.raises((TypeError, ValueError), match="float64|dtype"):
         sl(torch.randn(4, 64, dtype=torch.float64))
+
+
+def test_a_dense_routed_layer_runs_the_kernel_at_decode(monkeypatch):
+    """Above the crossover auto goes dense, which for a layer that stores only blocks means
+    building the weight each call; at decode row counts the kernel runs instead."""
+    if not _ext.has_op("bsr_linear", "cpu"):
+        pytest.skip("compiled CPU extension not built (make build)")
+    monkeypatch.setenv("SPARSEKERNELS_DENSE_CROSSOVER", "0.0")
+    sl = SparseLinear.from_linear(nn.Linear(64, 96), (32, 32), sparsity=0.25)
+    assert sl.route.dense and sl.route.sparse_below_rows == 17
+    dense_calls = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda *a, **k: dense_calls.append(1) or real(*a, **k))
+    w = sl.to_linear()
+    for rows, dense in ((1, False), (16, False), (17, True), (40, True)):
+        x = torch.randn(rows, 64)
+        dense_calls.clear()
+        with torch.no_grad():
+            got = sl(x)
+        assert bool(dense_calls) == dense, rows
+        ref = x.double() @ w.weight.double().T + w.bias.double()
+        assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
