@@ -64,6 +64,12 @@ def units_to_prune(num_units: int, sparsity: float) -> int:
     return int(math.floor(float(sparsity) * num_units + 0.5))
 
 
+def block_density(nnz: int, shape, block_size) -> float:
+    """Stored blocks over the blocks of the grid: a block-sparse weight's density."""
+    (bm, bk), (out_f, in_f) = block_size, shape
+    return nnz / max(1, (out_f // bm) * (in_f // bk))
+
+
 def topk_block_mask(weight: torch.Tensor, block_size, sparsity: float) -> torch.Tensor:
     """Keep the blocks of largest L2 norm, all but units_to_prune(n_blocks, sparsity)."""
     if not 0.0 <= float(sparsity) <= 1.0:

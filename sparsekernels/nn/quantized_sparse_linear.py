@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sparsekernels.formats.block_sparse import (
+    block_density,
     INDEX_NAMES,
     InvalidIndexError,
     build_index,
@@ -142,8 +143,8 @@ class QuantizedSparseLinear(nn.Module):
     # -- views ----------------------------------------------------------------------------
     @property
     def density(self) -> float:
-        bm, bk = self.block_size
-        return self.values.shape[0] / max(1, (self.out_features // bm) * (self.in_features // bk))
+        return block_density(self.values.shape[0], (self.out_features, self.in_features),
+                             self.block_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sparsekernels.formats.block_sparse import (
+    block_density,
     INDEX_NAMES,
     INNER_NAMES,
     BlockSparseTensor,
@@ -167,8 +168,8 @@ class SparseLinear(nn.Module):
 
     @property
     def density(self) -> float:
-        bm, bk = self.block_size
-        return self.values.shape[0] / max(1, (self.out_features // bm) * (self.in_features // bk))
+        return block_density(self.values.shape[0], (self.out_features, self.in_features),
+                             self.block_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

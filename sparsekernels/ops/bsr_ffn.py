@@ -64,7 +64,7 @@ def _bsr_ffn(x: Tensor,
     x2 = _rows(x)
     r = route(OP, x.device, x.dtype, backend)
     chosen = r.backend
-    if chosen is Backend.CPU and x2.shape[0] >= r.min_fused_rows:
+    if chosen is Backend.CPU:
         y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
                                activation)
     elif chosen is Backend.TRITON:
@@ -75,7 +75,7 @@ def _bsr_ffn(x: Tensor,
     elif chosen is Backend.REFERENCE:
         y = ref_ffn.bsr_ffn(x2, values1, row1, col1, bias1, values2, row2, col2, bias2, n1, n2,
                             activation)
-    else:  # cuda, or cpu below the router's min_fused_rows: bsr_linear, act, bsr_linear
+    else:  # cuda: bsr_linear, act, bsr_linear
         h = torch.ops.sparsekernels.bsr_linear(x2, values1, crow1, col1, row1, ccol1, row_t1,
                                                perm1, bias1, chosen.value)
         y = torch.ops.sparsekernels.bsr_linear(activate(h, activation), values2, crow2, col2,
@@ -98,13 +98,8 @@ def _ffn_packed(x: Tensor, values1: Tensor, packed1: Tensor, crow1: Tensor, col1
     n1 = (crow1.numel() - 1) * values1.shape[1]
     n2 = (crow2.numel() - 1) * values2.shape[1]
     x2 = _rows(x)
-    if x2.shape[0] >= route(OP, x.device, x.dtype, Backend.CPU).min_fused_rows:
-        y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
-                               activation, packed1, packed2)
-    else:
-        linear = _ext.op("bsr_linear", "cpu")
-        h = activate(linear(x2, values1, crow1, col1, bias1, packed1), activation)
-        y = linear(h, values2, crow2, col2, bias2, packed2)
+    y = _ext.op(OP, "cpu")(x2, values1, crow1, col1, bias1, values2, crow2, col2, bias2, n1,
+                           activation, packed1, packed2)
     return y.reshape(*x.shape[:-1], n2)
 
 

@@ -58,7 +58,7 @@ def _bsr_gated_ffn(x: Tensor,
     x2 = _rows(x)
     r = route(OP, x.device, x.dtype, backend)
     chosen = r.backend
-    if chosen is Backend.CPU and x2.shape[0] >= r.min_fused_rows:
+    if chosen is Backend.CPU:
         y = _ext.op(OP, "cpu")(x2, values_g, crow_g, col_g, bias_g, values_u, crow_u, col_u,
                                bias_u, values_d, crow_d, col_d, bias_d, activation)
     elif chosen is Backend.TRITON:
@@ -73,7 +73,7 @@ def _bsr_gated_ffn(x: Tensor,
     elif chosen is Backend.REFERENCE:
         y = ref_ffn.bsr_gated_ffn(x2, values_g, row_g, col_g, bias_g, values_u, row_u, col_u,
                                   bias_u, values_d, row_d, col_d, bias_d, n1, n2, activation)
-    else:  # cuda, or cpu below the router's min_fused_rows: bsr_linear x 3
+    else:  # cuda: bsr_linear x 3
         linear = torch.ops.sparsekernels.bsr_linear
         g = linear(x2, values_g, crow_g, col_g, row_g, ccol_g, row_t_g, perm_g, bias_g,
                    chosen.value)
@@ -102,15 +102,9 @@ def _gated_ffn_packed(x: Tensor,
     caller (no autograd formula: callers use it only when no gradient is needed)."""
     n2 = (crow_d.numel() - 1) * values_d.shape[1]
     x2 = _rows(x)
-    if x2.shape[0] >= route(OP, x.device, x.dtype, Backend.CPU).min_fused_rows:
-        y = _ext.op(OP, "cpu")(x2, values_g, crow_g, col_g, bias_g, values_u, crow_u, col_u,
-                               bias_u, values_d, crow_d, col_d, bias_d, activation, packed_g,
-                               packed_u, packed_d)
-    else:
-        linear = _ext.op("bsr_linear", "cpu")
-        h = (activate(linear(x2, values_g, crow_g, col_g, bias_g, packed_g), activation)
-             * linear(x2, values_u, crow_u, col_u, bias_u, packed_u))
-        y = linear(h, values_d, crow_d, col_d, bias_d, packed_d)
+    y = _ext.op(OP, "cpu")(x2, values_g, crow_g, col_g, bias_g, values_u, crow_u, col_u, bias_u,
+                           values_d, crow_d, col_d, bias_d, activation, packed_g, packed_u,
+                           packed_d)
     return y.reshape(*x.shape[:-1], n2)
 
 

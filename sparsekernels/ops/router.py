@@ -36,8 +36,6 @@ class Route:
     backend: Backend
     dense: bool = False
     crossover: float = 1.0
-    # bsr_ffn: from this many rows the fused kernel runs (below, two bsr_linear calls)
-    min_fused_rows: int = 0
     # block_sparse_attention: an all-true layout runs as dense SDPA
     dense_full_layout: bool = False
     reason: str = ""
@@ -124,10 +122,6 @@ AUTO_ORDER: dict[str, tuple[Backend, ...]] = {
     "cuda": (Backend.TRITON, Backend.CUDA),
     "cpu": (Backend.CPU,),
 }
-# the fused CPU FFN kernels run from this many rows (below, bsr_linear calls): 0, since below
-# a register tile of rows per thread they split the hidden units, then the outputs, over the
-# threads and read each weight once (csrc/cpu/ffn.h), as bsr_linear's few-row path does
-CPU_MIN_FUSED_FFN_ROWS = 0
 # attention with at most this many queries is decode (a KV cache read once per call): auto
 # runs the kernel even for an all-true layout, which reads each key/value block once for its
 # whole group of query heads (dense SDPA repeats them per query head)
@@ -202,8 +196,6 @@ def _route(op, device_type, device_index, dtype, chosen: Backend, block_size, de
 
 
 def _op_fields(op: str, device: torch.device, dtype, chosen: Backend, dropout: bool) -> dict:
-    if op in ("bsr_ffn", "bsr_gated_ffn"):
-        return {"min_fused_rows": CPU_MIN_FUSED_FFN_ROWS if device.type == "cpu" else 0}
     if op == "block_sparse_attention":
         # auto on the CPU runs an all-true layout as dense SDPA (faster there; on a GPU,
         # checking the layout would cost a sync), except the float64 reference: the oracle
@@ -224,7 +216,7 @@ def _auto_dense(r: Route, device_type: str, dtype, block_size, density) -> Route
     # at decode the CPU kernel streams the stored blocks once and outruns a dense GEMV at any
     # density (bench_decode_linear), and building the dense weight per call costs more still
     below = CPU_DECODE_ROWS + 1 if dense and device_type == "cpu" and r.op == "bsr_linear" else 0
-    return Route(r.op, r.backend, dense, crossover, r.min_fused_rows, r.dense_full_layout, reason,
+    return Route(r.op, r.backend, dense, crossover, r.dense_full_layout, reason,
                  below)
 
 
