@@ -33,6 +33,21 @@ def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor,
         f"(torch's own error in {actual.dtype}, or eps x scale)")
 
 
+def off_the_kink(draw, pre_activation, reduction: int, tries: int = 100) -> torch.Tensor:
+    """draw() until every non-zero element of pre_activation(x) (computed in float64) lies
+    farther from 0 than float32 may round a `reduction`-term sum. ReLU's derivative jumps at 0,
+    so a pre-activation within rounding of 0 may take the other branch in float32 than in the
+    reference: an O(1) difference in the gradient that says nothing about the kernel. Exact
+    zeros (units with no stored blocks and no bias) take the same branch in both."""
+    margin = 32 * torch.finfo(torch.float32).eps * max(1.0, float(reduction)) ** 0.5
+    for _ in range(tries):
+        x = draw()
+        h = pre_activation(x.detach().double()).abs()
+        if not ((h > 0) & (h < margin * max(h.max().item(), 1.0))).any():
+            return x
+    raise AssertionError(f"no draw in {tries} kept its pre-activations {margin:.1e} from 0")
+
+
 def random_block_mask(grid, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A bool block mask with exactly round(density * n) True entries at random places."""
     n = grid[0] * grid[1]

@@ -8,7 +8,7 @@ from sparsekernels import BlockSparseTensor
 from sparsekernels.formats.functional import sparse_ffn
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import triton_available, triton_interpret
-from sparsekernels.testing import assert_close_to_reference, random_block_mask
+from sparsekernels.testing import assert_close_to_reference, off_the_kink, random_block_mask
 
 K, HIDDEN, N = 96, 192, 64  # W1 [HIDDEN, K] in 32x16 blocks, W2 [N, HIDDEN] in 16x64 blocks
 B1, B2 = (32, 16), (16, 64)
@@ -88,8 +88,12 @@ def test_gradients_match_reference(backend, activation, with_bias):
     w1, w2 = weights(0.5, torch.float32, empty=True)
     v1 = w1.values.clone().requires_grad_()
     v2 = w2.values.clone().requires_grad_()
-    x = torch.randn(3, 41, K, requires_grad=True)
     b1 = torch.randn(HIDDEN, requires_grad=True) if with_bias else None
+    x = torch.randn(3, 41, K, requires_grad=True)
+    if activation == "relu":
+        W1_64 = w1.to_dense().double()
+        x = off_the_kink(lambda: torch.randn(3, 41, K, requires_grad=True),
+                         lambda x64: F.linear(x64, W1_64, None if b1 is None else b1.double()), K)
     b2 = torch.randn(N, requires_grad=True) if with_bias else None
     inputs = [x, v1, v2] + ([b1, b2] if with_bias else [])
     y = torch.ops.sparsekernels.bsr_ffn(

@@ -11,7 +11,7 @@ from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import triton_available, triton_interpret
 from sparsekernels.ops.bsr_linear import pack
 from sparsekernels.ops.reference.bsr_linear import bsr_to_dense
-from sparsekernels.testing import assert_close_to_reference, random_block_mask
+from sparsekernels.testing import assert_close_to_reference, off_the_kink, random_block_mask
 
 K, HIDDEN, N = 96, 192, 64  # gate / up [HIDDEN, K] in 32x16 blocks, down [N, HIDDEN] in 16x64
 BGU, BD = (32, 16), (16, 64)
@@ -137,8 +137,12 @@ def test_triton_dtypes(dtype):
 def _grads_vs_reference(backend, activation, which, tokens, dtype=torch.float32):
     gate, up, down = weights(0.5, dtype, empty=True)
     values = [w.values.clone().requires_grad_() for w in (gate, up, down)]
-    x = torch.randn(*tokens, K, dtype=dtype, requires_grad=True)
     bs = [b.requires_grad_() if b is not None else None for b in biases(dtype, which)]
+    x = torch.randn(*tokens, K, dtype=dtype, requires_grad=True)
+    if activation == "relu":
+        Wg64, bg64 = gate.to_dense().double(), None if bs[0] is None else bs[0].double()
+        x = off_the_kink(lambda: torch.randn(*tokens, K, dtype=dtype, requires_grad=True),
+                         lambda x64: F.linear(x64, Wg64, bg64), K)
     y = torch.ops.sparsekernels.bsr_gated_ffn(
         *op_args(x, gate, up, down, *bs, activation, backend, values))
     inputs = [x, *values] + [b for b in bs if b is not None]
