@@ -8,6 +8,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
+#include "dsd.h"
 #include "glue.h"
 #include "lowp.h"
 #include "lowp_microkernel.h"
@@ -73,6 +76,15 @@ const uint16_t* bits(const at::Tensor& t) {
 // Few rows against the blocks as stored: no packing per call (SparseLinear caches no packed
 // blocks for one row).
 constexpr int64_t kDotRows = 4;
+// Decode (at most this many rows) against W.T blocks stored transposed, as SparseLinear keeps
+// them on the CPU: read as they are, never packed or copied per call.
+constexpr int64_t kStoredRows = 16;
+
+bool stored_transposed(const at::Tensor& values) {
+  const int64_t bm = values.size(1), bk = values.size(2);
+  return values.size(0) > 0 && values.stride(0) == bm * bk && values.stride(1) == 1 &&
+         values.stride(2) == bm && bm % 16 == 0;
+}
 
 }  // namespace
 
@@ -94,6 +106,22 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
   const uint16_t* xp = bits(x);
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
 #ifdef SK_LOWP_X86
+  if (!packed_in.has_value() && rows <= kStoredRows && stored_transposed(values)) {
+    const uint16_t* vp = bits(values);
+    const Rows s{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nbr, bk};
+    const int64_t macs = rows * values.size(0) * bm * bk;
+    dispatch_block(bm, [&](auto bo) {
+      constexpr int BO = decltype(bo)::value;
+#pragma omp parallel num_threads(threads_for(macs))
+      {
+        int64_t o0, o1;
+        split_stored(s.ptr, nbr, omp_get_num_threads(), omp_get_thread_num(), &o0, &o1);
+        for (int64_t o = o0; o < o1; ++o)
+          block_bf16_stored<BO>(xp, rows, lda, vp, s, o, bias_ptr, op, n);
+      }
+    });
+    return out;
+  }
   if (!packed_in.has_value() && rows <= kDotRows) {
     const at::Tensor vc = values.contiguous();
     const uint16_t* vp = bits(vc);

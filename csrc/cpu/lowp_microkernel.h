@@ -217,6 +217,62 @@ SK_TARGET_BF16 inline void dot_bf16_avx512(const uint16_t* x, const uint16_t* va
   }
 }
 
+// Few rows against the W.T blocks as SparseLinear stores them on the CPU (block e holds bk
+// rows of BO outputs, one bf16 each, not paired for vdpbf16ps): each weight is widened to
+// fp32 for an FMA. At decode the call is memory-bound: what counts is reading the stored bf16
+// (half of fp32's bytes) with nothing packed per call, not the dot instruction's rate.
+template <int BO>
+constexpr int stored_tile_rows() {
+  return 16 / (BO / 16) > 0 ? 16 / (BO / 16) : 1;
+}
+
+template <int BO, int MR, bool FULL>
+SK_TARGET_BF16 inline void tile_bf16_stored(int mr, const uint16_t* A, int64_t lda,
+                                            const uint16_t* blocks, const Rows& s, int64_t o,
+                                            const float* bias, uint16_t* c, int64_t ldo) {
+  constexpr int NV = BO / 16;
+  const int rows = FULL ? MR : mr;
+  __m512 acc[MR][NV];
+  for (int j = 0; j < NV; ++j) {
+    const __m512 init = bias ? _mm512_loadu_ps(bias + o * BO + j * 16) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) acc[r][j] = init;
+  }
+  for (int32_t e = s.ptr[o]; e < s.ptr[o + 1]; ++e) {
+    const uint16_t* a = A + static_cast<int64_t>(s.idx[e]) * s.bk;
+    const uint16_t* b = blocks + static_cast<int64_t>(e) * s.bk * BO;
+    for (int64_t k = 0; k < s.bk; ++k) {
+      __m512 bv[NV];
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j)
+        bv[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(b + k * BO + j * 16))), 16));
+#pragma GCC unroll 16
+      for (int r = 0; r < rows; ++r) {
+        const __m512 av = _mm512_set1_ps(bf16_to_float(a[r * lda + k]));
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < NV; ++j) store16(c + r * ldo + j * 16, acc[r][j]);
+}
+
+// out[0:rows, o*BO : +BO] = A[0:rows] @ S[:, o*BO : +BO] + bias on the stored W.T blocks
+template <int BO>
+SK_TARGET_BF16 void block_bf16_stored(const uint16_t* A, int64_t rows, int64_t lda,
+                                      const uint16_t* blocks, const Rows& s, int64_t o,
+                                      const float* bias, uint16_t* out, int64_t ldo) {
+  constexpr int MR = stored_tile_rows<BO>();
+  int64_t t = 0;
+  for (; t + MR <= rows; t += MR)
+    tile_bf16_stored<BO, MR, true>(MR, A + t * lda, lda, blocks, s, o, bias,
+                                   out + t * ldo + o * BO, ldo);
+  if (t < rows)
+    tile_bf16_stored<BO, MR, false>(static_cast<int>(rows - t), A + t * lda, lda, blocks, s, o,
+                                    bias, out + t * ldo + o * BO, ldo);
+}
+
 SK_TARGET_BF16 inline void to_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) store16(dst + i, _mm512_loadu_ps(src + i));

@@ -125,3 +125,30 @@ def test_opcheck_bf16(isa):
     opcheck(torch.ops.sparsekernels.bsr_linear, (x, *inner_tensors(w), None, "cpu"))
     opcheck(torch.ops.sparsekernels.bsr_linear_packed,
             (x, w.values, pack(w.values), w.crow_indices, w.col_indices, None))
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 32), (128, 16)],
+                         ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("tokens", [1, 2, 5, 9, 16, 17], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_decode_on_the_blocks_a_sparse_linear_stores(isa, block, tokens, with_bias):
+    """A bf16 SparseLinear keeps its blocks transposed in memory (W.T per block, as for fp32);
+    up to 16 rows the kernel reads them as they are (nothing packed or copied per call), in
+    the module's direct entry and through the op, with empty block rows."""
+    from sparsekernels.nn import SparseLinear
+
+    w = weight(256, 384, block, density=0.4, empty=True)
+    bias = torch.randn(256, dtype=torch.bfloat16) if with_bias else None
+    layer = SparseLinear.from_block_sparse(w, bias).eval()
+    assert layer.values.transpose(1, 2).is_contiguous()  # the layout under test
+    x = torch.randn(tokens, 384, dtype=torch.bfloat16)
+    dense = layer.weight.to_dense()
+    b = layer.bias
+    ref = F.linear(x.double(), dense.double(), None if b is None else b.double())
+    base = F.linear(x, dense, b)
+    with torch.no_grad():
+        assert_close_to_reference(layer(x), ref, base, reduction=384)
+        assert_close_to_reference(layer(x.view(1, tokens, 384)), ref.view(1, tokens, 256),
+                                  base.view(1, tokens, 256), reduction=384, name="3d")
+    y = torch.ops.sparsekernels.bsr_linear(x, *layer.op_args(), b, "cpu")
+    assert_close_to_reference(y, ref, base, reduction=384, name="op")
