@@ -12,4 +12,11 @@ PYBIND11_MODULE(_C, m) {
         "when x is not [..., in_features] in the values' dtype on the CPU",
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("crow_indices"),
         pybind11::arg("col_indices"), pybind11::arg("bias"), pybind11::arg("in_features"));
+  m.def("int8_linear_inference", &sparsekernels::cpu::int8_linear_inference,
+        "bsr_linear_int8 on the CPU for an eager call that needs no gradient "
+        "(QuantizedSparseLinear) on its packed blocks; None when x is not [..., in_features] "
+        "float32 or bfloat16 on the CPU",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("comp"), pybind11::arg("scale"),
+        pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("bias"),
+        pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("w8_max_rows"));
 }

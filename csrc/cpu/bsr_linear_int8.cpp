@@ -12,8 +12,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
+#include <vector>
 
+#include "direct.h"
 #include "glue.h"
 #include "lowp.h"
 #include "lowp_microkernel.h"
@@ -164,6 +167,26 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed,
 }
 
 }  // namespace lowp
+
+at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
+                                 const at::Tensor& comp, const at::Tensor& scale,
+                                 const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                 const std::optional<at::Tensor>& bias, const std::string& scheme,
+                                 int64_t in_features, int64_t w8_max_rows) {
+  if (x.dim() < 1 || x.size(-1) != in_features || !x.device().is_cpu() ||
+      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
+    return at::Tensor();
+  at::Tensor x2 = x.reshape({-1, in_features});
+  if (x2.size(0) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  const std::string chosen = scheme == "auto" ? (x2.size(0) <= w8_max_rows ? "w8" : "w8a8") : scheme;
+  at::Tensor y = lowp::bsr_linear_int8_cpu(x2, packed, comp, scale, crow_indices, col_indices,
+                                           bias, chosen);
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.view(sizes);
+}
+
 }  // namespace cpu
 }  // namespace sparsekernels
 

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 
 namespace sparsekernels {
 namespace cpu {
@@ -17,6 +18,17 @@ namespace cpu {
 at::Tensor linear_inference(const at::Tensor& x, const at::Tensor& values,
                             const at::Tensor& crow_indices, const at::Tensor& col_indices,
                             const std::optional<at::Tensor>& bias, int64_t in_features);
+
+// bsr_linear_int8_cpu for x [..., in_features] (float32 or bfloat16) with the blocks packed
+// as QuantizedSparseLinear caches them; scheme "auto" takes w8 up to w8_max_rows rows
+// (sparsekernels.ops.precision.W8_MAX_ROWS, passed in so the rule lives in one place) and
+// w8a8 above. The layer's operands are checked as the op checks them; an undefined tensor
+// comes back for an x the entry does not take.
+at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
+                                 const at::Tensor& comp, const at::Tensor& scale,
+                                 const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                 const std::optional<at::Tensor>& bias, const std::string& scheme,
+                                 int64_t in_features, int64_t w8_max_rows);
 
 }  // namespace cpu
 }  // namespace sparsekernels

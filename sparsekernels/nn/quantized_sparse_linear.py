@@ -30,8 +30,10 @@ from sparsekernels.formats.block_sparse import (
 )
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_ffn import activate
-from sparsekernels.ops.bsr_linear_int8 import check_int8_inputs, choose_backend, pack
-from sparsekernels.ops.precision import INT8, int8_scheme, parse_dtype
+from sparsekernels.ops.bsr_linear_int8 import (check_int8_inputs, choose_backend,
+                                               direct_int8_linear, pack)
+from sparsekernels.ops.eager import plain_inference
+from sparsekernels.ops.precision import INT8, W8_MAX_ROWS, int8_scheme, parse_dtype
 from sparsekernels.ops.reference.bsr_linear_int8 import dequantize_blocks, quantize_blocks
 from sparsekernels.ops.reference.bsr_linear import bsr_to_dense
 
@@ -159,17 +161,21 @@ class QuantizedSparseLinear(nn.Module):
         or do not run."""
         if torch.compiler.is_compiling() or x.device.type != "cpu":
             return None, None
-        if choose_backend(self.backend.value, x.device) is not Backend.CPU:
-            return None, None
-        v = self.values
-        if v.is_inference() or self.crow_indices.is_inference():
+        v, crow = self._buffers["values"], self._buffers["crow_indices"]
+        if v.is_inference() or crow.is_inference():
             # inference tensors keep no version counter, so no key could see an in-place
             # edit: pack per call rather than risk stale blocks
-            return pack(v, self.crow_indices)
-        key = (v.data_ptr(), v._version, v.device, self.crow_indices._version)
-        if self._packed_cache is None or self._packed_cache[0] != key:
-            self._packed_cache = (key, *pack(v, self.crow_indices))
-        return self._packed_cache[1:]
+            if choose_backend(self.backend.value, x.device) is not Backend.CPU:
+                return None, None
+            return pack(v, crow)
+        # the backend is in the key: the router is asked again only when the cache misses
+        key = (v.data_ptr(), v._version, v.device, crow._version, self.backend)
+        cache = self._packed_cache
+        if cache is None or cache[0] != key:
+            if choose_backend(self.backend.value, x.device) is not Backend.CPU:
+                return None, None
+            self._packed_cache = cache = (key, *pack(v, crow))
+        return cache[1:]
 
     def clear_cache(self) -> None:
         """Drop the packed blocks (after writing the values through `.data`)."""
@@ -186,6 +192,18 @@ class QuantizedSparseLinear(nn.Module):
             check_int8_inputs(x, self.in_features, self.values, self.values.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self._buffers  # (module attribute lookups cost as much as the kernel here)
+        if (type(x) is torch.Tensor and x.device.type == "cpu"
+                and b["values"].device.type == "cpu" and plain_inference(x, b["bias"])):
+            # eager inference: the kernel on the cached packed blocks, without the op's
+            # dispatch, which at decode costs as much as the kernel (ops/eager.py)
+            direct = direct_int8_linear()
+            packed, comp = self.packed(x) if direct is not None else (None, None)
+            if packed is not None:
+                y = direct(x, packed, comp, b["scale"], b["crow_indices"], b["col_indices"],
+                           b["bias"], self.scheme, self.in_features, W8_MAX_ROWS)
+                if y is not None:
+                    return y
         self.check_input(x)
         return torch.ops.sparsekernels.bsr_linear_int8(x, *self.op_args(x), self.scheme,
                                                        self.backend.value)

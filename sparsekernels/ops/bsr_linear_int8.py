@@ -39,6 +39,14 @@ def pack(values: Tensor, crow_indices: Tensor) -> tuple[Tensor, Tensor]:
     return _ext.op("bsr_pack_int8", "cpu")(values, crow_indices)
 
 
+def direct_int8_linear():
+    """The extension's direct CPU entry for an eager QuantizedSparseLinear call that needs no
+    gradient: `f(x, packed, comp, scale, crow, col, bias, scheme, in_features, w8_max_rows)`;
+    it returns None for an x it does not take. None when the extension lacks it. The caller
+    checks plain_inference first (sparsekernels.ops.eager)."""
+    return _ext.direct("int8_linear_inference")
+
+
 def choose_backend(backend: str, device: torch.device) -> Backend:
     """The router's choice for int8 weights (a CPU kernel, else the reference)."""
     return route(OP, device, torch.float32, backend).backend

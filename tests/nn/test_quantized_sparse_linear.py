@@ -234,3 +234,42 @@ def test_made_and_called_in_inference_mode():
         y2 = ql(x)
     # negated weights: y2 = bias - (y1 - bias), so a stale pack would show
     torch.testing.assert_close(y2, 2 * ql.bias - y1, rtol=1e-4, atol=1e-4)
+
+
+class Passthrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (3, 128), (2, 9, 128), (17, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_eager_inference_skips_the_dispatcher_with_the_same_result(monkeypatch, shape, dtype):
+    """An eager call that needs no gradient runs the direct C++ entry on the cached packed
+    blocks (the op's dispatch costs as much as a decode kernel); its result is the op's,
+    bit for bit, and under a torch function mode (which must see the op) the op runs."""
+    import sparsekernels.nn.quantized_sparse_linear as qsl
+
+    ql = QuantizedSparseLinear.from_sparse_linear(sparse_layer())
+    x = torch.randn(*shape).to(dtype)
+    with torch.no_grad():
+        want = torch.ops.sparsekernels.bsr_linear_int8(x, *ql.op_args(x), ql.scheme,
+                                                       ql.backend.value)
+    entry, calls = qsl.direct_int8_linear(), []
+    assert entry is not None
+
+    def spy():
+        def call(*args):
+            calls.append(args[0].shape)
+            return entry(*args)
+        return call
+
+    monkeypatch.setattr(qsl, "direct_int8_linear", spy)
+    with torch.no_grad():
+        got = ql(x)
+        assert calls == [x.shape] and torch.equal(got, want)
+        with Passthrough():
+            assert torch.equal(ql(x), want)
+    assert len(calls) == 1
+    with torch.inference_mode():
+        assert torch.equal(ql(x), want) and len(calls) == 2
