@@ -276,7 +276,7 @@ class LLMRecipe:
             i = state["step"]
             if not state["pruned"]:
                 self.log(f"[2/3] prune step {i + 1}/{len(targets)}: {cfg.prune.pruner} "
-                         f"{cfg.prune.granularity} to {targets[i]:.0%} of every decoder Linear")
+                         f"{cfg.prune.granularity} to sparsity {targets[i]:.4g} in every decoder Linear")
                 t0 = time.perf_counter()
                 masks = self._one_shot(student, names, targets[i], masks)
                 self.record.setdefault("prune_s", []).append(time.perf_counter() - t0)
