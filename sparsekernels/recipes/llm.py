@@ -138,7 +138,10 @@ class LLMRecipe:
         need_train = r.steps * r.batch_size
         if d.source == "random":
             g = torch.Generator().manual_seed(d.seed)
-            draw = lambda n, length: torch.randint(0, vocab_size, (n, length), generator=g)  # noqa: E731
+
+            def draw(n: int, length: int) -> torch.Tensor:
+                return torch.randint(0, vocab_size, (n, length), generator=g)
+
             calib = draw(d.calibration_windows, d.seq_len)
             evals = draw(d.evaluation_windows, d.seq_len)
             train = draw(max(need_train, 1), r.seq_len)
@@ -276,7 +279,8 @@ class LLMRecipe:
             i = state["step"]
             if not state["pruned"]:
                 self.log(f"[2/3] prune step {i + 1}/{len(targets)}: {cfg.prune.pruner} "
-                         f"{cfg.prune.granularity} to sparsity {targets[i]:.4g} in every decoder Linear")
+                         f"{cfg.prune.granularity} to sparsity {targets[i]:.4g} in every "
+                         "decoder Linear")
                 t0 = time.perf_counter()
                 masks = self._one_shot(student, names, targets[i], masks)
                 self.record.setdefault("prune_s", []).append(time.perf_counter() - t0)

@@ -3,7 +3,8 @@ YAML or JSON files as the Transformer recipe's, told apart by a top-level ``reci
 
 Every key is checked before anything runs (an unknown key or a bad value is refused with its
 section and name). ``llm_preset("demo")`` is ``sparsekernels demo --llm`` (SmolLM2-135M,
-under 15 minutes on 2 CPU cores); ``llm_preset("medium")`` prunes in four steps and recovers four times longer.
+under 15 minutes on 2 CPU cores); ``llm_preset("medium")`` prunes in four steps and
+recovers four times longer.
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ class LLMRecipeConfig:
               f"must be >= 2 (decode time is what follows the first token), got {b.new_tokens}")
         check(b.reps >= 1, "bench.reps", f"must be >= 1, got {b.reps}")
         check(b.answer_tokens >= 1, "bench.answer_tokens", f"must be >= 1, got {b.answer_tokens}")
-        check(b.threads is None or b.threads >= 1, "bench.threads", f"must be >= 1, got {b.threads}")
+        check(b.threads is None or b.threads >= 1, "bench.threads",
+              f"must be >= 1, got {b.threads}")
         check(self.checkpoint_minutes >= 0, "checkpoint_minutes",
               f"must be >= 0 (0 turns mid-stage checkpoints off), got {self.checkpoint_minutes}")
         return self

@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 from sparsekernels.recipes.config import RecipeConfigError, load_config  # noqa: E402
 from sparsekernels.recipes.llm import (LLMRecipe, decoder_linears, distillation_loss,  # noqa: E402
                                        recovery_shares, run_llm_recipe, step_targets)
-from sparsekernels.recipes.llm_config import LLMRecipeConfig, llm_from_dict, llm_preset  # noqa: E402
+from sparsekernels.recipes.llm_config import (LLMRecipeConfig, llm_from_dict,  # noqa: E402
+                                              llm_preset)
 from sparsekernels.recipes.transformer import RecipeError  # noqa: E402
 
 
