@@ -125,11 +125,12 @@ class LLMRecipe:
                                   f"({exc})") from None
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(name)
-            except (OSError, ValueError, TypeError):
+            except Exception as exc:  # missing files raise OSError, ImportError, ... by version
                 if self.config.data.source != "random":
-                    raise RecipeError(f"model.name_or_path: {name} has no tokenizer, which "
-                                      "data.source bbc needs (or use data.source: random to "
-                                      "check the pipeline)") from None
+                    raise RecipeError(f"model.name_or_path: no tokenizer loads from {name} "
+                                      f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                                      "), which data.source bbc needs (or use data.source: "
+                                      "random to check the pipeline)") from None
                 self.tokenizer = None
         return model.eval()
 

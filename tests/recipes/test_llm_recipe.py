@@ -215,3 +215,10 @@ def test_cli(tmp_path):
     assert out.returncode == 2 and "two different demos" in out.stderr
     out = run_cli("prune", str(path))
     assert out.returncode == 2 and "already holds a run" in out.stderr
+
+
+def test_text_without_a_tokenizer_is_refused_before_anything_runs(tmp_path):
+    cfg = config(tmp_path, data={"source": "bbc"})
+    with pytest.raises(RecipeError, match="no tokenizer loads from"):
+        run_llm_recipe(cfg, log=lambda m: None)
+    assert not (tmp_path / "run" / "record.json").exists()
