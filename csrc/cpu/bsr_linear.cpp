@@ -187,12 +187,8 @@ at::Tensor linear_inference(const at::Tensor& x, const at::Tensor& values,
   if (x.dim() < 1 || x.size(-1) != in_features || !x.device().is_cpu() ||
       x.scalar_type() != values.scalar_type() || x.is_complex())
     return at::Tensor();
-  at::Tensor y = bsr_linear_cpu(x.reshape({-1, in_features}), values, crow_indices, col_indices,
-                                bias, std::nullopt);
-  if (x.dim() == 2) return y;
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = y.size(1);
-  return y.view(sizes);
+  return with_leading_dims(x, bsr_linear_cpu(x.reshape({-1, in_features}), values, crow_indices,
+                                             col_indices, bias, std::nullopt));
 }
 
 }  // namespace cpu

@@ -117,7 +117,7 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
         int64_t o0, o1;
         split_stored(s.ptr, nbr, omp_get_num_threads(), omp_get_thread_num(), &o0, &o1);
         for (int64_t o = o0; o < o1; ++o)
-          block_bf16_stored<BO>(xp, rows, lda, vp, s, o, bias_ptr, op, n);
+          block_bf16_avx512<BO, uint16_t, true>(xp, rows, lda, vp, s, o, bias_ptr, op, n);
       }
     });
     return out;

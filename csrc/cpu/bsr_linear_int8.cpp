@@ -179,12 +179,8 @@ at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
   at::Tensor x2 = x.reshape({-1, in_features});
   if (x2.size(0) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
   const std::string chosen = scheme == "auto" ? (x2.size(0) <= w8_max_rows ? "w8" : "w8a8") : scheme;
-  at::Tensor y = lowp::bsr_linear_int8_cpu(x2, packed, comp, scale, crow_indices, col_indices,
-                                           bias, chosen);
-  if (x.dim() == 2) return y;
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = y.size(1);
-  return y.view(sizes);
+  return with_leading_dims(x, lowp::bsr_linear_int8_cpu(x2, packed, comp, scale, crow_indices,
+                                                        col_indices, bias, chosen));
 }
 
 }  // namespace cpu

@@ -6,9 +6,18 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace sparsekernels {
 namespace cpu {
+
+// y [rows, n] computed from x [..., k] viewed as rows, with x's leading dims back.
+inline at::Tensor with_leading_dims(const at::Tensor& x, const at::Tensor& y) {
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.view(sizes);
+}
 
 // bsr_linear_cpu for x [..., in_features] (any leading dims) with the blocks as a
 // SparseLinear stores them (transposed in memory, so no packing). The layer's index was

@@ -149,8 +149,12 @@ SK_TARGET_BF16 inline void store16(uint16_t* p, __m512 v) {
 }
 
 // One register tile: rows [0, MR) (FULL) or [0, mr) of A against output block o. FULL keeps
-// every index a constant, so the accumulators stay in registers.
-template <int BO, int MR, bool FULL, typename OutT>
+// every index a constant, so the accumulators stay in registers. The blocks are either
+// packed for vdpbf16ps ([bk/2][BO][2], two products per lane and instruction), or, STORED,
+// the W.T blocks as SparseLinear keeps them on the CPU ([bk][BO], one bf16 each), each weight
+// widened to fp32 for an FMA: at decode the call is memory-bound, and reading the stored
+// bf16 (half of fp32's bytes) with nothing packed per call is what counts.
+template <int BO, int MR, bool FULL, bool STORED, typename OutT>
 SK_TARGET_BF16 inline void tile_bf16(int mr, const uint16_t* A, int64_t lda,
                                      const uint16_t* blocks, const Rows& s, int64_t o,
                                      const float* bias, OutT* c, int64_t ldo) {
@@ -164,18 +168,34 @@ SK_TARGET_BF16 inline void tile_bf16(int mr, const uint16_t* A, int64_t lda,
   for (int32_t e = s.ptr[o]; e < s.ptr[o + 1]; ++e) {
     const uint16_t* a = A + static_cast<int64_t>(s.idx[e]) * s.bk;
     const uint16_t* b = blocks + static_cast<int64_t>(e) * s.bk * BO;
-    for (int64_t k = 0; k < s.bk; k += 2) {
-      __m512bh bv[NV];
+    if constexpr (STORED) {
+      for (int64_t k = 0; k < s.bk; ++k) {
+        __m512 bv[NV];
 #pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j)
-        bv[j] = (__m512bh)_mm512_loadu_si512(static_cast<const void*>(b + k * BO + j * 32));
+        for (int j = 0; j < NV; ++j)
+          bv[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(b + k * BO + j * 16))), 16));
+#pragma GCC unroll 16
+        for (int r = 0; r < rows; ++r) {
+          const __m512 av = _mm512_set1_ps(bf16_to_float(a[r * lda + k]));
+#pragma GCC unroll 8
+          for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < s.bk; k += 2) {
+        __m512bh bv[NV];
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j)
+          bv[j] = (__m512bh)_mm512_loadu_si512(static_cast<const void*>(b + k * BO + j * 32));
 #pragma GCC unroll 24
-      for (int r = 0; r < rows; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, a + r * lda + k, 4);
-        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+        for (int r = 0; r < rows; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, a + r * lda + k, 4);
+          const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
 #pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+          for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+        }
       }
     }
   }
@@ -183,19 +203,27 @@ SK_TARGET_BF16 inline void tile_bf16(int mr, const uint16_t* A, int64_t lda,
     for (int j = 0; j < NV; ++j) store16(c + r * ldo + j * 16, acc[r][j]);
 }
 
+// Rows of the STORED tile: 16 accumulators whatever the block width (the FMA path needs no
+// registers for pairs).
+template <int BO>
+constexpr int stored_tile_rows() {
+  return 16 / (BO / 16) > 0 ? 16 / (BO / 16) : 1;
+}
+
 // out[0:rows, o*BO : +BO] = A[0:rows] @ S[:, o*BO : +BO] + bias, fp32 accumulation over every
 // stored block in registers (the output is rounded once, as torch's bf16 matmul does)
-template <int BO, typename OutT>
+template <int BO, typename OutT, bool STORED = false>
 SK_TARGET_BF16 void block_bf16_avx512(const uint16_t* A, int64_t rows, int64_t lda,
                                       const uint16_t* blocks, const Rows& s, int64_t o,
                                       const float* bias, OutT* out, int64_t ldo) {
-  constexpr int MR = tile_rows<BO>();
+  constexpr int MR = STORED ? stored_tile_rows<BO>() : tile_rows<BO>();
   int64_t t = 0;
   for (; t + MR <= rows; t += MR)
-    tile_bf16<BO, MR, true, OutT>(MR, A + t * lda, lda, blocks, s, o, bias, out + t * ldo + o * BO, ldo);
+    tile_bf16<BO, MR, true, STORED, OutT>(MR, A + t * lda, lda, blocks, s, o, bias,
+                                          out + t * ldo + o * BO, ldo);
   if (t < rows)
-    tile_bf16<BO, MR, false, OutT>(static_cast<int>(rows - t), A + t * lda, lda, blocks, s, o, bias,
-                                   out + t * ldo + o * BO, ldo);
+    tile_bf16<BO, MR, false, STORED, OutT>(static_cast<int>(rows - t), A + t * lda, lda, blocks,
+                                           s, o, bias, out + t * ldo + o * BO, ldo);
 }
 
 // One row against the blocks as stored ([bm, bk], no packing): a dot product per output.
@@ -215,62 +243,6 @@ SK_TARGET_BF16 inline void dot_bf16_avx512(const uint16_t* x, const uint16_t* va
     }
     out[i * bm + n] = float_to_bf16(_mm512_reduce_add_ps(acc) + (bias ? bias[i * bm + n] : 0.f));
   }
-}
-
-// Few rows against the W.T blocks as SparseLinear stores them on the CPU (block e holds bk
-// rows of BO outputs, one bf16 each, not paired for vdpbf16ps): each weight is widened to
-// fp32 for an FMA. At decode the call is memory-bound: what counts is reading the stored bf16
-// (half of fp32's bytes) with nothing packed per call, not the dot instruction's rate.
-template <int BO>
-constexpr int stored_tile_rows() {
-  return 16 / (BO / 16) > 0 ? 16 / (BO / 16) : 1;
-}
-
-template <int BO, int MR, bool FULL>
-SK_TARGET_BF16 inline void tile_bf16_stored(int mr, const uint16_t* A, int64_t lda,
-                                            const uint16_t* blocks, const Rows& s, int64_t o,
-                                            const float* bias, uint16_t* c, int64_t ldo) {
-  constexpr int NV = BO / 16;
-  const int rows = FULL ? MR : mr;
-  __m512 acc[MR][NV];
-  for (int j = 0; j < NV; ++j) {
-    const __m512 init = bias ? _mm512_loadu_ps(bias + o * BO + j * 16) : _mm512_setzero_ps();
-    for (int r = 0; r < MR; ++r) acc[r][j] = init;
-  }
-  for (int32_t e = s.ptr[o]; e < s.ptr[o + 1]; ++e) {
-    const uint16_t* a = A + static_cast<int64_t>(s.idx[e]) * s.bk;
-    const uint16_t* b = blocks + static_cast<int64_t>(e) * s.bk * BO;
-    for (int64_t k = 0; k < s.bk; ++k) {
-      __m512 bv[NV];
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j)
-        bv[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(b + k * BO + j * 16))), 16));
-#pragma GCC unroll 16
-      for (int r = 0; r < rows; ++r) {
-        const __m512 av = _mm512_set1_ps(bf16_to_float(a[r * lda + k]));
-#pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
-      }
-    }
-  }
-  for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < NV; ++j) store16(c + r * ldo + j * 16, acc[r][j]);
-}
-
-// out[0:rows, o*BO : +BO] = A[0:rows] @ S[:, o*BO : +BO] + bias on the stored W.T blocks
-template <int BO>
-SK_TARGET_BF16 void block_bf16_stored(const uint16_t* A, int64_t rows, int64_t lda,
-                                      const uint16_t* blocks, const Rows& s, int64_t o,
-                                      const float* bias, uint16_t* out, int64_t ldo) {
-  constexpr int MR = stored_tile_rows<BO>();
-  int64_t t = 0;
-  for (; t + MR <= rows; t += MR)
-    tile_bf16_stored<BO, MR, true>(MR, A + t * lda, lda, blocks, s, o, bias,
-                                   out + t * ldo + o * BO, ldo);
-  if (t < rows)
-    tile_bf16_stored<BO, MR, false>(static_cast<int>(rows - t), A + t * lda, lda, blocks, s, o,
-                                    bias, out + t * ldo + o * BO, ldo);
 }
 
 SK_TARGET_BF16 inline void to_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {

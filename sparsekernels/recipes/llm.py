@@ -29,8 +29,8 @@ from torch import nn
 from sparsekernels.recipes.checkpoint import RunDir
 from sparsekernels.recipes.llm_config import EMBEDDED_LLM, LLMRecipeConfig
 from sparsekernels.recipes.progress import progress
-from sparsekernels.recipes.training import cycle, make_optimizer
-from sparsekernels.recipes.transformer import (RecipeError, check_resume_config,
+from sparsekernels.recipes.training import cycle, make_optimizer, param_shapes
+from sparsekernels.recipes.transformer import (RecipeError, hold_run, open_run,
                                                quiet_transformers, versions)
 
 STAGES = ("dense", "prune", "final")
@@ -88,17 +88,7 @@ class LLMRecipe:
         self.config = config
         self._log = log
         self.run_dir = RunDir(config.output_dir)
-        if self.run_dir.exists() and not resume:
-            raise RecipeError(f"{self.run_dir.root} already holds a run: pass --resume to "
-                              "continue it, or choose another directory with --output-dir")
-        if resume and not self.run_dir.exists():
-            raise RecipeError(f"nothing to resume in {self.run_dir.root} (no record.json)")
-        recorded = self.run_dir.load_record() if resume else None
-        if recorded is not None:
-            if recorded.get("config", {}).get("recipe") != "llm":
-                raise RecipeError(f"{self.run_dir.root} holds a run of another recipe; "
-                                  "choose another directory with --output-dir")
-            check_resume_config(recorded["config"], config.to_dict(), self.run_dir.root)
+        recorded = open_run(self.run_dir, resume, config.to_dict())
         self._saved_at = time.monotonic()
         self.record = recorded if recorded is not None else {
             "config": config.to_dict(), "versions": versions(), "seed": config.seed,
@@ -338,7 +328,8 @@ class LLMRecipe:
                 if every and done < steps and time.monotonic() - self._saved_at >= every:
                     self._save_student(student, masks, {"training": {
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "rng": torch.get_rng_state(), "py_rng": random.getstate()}})
+                        "rng": torch.get_rng_state(), "py_rng": random.getstate(),
+                        "shapes": param_shapes(opt)}})
         finally:
             bar.close()
             for h in hooks:
@@ -360,6 +351,9 @@ class LLMRecipe:
                               "its checkpoint has no optimizer state; start a new run with "
                               "--output-dir")
         state = torch.load(path, weights_only=True)
+        if state.get("shapes") != param_shapes(opt):
+            raise RecipeError(f"{path} holds the optimizer state of other parameters; start a "
+                              "new run with --output-dir")
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
@@ -431,11 +425,7 @@ class LLMRecipe:
         cfg = self.config
         if cfg.bench.threads:
             torch.set_num_threads(cfg.bench.threads)
-        holder = self.run_dir.lock()
-        if holder is not None:
-            raise RecipeError(f"{self.run_dir.root} is in use by another run (pid "
-                              f"{holder if holder > 0 else '?'}): wait for it to end or stop "
-                              "it, or choose another directory with --output-dir")
+        hold_run(self.run_dir)
         try:
             t0 = time.perf_counter()
             self.teacher = self._load_dense()

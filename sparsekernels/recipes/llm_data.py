@@ -52,12 +52,14 @@ def smollm2_dir() -> Path:
     return path
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)``: SmolLM2-135M-Instruct dequantized to ``dtype``, in eval mode."""
+def load_smollm2(dtype: torch.dtype = torch.float32, **kwargs):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct dequantized to ``dtype``, in eval mode;
+    ``kwargs`` go to ``from_pretrained`` (``attn_implementation="eager"``, ...)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = str(smollm2_dir())
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=dtype,
+                                                 **kwargs)
     return model.eval(), tokenizer
 
 

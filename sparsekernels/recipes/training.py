@@ -36,6 +36,12 @@ def make_optimizer(params, lr: float, total_steps: int, warmup_ratio: float = 0.
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def param_shapes(opt) -> list[list[int]]:
+    """The shapes of an optimizer's parameters, in order: saved with its state, so a resumed
+    run can check the state belongs to its parameters before loading it."""
+    return [list(p.shape) for g in opt.param_groups for p in g["params"]]
+
+
 def train_steps(model: nn.Module, batches: Iterator[dict], steps: int, opt, sched,
                 loss_fn: Callable[[nn.Module, dict], torch.Tensor], progress=None) -> float:
     """`steps` optimizer steps; returns the mean loss of the last tenth."""

@@ -35,7 +35,7 @@ from sparsekernels.recipes.config import (EMBEDDED_MODEL, RecipeConfig, best_ban
                                           prune_targets)
 from sparsekernels.recipes.progress import LogProgress, progress
 from sparsekernels.recipes.training import (accuracy, classification_loss, cycle, make_optimizer,
-                                            steps_for_epochs, train_steps)
+                                            param_shapes, steps_for_epochs, train_steps)
 
 STAGES = ("finetune", "attention", "distill", "final")
 
@@ -128,20 +128,42 @@ def check_resume_config(recorded: dict, given: dict, where) -> None:
                           "holds it, under \"config\"), or start a new run with --output-dir")
 
 
+def open_run(run_dir: RunDir, resume: bool, config: dict) -> dict | None:
+    """The record of the run in `run_dir` to resume (None for a new run), after refusing a
+    directory that holds a run when not resuming, one that holds none when resuming, and a
+    recorded run of another recipe or config (config["recipe"] names an LLM run's)."""
+    if run_dir.exists() and not resume:
+        raise RecipeError(f"{run_dir.root} already holds a run: pass --resume to continue "
+                          "it, or choose another directory with --output-dir")
+    if not resume:
+        return None
+    if not run_dir.exists():
+        raise RecipeError(f"nothing to resume in {run_dir.root} (no record.json)")
+    recorded = run_dir.load_record()
+    if recorded.get("config", {}).get("recipe") != config.get("recipe"):
+        raise RecipeError(f"{run_dir.root} holds a run of another recipe; choose another "
+                          "directory with --output-dir")
+    check_resume_config(recorded.get("config", {}), config, run_dir.root)
+    return recorded
+
+
+def hold_run(run_dir: RunDir) -> None:
+    """Lock `run_dir` for this process, or refuse: two processes on one run would interleave
+    its checkpoints."""
+    holder = run_dir.lock()
+    if holder is not None:
+        raise RecipeError(f"{run_dir.root} is in use by another run (pid "
+                          f"{holder if holder > 0 else '?'}): wait for it to end or stop it, "
+                          "or choose another directory with --output-dir")
+
+
 class TransformerRecipe:
     def __init__(self, config: RecipeConfig, resume: bool = False, log: Callable[[str], None] = print):
         self.config = config
         self._log = log
         self.device = torch.device("cpu")  # set by run()
         self.run_dir = RunDir(config.output_dir)
-        if self.run_dir.exists() and not resume:
-            raise RecipeError(f"{self.run_dir.root} already holds a run: pass --resume to continue "
-                              "it, or choose another directory with --output-dir")
-        if resume and not self.run_dir.exists():
-            raise RecipeError(f"nothing to resume in {self.run_dir.root} (no record.json)")
-        recorded = self.run_dir.load_record() if resume else None
-        if recorded is not None:
-            check_resume_config(recorded.get("config", {}), config.to_dict(), self.run_dir.root)
+        recorded = open_run(self.run_dir, resume, config.to_dict())
         self._saved_at = time.monotonic()  # when this process last wrote a checkpoint
         self.record = recorded if recorded is not None else {
             "config": config.to_dict(), "versions": versions(), "seed": config.seed,
@@ -282,13 +304,9 @@ class TransformerRecipe:
                     time.monotonic() - self._saved_at >= every, self.device):
                 save()
 
-    @staticmethod
-    def _param_shapes(opt) -> list[list[int]]:
-        return [list(p.shape) for g in opt.param_groups for p in g["params"]]
-
     def _training_state(self, opt, sched) -> dict:
         return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "shapes": self._param_shapes(opt)}
+                "shapes": param_shapes(opt)}
 
     def _restore_training_state(self, key: str, opt, sched) -> None:
         """Load the optimizer and scheduler state a mid-stage checkpoint saved, after checking
@@ -299,7 +317,7 @@ class TransformerRecipe:
                               "but its checkpoint has no optimizer state; start a new run with "
                               "--output-dir")
         state = torch.load(path, map_location=self.device, weights_only=True)
-        shapes = self._param_shapes(opt)
+        shapes = param_shapes(opt)
         if state["shapes"] != shapes:
             raise RecipeError(f"{path} holds the optimizer state of other parameters "
                               f"({len(state['shapes'])} tensors, this model has {len(shapes)}); "
@@ -588,11 +606,7 @@ class TransformerRecipe:
             torch.set_num_threads(cfg.bench.threads)
         self.device = parallel.setup(cfg.device)
         if is_main_process():
-            holder = self.run_dir.lock()
-            if holder is not None:  # two processes on one run would interleave its checkpoints
-                raise RecipeError(f"{self.run_dir.root} is in use by another run (pid "
-                                  f"{holder if holder > 0 else '?'}): wait for it to end or stop "
-                                  "it, or choose another directory with --output-dir")
+            hold_run(self.run_dir)
         try:
             if parallel.world_size() > 1:
                 self.log(f"data parallel: {parallel.world_size()} processes, device {self.device} "
