@@ -137,7 +137,7 @@ def _report(run_dir: str) -> int:
             path = write_llm_report(Path(run_dir), record)
         else:
             path = write_report(Path(run_dir), record, write_record=False)
-    except (ValueError, TypeError) as exc:  # a damaged or foreign record.json
+    except (ValueError, TypeError, KeyError) as exc:  # a damaged or foreign record.json
         raise UsageError(f"cannot report {run_dir}: {exc}") from None
     print(f"report: {path}")
     return 0

@@ -107,7 +107,8 @@ def write_llm_report(run_dir: str | os.PathLike, record: dict) -> Path:
     if not isinstance(record, dict) or not all(k in record for k in ("config", "versions")):
         raise ValueError("an LLM run record is a dict with at least config and versions")
     record = json.loads(json.dumps(record, default=_plain))
+    text = _report_text(record)  # a record it cannot read fails here, before any write
     _write_text(run_dir / RECORD_FILE, json.dumps(record, indent=1))
     path = run_dir / REPORT_FILE
-    _write_text(path, _report_text(record))
+    _write_text(path, text)
     return path

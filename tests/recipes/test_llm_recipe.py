@@ -211,6 +211,12 @@ def test_cli(tmp_path):
     (tmp_path / "run" / "report.md").unlink()
     out = run_cli("report", str(tmp_path / "run"))
     assert out.returncode == 0 and (tmp_path / "run" / "report.md").exists()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "record.json").write_text(json.dumps({"config": {"recipe": "llm"},
+                                                     "versions": {}}))
+    out = run_cli("report", str(damaged))
+    assert out.returncode == 2 and "cannot report" in out.stderr and "Traceback" not in out.stderr
     out = run_cli("demo", "--llm", "--ffn")
     assert out.returncode == 2 and "two different demos" in out.stderr
     out = run_cli("prune", str(path))
