@@ -3,8 +3,9 @@ its Linear layers quantized (QuantizedSparseLinear), on the run's own evaluation
 
     python bench/eval_int8_recipe.py runs/demo-...     # a finished `sparsekernels demo` run
 
-The final model of the quick recipe is resized (dense, smaller); each encoder Linear whose
-shape a block size divides becomes a QuantizedSparseLinear holding its non-zero blocks
+For a run made before the recipe had speedup.dtype (a run with `speedup: {dtype: int8}`
+reports both accuracies itself). The saved model goes to int8 the way the recipe does it:
+ModelSpeedup(mode="auto", dtype="int8") makes each encoder Linear a QuantizedSparseLinear
 (int8 weights, per-output-channel scales; w8a8 for the evaluation batches, w8 at <= 16
 tokens); the classifier head and any other layer stay fp32. Writes
 bench/results/<device>/recipe_int8.{csv,md} (recipe_int8_<checkpoint> for another
@@ -25,27 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 from common import write_results  # noqa: E402
 
 from sparsekernels import QuantizedSparseLinear  # noqa: E402
-from sparsekernels.ops.limits import SUPPORTED_BLOCK_SIZES  # noqa: E402
 from sparsekernels.recipes.config import from_dict  # noqa: E402
 from sparsekernels.recipes.training import accuracy  # noqa: E402
 from sparsekernels.recipes.transformer import TransformerRecipe  # noqa: E402
+from sparsekernels.speedup import ModelSpeedup  # noqa: E402
 
 
-def quantize_encoder_(model: nn.Module, scheme: str = "auto") -> list[str]:
-    """Every nn.Linear under an encoder (not the head) -> QuantizedSparseLinear, in place."""
-    done = []
-    for fqn, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or "encoder" not in fqn:
-            continue
-        block = next(((b, b) for b in sorted(SUPPORTED_BLOCK_SIZES, reverse=True)
-                      if module.out_features % b == 0 and module.in_features % b == 0), None)
-        if block is None:
-            continue
-        parent_name, _, child = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, QuantizedSparseLinear.from_linear(module, block, scheme=scheme))
-        done.append(fqn)
-    return done
+def quantize(model: nn.Module, dummy: dict) -> list[str]:
+    """The recipe's own way to int8 (speedup.dtype: int8): ModelSpeedup in auto mode, which
+    stores every encoder Linear whole and quantizes it; returns the layers it quantized."""
+    ModelSpeedup(model, dummy, {}, mode="auto", dtype="int8").speedup_model()
+    return [n for n, m in model.named_modules() if isinstance(m, QuantizedSparseLinear)]
 
 
 def main(argv=None) -> int:
@@ -68,7 +59,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         acc32 = accuracy(model, recipe.eval_batches)
         t32 = time.perf_counter() - t0
-        names = quantize_encoder_(model)
+        names = quantize(model, recipe.dummy)
         t0 = time.perf_counter()
         acc8 = accuracy(model, recipe.eval_batches)
         t8 = time.perf_counter() - t0

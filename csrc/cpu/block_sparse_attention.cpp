@@ -220,7 +220,37 @@ void finish_scores(const Problem<E, A>& P, int64_t b, int64_t h, int64_t q0, int
   const int64_t bk = P.bk;
   const A neg_inf = -std::numeric_limits<A>::infinity();
   const A scale = P.qk_scale;
-  const bool plain = P.all_visible(q0, qr, k0) && !P.mask_bool && !P.mask_add;
+  const bool visible = P.all_visible(q0, qr, k0);
+  const bool masked = P.mask_bool || P.mask_add;
+  constexpr int64_t kRowMax = 128;  // the largest attention block
+  if (visible && masked && bk <= kRowMax) {
+    // every position in range: the mask alone decides, one row of log2-unit addends at a
+    // time (a key-padding mask broadcasts over the queries: one row for the whole tile)
+    A add[kRowMax];
+    auto fill = [&](int64_t moff) {
+      for (int64_t j = 0; j < bk; ++j) {
+        const int64_t at = moff + (k0 + j) * P.sm[3];
+        if (P.mask_bool && P.mask_bool[at] == 0) {
+          add[j] = neg_inf;
+        } else if (P.mask_add) {
+          A mv = P.mask_add[at];
+          if (mv != neg_inf) mv = std::max<A>(mv, static_cast<A>(kMaskFloor));
+          add[j] = mv * static_cast<A>(kLog2e);
+        } else {
+          add[j] = A(0);
+        }
+      }
+    };
+    const int64_t base = b * P.sm[0] + h * P.sm[1];
+    if (P.sm[2] == 0) fill(base);
+    for (int64_t r = 0; r < qr; ++r) {
+      if (P.sm[2] != 0) fill(base + (q0 + r) * P.sm[2]);
+      A* s = S + r * bk;
+      for (int64_t j = 0; j < bk; ++j) s[j] = s[j] * scale + add[j];
+    }
+    return;
+  }
+  const bool plain = visible && !masked;
   for (int64_t r = 0; r < qr; ++r) {
     A* s = S + r * bk;
     if (plain) {

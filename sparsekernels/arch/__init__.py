@@ -12,7 +12,8 @@ traced forward), `model_map` (ModelMap, map_model, describe), `inputs` (running 
 a dummy input).
 """
 
-from sparsekernels.arch.find import StructureError, find_attention, find_ffn, find_layers
+from sparsekernels.arch.find import (StructureError, find_attention, find_ffn, find_layers,
+                                    layer_linears)
 from sparsekernels.arch.model_map import LayerMap, ModelMap, Stream, describe, map_model
 from sparsekernels.arch.sites import AttentionSite, FFNSite
 from sparsekernels.arch.trace import ChannelGroup, GroupMember, TracingError, find_channel_groups
@@ -20,5 +21,5 @@ from sparsekernels.arch.trace import ChannelGroup, GroupMember, TracingError, fi
 __all__ = [
     "AttentionSite", "ChannelGroup", "FFNSite", "GroupMember", "LayerMap", "ModelMap",
     "Stream", "StructureError", "TracingError", "describe", "find_attention", "find_channel_groups",
-    "find_ffn", "find_layers", "map_model",
+    "find_ffn", "find_layers", "layer_linears", "map_model",
 ]

@@ -72,6 +72,19 @@ def find_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
     return found
 
 
+def layer_linears(model: nn.Module, types=("Linear", "Conv1D")) -> list[str]:
+    """The weight layers of `types` inside the layers find_layers finds (attention and FFN
+    projections of every encoder / decoder layer; never an embedding, pooler or head), in
+    module order. Empty when the model has no such layers."""
+    found = []
+    for _, layer_paths in find_layers(model):
+        for layer in layer_paths:
+            for name, module in model.get_submodule(layer).named_modules():
+                if layers.type_name(module) in types:
+                    found.append(_join(layer, name))
+    return found
+
+
 def _layer_index(model: nn.Module) -> list[str]:
     return [path for _, paths in find_layers(model) for path in paths]
 

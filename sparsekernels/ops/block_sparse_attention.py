@@ -146,13 +146,14 @@ def _mask4(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 def prefers_dense(q: Tensor, k: Tensor, layout: Tensor, dropout_p: float,
                   backend: "Backend | str") -> bool:
-    """The router's choice for an all-true layout: dense SDPA (auto on the CPU), except at
-    decode (at most DECODE_MAX_QUERIES queries against a KV cache), where the kernel reads
-    each key/value block once for its whole group of query heads."""
+    """The router's choice for an all-true layout: dense SDPA (auto on the CPU) from the
+    measured key length on (Route.dense_full_from; shorter ones ran faster on the kernel),
+    except at decode (at most DECODE_MAX_QUERIES queries against a KV cache), where the
+    kernel reads each key/value block once for its whole group of query heads."""
     if q.shape[2] <= DECODE_MAX_QUERIES or k.shape[2] == 0:
         return False
     r = route(OP, q.device, q.dtype, backend, head_dim=q.shape[-1], dropout=dropout_p > 0)
-    return r.dense_full_layout and bool(layout.all())
+    return r.dense_full_layout and k.shape[2] >= r.dense_full_from and bool(layout.all())
 
 
 def _choose(backend: str, q: Tensor, dropout_p: float, for_backward: bool,

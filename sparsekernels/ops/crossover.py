@@ -1,7 +1,10 @@
-"""The density above which plain dense F.linear beats the block-sparse kernel.
+"""The density above which plain dense F.linear beats the block-sparse kernel, and the key
+length from which dense SDPA beats the attention kernel on an all-true layout.
 
-Values come from bench/bench_bsr_linear.py (`--write-crossover`), measured per device
-type, dtype and block size, and live in crossover.json beside this file. Shapes without a
+Values come from bench/bench_bsr_linear.py and bench/bench_attention_full.py
+(`--write-crossover`), measured per device type, dtype and block size (attention: per
+device type and dtype, under "attention_full_layout"), and live in crossover.json beside
+this file. Shapes without a
 measurement use the defaults below. SPARSEKERNELS_DENSE_CROSSOVER overrides everything
 (1.0 = never dense; 0.0 = always dense).
 """
@@ -37,3 +40,11 @@ def dense_crossover(device_type: str, dtype, block_size) -> float:
     if key in by_dtype:
         return float(by_dtype[key])
     return _DEFAULTS.get(device_type, 0.5)
+
+
+def sdpa_from_keys(device_type: str, dtype) -> int:
+    """The key length from which auto runs an all-true attention layout as dense SDPA
+    (0, also where unmeasured: always)."""
+    dtype_name = str(dtype).replace("torch.", "")
+    value = _table().get("attention_full_layout", {}).get(device_type, {}).get(dtype_name, 0)
+    return int(value)

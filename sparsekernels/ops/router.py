@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from sparsekernels.ops.backend import ENV_BACKEND, Backend, available
-from sparsekernels.ops.crossover import ENV_CROSSOVER, dense_crossover
+from sparsekernels.ops.crossover import ENV_CROSSOVER, dense_crossover, sdpa_from_keys
 from sparsekernels.ops.limits import CPU_HEAD_DIMS, CUDA_ATTENTION_HEAD_DIMS
 
 
@@ -42,6 +42,9 @@ class Route:
     # bsr_linear on a dense route: calls with fewer rows than this still run the sparse
     # kernel (a layer that stores only blocks would first have to build its dense weight)
     sparse_below_rows: int = 0
+    # block_sparse_attention with dense_full_layout: only from this many keys on (below it
+    # the kernel outran SDPA on an all-true layout: ops/crossover.json, measured)
+    dense_full_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,9 @@ def _op_fields(op: str, device: torch.device, dtype, chosen: Backend, dropout: b
         # auto on the CPU runs an all-true layout as dense SDPA (faster there; on a GPU,
         # checking the layout would cost a sync), except the float64 reference: the oracle
         oracle = dtype == torch.float64 and available(Backend.CPU, device, op) is not None
-        return {"dense_full_layout": (chosen is Backend.AUTO and device.type == "cpu"
-                                      and not dropout and not oracle)}
+        full = chosen is Backend.AUTO and device.type == "cpu" and not dropout and not oracle
+        return {"dense_full_layout": full,
+                "dense_full_from": sdpa_from_keys(device.type, dtype) if full else 0}
     return {}
 
 

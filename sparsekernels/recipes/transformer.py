@@ -9,7 +9,9 @@ last committed state:
              Taylor-prune the FFN `ffn.times` times and the hidden dimension `hidden.times`
              times (dependency-aware: every layer on the residual stream), resizing after
              each prune (checkpoint after each)
-  final      speed up (config.speedup.mode), evaluate, benchmark, write the report
+  final      speed up (config.speedup.mode, in config.speedup.dtype: with int8 or bfloat16
+             the same model's float32 accuracy is measured beside it), evaluate,
+             benchmark, write the report
 Each training stretch also checkpoints every `checkpoint_minutes`, with the optimizers' state
 (and movement pruning's scores), so a stopped run loses at most that much work.
 """
@@ -17,6 +19,7 @@ Each training stretch also checkpoints every `checkpoint_minutes`, with the opti
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import platform
 import random
@@ -31,8 +34,9 @@ import sparsekernels
 from sparsekernels.pruning.distributed import is_main_process
 from sparsekernels.recipes import parallel
 from sparsekernels.recipes.checkpoint import RunDir
-from sparsekernels.recipes.config import (EMBEDDED_MODEL, RecipeConfig, best_band, best_rank,
-                                          prune_targets)
+from sparsekernels.arch import layers as arch_layers
+from sparsekernels.recipes.config import (EMBEDDED_MODEL, RecipeConfig, aligned_sparsity,
+                                          best_band, best_rank, prune_targets)
 from sparsekernels.recipes.progress import LogProgress, progress
 from sparsekernels.recipes.training import (accuracy, classification_loss, cycle, make_optimizer,
                                             param_shapes, steps_for_epochs, train_steps)
@@ -98,7 +102,8 @@ def distill_loss(distiller, batch: dict) -> torch.Tensor:
 
 # Keys a run recorded before they existed had these values (runs before the schedule
 # option pruned linearly).
-_LEGACY = {"ffn.schedule": "linear", "hidden.schedule": "linear"}
+_LEGACY = {"ffn.schedule": "linear", "hidden.schedule": "linear", "ffn.multiple": 1,
+           "hidden.multiple": 1, "speedup.dtype": "float32"}
 # Sections that change how a run is measured or where it lives, not what it computes.
 _FREE_ON_RESUME = ("bench.", "output_dir", "checkpoint_minutes", "keep_best_at")
 # Training runs in chunks of this many steps; a mid-stage checkpoint can fall between chunks.
@@ -479,12 +484,9 @@ class TransformerRecipe:
             targets = [0.0] + prune_targets(prune_cfg)
             before, after = targets[index], targets[index + 1]
             relative = 1 - (1 - after) / (1 - before)
-            if kind == "ffn":
-                self._prune_ffn(distiller, net, batches, opt, sched, prune_cfg.taylor_steps,
-                                relative, bar)
-            else:
-                self._prune_hidden(distiller, net, batches, opt, sched, prune_cfg.taylor_steps,
-                                   relative, bar)
+            prune = self._prune_ffn if kind == "ffn" else self._prune_hidden
+            prune(distiller, net, batches, opt, sched, prune_cfg.taylor_steps, relative,
+                  prune_cfg.multiple, bar)
             progress["step"] += prune_cfg.taylor_steps
             progress["done"].append(f"{kind}-{index}")
             self._point(f"{kind}-{index + 1}", student, progress["step"])
@@ -523,30 +525,34 @@ class TransformerRecipe:
         if self.device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
-    def _prune_ffn(self, distiller, net, batches, opt, sched, taylor_steps, sparsity, bar) -> None:
+    def _prune_ffn(self, distiller, net, batches, opt, sched, taylor_steps, sparsity, multiple,
+                   bar) -> None:
         """Taylor-prune FFN units (rows of each FFN's first layer) over `taylor_steps`
-        distillation steps, then remove them."""
+        distillation steps, then remove them; each layer keeps a multiple of `multiple`."""
         from sparsekernels.pruning import TaylorFOWeightPruner, TorchEvaluator
         from sparsekernels.recipes.structure import ffn_input_layers
         from sparsekernels.speedup import ModelSpeedup
 
         student = distiller.student
-        layers = ffn_input_layers(student, self.dummy)
+        by_width: dict[int, list[str]] = {}  # one config entry per width: its own aligned sparsity
+        for name in ffn_input_layers(student, self.dummy):
+            by_width.setdefault(arch_layers.out_features(student.get_submodule(name)), []).append(name)
         def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
                           max_epochs=None):  # the Taylor statistics come from distillation steps
             train_steps(net, batches, max_steps, opt, sched, distill_loss, bar)
 
         evaluator = TorchEvaluator(training_func, opt,
                                    lambda batch, m: m(**batch).loss)
-        pruner = TaylorFOWeightPruner(student, [{"op_names": layers, "sparsity": sparsity,
-                                                 "granularity": "out_channel"}],
-                                      evaluator, training_steps=taylor_steps)
+        config_list = [{"op_names": names, "sparsity": aligned_sparsity(width, sparsity, multiple),
+                        "granularity": "out_channel"} for width, names in by_width.items()]
+        pruner = TaylorFOWeightPruner(student, config_list, evaluator, training_steps=taylor_steps)
         _, masks = pruner.compress()
         pruner.unwrap_model()
         masks = {n: {"weight": e["weight"]} for n, e in masks.items()}  # biases fold exactly
         ModelSpeedup(student, self.dummy, masks, mode="resize").speedup_model()
 
-    def _prune_hidden(self, distiller, net, batches, opt, sched, taylor_steps, sparsity, bar) -> None:
+    def _prune_hidden(self, distiller, net, batches, opt, sched, taylor_steps, sparsity,
+                      multiple, bar) -> None:
         """Taylor-prune hidden channels, dependency-aware: a channel's importance is summed
         over every layer on the residual stream, and a pruned channel is masked in all of
         them, so the speedup removes it everywhere."""
@@ -564,40 +570,68 @@ class TransformerRecipe:
             opt.step()
             sched.step()
             bar.update(1)
-        masks, kept = importance.masks(sparsity)
+        masks, kept = importance.masks(aligned_sparsity(importance.group.size, sparsity, multiple))
         ModelSpeedup(student, self.dummy, masks, mode="resize").speedup_model()
         distiller.resize_student_hidden(kept)
 
     def stage_final(self) -> None:
-        from sparsekernels.recipes.bench import benchmark
+        from sparsekernels.recipes.bench import benchmark, variant_name
         from sparsekernels.recipes.profiling import params_by_component
         from sparsekernels.recipes.report import write_report
         from sparsekernels.speedup import ModelSpeedup
 
         cfg = self.config
+        dtype = cfg.speedup.dtype
         student = self._load("student").eval()
         teacher = self._load("teacher").eval()
-        report = ModelSpeedup(student, self.dummy, {}, mode=cfg.speedup.mode,
-                              block_size=cfg.speedup.block_size)
-        report.speedup_model()
+        # the same model in float32, measured beside the final one in another dtype
+        float32_student = copy.deepcopy(student) if dtype != "float32" else None
+        speedup = ModelSpeedup(student, self.dummy, {}, mode=cfg.speedup.mode,
+                               block_size=cfg.speedup.block_size, dtype=dtype)
+        speedup.speedup_model()
         self.log("[4/4] evaluate, benchmark and report")
         final = self._point("final", student, cfg.distill.steps)
+        in_dtype = {}
+        if float32_student is not None:
+            acc32 = accuracy(float32_student, self.eval_batches)
+            in_dtype = {"dtype": dtype, "float32_accuracy": acc32,
+                        f"{dtype}_minus_float32": final["accuracy"] - acc32}
+            if dtype == "int8":
+                in_dtype["quantized_linears"] = self._count_quantized(student, speedup.report)
+            self.log(f"  the same model in float32: accuracy {acc32:.2f} ({dtype} "
+                     f"{final['accuracy'] - acc32:+.2f})")
         if is_main_process():  # rank 0 alone benchmarks and writes the report
             self.record["params"] = {"before": params_by_component(teacher),
                                      "after": params_by_component(student)}
             bench = benchmark(teacher, student, self.record, cfg.bench, self.log,
-                              block=cfg.speedup.block_size)
+                              block=cfg.speedup.block_size, dtype=dtype,
+                              float32_student=float32_student)
             self.record.update(bench)
-            resized = next(r for r in bench["latency"][::-1] if r["variant"] == "resize")
+            variant = variant_name("resize", dtype)
+            resized = next(r for r in bench["latency"][::-1] if r["variant"] == variant)
             self.record["final"] = {"accuracy": final["accuracy"], "sparsity": final["sparsity"],
                                     "dense_accuracy": self.record["dense"]["accuracy"],
-                                    "speedup": bench.get("speedup"), "variant": "resize",
-                                    "ms": resized["ms"]}
+                                    "speedup": bench.get("speedup"), "variant": variant,
+                                    "ms": resized["ms"], **in_dtype}
         self.record["stages_done"].append("final")
         self._save("final_model", "final", student, preprocessor=self.preprocessor)
         if is_main_process():
             self.log(f"report: {write_report(self.run_dir.root, self.record)}")
         parallel.barrier()
+
+    def _count_quantized(self, student: nn.Module, report) -> str:
+        """'n of m' encoder Linears in int8; the ones left float are said in the log."""
+        from sparsekernels.arch import layer_linears
+        from sparsekernels.nn.quantized_sparse_linear import QuantizedSparseLinear
+
+        quantized = [n for n, m in student.named_modules() if isinstance(m, QuantizedSparseLinear)]
+        left = {n: why for n, why in report.dense.items() if n in set(layer_linears(student))}
+        if left:
+            self.log(f"  int8: {len(left)} encoder Linears left float32 ("
+                     + "; ".join(f"{n}: {w}" for n, w in list(left.items())[:3])
+                     + "): widths the int8 kernels' blocks divide need ffn.multiple and "
+                     "hidden.multiple 16")
+        return f"{len(quantized)} of {len(quantized) + len(left)}"
 
     # -- driver ----------------------------------------------------------------------------------
     def run(self) -> dict:

@@ -21,6 +21,7 @@ from sparsekernels.formats.block_sparse import block_mask_from_mask
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.limits import SUPPORTED_BLOCK_SIZES, check_block_size
 from sparsekernels.nn.sparse_linear import SparseLinear
+from sparsekernels.ops.precision import INT8
 from sparsekernels.ops.router import route
 from sparsekernels.arch import find_attention, layers, names
 from sparsekernels.arch.inputs import run_model
@@ -196,7 +197,9 @@ class ModelSpeedup:
     one fused op (sparsekernels.nn.fuse_ffn_; names and state_dict unchanged).
     dtype: what the sparse layers run in (kernel and auto modes): torch.float32 (default),
     torch.bfloat16 (the model is cast to bf16) or "int8" / torch.int8 (each SparseLinear
-    becomes a QuantizedSparseLinear; see nn.quantized_sparse_linear.apply_dtype_).
+    becomes a QuantizedSparseLinear; see nn.quantized_sparse_linear.apply_dtype_). In int8
+    the encoder / decoder layers' unpruned Linears are quantized too, every block kept, so a
+    resized model (nothing left masked) runs int8 as well; heads and tied layers stay float.
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
@@ -369,6 +372,36 @@ class ModelSpeedup:
         surgery.enable_head_layouts(self.model, {n: c[-1] for n, c in self.structure.items()
                                                  if c and c[-1]["op"] == "attention_layout"})
 
+    def _attention_to_kernel(self) -> None:
+        """Kernel and auto modes on the CPU: attention without pruned heads also runs the
+        block-sparse op (no layout: every block) where the router measured its kernel ahead
+        of SDPA for short key lengths; per call the op still runs SDPA from the measured
+        length on. Nothing changes where head layouts are installed already, on a GPU, or
+        when a module cannot run the op."""
+        from sparsekernels.ops.crossover import sdpa_from_keys
+
+        param = next(self.model.parameters(), None)
+        if param is None or param.device.type != "cpu" or param.dtype == torch.float64:
+            return
+        dtype = torch.bfloat16 if self.dtype is torch.bfloat16 else param.dtype
+        if sdpa_from_keys("cpu", dtype) <= 0:
+            return
+        try:
+            from sparsekernels.attention import attention_modules
+            from sparsekernels.attention.integration import unsupported
+        except ImportError:
+            return
+        mods = attention_modules(self.model)
+        if (not mods or any(getattr(m, "_sparsekernels_attention", None) is not None for _, m in mods)
+                or any(unsupported(m) is not None for _, m in mods)):
+            return
+        for name, _ in mods:
+            self.structure[name].append({"op": "attention_kernel",
+                                         "block_size": list(ATTENTION_BLOCK)})
+        surgery.enable_attention_kernel(self.model, [n for n, _ in mods], ATTENTION_BLOCK)
+        self.report.notes.append("attention runs the block-sparse op (every block): its kernel "
+                                 "below the key length measured for SDPA, SDPA from there on")
+
     def _retie_weights(self) -> None:
         # transformers re-ties input and output embeddings on demand; keep that working
         tie = getattr(self.model, "tie_weights", None)
@@ -380,15 +413,12 @@ class ModelSpeedup:
 
     def _to_kernels(self, only_below_crossover: bool) -> None:
         modules = dict(self.model.named_modules())
-        owners: dict[int, int] = {}
-        for module in modules.values():
-            for p in module.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
+        shared = self._shared_weights(modules)
         for name in self.masks:
             module = modules.get(name)
             if module is None or layers.type_name(module) not in _SPARSE_TYPES:
                 continue
-            if owners.get(id(module.weight), 0) > 1:
+            if id(module.weight) in shared:
                 self.report.dense[name] = ("its weight is tied to another module (e.g. an LM "
                                            "head tied to the embeddings): kept dense and tied")
                 continue
@@ -407,20 +437,59 @@ class ModelSpeedup:
             if only_below_crossover and r.dense:
                 self.report.dense[name] = f"block density {density:.2f} is above the dense crossover"
                 continue
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=layers.has_bias(module),
-                               device=weight.device, dtype=weight.dtype)
-            linear.weight.data.copy_(weight)
-            if layers.has_bias(module):
-                linear.bias.data.copy_(module.bias.detach())
-            sparse = SparseLinear.from_linear(linear, block, mask=(weight != 0), backend=self.backend)
-            sparse.train(module.training)
-            parent_name, _, child = name.rpartition(".")
-            setattr(modules[parent_name] if parent_name else self.model, child, sparse)
-            self.report.sparse[name] = sparse.density
-            self.structure[name].append({"op": "sparse_linear", "in_features": sparse.in_features,
-                                         "out_features": sparse.out_features,
-                                         "block_size": list(block), "bias": sparse.bias is not None,
-                                         "backend": self.backend})
+            self._to_sparse_linear(name, module, weight, block, modules)
+
+    def _dense_to_int8(self) -> None:
+        """In int8, the layers' Linears still dense are stored whole (every block) and
+        quantized with the sparse ones: int8 products beat float32 ones at any density, so
+        auto's float32 crossover does not apply. Heads, poolers and tied layers stay float."""
+        from sparsekernels.arch import layer_linears
+
+        modules = dict(self.model.named_modules())
+        shared = self._shared_weights(modules)
+        whole = []
+        for name in layer_linears(self.model):
+            module = modules[name]
+            if id(module.weight) in shared:
+                continue
+            weight = layers.to_canonical(module, module.weight.detach())
+            block = self._block_for(weight.shape)
+            if block is None:
+                self.report.dense.setdefault(name, f"int8: shape {list(weight.shape)} is not "
+                                             f"divisible by any block size <= {self.block_size}")
+                continue
+            self.report.dense.pop(name, None)  # e.g. above auto's float32 crossover
+            self._to_sparse_linear(name, module, weight, block, modules, mask=torch.ones_like(weight))
+            whole.append(name)
+        if whole:
+            self.report.notes.append(f"int8: {len(whole)} unpruned Linear layers of the encoder / "
+                                     "decoder layers stored whole (every block) to run int8")
+
+    @staticmethod
+    def _shared_weights(modules: dict) -> set[int]:
+        owners: dict[int, int] = {}
+        for module in modules.values():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        return {k for k, n in owners.items() if n > 1}
+
+    def _to_sparse_linear(self, name: str, module: nn.Module, weight: torch.Tensor, block,
+                          modules: dict, mask: torch.Tensor | None = None) -> None:
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=layers.has_bias(module),
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight.data.copy_(weight)
+        if layers.has_bias(module):
+            linear.bias.data.copy_(module.bias.detach())
+        sparse = SparseLinear.from_linear(linear, block, mask=(weight != 0) if mask is None else mask,
+                                          backend=self.backend)
+        sparse.train(module.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else self.model, child, sparse)
+        self.report.sparse[name] = sparse.density
+        self.structure[name].append({"op": "sparse_linear", "in_features": sparse.in_features,
+                                     "out_features": sparse.out_features,
+                                     "block_size": list(block), "bias": sparse.bias is not None,
+                                     "backend": self.backend})
 
     def _block_for(self, shape) -> tuple[int, int] | None:
         bm, bk = self.block_size
@@ -445,7 +514,11 @@ class ModelSpeedup:
                 if self.mode == "kernel":
                     self._heads_to_layouts()
                 if self.mode in ("kernel", "auto"):
+                    self._attention_to_kernel()
+                if self.mode in ("kernel", "auto"):
                     self._to_kernels(only_below_crossover=self.mode == "auto")
+                    if self.dtype == INT8:
+                        self._dense_to_int8()
                 self.report.params_after = count_params(self.model)
                 self.report.flops_after = count_flops(self.model, self.dummy_input)
                 if self.mode in ("kernel", "auto"):

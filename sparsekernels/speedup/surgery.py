@@ -268,7 +268,7 @@ def _check_change(model: nn.Module, name: str, change) -> None:
         Backend.parse(change.get("backend", "auto"))
         if name == "":
             fail("cannot replace the model itself")
-    elif op == "attention_layout":
+    elif op in ("attention_layout", "attention_kernel"):
         if any(b <= 0 for b in change["block_size"]):
             fail(f"block size {change['block_size']} must be positive")
 
@@ -303,6 +303,7 @@ _CHANGE_FIELDS: dict[str, dict] = {
         "block_size": (lambda v: _is_shape(v, 2), "a list of two ints"),
         "bias": (lambda v: type(v) is bool, "true or false"),
         "backend": (lambda v: v is None or isinstance(v, str), "a backend name")},
+    "attention_kernel": {"block_size": (lambda v: _is_shape(v, 2), "a list of two ints")},
     "fuse_ffn": {},
     "quantize_int8": {},
 }
@@ -359,6 +360,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                     _own_config(module, change["config"])
             elif op == "attention_layout":
                 enable_head_layouts(model, {name: change})
+            elif op == "attention_kernel":
+                enable_attention_kernel(model, [name], tuple(change["block_size"]))
             elif op == "t5_heads":
                 install_head_subset(module, change["kept"], change["total"])
             elif op == "sparse_linear":
@@ -440,6 +443,22 @@ def install_head_subset(module: nn.Module, kept: list[int], total: int) -> Chang
     module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     module.register_forward_hook(post_hook, with_kwargs=True)
     return {"op": "t5_heads", "kept": list(kept), "total": total}
+
+
+def enable_attention_kernel(model: nn.Module, names: list[str], block_size) -> None:
+    """Run the named attention modules through the block-sparse op with no layout (every
+    block: the op picks the kernel or SDPA per call); layouts already installed stay."""
+    from sparsekernels.attention import enable_
+
+    layouts, configured = {}, set()
+    for module_name, module in model.named_modules():
+        config = getattr(module, "_sparsekernels_attention", None)
+        if config is not None:
+            configured.add(module_name)
+            if config.layout is not None:
+                layouts[module_name] = config.layout
+    if not set(names) <= configured:
+        enable_(model, layouts=layouts, block_size=block_size)
 
 
 def enable_head_layouts(model: nn.Module, changes: dict[str, Change]) -> None:

@@ -210,6 +210,38 @@ def test_model_speedup_int8_fuses_saves_and_reloads(tmp_path):
     assert all(v.startswith("fused") for v in fuse_ffn_(loaded).values())
 
 
+def test_model_speedup_int8_quantizes_the_unpruned_layer_linears_too(tmp_path):
+    """In int8 the layers' Linears without a mask (here the attention's) are stored whole
+    and quantized with the pruned ones, in auto mode as in kernel mode; nothing else is."""
+    from sparsekernels.speedup import ModelSpeedup
+    from sparsekernels.speedup.io import load_model, save_model
+
+    ids = torch.randint(0, 100, (2, 24))
+    for mode in ("auto", "kernel"):
+        model = tiny_bert()
+        reference = tiny_bert().double()
+        masks = {k: v for k, v in block_masks(model, density=0.25).items() if ".attention." not in k}
+        for name, m in masks.items():
+            with torch.no_grad():
+                reference.get_submodule(name).weight.mul_(m["weight"].double())
+        speedup = ModelSpeedup(model, {"input_ids": ids}, masks, mode=mode, dtype="int8")
+        speedup.speedup_model()
+        quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedSparseLinear)}
+        assert len(quantized) == 12, mode
+        assert all(quantized[n].density == 1.0 for n in quantized if ".attention." in n)
+        if mode == "kernel":  # auto resized the FFNs first: their density changed
+            assert all(quantized[n].density == masks[n]["weight"].mean().item() for n in masks)
+        assert any("stored whole" in note for note in speedup.report.notes)
+        with torch.no_grad():
+            y = model(input_ids=ids)[0]
+            want = reference(input_ids=ids)[0]
+        assert ((y.double() - want).norm() / want.norm()).item() < 0.05, mode
+    save_model(model, tmp_path / "int8")
+    loaded = load_model(tmp_path / "int8", model=tiny_bert())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids)[0], y)
+
+
 def test_model_speedup_bf16_casts_the_model():
     from sparsekernels.speedup import ModelSpeedup
 

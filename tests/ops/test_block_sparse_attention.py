@@ -362,13 +362,45 @@ def test_block_index_is_sorted_and_padded():
     assert eff[0].tolist() == [[True, True, False], [True, True, True], [True, True, True]]
 
 
+def _sdpa_from(monkeypatch, keys: int) -> None:
+    """The router's measured key length for SDPA on all-true layouts, set for one test."""
+    from sparsekernels.ops import router
+
+    monkeypatch.setattr(router, "sdpa_from_keys", lambda device_type, dtype: keys)
+    router.clear_cache()
+
+
+@pytest.fixture
+def clear_routes():
+    from sparsekernels.ops import router
+
+    yield
+    router.clear_cache()  # no route computed under the patch outlives the test
+
+
+def test_all_true_layouts_run_sdpa_from_the_measured_key_length(monkeypatch, clear_routes):
+    monkeypatch.delenv("SPARSEKERNELS_BACKEND", raising=False)
+    m = _op_module()
+    _sdpa_from(monkeypatch, 64)
+    q, k, v = make_qkv(1, 2, 40, 40, 32, torch.float32)
+    assert not m.prefers_dense(q, k, torch.ones(2, 3, 3, dtype=torch.bool), 0.0, m.Backend.AUTO)
+    q, k, v = make_qkv(1, 2, 64, 64, 32, torch.float32)
+    assert m.prefers_dense(q, k, torch.ones(2, 4, 4, dtype=torch.bool), 0.0, m.Backend.AUTO)
+    # the table's values as shipped are read per dtype (0 where unmeasured: always SDPA)
+    from sparsekernels.ops.crossover import sdpa_from_keys
+
+    assert sdpa_from_keys("cuda", torch.float32) == 0
+    assert sdpa_from_keys("cpu", torch.float64) == 0
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_auto_on_cpu_runs_all_true_layouts_dense(monkeypatch, mask_kind, causal):
+def test_auto_on_cpu_runs_all_true_layouts_dense(monkeypatch, clear_routes, mask_kind, causal):
     """auto's dense route (all-true layout on CPU) keeps the op's semantics: empty rows give
     zeros and finite gradients."""
     monkeypatch.delenv("SPARSEKERNELS_BACKEND", raising=False)
     m = _op_module()
+    _sdpa_from(monkeypatch, 0)
     q, k, v = make_qkv(2, 2, 40, 40, 32, torch.float32, requires_grad=True)
     layout = torch.ones(2, 3, 3, dtype=torch.bool)
     assert m.prefers_dense(q, k, layout, 0.0, m.Backend.AUTO)
@@ -695,11 +727,12 @@ def test_public_bf16_gqa_decode(backend):
 
 
 @pytest.mark.parametrize("case", ["gqa-causal-cache", "window", "mask-window"])
-def test_auto_dense_route_keeps_positions(monkeypatch, case):
+def test_auto_dense_route_keeps_positions(monkeypatch, clear_routes, case):
     """auto's dense SDPA route (all-true layout, more than 16 queries) keeps grouped heads,
     the end-aligned causal band and the window."""
     monkeypatch.delenv("SPARSEKERNELS_BACKEND", raising=False)
     m = _op_module()
+    _sdpa_from(monkeypatch, 0)
     q, k, v = make_qkv(2, 6, 40, 70, 32, torch.float32, requires_grad=True, kv_heads=2)
     layout = torch.ones(6, 3, 5, dtype=torch.bool)
     assert m.prefers_dense(q, k, layout, 0.0, m.Backend.AUTO)

@@ -158,3 +158,17 @@ def test_per_layer_time_on_cuda_uses_device_time():
     times = per_layer_time(model, {k: v.cuda() for k, v in inputs.items()}, reps=2)
     assert {f"layer.{i}" for i in range(LAYERS)} <= set(times)
     assert all(v > 0 for v in times.values())
+
+
+def test_int8_layers_count_their_stored_weights():
+    from torch import nn
+
+    from sparsekernels import QuantizedSparseLinear, SparseLinear
+
+    dense = nn.Linear(64, 32)
+    mask = torch.ones(32, 64)
+    mask[:16, :32] = 0  # one of four 16x32 blocks pruned
+    sparse = nn.Sequential(SparseLinear.from_linear(dense, (16, 32), mask=mask))
+    int8 = nn.Sequential(QuantizedSparseLinear.from_linear(dense, (16, 32), mask=mask))
+    assert params_by_component(int8) == params_by_component(sparse)
+    assert params_by_component(int8)["other"] == 3 * 16 * 32 + 32

@@ -31,8 +31,13 @@ def tiny(tmp_path, name="run"):
 
 
 def test_recipe_end_to_end(tmp_path):
+    # the final model in int8 (test_resume_after_interruption runs the float32 one)
     recipe = TransformerRecipe(from_dict(dict(TINY, output_dir=str(tmp_path / "run"),
-                                              keep_best_at=[0.1, 0.3])), log=lambda *_: None)
+                                              keep_best_at=[0.1, 0.3],
+                                              ffn=dict(TINY["ffn"], sparsity=0.45, multiple=16),
+                                              hidden=dict(TINY["hidden"], sparsity=0.2, multiple=16),
+                                              speedup={"block_size": [16, 16], "dtype": "int8"})),
+                               log=lambda *_: None)
     record = recipe.run()
     assert record["stages_done"] == ["finetune", "attention", "distill", "final"]
     stages = [p["stage"] for p in record["points"]]
@@ -52,6 +57,33 @@ def test_recipe_end_to_end(tmp_path):
     model = load_model(run / saved["final_model"]).eval()
     ids = torch.randint(0, 1000, (2, 10))
     assert model(input_ids=ids).logits.shape == (2, 3)
+    # ... in int8: every Linear of the encoder layers quantized (stored whole: resized, nothing
+    # is left masked), the head in float32; its accuracy is the one recorded, the float32
+    # model's beside it
+    from sparsekernels import QuantizedSparseLinear
+    from sparsekernels.arch import layer_linears
+
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedSparseLinear)}
+    kinds = ("QuantizedSparseLinear", "FusedQuantizedFFNInput", "FusedQuantizedFFNOutput")
+    assert quantized == set(layer_linears(model, types=kinds)) and len(quantized) == 6 * 6
+    assert not layer_linears(model) and isinstance(model.classifier, torch.nn.Linear)
+    # widths kept at multiples of 16 (unaligned: 1536 * 0.55 = 845 units, 384 * 0.8 = 307)
+    assert model.bert.encoder.layer[0].intermediate.dense.out_features == 848
+    assert model.bert.embeddings.word_embeddings.weight.shape[1] == 304
+    final = saved["final"]
+    assert final["quantized_linears"] == "36 of 36"
+    # int8 weights count as the stored weights they are: the same sparsity as in float32
+    assert final["sparsity"] == pytest.approx(saved["points"][-2]["sparsity"])
+    assert saved["points"][-2]["stage"] == "distilled"
+    assert final["dtype"] == "int8" and final["variant"] == "resize int8"
+    assert final["int8_minus_float32"] == pytest.approx(final["accuracy"] - final["float32_accuracy"])
+    assert {r["variant"] for r in saved["latency"]} == {"dense", "resize", "resize int8",
+                                                         "kernel int8", "auto int8"}
+    from sparsekernels.recipes.training import accuracy
+
+    with torch.no_grad():
+        assert accuracy(model, recipe.eval_batches) == final["accuracy"]
+    assert "accuracy, the final model in float32" in (run / "report.md").read_text()
     # the final directory carries the tokenizer: it loads like any transformers model's
     from transformers import AutoTokenizer
 
@@ -59,7 +91,6 @@ def test_recipe_end_to_end(tmp_path):
     assert model(**encoded).logits.shape == (1, 3)
     # the most accurate state at or above each keep_best_at sparsity is kept, and reloads to
     # the accuracy it was measured at; no other best-* directory is left
-    from sparsekernels.recipes.training import accuracy
 
     for band in ("0.1", "0.3"):
         hits = [p for p in record["points"] if p["sparsity"] >= float(band)]
@@ -113,6 +144,16 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("width, sparsity, multiple, kept", [
+    (384, 0.2, 16, 304), (384, 0.2, 1, 307), (1536, 0.45, 16, 848), (1536, 0.99, 16, 16),
+    (100, 0.0, 16, 96), (8, 0.5, 16, 4), (384, 0.5, 32, 192)])
+def test_aligned_sparsity_keeps_a_multiple(width, sparsity, multiple, kept):
+    from sparsekernels.formats.block_sparse import units_to_prune
+    from sparsekernels.recipes.config import aligned_sparsity
+
+    assert width - units_to_prune(width, aligned_sparsity(width, sparsity, multiple)) == kept
+
+
 def test_config_validation(tmp_path):
     with pytest.raises(RecipeConfigError, match=r"^attention: unknown key 'sparsty'"):
         from_dict({"attention": {"sparsty": 0.5}})
@@ -137,6 +178,9 @@ def test_config_validation(tmp_path):
     ({"speedup": {"block_size": 32}}, r"^speedup.block_size: expected a list, got 32"),
     ({"speedup": {"block_size": [32]}}, r"^speedup.block_size: expected 2 values"),
     ({"speedup": {"block_size": [24, 32]}}, r"^speedup.block_size: each must be one of \(16, 32, 64, 128\)"),
+    ({"hidden": {"multiple": 0}}, r"^hidden.multiple: must be >= 1, got 0"),
+    ({"speedup": {"dtype": "int4"}}, r"^speedup.dtype: must be one of float32, bfloat16, int8, got 'int4'"),
+    ({"speedup": {"dtype": "int8", "mode": "resize"}}, r"^speedup.dtype: int8 runs through the kernels"),
     ({"keep_best_at": [0.6, 1.0]}, r"^keep_best_at: each must be in \(0, 1\), got 1.0"),
     ({"checkpoint_minutes": -1}, r"^checkpoint_minutes: must be >= 0"),
     ({"seed": "abc"}, r"^seed: must be a whole number"),

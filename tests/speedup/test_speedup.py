@@ -163,3 +163,45 @@ def test_bad_mode_and_input():
         ModelSpeedup(model, dummy, {}, mode="fast")
     with pytest.raises(TypeError, match="dummy_input"):
         ModelSpeedup(model, "text", {})
+
+
+@pytest.fixture
+def sdpa_from(monkeypatch):
+    """Set the measured key length from which SDPA beats the attention kernel (cpu, float32)."""
+    from sparsekernels.ops import crossover, router
+
+    table = crossover._table()
+
+    def set_(keys: int):
+        patched = dict(table, attention_full_layout={"cpu": {"float32": keys}})
+        monkeypatch.setattr(crossover, "_table", lambda: patched)
+        router.clear_cache()
+
+    yield set_
+    monkeypatch.undo()
+    router.clear_cache()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpruned_attention_runs_the_op_where_its_kernel_wins(family, sdpa_from, tmp_path):
+    """kernel / auto modes route attention with every head kept through the block-sparse op
+    (no layout) when the table says its kernel outruns SDPA for short keys; not otherwise."""
+    for keys, mode in ((0, "kernel"), (512, "kernel"), (512, "auto")):
+        sdpa_from(keys)
+        model, dummy, reference, report = sped_up(family, "row", mode)  # no head removed
+        configs = [m._sparsekernels_attention for m in model.modules()
+                   if getattr(m, "_sparsekernels_attention", None) is not None]
+        if keys == 0:
+            assert not configs
+            continue
+        assert configs and all(c.layout is None for c in configs), family
+        assert any("block-sparse op" in n for n in report.notes)
+        with torch.no_grad():
+            out = output_of(model, dummy)
+        assert rel_err(out, reference) <= 1e-4
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert sum(getattr(m, "_sparsekernels_attention", None) is not None
+               for m in loaded.modules()) == len(configs)
+    with torch.no_grad():
+        assert torch.equal(output_of(loaded, dummy), out)
