@@ -332,6 +332,7 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
     validate_structure(model, structure)
     cache = ParamCache()  # a parameter shared by several modules (tied) stays shared
     fuse = False  # FFNs are fused once every SparseLinear exists
+    kernel_attention: dict[str, tuple[int, int]] = {}
 
     def empty(module, attr, shape):
         cache.replace(module, attr, getattr(module, attr).detach().new_empty(shape))
@@ -360,8 +361,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                     _own_config(module, change["config"])
             elif op == "attention_layout":
                 enable_head_layouts(model, {name: change})
-            elif op == "attention_kernel":
-                enable_attention_kernel(model, [name], tuple(change["block_size"]))
+            elif op == "attention_kernel":  # once every shape is restored (reads the map)
+                kernel_attention[name] = tuple(change["block_size"])
             elif op == "t5_heads":
                 install_head_subset(module, change["kept"], change["total"])
             elif op == "sparse_linear":
@@ -385,6 +386,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 fuse = True
             else:  # validate_structure refused it already
                 raise AssertionError(op)
+    if kernel_attention:
+        enable_attention_kernel(model, list(kernel_attention), next(iter(kernel_attention.values())))
     if fuse:
         from sparsekernels.nn.sparse_ffn import fuse_ffn_
 
