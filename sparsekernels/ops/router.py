@@ -194,6 +194,8 @@ def _route(op, device_type, device_index, dtype, chosen: Backend, block_size, de
     reason = "; ".join(why) or f"no sparse kernel for {device_type}"
     # the reference densifies anyway: for a weight op, dense torch is the same math, faster
     dense = op in ("bsr_linear", "bsr_ffn", "bsr_gated_ffn") and block_size is not None
+    if extra.get("dense_full_layout"):  # no kernel to win below the crossover: SDPA always
+        extra["dense_full_from"] = 0
     return Route(op, Backend.REFERENCE, dense=dense, crossover=0.0 if dense else 1.0,
                  reason=f"auto: reference ({reason})", **extra)
 

@@ -373,28 +373,28 @@ class ModelSpeedup:
                                                  if c and c[-1]["op"] == "attention_layout"})
 
     def _attention_to_kernel(self) -> None:
-        """Kernel and auto modes on the CPU: attention without pruned heads also runs the
-        block-sparse op (no layout: every block) where the router measured its kernel ahead
-        of SDPA for short key lengths; per call the op still runs SDPA from the measured
-        length on. Nothing changes where head layouts are installed already, on a GPU, or
-        when a module cannot run the op."""
-        from sparsekernels.ops.crossover import sdpa_from_keys
-
+        """Kernel and auto modes: attention without pruned heads also runs the block-sparse
+        op (no layout: every block) where the router runs a kernel that beats SDPA on short
+        keys (Route.dense_full_from; per call the op still takes SDPA from there on).
+        Nothing changes where head layouts are installed already or a module cannot run
+        the op."""
         param = next(self.model.parameters(), None)
-        if param is None or param.device.type != "cpu" or param.dtype == torch.float64:
-            return
-        dtype = torch.bfloat16 if self.dtype is torch.bfloat16 else param.dtype
-        if sdpa_from_keys("cpu", dtype) <= 0:
-            return
         try:
             from sparsekernels.attention import attention_modules
             from sparsekernels.attention.integration import unsupported
         except ImportError:
             return
         mods = attention_modules(self.model)
-        if (not mods or any(getattr(m, "_sparsekernels_attention", None) is not None for _, m in mods)
+        if (param is None or not mods
+                or any(getattr(m, "_sparsekernels_attention", None) is not None for _, m in mods)
                 or any(unsupported(m) is not None for _, m in mods)):
             return
+        dtype = torch.bfloat16 if self.dtype is torch.bfloat16 else param.dtype
+        for site in find_attention(self.model):
+            r = route("block_sparse_attention", param.device, dtype, "auto",
+                      head_dim=site.head_dim)
+            if not (r.dense_full_layout and r.dense_full_from > 0):
+                return
         for name, _ in mods:
             self.structure[name].append({"op": "attention_kernel",
                                          "block_size": list(ATTENTION_BLOCK)})

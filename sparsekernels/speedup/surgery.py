@@ -453,15 +453,20 @@ def enable_attention_kernel(model: nn.Module, names: list[str], block_size) -> N
     block: the op picks the kernel or SDPA per call); layouts already installed stay."""
     from sparsekernels.attention import enable_
 
-    layouts, configured = {}, set()
-    for module_name, module in model.named_modules():
-        config = getattr(module, "_sparsekernels_attention", None)
-        if config is not None:
-            configured.add(module_name)
-            if config.layout is not None:
-                layouts[module_name] = config.layout
+    configured = {n for n, m in model.named_modules()
+                  if getattr(m, "_sparsekernels_attention", None) is not None}
     if not set(names) <= configured:
-        enable_(model, layouts=layouts, block_size=block_size)
+        enable_(model, layouts=_installed_layouts(model), block_size=block_size)
+
+
+def _installed_layouts(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The layouts the model's attention modules run now (modules without one left out)."""
+    layouts = {}
+    for name, module in model.named_modules():
+        config = getattr(module, "_sparsekernels_attention", None)
+        if config is not None and config.layout is not None:
+            layouts[name] = config.layout
+    return layouts
 
 
 def enable_head_layouts(model: nn.Module, changes: dict[str, Change]) -> None:
@@ -469,11 +474,7 @@ def enable_head_layouts(model: nn.Module, changes: dict[str, Change]) -> None:
     masks as layouts (pruned heads: all-false rows). Modules not named stay dense."""
     from sparsekernels.attention import enable_, head_mask_layout
 
-    existing = {}
-    for module_name, module in model.named_modules():
-        config = getattr(module, "_sparsekernels_attention", None)
-        if config is not None and config.layout is not None:
-            existing[module_name] = config.layout
+    existing = _installed_layouts(model)
     for name, change in changes.items():
         keep = torch.tensor(change["keep"], dtype=torch.bool)
         existing[name] = head_mask_layout(keep, change["seq_len"], change["seq_len"],
