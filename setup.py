@@ -74,6 +74,8 @@ setup(
         "build": ["ninja", "pybind11"],
         "test": ["pytest", "hypothesis"],
         "bench": ["matplotlib"],
+        # what bench_lowp_models compares with on the dense model (n/a when absent)
+        "baselines": ["openvino", "onnxruntime", "onnx"],
     },
     entry_points={"console_scripts": ["sparsekernels=sparsekernels.cli:main"]},
     ext_modules=ext_modules,

@@ -8,7 +8,8 @@ its 32x32 blocks). Variants, timed interleaved in one process (ratios of medians
   dense_fp32        the dense model (torch)                  the reference of every ratio
   dense_bf16        the dense model in bf16 (torch)
   dense_dynint8     torch.ao.quantization.quantize_dynamic on the dense model (all Linears)
-  openvino          OpenVINO's default on the dense model (n/a when not installed)
+  openvino          OpenVINO's default on the dense model (n/a when not installed; both
+                    extras: pip install -e ".[baselines]" --no-build-isolation)
   ort_fp32          ONNX Runtime on the dense model (n/a when not installed / not exportable)
   kernel_fp32       ModelSpeedup(mode="kernel")                       (fused FFN)
   kernel_bf16       ModelSpeedup(mode="kernel", dtype=torch.bfloat16)  (the model in bf16)

@@ -10,6 +10,9 @@ last committed state:
   final    speed up (``speedup.mode``: auto resizes what is whole and runs kernels for the
            rest), measure perplexity again, greedy prefill and decode tokens/s of the dense
            and the pruned model taking turns, answers to a few prompts side by side, report
+  sweep    (when ``sweep.pruners`` lists any) one-shot from the dense weights per pruner x
+           granularity x sparsity, perplexity of each; the block pattern sped up and timed
+           beside the dense model per sparsity; each point committed as it is measured
 The dense model is the teacher and is reloaded from its source, never checkpointed.
 Recovery checkpoints every ``checkpoint_minutes`` with the optimizer's state and the RNG.
 """
@@ -17,6 +20,7 @@ Recovery checkpoints every ``checkpoint_minutes`` with the optimizer's state and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -27,13 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekernels.recipes.checkpoint import RunDir
-from sparsekernels.recipes.llm_config import EMBEDDED_LLM, LLMRecipeConfig
+from sparsekernels.recipes.llm_config import EMBEDDED_LLM, LLMPruneConfig, LLMRecipeConfig
 from sparsekernels.recipes.progress import progress
 from sparsekernels.recipes.training import cycle, make_optimizer, param_shapes
 from sparsekernels.recipes.transformer import (RecipeError, hold_run, open_run,
                                                quiet_transformers, versions)
 
-STAGES = ("dense", "prune", "final")
+STAGES = ("dense", "prune", "final", "sweep")
 _CHUNK = 10  # recovery steps between looks at the checkpoint clock
 
 
@@ -92,6 +96,9 @@ class LLMRecipe:
 
     def log(self, message: str) -> None:
         self._log(message)
+
+    def _tag(self, stage: int) -> str:
+        return f"[{stage}/{4 if self.config.sweep.pruners else 3}]"
 
     # -- model and data -----------------------------------------------------------------
     def _load_dense(self) -> nn.Module:
@@ -186,7 +193,7 @@ class LLMRecipe:
 
     # -- stages -------------------------------------------------------------------------
     def stage_dense(self) -> None:
-        self.log("[1/3] dense model: perplexity on the evaluation articles")
+        self.log(f"{self._tag(1)} dense model: perplexity on the evaluation articles")
         t0 = time.perf_counter()
         ppl = self._perplexity(self.teacher)
         n = sum(p.numel() for p in self.teacher.parameters())
@@ -198,8 +205,8 @@ class LLMRecipe:
         self.record["stages_done"].append("dense")
         self.run_dir.commit(self.record)
 
-    def _config_list(self, names: list[str], sparsity: float) -> list[dict]:
-        p = self.config.prune
+    @staticmethod
+    def _config_list(p: LLMPruneConfig, names: list[str], sparsity: float) -> list[dict]:
         entry: dict = {"op_names": names, "sparsity": sparsity}
         if p.granularity == "block":
             entry.update(granularity="block", block_size=list(p.block_size))
@@ -210,11 +217,12 @@ class LLMRecipe:
         return [entry]
 
     def _one_shot(self, model: nn.Module, names: list[str], sparsity: float,
-                  masks: dict) -> dict:
-        """Prune ``model`` in place to ``sparsity``; the new masks keep every earlier zero."""
+                  masks: dict, p: LLMPruneConfig | None = None) -> dict:
+        """Prune ``model`` in place to ``sparsity`` (``p``: the prune section, or another
+        pruner / granularity for the sweep); the new masks keep every earlier zero."""
         from sparsekernels.pruning import LevelPruner, SparseGPTPruner, WandaPruner
-        p = self.config.prune
-        config_list = self._config_list(names, sparsity)
+        p = p or self.config.prune
+        config_list = self._config_list(p, names, sparsity)
         if p.pruner == "magnitude":
             pruner = LevelPruner(model, config_list)
         elif p.pruner == "wanda":
@@ -264,7 +272,7 @@ class LLMRecipe:
         while state["step"] < len(targets):
             i = state["step"]
             if not state["pruned"]:
-                self.log(f"[2/3] prune step {i + 1}/{len(targets)}: {cfg.prune.pruner} "
+                self.log(f"{self._tag(2)} prune step {i + 1}/{len(targets)}: {cfg.prune.pruner} "
                          f"{cfg.prune.granularity} to sparsity {targets[i]:.4g} in every "
                          "decoder Linear")
                 t0 = time.perf_counter()
@@ -354,22 +362,27 @@ class LLMRecipe:
         torch.set_rng_state(state["rng"])
         random.setstate(state["py_rng"])
 
+    def _speed_up(self, model: nn.Module, masks: dict) -> float:
+        """Speed ``model`` up in place (speedup.mode) from its masks; returns the seconds."""
+        from sparsekernels.speedup import ModelSpeedup
+        dummy = {"input_ids": self.evaluation[:1, :min(64, self.evaluation.shape[1])]}
+        t0 = time.perf_counter()
+        ModelSpeedup(model, dummy, {n: {"weight": m.float()} for n, m in masks.items()},
+                     mode=self.config.speedup.mode,
+                     block_size=tuple(self.config.prune.block_size)).speedup_model()
+        model.eval()
+        return time.perf_counter() - t0
+
     def stage_final(self) -> None:
         from sparsekernels.recipes import llm_bench
         from sparsekernels.recipes.llm_report import write_llm_report
-        from sparsekernels.speedup import ModelSpeedup
         from sparsekernels.speedup.io import save_model
 
         cfg = self.config
         student, masks = self._load_student()
-        self.log(f"[3/3] speed up ({cfg.speedup.mode}), evaluate, time generation, report")
+        self.log(f"{self._tag(3)} speed up ({cfg.speedup.mode}), evaluate, time generation, report")
         masked_ppl = self._perplexity(student)
-        dummy = {"input_ids": self.evaluation[:1, :min(64, self.evaluation.shape[1])]}
-        t0 = time.perf_counter()
-        ModelSpeedup(student, dummy, {n: {"weight": m.float()} for n, m in masks.items()},
-                     mode=cfg.speedup.mode, block_size=tuple(cfg.prune.block_size)).speedup_model()
-        student.eval()
-        speedup_s = time.perf_counter() - t0
+        speedup_s = self._speed_up(student, masks)
         final_ppl = self._perplexity(student)
         if not math.isclose(final_ppl, masked_ppl, rel_tol=1e-3):
             raise RecipeError(f"the sped-up model's perplexity {final_ppl:.4f} differs from the "
@@ -415,6 +428,67 @@ class LLMRecipe:
         self.record["stages_done"].append("final")
         self.log(f"report: {write_llm_report(self.run_dir.root, self.record)}")
 
+    def stage_sweep(self) -> None:
+        """Each point from the dense weights; points already recorded (same pruner,
+        granularity and sparsity) are kept, so a resumed or extended sweep adds the rest."""
+        from sparsekernels.recipes import llm_bench
+        from sparsekernels.recipes.llm_report import write_llm_report
+
+        cfg, w = self.config, self.config.sweep
+        cases = w.cases()
+        if not cases:
+            return
+        points = self.record.setdefault("sweep", [])
+        speed = self.record.setdefault("sweep_speed", [])
+        done = {(q["pruner"], q["granularity"], q["sparsity"]) for q in points}
+        timed = {q["sparsity"] for q in speed}
+        todo = [c for c in cases if c not in done or (self._timed(c) and c[2] not in timed)]
+        self.log(f"{self._tag(4)} one-shot sweep: {len(todo)} of {len(cases)} points to "
+                 "measure, each pruned from the dense weights" + (
+                     f"; {cfg.prune.pruner} block timed beside the dense model" if w.speed
+                     else ""))
+        names = decoder_linears(self.teacher)
+        dense_ppl = self.record["dense"]["perplexity"]
+        for pruner, gran, sparsity in todo:
+            p = dataclasses.replace(cfg.prune, pruner=pruner, granularity=gran,
+                                    sparsity=sparsity, steps=1)
+            model = copy.deepcopy(self.teacher)
+            t0 = time.perf_counter()
+            masks = self._one_shot(model, names, sparsity, {}, p)
+            prune_s = time.perf_counter() - t0
+            if (pruner, gran, sparsity) not in done:
+                ppl = self._perplexity(model)
+                points.append({"pruner": pruner, "granularity": gran, "sparsity": sparsity,
+                               "measured_sparsity": self._sparsity(masks), "perplexity": ppl,
+                               "vs_dense": ppl / dense_ppl, "prune_s": prune_s})
+                self.log(f"  {pruner} {gran} {sparsity:g}: perplexity {ppl:.3f} "
+                         f"(x{ppl / dense_ppl:.2f} dense), pruned in {prune_s:.0f} s")
+            if self._timed((pruner, gran, sparsity)) and sparsity not in timed:
+                self._speed_up(model, masks)
+                t = llm_bench.time_generation(
+                    {"dense": self.teacher, "pruned": model},
+                    self.evaluation[:1, :cfg.bench.prompt_tokens], cfg.bench.new_tokens,
+                    cfg.bench.reps)
+                d, s = t["dense"], t["pruned"]
+                speed.append({"sparsity": sparsity, "pruner": pruner,
+                              "pruned_mb": llm_bench.stored_bytes(model) / 2**20,
+                              "dense_tok_s": d["tok_s"], "pruned_tok_s": s["tok_s"],
+                              "dense_prefill_tok_s": d["prefill_tok_s"],
+                              "pruned_prefill_tok_s": s["prefill_tok_s"],
+                              "decode_x": d["decode_ms"] / s["decode_ms"],
+                              "prefill_x": d["prefill_ms"] / s["prefill_ms"]})
+                timed.add(sparsity)
+                self.log(f"  timed at {sparsity:g}: decode {d['tok_s']:.1f} -> "
+                         f"{s['tok_s']:.1f} tokens/s (x{speed[-1]['decode_x']:.2f}), prefill "
+                         f"x{speed[-1]['prefill_x']:.2f}")
+            del model, masks
+            self.run_dir.commit(self.record)
+        self.log(f"report: {write_llm_report(self.run_dir.root, self.record)}")
+
+    def _timed(self, case: tuple[str, str, float]) -> bool:
+        w = self.config.sweep
+        return w.speed and case[0] == self.config.prune.pruner and case[1] == "block"
+
     # -- driver -------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.config
@@ -431,7 +505,7 @@ class LLMRecipe:
                      f"{time.perf_counter() - t0:.0f} s: {self.split_note}")
             self.run_dir.commit(self.record)
             for stage in STAGES:
-                if stage in self.record["stages_done"]:
+                if stage in self.record["stages_done"]:  # the sweep never is: see stage_sweep
                     self.log(f"[resume] {stage}: done, skipped")
                     continue
                 getattr(self, f"stage_{stage}")()

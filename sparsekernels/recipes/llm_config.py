@@ -93,6 +93,36 @@ class LLMBenchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LLMSweepConfig:
+    """One-shot pruning from the dense weights (no recovery) for every pruner x granularity
+    x sparsity listed: the report's table of perplexity per pruner and granularity. An N:M
+    granularity runs once, at its own sparsity 1 - N/M. With ``speed``, the block pattern
+    pruned by ``prune.pruner`` is also sped up (``speedup.mode``) and its greedy decode and
+    prefill timed beside the dense model at each sparsity: tokens/s vs sparsity. Other
+    settings (block size, percdamp, blocksize, OWL) are the prune section's. No pruners: no
+    sweep. The sweep may be changed on resume: points already measured are kept."""
+    pruners: tuple[str, ...] = ()
+    granularities: tuple[str, ...] = ("fine", "2:4", "block")
+    sparsities: tuple[float, ...] = (0.3, 0.5, 0.7)
+    speed: bool = True
+
+    def cases(self) -> list[tuple[str, str, float]]:
+        """(pruner, granularity, sparsity) in the order they run."""
+        out = []
+        for pruner in self.pruners:
+            for gran in self.granularities:
+                if _is_nm(gran):
+                    n, m = (int(v) for v in gran.split(":"))
+                    out.append((pruner, gran, round((m - n) / m, 6)))
+                else:
+                    out.extend((pruner, gran, s) for s in self.sparsities)
+        return out
+
+
+FULL_SWEEP = LLMSweepConfig(pruners=PRUNERS[::-1])
+
+
+@dataclasses.dataclass(frozen=True)
 class LLMRecipeConfig:
     recipe: str = "llm"
     model: LLMModelConfig = LLMModelConfig()
@@ -101,6 +131,7 @@ class LLMRecipeConfig:
     recover: RecoverConfig = RecoverConfig()
     speedup: LLMSpeedupConfig = LLMSpeedupConfig()
     bench: LLMBenchConfig = LLMBenchConfig()
+    sweep: LLMSweepConfig = LLMSweepConfig()
     seed: int = 0
     # recovery checkpoints mid-stretch (model, masks, optimizer, RNG) once this many minutes
     # have passed since the last checkpoint; 0: only after each prune step and at the end
@@ -161,6 +192,25 @@ class LLMRecipeConfig:
         check(b.answer_tokens >= 1, "bench.answer_tokens", f"must be >= 1, got {b.answer_tokens}")
         check(b.threads is None or b.threads >= 1, "bench.threads",
               f"must be >= 1, got {b.threads}")
+        w = self.sweep
+        for pruner in w.pruners:
+            check(pruner in PRUNERS, "sweep.pruners",
+                  f"each must be one of {', '.join(PRUNERS)}, got {pruner!r}")
+        for gran in w.granularities:
+            check(gran in ("block", "fine") or _is_nm(gran), "sweep.granularities",
+                  f"each must be block, fine or N:M such as \"2:4\" (quoted in YAML), got "
+                  f"{gran!r}")
+        for s in w.sparsities:
+            check(0 < s < 1, "sweep.sparsities", f"each must be in (0, 1), got {s}")
+        for key in ("pruners", "granularities", "sparsities"):
+            values = getattr(w, key)
+            check(len(set(values)) == len(values), f"sweep.{key}",
+                  f"lists a value twice: {list(values)}")
+        if w.pruners and w.speed:
+            check(p.pruner in w.pruners and "block" in w.granularities and w.sparsities,
+                  "sweep.speed", f"times the block pattern pruned by prune.pruner "
+                  f"({p.pruner}): list it in sweep.pruners, block in sweep.granularities and "
+                  "at least one sparsity, or set speed: false")
         check(self.checkpoint_minutes >= 0, "checkpoint_minutes",
               f"must be >= 0 (0 turns mid-stage checkpoints off), got {self.checkpoint_minutes}")
         return self
@@ -187,12 +237,14 @@ def llm_from_dict(data: dict) -> LLMRecipeConfig:
 def llm_preset(name: str | None) -> LLMRecipeConfig:
     """demo: SmolLM2-135M to 50% block 32x32 (SparseGPT) with 60 recovery steps, under 15
     minutes on 2 CPU cores. medium: the same target reached in four prune steps (12.5, 25,
-    37.5, 50%) with 60 recovery steps after each, about 45 minutes on 2 CPU cores."""
+    37.5, 50%) with 60 recovery steps after each, then the one-shot sweep of every pruner x
+    fine / 2:4 / block x 30 / 50 / 70% and tokens/s vs sparsity, about 80 minutes on 2 CPU
+    cores."""
     if name in (None, "demo"):
         return LLMRecipeConfig(output_dir="runs/llm-demo").validate()
     if name == "medium":
         return LLMRecipeConfig(prune=LLMPruneConfig(steps=4),
                                recover=RecoverConfig(steps=240),
-                               bench=LLMBenchConfig(reps=5),
+                               bench=LLMBenchConfig(reps=5), sweep=FULL_SWEEP,
                                output_dir="runs/llm-medium").validate()
     raise RecipeConfigError(f"preset: unknown LLM preset {name!r}; use 'demo' or 'medium'")

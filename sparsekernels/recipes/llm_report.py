@@ -8,6 +8,8 @@ record (written by recipes/llm.py; every section but config and versions optiona
   generation  {"dense_decode_ms", "pruned_decode_ms", "decode_x", "prefill_x", ...}
   answers     [{"prompt", "dense", "pruned"}]
   final       {"perplexity", "masked_perplexity", "dense_perplexity", "sparsity", ...}
+  sweep       [{"pruner", "granularity", "sparsity", "measured_sparsity", "perplexity", ...}]
+  sweep_speed [{"sparsity", "pruner", "dense_tok_s", "pruned_tok_s", "decode_x", ...}]
 Both files are written to a temporary name and moved into place.
 """
 
@@ -91,6 +93,7 @@ def _report_text(record: dict) -> str:
                          _num(gen[f"{name}_tok_s"], "{:.1f}")] for name in ("dense", "pruned")]),
                 "", f"Pruned vs dense: decode x{gen['decode_x']:.2f}, prefill "
                 f"x{gen['prefill_x']:.2f}.", ""]
+    out += _sweep_sections(record)
     answers = record.get("answers") or []
     if answers:
         out += ["## Answers side by side", "", "Greedy, the tokenizer's chat template.", ""]
@@ -99,6 +102,58 @@ def _report_text(record: dict) -> str:
                             " ".join(a["pruned"].split())] for a in answers]))
         out.append("")
     return "\n".join(out)
+
+
+def _granularity_name(gran: str, block_size) -> str:
+    if gran == "block":
+        return f"block {block_size[0]}x{block_size[1]}"
+    return "unstructured" if gran == "fine" else gran
+
+
+def _sweep_sections(record: dict) -> list[str]:
+    points, speed = record.get("sweep") or [], record.get("sweep_speed") or []
+    if not points and not speed:
+        return []
+    p = record["config"]["prune"]
+    out = []
+    if points:
+        sparsities = sorted({q["sparsity"] for q in points})
+        cells: dict = {}
+        for q in points:
+            cells.setdefault((q["pruner"], q["granularity"]), {})[q["sparsity"]] = q
+        rows = []
+        for (pruner, gran), by_s in cells.items():
+            rows.append([pruner, _granularity_name(gran, p["block_size"])] + [
+                f"{by_s[s]['perplexity']:.2f} (x{by_s[s]['vs_dense']:.2f})" if s in by_s else ""
+                for s in sparsities])
+        out += ["## One-shot perplexity per pruner and granularity", "",
+                "Each cell pruned one-shot from the dense weights (every decoder Linear, no "
+                "recovery) and evaluated on the evaluation articles; in brackets, x the dense "
+                "model's perplexity. An N:M pattern has one sparsity, 1 - N/M. Layer by layer "
+                f"on the calibration windows; SparseGPT percdamp {p['percdamp']}, blocksize "
+                f"{p['blocksize']}{'; OWL per-layer sparsity' if p['owl'] else ''}.", "",
+                _table(["pruner", "pattern"] + [_pct(s) for s in sparsities], rows), ""]
+    if speed:
+        rows = [[_pct(q["sparsity"]), _num(q["pruned_mb"], "{:.1f}"),
+                 _num(q["dense_prefill_tok_s"], "{:.0f}"), _num(q["pruned_prefill_tok_s"],
+                                                               "{:.0f}"),
+                 f"x{q['prefill_x']:.2f}", _num(q["dense_tok_s"], "{:.1f}"),
+                 _num(q["pruned_tok_s"], "{:.1f}"), f"x{q['decode_x']:.2f}"]
+                for q in sorted(speed, key=lambda q: q["sparsity"])]
+        gen = record.get("generation") or {}
+        out += ["## Tokens/s vs sparsity", "",
+                f"The {speed[0]['pruner']} {_granularity_name('block', p['block_size'])} "
+                "models of the sweep, sped up as the final model is "
+                f"({record['config']['speedup']['mode']}), each timed beside the dense model "
+                "in the same run (greedy, batch 1, as in Generation speed"
+                + (f": {gen['prompt_tokens']}-token prompt, {gen['new_tokens']} new tokens"
+                   if gen else "") + "). Only block patterns are timed: unstructured and N:M "
+                "masks leave almost no block empty, so the kernels would have nothing to skip.",
+                "",
+                _table(["sparsity", "weights MB", "prefill tok/s dense", "prefill tok/s pruned",
+                        "prefill x", "decode tok/s dense", "decode tok/s pruned", "decode x"],
+                       rows), ""]
+    return out
 
 
 def write_llm_report(run_dir: str | os.PathLike, record: dict) -> Path:

@@ -104,8 +104,9 @@ def distill_loss(distiller, batch: dict) -> torch.Tensor:
 # option pruned linearly).
 _LEGACY = {"ffn.schedule": "linear", "hidden.schedule": "linear", "ffn.multiple": 1,
            "hidden.multiple": 1, "speedup.dtype": "float32"}
-# Sections that change how a run is measured or where it lives, not what it computes.
-_FREE_ON_RESUME = ("bench.", "output_dir", "checkpoint_minutes", "keep_best_at")
+# Sections that change how a run is measured or where it lives, not what it computes (the
+# LLM recipe's sweep keeps the points it measured and adds the rest).
+_FREE_ON_RESUME = ("bench.", "sweep.", "output_dir", "checkpoint_minutes", "keep_best_at")
 # Training runs in chunks of this many steps; a mid-stage checkpoint can fall between chunks.
 _CHUNK = 25
 

@@ -146,6 +146,64 @@ def test_damaged_masks_are_refused(tmp_path):
         run_llm_recipe(cfg, resume=True, log=lambda m: None)
 
 
+def sweep_config(tmp_path, sparsities=(0.5,)):
+    return config(tmp_path, prune__steps=1, recover__steps=4,
+                  sweep={"pruners": ["magnitude", "sparsegpt"],
+                         "granularities": ["fine", "2:4", "block"],
+                         "sparsities": list(sparsities)})
+
+
+def test_sweep_prunes_each_point_from_the_dense_weights(tmp_path):
+    cfg = sweep_config(tmp_path)
+    lines = []
+    record = run_llm_recipe(cfg, log=lines.append)
+    assert any(line.startswith("[4/4] one-shot sweep: 6 of 6") for line in lines)
+    got = {(q["pruner"], q["granularity"]): q for q in record["sweep"]}
+    assert set(got) == {(p, g) for p in ("magnitude", "sparsegpt") for g in ("fine", "2:4",
+                                                                             "block")}
+    for q in got.values():
+        assert q["sparsity"] == 0.5 and q["measured_sparsity"] == pytest.approx(0.5, abs=1e-6)
+        assert math.isfinite(q["perplexity"]) and q["vs_dense"] == pytest.approx(
+            q["perplexity"] / record["dense"]["perplexity"])
+    # a point is the dense model pruned once: redo one by hand
+    recipe = LLMRecipe(cfg, resume=True, log=lambda m: None)
+    recipe.teacher = transformers.AutoModelForCausalLM.from_pretrained(
+        cfg.model.name_or_path).eval()
+    recipe._prepare_data(recipe.teacher.config.vocab_size)
+    from sparsekernels.pruning import LevelPruner
+    names = decoder_linears(recipe.teacher)
+    pruner = LevelPruner(recipe.teacher, [{"op_names": names, "sparsity": 0.5,
+                                           "granularity": "fine"}])
+    pruner.compress()
+    pruner.unwrap_model()
+    assert recipe._perplexity(recipe.teacher) == pytest.approx(
+        got[("magnitude", "fine")]["perplexity"], rel=1e-6)
+    (speed,) = record["sweep_speed"]
+    assert speed["sparsity"] == 0.5 and speed["pruner"] == "sparsegpt"
+    assert speed["decode_x"] > 0 and speed["pruned_tok_s"] > 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## One-shot perplexity per pruner and granularity" in report
+    assert "## Tokens/s vs sparsity" in report
+    assert report.count("| sparsegpt | 2:4 |") == 1
+
+
+def test_sweep_resumes_and_extends(tmp_path):
+    cfg = sweep_config(tmp_path)
+    with pytest.raises(Stop):
+        run_llm_recipe(cfg, log=stop_at("sparsegpt fine 0.5"))
+    first = json.loads((tmp_path / "run" / "record.json").read_text())["sweep"]
+    assert len(first) == 3
+    lines = []
+    import dataclasses
+    wider = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep,
+                                                               sparsities=(0.5, 0.25)))
+    record = run_llm_recipe(wider, resume=True, log=lines.append)
+    assert any("one-shot sweep: 7 of 10" in line for line in lines)
+    assert record["sweep"][:3] == first
+    assert len(record["sweep"]) == 10
+    assert sorted(q["sparsity"] for q in record["sweep_speed"]) == [0.25, 0.5]
+
+
 def test_distillation_loss_is_the_kl_of_next_token_distributions(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama(tmp_path))).eval()
     ids = torch.randint(0, 256, (2, 9))
@@ -176,6 +234,12 @@ def test_schedules():
     ({"data": {"source": "web"}}, "data.source"),
     ({"bench": {"new_tokens": 1}}, "bench.new_tokens"),
     ({"preset": "large"}, "unknown LLM preset"),
+    ({"sweep": {"pruners": ["obs"]}}, "sweep.pruners"),
+    ({"sweep": {"pruners": ["wanda"], "granularities": [124]}}, "sweep.granularities"),
+    ({"sweep": {"pruners": ["wanda"], "sparsities": [0.5, 1.0]}}, "sweep.sparsities"),
+    ({"sweep": {"pruners": ["wanda", "wanda"]}}, "lists a value twice"),
+    ({"sweep": {"pruners": ["wanda"]}}, "sweep.speed"),
+    ({"sweep": {"pruners": ["sparsegpt"], "granularities": ["fine"]}}, "sweep.speed"),
 ])
 def test_config_is_checked_before_anything_runs(data, message):
     with pytest.raises(RecipeConfigError, match=message):
@@ -187,6 +251,7 @@ def test_presets_and_files(tmp_path):
     assert demo.prune.pruner == "sparsegpt" and demo.prune.granularity == "block"
     assert tuple(demo.prune.block_size) == (32, 32) and demo.prune.sparsity == 0.5
     assert medium.recover.steps > demo.recover.steps
+    assert not demo.sweep.pruners and len(medium.sweep.cases()) == 21
     path = tmp_path / "llm.yaml"
     path.write_text("recipe: llm\npreset: medium\nrecover: {lr: 5e-5}\n")
     cfg = load_config(path)
