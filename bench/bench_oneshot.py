@@ -4,6 +4,8 @@
     python bench/bench_oneshot.py --smoke    # a tiny random Llama on random tokens, seconds (CI)
     python bench/bench_oneshot.py --cases sparsegpt/fine/0.5,wanda/2:4/0.5 --merge
     python bench/bench_oneshot.py --cases sparsegpt+owl/fine/0.7 --merge
+    python bench/bench_oneshot.py --cases sparsegpt/fine/0.5 --calibration-windows 128
+                                             # more calibration: oneshot-calib128.md
 
 Results are written after every case; ``--merge`` keeps the saved rows of cases this run does
 not repeat (same DataConfig only), so a long table can be run in parts.
@@ -166,10 +168,15 @@ def main(argv=None) -> int:
     p.add_argument("--merge", action="store_true",
                    help="keep saved rows of the cases this run does not repeat")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calibration-windows", type=int, default=DataConfig.calibration_windows,
+                   help="calibration windows of seq_len tokens (other than the default: its "
+                   "own result file, oneshot-calib<N>; the evaluation split never changes)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.calibration_windows < 1:
+        raise SystemExit(f"--calibration-windows must be >= 1, got {args.calibration_windows}")
     data = DataConfig(seq_len=32, calibration_windows=4, evaluation_windows=4) if args.smoke \
-        else DataConfig()
+        else DataConfig(calibration_windows=args.calibration_windows)
     cases = parse_cases(args.cases) if args.cases else by_priority(default_cases())
     if args.smoke:
         cases = [c for c in cases if c.sparsity == 0.5 and c.pattern in ("fine", "2:4")] + \
@@ -178,7 +185,7 @@ def main(argv=None) -> int:
     if args.merge and not args.smoke:
         names = {c.name for c in cases}
         saved = [r for r in read_results(RESULTS / device_name(torch.device("cpu"))
-                                          / "oneshot.csv")
+                                          / f"{result_name(data)}.csv")
                  if r["case"] != "dense" and r["case"] not in names
                  and r["data"] == data_key(data)]
     from sparsekernels.recipes.llm_data import perplexity
@@ -210,6 +217,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def result_name(data: DataConfig) -> str:
+    """oneshot for the fixed DataConfig; another calibration size keeps its own file."""
+    if data == DataConfig():
+        return "oneshot"
+    return f"oneshot-calib{data.calibration_windows}"
+
+
 def data_key(data: DataConfig) -> str:
     return ";".join(f"{k}={v}" for k, v in asdict(data).items())
 
@@ -232,8 +246,10 @@ def write(rows, saved, dense, desc, data, seconds) -> None:
              + (f"; {len(saved)} rows kept from earlier runs of the same data config "
                 "(--merge)" if saved else "")]
     notes += ["", "Perplexity (x dense) by pattern and sparsity:", ""] + pivot(merged, dense)
-    write_results(torch.device("cpu"), "oneshot",
-                  "One-shot pruning: SmolLM2-135M-Instruct perplexity on BBC News", merged,
+    write_results(torch.device("cpu"), result_name(data),
+                  "One-shot pruning: SmolLM2-135M-Instruct perplexity on BBC News"
+                  + ("" if data == DataConfig() else
+                     f" ({data.calibration_windows} calibration windows)"), merged,
                   notes=notes, md_columns=["case", "measured_sparsity", "perplexity",
                                            "vs_dense", "prune_s", "eval_s"])
 

@@ -17,8 +17,12 @@ namespace lowp {
 
 namespace {
 
+// The caller's packing (checked), the blocks as stored (W.T: paired per column in the kernel,
+// `wt` set), or a packed copy.
 at::Tensor packed_or_pack(const at::Tensor& values, const std::optional<at::Tensor>& packed,
-                          const char* name) {
+                          const char* name, bool* wt) {
+  *wt = !packed.has_value() && stored_transposed(values);
+  if (*wt) return values;
   if (!packed.has_value()) return pack_bf16(values);
   const int64_t nnz = values.size(0), bm = values.size(1), bk = values.size(2);
   TORCH_CHECK(packed->dim() == 4 && packed->size(0) == nnz && packed->size(1) == bk / 2 &&
@@ -35,9 +39,9 @@ const uint16_t* bits(const at::Tensor& t) {
 
 #ifdef SK_LOWP_X86
 template <int BO1, int BO2>
-void ffn_bf16(const uint16_t* X, int64_t rows, int64_t ldx, const uint16_t* p1, const Rows& s1,
-              const float* b1, Activation act, const uint16_t* p2, const Rows& s2,
-              const float* b2, uint16_t* out, int64_t ldo, int64_t wanted) {
+void ffn_bf16(const uint16_t* X, int64_t rows, int64_t ldx, const uint16_t* p1, bool wt1,
+              const Rows& s1, const float* b1, Activation act, const uint16_t* p2, bool wt2,
+              const Rows& s2, const float* b2, uint16_t* out, int64_t ldo, int64_t wanted) {
   constexpr int64_t q = std::max(tile_rows<BO1>(), tile_rows<BO2>());
   const int64_t n1 = s1.n_out * BO1;
   for_row_chunks(rows, q, wanted, [&](int64_t t0, int64_t rc, int64_t mc) {
@@ -48,12 +52,21 @@ void ffn_bf16(const uint16_t* X, int64_t rows, int64_t ldx, const uint16_t* p1, 
       h.resize(mc * n1);
       hb.resize(mc * n1);
     }
-    for (int64_t o = 0; o < s1.n_out; ++o)
-      block_bf16_avx512<BO1, float>(X + t0 * ldx, rc, ldx, p1, s1, o, b1, h.data(), n1);
+    for (int64_t o = 0; o < s1.n_out; ++o) {
+      if (wt1)
+        block_bf16_wt_avx512<BO1, float>(X + t0 * ldx, rc, ldx, p1, s1, o, b1, h.data(), n1);
+      else
+        block_bf16_avx512<BO1, float>(X + t0 * ldx, rc, ldx, p1, s1, o, b1, h.data(), n1);
+    }
     activate(h.data(), rc, n1, act);
     to_bf16(h.data(), hb.data(), rc * n1);
-    for (int64_t o = 0; o < s2.n_out; ++o)
-      block_bf16_avx512<BO2, uint16_t>(hb.data(), rc, n1, p2, s2, o, b2, out + t0 * ldo, ldo);
+    for (int64_t o = 0; o < s2.n_out; ++o) {
+      if (wt2)
+        block_bf16_wt_avx512<BO2, uint16_t>(hb.data(), rc, n1, p2, s2, o, b2, out + t0 * ldo,
+                                            ldo);
+      else
+        block_bf16_avx512<BO2, uint16_t>(hb.data(), rc, n1, p2, s2, o, b2, out + t0 * ldo, ldo);
+    }
   });
 }
 #endif
@@ -75,8 +88,9 @@ at::Tensor bsr_ffn_bf16(const at::Tensor& x, const at::Tensor& values1, const at
   at::Tensor bb1, bb2;
   if (bias1.has_value()) bb1 = bias1->to(at::kFloat).contiguous();
   if (bias2.has_value()) bb2 = bias2->to(at::kFloat).contiguous();
-  const at::Tensor p1 = packed_or_pack(values1, packed1, "packed1");
-  const at::Tensor p2 = packed_or_pack(values2, packed2, "packed2");
+  bool wt1 = false, wt2 = false;
+  const at::Tensor p1 = packed_or_pack(values1, packed1, "packed1", &wt1);
+  const at::Tensor p2 = packed_or_pack(values2, packed2, "packed2", &wt2);
   at::Tensor out = at::empty({x.size(0), n2}, x.options().dtype(at::kBFloat16));
   if (x.size(0) == 0) return out;
   const int64_t ldx = x.size(0) > 1 ? x.stride(0) : x.size(1);
@@ -89,8 +103,9 @@ at::Tensor bsr_ffn_bf16(const at::Tensor& x, const at::Tensor& values1, const at
   dispatch_block(bm1, [&](auto bo1) {
     dispatch_block(bm2, [&](auto bo2) {
       ffn_bf16<decltype(bo1)::value, decltype(bo2)::value>(
-          bits(x), x.size(0), ldx, bits(p1), s1, bb1.defined() ? bb1.data_ptr<float>() : nullptr,
-          act, bits(p2), s2, bb2.defined() ? bb2.data_ptr<float>() : nullptr,
+          bits(x), x.size(0), ldx, bits(p1), wt1, s1,
+          bb1.defined() ? bb1.data_ptr<float>() : nullptr, act, bits(p2), wt2, s2,
+          bb2.defined() ? bb2.data_ptr<float>() : nullptr,
           reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n2, wanted);
     });
   });

@@ -80,13 +80,13 @@ constexpr int64_t kDotRows = 4;
 // them on the CPU: read as they are, never packed or copied per call.
 constexpr int64_t kStoredRows = 16;
 
+}  // namespace
+
 bool stored_transposed(const at::Tensor& values) {
   const int64_t bm = values.size(1), bk = values.size(2);
   return values.size(0) > 0 && values.stride(0) == bm * bk && values.stride(1) == 1 &&
-         values.stride(2) == bm && bm % 16 == 0;
+         values.stride(2) == bm && bm % 16 == 0 && bk % 2 == 0;
 }
-
-}  // namespace
 
 at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
                            const at::Tensor& col, const std::optional<at::Tensor>& bias,
@@ -134,7 +134,9 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
     return out;
   }
 #endif
-  const at::Tensor packed = checked_packed(values, packed_in, "packed");
+  // the blocks as stored (W.T), paired per column inside the kernel; or the caller's packing
+  const bool wt = !packed_in.has_value() && stored_transposed(values);
+  const at::Tensor packed = wt ? values : checked_packed(values, packed_in, "packed");
   const uint16_t* pp = bits(packed);
   const Rows s{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nbr, bk};
   dispatch_block(bm, [&](auto bo) {
@@ -143,7 +145,12 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
     const int64_t mc = chunk_rows(s, BO, tile_rows<BO>(), 4e6, rows);
     for_items(rows, mc, nbr, [&](int64_t t0, int64_t t1, int64_t o) {
 #ifdef SK_LOWP_X86
-      block_bf16_avx512<BO, uint16_t>(xp + t0 * lda, t1 - t0, lda, pp, s, o, bias_ptr, op + t0 * n, n);
+      if (wt)
+        block_bf16_wt_avx512<BO, uint16_t>(xp + t0 * lda, t1 - t0, lda, pp, s, o, bias_ptr,
+                                           op + t0 * n, n);
+      else
+        block_bf16_avx512<BO, uint16_t>(xp + t0 * lda, t1 - t0, lda, pp, s, o, bias_ptr,
+                                        op + t0 * n, n);
 #endif
     });
   });

@@ -23,6 +23,9 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
                            const at::Tensor& col, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& packed);
 at::Tensor pack_bf16(const at::Tensor& values);
+// values laid out as SparseLinear keeps them on the CPU: W.T blocks ([nnz][bk][bm] in memory),
+// bm a multiple of 16; the bf16 kernels read these as they are, packing nothing per call.
+bool stored_transposed(const at::Tensor& values);
 
 // bsr_ffn in bf16 (fp32 intermediate in each thread's buffer, never in memory)
 at::Tensor bsr_ffn_bf16(const at::Tensor& x, const at::Tensor& values1, const at::Tensor& crow1,

@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "activation.h"
 
@@ -157,7 +158,7 @@ SK_TARGET_BF16 inline void store16(uint16_t* p, __m512 v) {
 template <int BO, int MR, bool FULL, bool STORED, typename OutT>
 SK_TARGET_BF16 inline void tile_bf16(int mr, const uint16_t* A, int64_t lda,
                                      const uint16_t* blocks, const Rows& s, int64_t o,
-                                     const float* bias, OutT* c, int64_t ldo) {
+                                     const float* bias, OutT* c, int64_t ldo, int64_t first) {
   constexpr int NV = BO / 16;
   const int rows = FULL ? MR : mr;
   __m512 acc[MR][NV];
@@ -167,7 +168,7 @@ SK_TARGET_BF16 inline void tile_bf16(int mr, const uint16_t* A, int64_t lda,
   }
   for (int32_t e = s.ptr[o]; e < s.ptr[o + 1]; ++e) {
     const uint16_t* a = A + static_cast<int64_t>(s.idx[e]) * s.bk;
-    const uint16_t* b = blocks + static_cast<int64_t>(e) * s.bk * BO;
+    const uint16_t* b = blocks + static_cast<int64_t>(e - first) * s.bk * BO;
     if constexpr (STORED) {
       for (int64_t k = 0; k < s.bk; ++k) {
         __m512 bv[NV];
@@ -211,19 +212,73 @@ constexpr int stored_tile_rows() {
 }
 
 // out[0:rows, o*BO : +BO] = A[0:rows] @ S[:, o*BO : +BO] + bias, fp32 accumulation over every
-// stored block in registers (the output is rounded once, as torch's bf16 matmul does)
+// stored block in registers (the output is rounded once, as torch's bf16 matmul does).
+// `blocks` starts at block `first` (0: the whole tensor; a column's own copy: its first block).
 template <int BO, typename OutT, bool STORED = false>
 SK_TARGET_BF16 void block_bf16_avx512(const uint16_t* A, int64_t rows, int64_t lda,
                                       const uint16_t* blocks, const Rows& s, int64_t o,
-                                      const float* bias, OutT* out, int64_t ldo) {
+                                      const float* bias, OutT* out, int64_t ldo,
+                                      int64_t first = 0) {
   constexpr int MR = STORED ? stored_tile_rows<BO>() : tile_rows<BO>();
   int64_t t = 0;
   for (; t + MR <= rows; t += MR)
     tile_bf16<BO, MR, true, STORED, OutT>(MR, A + t * lda, lda, blocks, s, o, bias,
-                                          out + t * ldo + o * BO, ldo);
+                                          out + t * ldo + o * BO, ldo, first);
   if (t < rows)
     tile_bf16<BO, MR, false, STORED, OutT>(static_cast<int>(rows - t), A + t * lda, lda, blocks,
-                                           s, o, bias, out + t * ldo + o * BO, ldo);
+                                           s, o, bias, out + t * ldo + o * BO, ldo, first);
+}
+
+// The blocks of output column o as SparseLinear stores them on the CPU (W.T, [bk][BO] each)
+// rewritten in the vdpbf16ps pair layout ([bk/2][BO][2]: lane i of a vector holds rows k and
+// k + 1 of output i) into this thread's buffer. Done per (row chunk, column) inside the kernel,
+// in cache, it costs a few percent of the products that follow, where a packed copy of every
+// weight per call (at::permute + contiguous) cost more than that and wrote the whole weight.
+template <int BO>
+SK_TARGET_BF16 inline const uint16_t* column_pairs(const uint16_t* wt, const Rows& s, int64_t o) {
+  thread_local std::vector<uint16_t> buf;
+  const int64_t e0 = s.ptr[o], e1 = s.ptr[o + 1], per = s.bk * BO;
+  if (buf.size() < static_cast<size_t>((e1 - e0) * per)) buf.resize((e1 - e0) * per);
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int i = 0; i < 32; ++i) {  // even lanes from row k, odd lanes from row k + 1 (+32)
+    lo_idx[i] = static_cast<uint16_t>((i & 1 ? 32 : 0) + i / 2);
+    hi_idx[i] = static_cast<uint16_t>(lo_idx[i] + 16);
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (int64_t e = e0; e < e1; ++e) {
+    const uint16_t* src = wt + e * per;
+    uint16_t* dst = buf.data() + (e - e0) * per;
+    for (int64_t k = 0; k < s.bk; k += 2) {
+      const uint16_t* r0 = src + k * BO;
+      const uint16_t* r1 = r0 + BO;
+      uint16_t* d = dst + k * BO;
+      if constexpr (BO == 16) {
+        const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(r0)));
+        const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(r1)));
+        _mm512_storeu_si512(d, _mm512_permutex2var_epi16(a, lo, b));
+      } else {
+        for (int h = 0; h < BO / 32; ++h) {
+          const __m512i a = _mm512_loadu_si512(r0 + 32 * h);
+          const __m512i b = _mm512_loadu_si512(r1 + 32 * h);
+          _mm512_storeu_si512(d + 64 * h, _mm512_permutex2var_epi16(a, lo, b));
+          _mm512_storeu_si512(d + 64 * h + 32, _mm512_permutex2var_epi16(a, hi, b));
+        }
+      }
+    }
+  }
+  return buf.data();
+}
+
+// block_bf16_avx512 on the W.T blocks as stored (see column_pairs): nothing packed per call.
+template <int BO, typename OutT>
+SK_TARGET_BF16 void block_bf16_wt_avx512(const uint16_t* A, int64_t rows, int64_t lda,
+                                         const uint16_t* wt, const Rows& s, int64_t o,
+                                         const float* bias, OutT* out, int64_t ldo) {
+  if (rows == 0) return;
+  const uint16_t* pairs = column_pairs<BO>(wt, s, o);
+  block_bf16_avx512<BO, OutT>(A, rows, lda, pairs, s, o, bias, out, ldo, s.ptr[o]);
 }
 
 // One row against the blocks as stored ([bm, bk], no packing): a dot product per output.

@@ -152,3 +152,62 @@ def test_decode_on_the_blocks_a_sparse_linear_stores(isa, block, tokens, with_bi
                                   base.view(1, tokens, 256), reduction=384, name="3d")
     y = torch.ops.sparsekernels.bsr_linear(x, *layer.op_args(), b, "cpu")
     assert_close_to_reference(y, ref, base, reduction=384, name="op")
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 32), (128, 16), (16, 128)],
+                         ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("tokens", [17, 61, 300], ids=lambda t: f"T{t}")
+def test_prefill_on_the_blocks_a_sparse_linear_stores(isa, block, tokens):
+    """Above 16 rows the tiled kernel reads the module's W.T blocks too: each column's blocks
+    are paired for vdpbf16ps inside the kernel, nothing packed per call. The same numbers as
+    the kernel on the caller's packing (same products, same order), and close to float64."""
+    from sparsekernels.nn import SparseLinear
+
+    w = weight(256, 384, block, density=0.4, empty=True)
+    bias = torch.randn(256, dtype=torch.bfloat16)
+    layer = SparseLinear.from_block_sparse(w, bias).eval()
+    assert layer.values.transpose(1, 2).is_contiguous()  # the layout under test
+    x = torch.randn(tokens, 384, dtype=torch.bfloat16)
+    dense = layer.weight.to_dense()
+    ref = F.linear(x.double(), dense.double(), bias.double())
+    with torch.no_grad():
+        y = layer(x)
+    assert_close_to_reference(y, ref, F.linear(x, dense, bias), reduction=384)
+    if isa == "native":  # (the fp32 conversion path may take another route per row count)
+        kernel = torch.ops.sparsekernels_C.bsr_linear_cpu
+        values, crow, col = layer.values, layer.crow_indices, layer.col_indices
+        with torch.no_grad():
+            assert torch.equal(y, kernel(x, values, crow, col, bias, pack(values)))
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (128, 32)],
+                         ids=lambda b: f"b{b[0]}x{b[1]}")
+@pytest.mark.parametrize("tokens", [1, 40, 257], ids=lambda t: f"T{t}")
+def test_fused_ffn_on_the_blocks_sparse_linears_store(isa, block, tokens):
+    """The fused FFN of two SparseLinear (W.T blocks as stored) against float64, and equal to
+    the same op on packed copies of the blocks."""
+    from sparsekernels.nn import SparseLinear
+
+    w1 = weight(256, 128, block, density=0.5, empty=True)
+    w2 = weight(128, 256, block, density=0.5)
+    b1, b2 = torch.randn(256, dtype=torch.bfloat16), torch.randn(128, dtype=torch.bfloat16)
+    l1 = SparseLinear.from_block_sparse(w1, b1).eval()
+    l2 = SparseLinear.from_block_sparse(w2, b2).eval()
+    assert l1.values.transpose(1, 2).is_contiguous()
+    x = torch.randn(tokens, 128, dtype=torch.bfloat16)
+    ffn = torch.ops.sparsekernels_C.bsr_ffn_cpu
+    args1 = (l1.values, l1.crow_indices, l1.col_indices, b1)
+    args2 = (l2.values, l2.crow_indices, l2.col_indices, b2)
+    with torch.no_grad():
+        y = ffn(x, *args1, *args2, 256, "gelu")
+        packed = ffn(x, *args1, *args2, 256, "gelu", pack(l1.values), pack(l2.values))
+    d1, d2 = l1.weight.to_dense(), l2.weight.to_dense()
+
+    def composed(dtype):
+        h = F.linear(x.to(dtype), d1.to(dtype), b1.to(dtype))
+        h = activate(h.double(), "gelu").to(dtype) if dtype != torch.float64 else activate(h, "gelu")
+        return F.linear(h, d2.to(dtype), b2.to(dtype))
+
+    assert_close_to_reference(y, composed(torch.float64), composed(torch.bfloat16), reduction=256)
+    if isa == "native":
+        assert torch.equal(y, packed)
