@@ -10,6 +10,7 @@
 
 #include "ffn.h"
 #include "glue.h"
+#include "lowp.h"
 
 namespace sparsekernels {
 namespace cpu {
@@ -25,6 +26,11 @@ at::Tensor bsr_gated_ffn_cpu(
     const std::optional<at::Tensor>& packed_d) {
   check_rows(x, "x");
   const Activation act = parse_activation(activation);
+  if (lowp::bf16_native(x, values_g) && lowp::bf16_native_values(values_u) &&
+      lowp::bf16_native_values(values_d))  // bsr_ffn_bf16.cpp
+    return lowp::bsr_gated_ffn_bf16(x, values_g, crow_g, col_g, bias_g, values_u, crow_u, col_u,
+                                    bias_u, values_d, crow_d, col_d, bias_d, activation,
+                                    packed_g, packed_u, packed_d);
   const auto ct = compute_type(x.scalar_type());
   const int64_t rows = x.size(0);
   const LayerTensors g = layer_tensors(values_g, crow_g, col_g, bias_g, packed_g, ct, rows, "gate");

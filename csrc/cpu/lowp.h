@@ -35,6 +35,16 @@ at::Tensor bsr_ffn_bf16(const at::Tensor& x, const at::Tensor& values1, const at
                         const std::optional<at::Tensor>& packed1,
                         const std::optional<at::Tensor>& packed2);
 
+// bsr_gated_ffn in bf16: down(act(gate(x)) * up(x)), the same engine
+at::Tensor bsr_gated_ffn_bf16(
+    const at::Tensor& x, const at::Tensor& values_g, const at::Tensor& crow_g,
+    const at::Tensor& col_g, const std::optional<at::Tensor>& bias_g, const at::Tensor& values_u,
+    const at::Tensor& crow_u, const at::Tensor& col_u, const std::optional<at::Tensor>& bias_u,
+    const at::Tensor& values_d, const at::Tensor& crow_d, const at::Tensor& col_d,
+    const std::optional<at::Tensor>& bias_d, const std::string& activation,
+    const std::optional<at::Tensor>& packed_g, const std::optional<at::Tensor>& packed_u,
+    const std::optional<at::Tensor>& packed_d);
+
 // A block-sparse index read by a kernel: crow [n_rows + 1] from 0 to nnz, non-decreasing;
 // col [nnz] within [0, n_cols). Raises with what is wrong.
 void check_block_index(const at::Tensor& crow, const at::Tensor& col, int64_t nnz,
