@@ -33,8 +33,9 @@ from sparsekernels.nn.quantized_sparse_linear import (
 )
 from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
 from sparsekernels.ops.backend import Backend
-from sparsekernels.ops.bsr_ffn import activate, check_activation, ffn_packed
-from sparsekernels.ops.bsr_gated_ffn import gated_ffn_packed
+from sparsekernels.ops.bsr_ffn import _ffn_packed, activate, check_activation, ffn_packed
+from sparsekernels.ops.bsr_gated_ffn import _gated_ffn_packed, gated_ffn_packed
+from sparsekernels.ops.eager import plain_inference
 
 
 def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.Tensor):
@@ -45,10 +46,14 @@ def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.
     if (fc1.route.backend is Backend.CPU and fc2.route.backend is Backend.CPU
             and not (_needs_grad(x, fc1) or _needs_grad(x, fc2))):
         packed1, packed2 = fc1.packed(), fc2.packed()
+        args = (fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
+                fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias, activation)
         if packed1 is not None and packed2 is not None:  # the W.T blocks, as stored
-            return ffn_packed(x, fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
-                              fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias,
-                              activation)
+            return ffn_packed(x, *args)
+        if plain_inference(x, fc1.values, fc2.values, fc1.bias, fc2.bias):
+            # blocks the kernel reads as stored or packs itself (bf16): the C++ entry directly,
+            # without the op's Python wrapper (tens of microseconds, a decode step's worth)
+            return _ffn_packed(x, *args)
     return torch.ops.sparsekernels.bsr_ffn(x, *fc1.op_args(), fc1.bias, *fc2.op_args(), fc2.bias,
                                            activation, fc1.backend.value)
 
@@ -65,11 +70,13 @@ def gated_ffn_forward(gate: SparseLinear, up: SparseLinear, down: SparseLinear,
     if (all(layer.route.backend is Backend.CPU for layer in layers)
             and not any(_needs_grad(x, layer) for layer in layers)):
         packed = [layer.packed() for layer in layers]
+        args = [t for layer, p in zip(layers, packed)
+                for t in (layer.values, p, layer.crow_indices, layer.col_indices, layer.bias)]
         if all(p is not None for p in packed):  # the W.T blocks, as stored
-            return gated_ffn_packed(
-                x, *[t for layer, p in zip(layers, packed)
-                     for t in (layer.values, p, layer.crow_indices, layer.col_indices,
-                               layer.bias)], activation)
+            return gated_ffn_packed(x, *args, activation)
+        if plain_inference(x, *[t for layer in layers for t in (layer.values, layer.bias)]):
+            # as in ffn_forward: the C++ entry directly
+            return _gated_ffn_packed(x, *args, activation)
     return torch.ops.sparsekernels.bsr_gated_ffn(
         x, *gate.op_args(), gate.bias, *up.op_args(), up.bias, *down.op_args(), down.bias,
         activation, gate.backend.value)

@@ -119,3 +119,33 @@ def test_a_dense_routed_layer_runs_the_kernel_at_decode(monkeypatch):
         assert bool(dense_calls) == dense, rows
         ref = x.double() @ w.weight.double().T + w.bias.double()
         assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_bf16_fused_ffn_runs_its_kernel_directly(gated, monkeypatch):
+    """A bf16 SparseFFN (whose blocks the kernel reads as stored, so no packed view) also
+    skips the op's Python wrapper in eager no-grad calls, with the op's own numbers."""
+    from sparsekernels.nn import SparseFFN
+
+    layer()  # skips without the extension
+    torch.manual_seed(0)
+
+    def sparse(n, k):
+        return SparseLinear.from_linear(nn.Linear(k, n), (32, 32), sparsity=0.5, backend="cpu")
+
+    gate = sparse(128, 64) if gated else None
+    ffn = SparseFFN(sparse(128, 64), sparse(64, 128), "silu" if gated else "gelu",
+                    gate=gate).eval().to(torch.bfloat16)
+    x = torch.randn(7, 64, dtype=torch.bfloat16)
+    name = "bsr_gated_ffn" if gated else "bsr_ffn"
+    via_op = []
+    real = getattr(torch.ops.sparsekernels, name)
+    monkeypatch.setattr(torch.ops.sparsekernels, name,
+                        lambda *a: via_op.append(1) or real(*a), raising=False)
+    with torch.no_grad():
+        direct = ffn(x)
+    assert not via_op
+    with Seen(), torch.no_grad():  # a mode active: the call goes through the op
+        through = ffn(x)
+    assert via_op
+    assert torch.equal(direct, through)
