@@ -28,22 +28,6 @@ namespace lowp {
 
 namespace {
 
-// The caller's packing (checked), the blocks as stored (W.T: paired per column in the kernel,
-// `wt` set), or a packed copy.
-at::Tensor packed_or_pack(const at::Tensor& values, const std::optional<at::Tensor>& packed,
-                          const char* name, bool* wt) {
-  *wt = !packed.has_value() && stored_transposed(values);
-  if (*wt) return values;
-  if (!packed.has_value()) return pack_bf16(values);
-  const int64_t nnz = values.size(0), bm = values.size(1), bk = values.size(2);
-  TORCH_CHECK(packed->dim() == 4 && packed->size(0) == nnz && packed->size(1) == bk / 2 &&
-                  packed->size(2) == bm && packed->size(3) == 2 &&
-                  packed->scalar_type() == at::kBFloat16 && packed->is_contiguous(),
-              "sparsekernels: ", name, " must be the bf16 packing of its values [", nnz, ", ",
-              bk / 2, ", ", bm, ", 2], got ", packed->sizes(), " ", packed->scalar_type());
-  return *packed;
-}
-
 const uint16_t* bits(const at::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
 }
@@ -69,7 +53,7 @@ Layer16 layer16(const at::Tensor& values, const at::Tensor& crow, const at::Tens
   TORCH_CHECK(in_width % l.bk == 0, "sparsekernels: ", name, " reads ", in_width,
               " inputs, not a multiple of its block width ", l.bk);
   check_block_index(crow, col, values.size(0), in_width / l.bk, name);
-  l.blocks = packed_or_pack(values, packed, name, &l.wt);
+  l.blocks = bf16_operand(values, packed, name, &l.wt);
   l.b = bits(l.blocks);
   l.s = Rows{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), crow.numel() - 1, l.bk};
   if (bias.has_value()) {
@@ -82,11 +66,6 @@ Layer16 layer16(const at::Tensor& values, const at::Tensor& crow, const at::Tens
 }
 
 #ifdef SK_LOWP_X86
-// Up to this many rows the W.T blocks are read as stored, each weight widened to fp32 for an
-// FMA (bsr_linear_bf16's decode rule): pairing them for vdpbf16ps would move every block
-// twice for products that are memory-bound.
-constexpr int64_t kStoredRows = 16;
-
 // Output block columns [o0, o1) of w for rows of A (written at their own columns of out);
 // `fma`: the call has at most kStoredRows rows (decided per call, not per chunk, so a row's
 // result never depends on how the rows were split).

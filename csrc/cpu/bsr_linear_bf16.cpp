@@ -54,8 +54,26 @@ at::Tensor pack_bf16(const at::Tensor& values) {
 
 namespace {
 
-at::Tensor checked_packed(const at::Tensor& values, const std::optional<at::Tensor>& packed,
-                          const char* name) {
+const uint16_t* bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// Few rows against the blocks as stored: no packing per call (SparseLinear caches no packed
+// blocks for one row).
+constexpr int64_t kDotRows = 4;
+
+}  // namespace
+
+bool stored_transposed(const at::Tensor& values) {
+  const int64_t bm = values.size(1), bk = values.size(2);
+  return values.size(0) > 0 && values.stride(0) == bm * bk && values.stride(1) == 1 &&
+         values.stride(2) == bm && bm % 16 == 0 && bk % 2 == 0;
+}
+
+at::Tensor bf16_operand(const at::Tensor& values, const std::optional<at::Tensor>& packed,
+                        const char* name, bool* stored) {
+  *stored = !packed.has_value() && stored_transposed(values);
+  if (*stored) return values;
   if (!packed.has_value()) return pack_bf16(values);
   const int64_t nnz = values.size(0), bm = values.size(1), bk = values.size(2);
   TORCH_CHECK(packed->dim() == 4 && packed->size(0) == nnz && packed->size(1) == bk / 2 &&
@@ -67,25 +85,6 @@ at::Tensor checked_packed(const at::Tensor& values, const std::optional<at::Tens
               "sparsekernels: ", name, " must be a contiguous bf16 CPU tensor, got ",
               packed->scalar_type(), " on ", packed->device());
   return *packed;
-}
-
-const uint16_t* bits(const at::Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
-}
-
-// Few rows against the blocks as stored: no packing per call (SparseLinear caches no packed
-// blocks for one row).
-constexpr int64_t kDotRows = 4;
-// Decode (at most this many rows) against W.T blocks stored transposed, as SparseLinear keeps
-// them on the CPU: read as they are, never packed or copied per call.
-constexpr int64_t kStoredRows = 16;
-
-}  // namespace
-
-bool stored_transposed(const at::Tensor& values) {
-  const int64_t bm = values.size(1), bk = values.size(2);
-  return values.size(0) > 0 && values.stride(0) == bm * bk && values.stride(1) == 1 &&
-         values.stride(2) == bm && bm % 16 == 0 && bk % 2 == 0;
 }
 
 at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
@@ -134,9 +133,8 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
     return out;
   }
 #endif
-  // the blocks as stored (W.T), paired per column inside the kernel; or the caller's packing
-  const bool wt = !packed_in.has_value() && stored_transposed(values);
-  const at::Tensor packed = wt ? values : checked_packed(values, packed_in, "packed");
+  bool wt = false;  // the blocks as stored (W.T), paired per column inside the kernel
+  const at::Tensor packed = bf16_operand(values, packed_in, "packed", &wt);
   const uint16_t* pp = bits(packed);
   const Rows s{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nbr, bk};
   dispatch_block(bm, [&](auto bo) {

@@ -26,6 +26,15 @@ at::Tensor pack_bf16(const at::Tensor& values);
 // values laid out as SparseLinear keeps them on the CPU: W.T blocks ([nnz][bk][bm] in memory),
 // bm a multiple of 16; the bf16 kernels read these as they are, packing nothing per call.
 bool stored_transposed(const at::Tensor& values);
+// The blocks a bf16 kernel reads: the caller's packing (checked: shape, dtype, layout), the
+// values themselves when stored_transposed (*stored set: the kernel pairs them per column), or
+// a packed copy.
+at::Tensor bf16_operand(const at::Tensor& values, const std::optional<at::Tensor>& packed,
+                        const char* name, bool* stored);
+// Up to this many rows in a call, the bf16 kernels read stored W.T blocks with FMAs (each
+// weight widened to fp32): pairing them for vdpbf16ps would move every block twice for
+// products that are memory-bound.
+constexpr int64_t kStoredRows = 16;
 
 // bsr_ffn in bf16 (fp32 intermediate in each thread's buffer, never in memory)
 at::Tensor bsr_ffn_bf16(const at::Tensor& x, const at::Tensor& values1, const at::Tensor& crow1,
