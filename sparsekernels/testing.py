@@ -38,14 +38,23 @@ def off_the_kink(draw, pre_activation, reduction: int, tries: int = 100) -> torc
     farther from 0 than float32 may round a `reduction`-term sum. ReLU's derivative jumps at 0,
     so a pre-activation within rounding of 0 may take the other branch in float32 than in the
     reference: an O(1) difference in the gradient that says nothing about the kernel. Exact
-    zeros (units with no stored blocks and no bias) take the same branch in both."""
+    zeros (units with no stored blocks and no bias) take the same branch in both.
+
+    pre_activation must work row by row (each row of x's last dimension gives its own row of
+    the result, as a Linear does): only the rows that come near the kink are drawn again, so
+    the chance of success does not shrink with the number of rows (thousands of units per
+    draw put some unit near 0 in most whole draws)."""
     margin = 32 * torch.finfo(torch.float32).eps * max(1.0, float(reduction)) ** 0.5
+    first = draw()
+    x = first.detach()
     for _ in range(tries):
-        x = draw()
-        h = pre_activation(x.detach().double()).abs()
-        if not ((h > 0) & (h < margin * max(h.max().item(), 1.0))).any():
-            return x
-    raise AssertionError(f"no draw in {tries} kept its pre-activations {margin:.1e} from 0")
+        h = pre_activation(x.double()).abs()
+        scale = max(h.max().item() if h.numel() else 0.0, 1.0)
+        near = ((h > 0) & (h < margin * scale)).any(dim=-1, keepdim=True)
+        if not near.any():
+            return x.requires_grad_(first.requires_grad)
+        x = torch.where(near, draw().detach(), x)
+    raise AssertionError(f"no {tries} draws kept each row's pre-activations {margin:.1e} from 0")
 
 
 def random_block_mask(grid, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
