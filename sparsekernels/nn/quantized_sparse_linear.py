@@ -11,7 +11,8 @@ float32 `bias` and the block index; `.to(dtype)` moves the module but keeps its 
 bias in float32 (the int8 values carry no float dtype to change).
 
 apply_dtype_ is how sparsify_ and ModelSpeedup reach it (dtype="int8"); fuse_ffn_ runs two
-of these as one fused int8 FFN (sparsekernels.ops.bsr_ffn_int8).
+of these as one fused int8 FFN (sparsekernels.ops.bsr_ffn_int8), and three of a gated MLP as
+one fused gated int8 FFN (sparsekernels.ops.bsr_gated_ffn_int8).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from sparsekernels.formats.block_sparse import (
 )
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_ffn import activate
+from sparsekernels.ops.bsr_ffn_int8 import ffn_int8_eager
+from sparsekernels.ops.bsr_gated_ffn_int8 import gated_ffn_int8_eager
 from sparsekernels.ops.bsr_linear_int8 import (check_int8_inputs, choose_backend,
                                                direct_int8_linear, pack)
 from sparsekernels.ops.eager import plain_inference
@@ -183,8 +186,9 @@ class QuantizedSparseLinear(nn.Module):
 
     def op_args(self, x: torch.Tensor) -> tuple:
         """(values, scale, crow, col, row, bias, packed, comp): what the int8 ops take."""
-        return (self.values, self.scale, self.crow_indices, self.col_indices, self.row_indices,
-                self.bias, *self.packed(x))
+        b = self._buffers  # (module attribute lookups cost microseconds each at decode)
+        return (b["values"], b["scale"], b["crow_indices"], b["col_indices"], b["row_indices"],
+                b["bias"], *self.packed(x))
 
     def check_input(self, x: torch.Tensor) -> None:
         if (x.shape[-1] != self.in_features or x.dtype not in (torch.float32, torch.bfloat16)
@@ -261,11 +265,34 @@ class QuantizedSparseLinear(nn.Module):
 # --- the fused int8 FFN inside transformers models (see sparse_ffn.fuse_ffn_) ------------
 def quantized_ffn_forward(fc1: QuantizedSparseLinear, fc2: QuantizedSparseLinear,
                           activation: str, x: torch.Tensor) -> torch.Tensor:
-    fc1.check_input(x)
-    if fc1.scheme != fc2.scheme or fc1.backend != fc2.backend:
-        return fc2(activate(fc1(x), activation))
-    return torch.ops.sparsekernels.bsr_ffn_int8(x, *fc1.op_args(x), *fc2.op_args(x), activation,
-                                                fc1.scheme, fc1.backend.value)
+    """fc2(act(fc1(x))) as one fused int8 op (see _fused_int8)."""
+    return _fused_int8(ffn_int8_eager, (fc1, fc2), activation, x)
+
+
+def quantized_gated_ffn_forward(gate: QuantizedSparseLinear, up: QuantizedSparseLinear,
+                                down: QuantizedSparseLinear, activation: str,
+                                x: torch.Tensor) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) as one fused int8 op (see _fused_int8)."""
+    return _fused_int8(gated_ffn_int8_eager, (gate, up, down), activation, x)
+
+
+def _fused_int8(op, layers, activation: str, x: torch.Tensor) -> torch.Tensor:
+    """One fused int8 FFN call when the layers share a scheme and a backend and the call's
+    rows run w8a8 (the fused kernel); else the layers one by one, each on its own direct
+    entry (few rows run weight-only layers, which the op would also run one by one, behind
+    its dispatcher)."""
+    first = layers[0]
+    first.check_input(x)
+    rows = x.numel() // x.shape[-1]
+    if (any(layer.scheme != first.scheme or layer.backend != first.backend for layer in layers)
+            or int8_scheme(rows, first.scheme) != "w8a8"):
+        run = QuantizedSparseLinear.forward  # the layer itself, not a fused class's forward
+        h = activate(run(first, x), activation)
+        if len(layers) == 3:
+            h = h * run(layers[1], x)
+        return run(layers[-1], h)
+    args = [t for layer in layers for t in layer.op_args(x)]
+    return op(x, *args, activation, first.scheme, first.backend.value)
 
 
 class FusedQuantizedFFNInput(QuantizedSparseLinear):

@@ -14,7 +14,9 @@ FFN's first SparseLinear becomes a `FusedFFNInput` that computes the whole block
 activation an identity, and the second SparseLinear a `FusedFFNOutput` that passes its input
 through (its parameters stay where they were; the first layer reads them). A gated MLP
 module instead gets a forward of its own that calls the fused op, once a random input shows
-that its code computes down(act(gate(x)) * up(x)). unfuse_ffn_ undoes both.
+that its code computes down(act(gate(x)) * up(x)). Layers that are QuantizedSparseLinear
+(ModelSpeedup's dtype="int8") fuse the same way into the int8 ops (bsr_ffn_int8,
+bsr_gated_ffn_int8). unfuse_ffn_ undoes both.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sparsekernels.nn.quantized_sparse_linear import (
     FusedQuantizedFFNInput,
     FusedQuantizedFFNOutput,
     QuantizedSparseLinear,
+    quantized_gated_ffn_forward,
 )
 from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
 from sparsekernels.ops.backend import Backend
@@ -82,9 +85,9 @@ def gated_ffn_forward(gate: SparseLinear, up: SparseLinear, down: SparseLinear,
         activation, gate.backend.value)
 
 
-def _check_pair(fc1, fc2, activation: str) -> None:
+def _check_pair(fc1, fc2, activation: str, kind: type = SparseLinear) -> None:
     for name, layer in (("fc1", fc1), ("fc2", fc2)):
-        if not isinstance(layer, SparseLinear):
+        if not isinstance(layer, kind):
             raise TypeError(f"{name} must be a SparseLinear, got {type(layer).__name__}: convert "
                             "it with SparseLinear.from_linear(linear, block_size, sparsity=...)")
     if fc2.in_features != fc1.out_features:
@@ -97,9 +100,9 @@ def _check_pair(fc1, fc2, activation: str) -> None:
     check_activation(activation)
 
 
-def _check_gate(gate, up) -> None:
-    """A gate must be a SparseLinear shaped, blocked and routed like the up projection."""
-    if not isinstance(gate, SparseLinear):
+def _check_gate(gate, up, kind: type = SparseLinear) -> None:
+    """A gate must be a layer of the up projection's kind, shaped, blocked and routed like it."""
+    if not isinstance(gate, kind):
         raise TypeError(f"gate must be a SparseLinear, got {type(gate).__name__}: convert it "
                         "with SparseLinear.from_linear(linear, block_size, sparsity=...)")
     if (gate.in_features, gate.out_features) != (up.in_features, up.out_features):
@@ -250,12 +253,13 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
 
 @dataclass
 class _GatedFused:
-    """What fuse_ffn_ changed at one gated MLP: its forward runs the fused op."""
+    """What fuse_ffn_ changed at one gated MLP: its forward runs the fused op (three
+    SparseLinear, or three QuantizedSparseLinear)."""
 
     name: str
-    gate: SparseLinear
-    up: SparseLinear
-    down: SparseLinear
+    gate: SparseLinear | QuantizedSparseLinear
+    up: SparseLinear | QuantizedSparseLinear
+    down: SparseLinear | QuantizedSparseLinear
     activation: str
     dropout_p: Callable[[], float]
 
@@ -265,7 +269,13 @@ def _gated_mlp_forward(self, x, *args, **kwargs):
     state = self.__dict__["_gated_ffn"]
     if args or kwargs or (self.training and state.dropout_p() > 0):
         return type(self).forward(self, x, *args, **kwargs)  # the model's own code
-    return gated_ffn_forward(state.gate, state.up, state.down, state.activation, x)
+    return _run_gated(state, x)
+
+
+def _run_gated(state: _GatedFused, x: torch.Tensor) -> torch.Tensor:
+    forward = (quantized_gated_ffn_forward if isinstance(state.gate, QuantizedSparseLinear)
+               else gated_ffn_forward)
+    return forward(state.gate, state.up, state.down, state.activation, x)
 
 
 def _gated_plan(model: nn.Module, site):
@@ -278,17 +288,18 @@ def _gated_plan(model: nn.Module, site):
     if "_gated_ffn" in mlp.__dict__:
         return "already fused"
     gate, up, down = (model.get_submodule(n) for n in (site.gate, site.up, site.down))
-    if not all(type(layer) is SparseLinear for layer in (gate, up, down)):
+    kind = type(gate)
+    if kind not in _FUSED_CLASSES or not all(type(layer) is kind for layer in (gate, up, down)):
         kinds = ", ".join(type(layer).__name__ for layer in (gate, up, down))
         return (f"left as is: gate, up and down are {kinds} (a fused gated FFN takes three "
-                "SparseLinear)")
+                "SparseLinear, or three QuantizedSparseLinear)")
     act = getattr(model.get_submodule(site.act[0]), site.act[1]) if site.act else None
     name = activation_name(act) if act is not None else site.activation
     if name is None:
         return "left as is: the model map found no supported activation"
     try:
-        _check_pair(up, down, name)
-        _check_gate(gate, up)
+        _check_pair(up, down, name, kind)
+        _check_gate(gate, up, kind)
     except (TypeError, ValueError) as e:
         return f"left as is: {e}"
     state = _GatedFused(site.name, gate, up, down, name, lambda: site.dropout_p(model))
@@ -302,13 +313,14 @@ def _computes_the_same(mlp: nn.Module, state: _GatedFused) -> bool:
     """The module's own forward and the fused op agree on a random input (the map found
     the layers and the activation; this checks that the forward combines them as assumed)."""
     values = state.gate.values
-    x = torch.randn(3, state.gate.in_features, dtype=values.dtype, device=values.device)
+    dtype = torch.float32 if values.dtype == torch.int8 else values.dtype  # int8: fp32 inputs
+    x = torch.randn(3, state.gate.in_features, dtype=dtype, device=values.device)
     modes = {m: m.training for m in mlp.modules()}
     try:
         mlp.eval()
         with torch.no_grad():
             want = type(mlp).forward(mlp, x)
-            got = gated_ffn_forward(state.gate, state.up, state.down, state.activation, x)
+            got = _run_gated(state, x)
     except Exception:  # a forward that needs more than x
         return False
     finally:
@@ -316,7 +328,7 @@ def _computes_the_same(mlp: nn.Module, state: _GatedFused) -> bool:
             m.training = training
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         return False
-    tol = 1e-4 if values.dtype in (torch.float32, torch.float64) else 2e-2
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
     return bool((got - want).abs().max() <= tol * want.abs().max().clamp_min(1e-6))
 
 

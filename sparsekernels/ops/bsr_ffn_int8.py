@@ -7,6 +7,7 @@ activation applied there), re-quantizes it per row and multiplies by W2, so the 
 intermediate never reaches memory; per row it computes exactly bsr_linear_int8(w8a8) ->
 activation in fp32 -> bsr_linear_int8(w8a8). With w8 (few rows) or off the CPU it runs the
 two layers with bsr_linear_int8 around the activation.
+The gated form is ops.bsr_gated_ffn_int8.
 """
 
 from __future__ import annotations
@@ -20,13 +21,20 @@ from sparsekernels.ops import _ext
 from sparsekernels.ops.bsr_ffn import activate, check_activation
 from sparsekernels.ops.bsr_linear_int8 import choose_backend, pack
 from sparsekernels.ops.backend import Backend
+from sparsekernels.ops.eager import eager_or_op
 from sparsekernels.ops.precision import int8_scheme
 
 OP = "bsr_ffn_int8"
+LAYER_ARGS = "(values, scale, crow, col, row, bias, packed, comp)"
 
 
-@torch.library.custom_op("sparsekernels::bsr_ffn_int8", mutates_args=())
-def _bsr_ffn_int8(x: Tensor,
+def packed_or_pack(values: Tensor, crow: Tensor, packed: Optional[Tensor],
+                   comp: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(packed, comp) as given, or packed now."""
+    return (packed, comp) if packed is not None and comp is not None else pack(values, crow)
+
+
+def _ffn_int8(x: Tensor,
                   values1: Tensor, scale1: Tensor, crow1: Tensor, col1: Tensor, row1: Tensor,
                   bias1: Optional[Tensor], packed1: Optional[Tensor], comp1: Optional[Tensor],
                   values2: Tensor, scale2: Tensor, crow2: Tensor, col2: Tensor, row2: Tensor,
@@ -37,10 +45,8 @@ def _bsr_ffn_int8(x: Tensor,
     chosen = choose_backend(backend, x.device)
     if (chosen is Backend.CPU and int8_scheme(x2.shape[0], scheme) == "w8a8"
             and _ext.has_op(OP, "cpu")):
-        if packed1 is None or comp1 is None:
-            packed1, comp1 = pack(values1, crow1)
-        if packed2 is None or comp2 is None:
-            packed2, comp2 = pack(values2, crow2)
+        packed1, comp1 = packed_or_pack(values1, crow1, packed1, comp1)
+        packed2, comp2 = packed_or_pack(values2, crow2, packed2, comp2)
         y = _ext.op(OP, "cpu")(x2.contiguous(), packed1, comp1, scale1, crow1, col1, bias1,
                                packed2, comp2, scale2, crow2, col2, bias2, activation)
         return y.reshape(*x.shape[:-1], n2)
@@ -49,6 +55,18 @@ def _bsr_ffn_int8(x: Tensor,
     y = linear(activate(h, activation), values2, scale2, crow2, col2, row2, bias2, packed2, comp2,
                scheme, backend)
     return y.reshape(*x.shape[:-1], n2)
+
+
+
+_bsr_ffn_int8 = torch.library.custom_op("sparsekernels::bsr_ffn_int8", _ffn_int8,
+                                        mutates_args=())
+
+
+def ffn_int8_eager(x: Tensor, *args) -> Tensor:
+    """sparsekernels::bsr_ffn_int8(x, *args) (the op's arguments), its implementation run directly
+    when the call may skip the dispatcher (eager CPU inference: sparsekernels.ops.eager), else
+    the op."""
+    return eager_or_op(_ffn_int8, torch.ops.sparsekernels.bsr_ffn_int8, x, *args)
 
 
 @_bsr_ffn_int8.register_fake
@@ -64,6 +82,7 @@ def bsr_ffn_int8(x: Tensor, layer1: tuple, layer2: tuple, activation: str = "gel
     check_activation(activation)
     int8_scheme(1, scheme)
     if len(layer1) != 8 or len(layer2) != 8:
-        raise ValueError("each layer is (values, scale, crow, col, row, bias, packed, comp)")
+        raise ValueError(f"each layer is {LAYER_ARGS}")
     return torch.ops.sparsekernels.bsr_ffn_int8(x, *layer1, *layer2, activation, scheme,
                                                 Backend.parse(backend).value)
+

@@ -37,6 +37,14 @@ def plain_inference(*tensors: Optional[Tensor]) -> bool:
     return True
 
 
+def eager_or_op(impl, op, x: Tensor, *args):
+    """impl(x, *args), an op's implementation, when the call may skip the dispatcher (see
+    plain_inference), else the op itself."""
+    if plain_inference(x, *(a for a in args if isinstance(a, Tensor))):
+        return impl(x, *args)
+    return op(x, *args)
+
+
 # a Parameter runs ops as a plain tensor (no torch function of its own); other subclasses
 # (BlockSparseTensor, FakeTensor, DTensor, ...) must see the op
 _PLAIN = (Tensor, torch.nn.Parameter)

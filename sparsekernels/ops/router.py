@@ -112,6 +112,10 @@ IMPLEMENTATIONS: dict[str, tuple[Impl, ...]] = {
         Impl(Backend.CPU, ("cpu",)),
         Impl(Backend.REFERENCE),
     ),
+    "bsr_gated_ffn_int8": (
+        Impl(Backend.CPU, ("cpu",)),
+        Impl(Backend.REFERENCE),
+    ),
     "block_sparse_attention": (
         Impl(Backend.CPU, ("cpu",), head_dims=CPU_HEAD_DIMS, dropout=False),
         Impl(Backend.TRITON),

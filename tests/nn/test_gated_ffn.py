@@ -116,3 +116,43 @@ def test_a_module_whose_code_differs_is_left_as_it_is():
     why = _gated_plan(model, site)
     assert isinstance(why, str) and "not down(act(gate(x)) * up(x))" in why
     assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_int8_kernel_mode_fuses_gated_mlps(family, tmp_path):
+    """dtype="int8": the three QuantizedSparseLinear of each gated MLP run as one
+    bsr_gated_ffn_int8 call; the same numbers as the layers one by one, near the masked model,
+    and fused again after a save and load."""
+    if not _ext.has_op("bsr_gated_ffn_int8", "cpu"):
+        pytest.skip("compiled CPU extension (with bsr_gated_ffn_int8) not built (make build)")
+    from sparsekernels.nn import QuantizedSparseLinear
+
+    model, dummy = build(family)
+    masks = block_masks(model, (16, 16), 0.5)
+    masked = apply_masks(copy.deepcopy(model), masks)
+    speedup = ModelSpeedup(model, dummy, masks, mode="kernel", block_size=(16, 16), dtype="int8")
+    speedup.speedup_model()
+    fused = speedup.report.fused_ffn
+    assert fused and all(v == "fused (silu, gated)" for v in fused.values()), fused
+    mlp = model.get_submodule(next(iter(fused)))
+    assert isinstance(mlp.__dict__["_gated_ffn"].gate, QuantizedSparseLinear)
+    import sparsekernels.ops.bsr_gated_ffn_int8 as gated_op
+
+    calls = []
+    impl = gated_op._gated_ffn_int8
+    with torch.no_grad():
+        from unittest import mock
+        with mock.patch.object(gated_op, "_gated_ffn_int8",
+                               side_effect=lambda *a: calls.append(1) or impl(*a)):
+            got = model(**dummy).logits
+        assert len(calls) == len(fused)
+        want = masked(**dummy).logits
+        assert ((got - want).norm() / want.norm()).item() < 0.05
+        save_model(model, tmp_path / "m")
+        loaded = load_model(tmp_path / "m")
+        assert all(v == "already fused" for v in fuse_ffn_(loaded).values())
+        # (attention may run another implementation after a load, as in fp32 above)
+        torch.testing.assert_close(loaded(**dummy).logits, got, rtol=0, atol=1e-5)
+    assert unfuse_ffn_(model) == len(fused)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**dummy).logits, got, rtol=1e-5, atol=1e-5)
