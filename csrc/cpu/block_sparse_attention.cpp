@@ -97,7 +97,28 @@ void gemm(int64_t width, int64_t m, const T* a, int64_t sa_r, int64_t sa_k, cons
 // --- exp2 ------------------------------------------------------------------------------------
 typedef int32_t VInt __attribute__((vector_size(64)));
 
-// 2^x for a vector of floats; exactly 0 below 2^-126 (and for -inf).
+// 2^x for a vector of floats; exactly 0 below 2^-126 (and for -inf). x = n + f with n an
+// integer and |f| <= 1/2: 2^f by a degree-7 polynomial, times 2^n.
+#if defined(__AVX512F__)
+// AVX-512: the rounding and the 2^n scaling are one instruction each (vrndscaleps, vscalefps)
+inline Vec<float>::type vexp2(Vec<float>::type xv) {
+  const __m512 x = (__m512)xv;
+  const __m512 lo = _mm512_set1_ps(-126.0f);
+  const __m512 xc = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xc, n);
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  return (Vec<float>::type)_mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+}
+#else
 inline Vec<float>::type vexp2(Vec<float>::type x) {
   using V = Vec<float>::type;
   const V lo = V{} - 126.0f;
@@ -120,25 +141,46 @@ inline Vec<float>::type vexp2(Vec<float>::type x) {
   const V r = p * reinterpret_cast<const V&>(bits);
   return x < lo ? V{} : r;
 }
+#endif
 
-// p[j] = 2^(s[j] - shift) for j < n (n a multiple of 16 for floats); returns the sum.
-inline float exp2_row(float* s, int64_t n, float shift) {
+// Horizontal sum / max of 16 lanes: a shuffle tree on AVX-512 (a serial chain of 16 scalar
+// operations otherwise, which cost as much as the row's exponentials at 64 keys).
+inline float hsum(Vec<float>::type v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float total = 0.f;
+  for (int i = 0; i < 16; ++i) total += v[i];
+  return total;
+#endif
+}
+
+inline float hmax(Vec<float>::type v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps((__m512)v);
+#else
+  float out = v[0];
+  for (int i = 1; i < 16; ++i) out = std::max(out, v[i]);
+  return out;
+#endif
+}
+
+// p[j] = 2^(s[j] * scale - shift) for j < n (n a multiple of 16 for floats); returns the sum.
+inline float exp2_row(float* s, int64_t n, float shift, float scale = 1.0f) {
   using V = Vec<float>::type;
   V sum{};
   for (int64_t j = 0; j < n; j += 16) {
-    const V p = vexp2(loadu<float>(s + j) - shift);
+    const V p = vexp2(loadu<float>(s + j) * scale - shift);
     storeu<float>(s + j, p);
     sum += p;
   }
-  float total = 0.f;
-  for (int i = 0; i < 16; ++i) total += sum[i];
-  return total;
+  return hsum(sum);
 }
 
-inline double exp2_row(double* s, int64_t n, double shift) {
+inline double exp2_row(double* s, int64_t n, double shift, double scale = 1.0) {
   double total = 0.0;
   for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp2(s[j] - shift);
+    s[j] = std::exp2(s[j] * scale - shift);
     total += s[j];
   }
   return total;
@@ -152,9 +194,7 @@ inline float row_max(const float* s, int64_t n, float init) {
     const V x = loadu<float>(s + j);
     mx = x > mx ? x : mx;
   }
-  float out = init;
-  for (int i = 0; i < 16; ++i) out = std::max(out, mx[i]);
-  return out;
+  return hmax(mx);
 }
 
 inline double row_max(const double* s, int64_t n, double init) {
@@ -368,8 +408,12 @@ struct FloatTile {
                      A* S) {
     gemm<T>(bk, qr, q, ldq, 1, kbuf, bk, D, S, bk, false);
   }
+  // the row's probabilities 2^(s * scale - shift), in place (P V reads them there)
+  static A exp_row(A* s, int64_t bk, A shift, A scale, E*) {
+    return exp2_row(s, bk, shift, scale);
+  }
   static void accumulate(const A* P, int64_t qr, int64_t bk, int64_t kr, const E* v,
-                         int64_t ldv, const E*, E*, int64_t D, A* O) {
+                         int64_t ldv, const E*, const E*, int64_t D, A* O) {
     gemm<T>(D, qr, P, bk, 1, v, ldv, kr, O, D, true);
   }
   static E to_out(A x) { return x; }
@@ -454,19 +498,18 @@ void bf16_pv(const uint32_t* pp, int64_t ldp, int64_t qr, int64_t npairs, const 
     });
 }
 
-// P [qr, bk] fp32 -> bf16 (round to nearest even), rows of bk; bk a multiple of 16.
-SPARSEKERNELS_AVX512BF16 void bf16_round_rows(const float* P, int64_t qr, int64_t bk,
-                                              c10::BFloat16* out) {
-  for (int64_t r = 0; r < qr; ++r) {
-    const float* p = P + r * bk;
-    c10::BFloat16* o = out + r * bk;
-    int64_t j = 0;
-    for (; j + 32 <= bk; j += 32)
-      _mm512_storeu_si512(o + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + j + 16),
-                                                              _mm512_loadu_ps(p + j)));
-    if (j < bk) _mm256_storeu_si256((__m256i*)(o + j), (__m256i)_mm512_cvtneps_pbh(
-                                                           _mm512_loadu_ps(p + j)));
+// One row of P = 2^(s * scale - shift) straight to bf16 (round to nearest even) for P V;
+// returns the sum of the fp32 values (the softmax denominator). bk a multiple of 16.
+SPARSEKERNELS_AVX512BF16 float bf16_exp_row(const float* s, int64_t bk, float shift,
+                                            float scale, c10::BFloat16* out) {
+  using V = Vec<float>::type;
+  V sum{};
+  for (int64_t j = 0; j < bk; j += 16) {
+    const V p = vexp2(loadu<float>(s + j) * scale - shift);
+    sum += p;
+    _mm256_storeu_si256((__m256i*)(out + j), (__m256i)_mm512_cvtneps_pbh((__m512)p));
   }
+  return hsum(sum);
 }
 
 // V block [kr, D] -> pairs along the keys [ceil(kr/2)][D] (a zero row pads an odd kr).
@@ -525,9 +568,12 @@ struct Bf16Tile {
     dispatch_block(bk, [&](auto w) { bf16_scores<decltype(w)::value>(q, ldq, qr, kp, D, S); },
                    "attention key block");
   }
-  static void accumulate(const A* P, int64_t qr, int64_t bk, int64_t kr, const E*, int64_t,
-                         const E* vbuf, E* pbuf, int64_t D, A* O) {
-    bf16_round_rows(P, qr, bk, pbuf);
+  // P goes to the bf16 buffer P V reads (row r at pout = pbuf + r * bk)
+  static A exp_row(A* s, int64_t bk, A shift, A scale, E* pout) {
+    return bf16_exp_row(s, bk, shift, scale, pout);
+  }
+  static void accumulate(const A*, int64_t qr, int64_t bk, int64_t kr, const E*, int64_t,
+                         const E* vbuf, const E* pbuf, int64_t D, A* O) {
     const auto* pp = reinterpret_cast<const uint32_t*>(pbuf);
     const auto* vp = reinterpret_cast<const uint32_t*>(vbuf);
     dispatch_block(D, [&](auto w) { bf16_pv<decltype(w)::value>(pp, bk / 2, qr, (kr + 1) / 2,
@@ -582,16 +628,21 @@ BlockLists block_lists(const Shape& P, bool by_key, bool grouped) {
 }
 
 // --- forward -----------------------------------------------------------------------------------
-// Online softmax of one head's rows over one more tile: S (log2 units) becomes P, the
+// Online softmax of one head's rows over one more tile: S holds scores in log2 units times
+// 1 / scale (scale > 0: the plain tiles skip finish_scores and scale here); the tile's
+// probabilities go where Tile::accumulate reads them (pbuf, rows of bk, or S itself); the
 // running max m, sum l and output O (rows of D) are rescaled.
-template <typename A>
-void softmax_step(A* S, int64_t qr, int64_t bk, int64_t D, A* m, A* l, A* O) {
+template <typename Tile>
+void softmax_step(typename Tile::A* S, int64_t qr, int64_t bk, int64_t D, typename Tile::A scale,
+                  typename Tile::A* m, typename Tile::A* l, typename Tile::A* O,
+                  typename Tile::E* pbuf) {
+  using A = typename Tile::A;
   for (int64_t r = 0; r < qr; ++r) {
     A* s = S + r * bk;
-    const A mx = row_max(s, bk, m[r]);
+    const A mx = std::max(m[r], row_max(s, bk, -std::numeric_limits<A>::infinity()) * scale);
     const A shift = std::isinf(mx) ? A(0) : mx;
     const A alpha = std::exp2(m[r] - shift);
-    l[r] = l[r] * alpha + exp2_row(s, bk, shift);
+    l[r] = l[r] * alpha + Tile::exp_row(s, bk, shift, scale, pbuf ? pbuf + r * bk : nullptr);
     m[r] = mx;
     A* o = O + r * D;
     if (alpha != A(1))
@@ -656,16 +707,25 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
     Tile::pack_v(vbase + k0 * P.sv[2], P.sv[2], kr, D, bk, w.Vb.data());
     bool all = qr == rows;
     for (int64_t g = 0; g < G; ++g) all &= (w.stores[g] = P.stored(b, hk * G + g, qb, kb)) != 0;
+    // no mask, every pair visible by position, a positive scale: scores need no finishing
+    const bool plain = !P.mask_bool && !P.mask_add && P.qk_scale > A(0) &&
+                       P.all_visible(q0, qr, k0);
     // the stacked rows of heads [g0, g0 + n) at once
     auto run = [&](int64_t g0, int64_t n) {
       const int64_t off = g0 * rows, m_rows = (n - 1) * rows + qr;
       Tile::scores(w.Q.data() + off * D, D, m_rows, w.Kb.data(), D, bk, w.S.data() + off * bk);
-      for (int64_t g = g0; g < g0 + n; ++g)
-        finish_scores(P, b, hk * G + g, q0, qr, k0, w.S.data() + g * rows * bk);
-      softmax_step(w.S.data() + off * bk, m_rows, bk, D, w.m.data() + off, w.l.data() + off,
-                   w.O.data() + off * D);
+      E* pbuf = Tile::kPacksV ? w.Pb.data() + off * bk : nullptr;
+      if (plain) {  // every score kept as it is: the scale is applied in the softmax pass
+        softmax_step<Tile>(w.S.data() + off * bk, m_rows, bk, D, P.qk_scale, w.m.data() + off,
+                           w.l.data() + off, w.O.data() + off * D, pbuf);
+      } else {
+        for (int64_t g = g0; g < g0 + n; ++g)
+          finish_scores(P, b, hk * G + g, q0, qr, k0, w.S.data() + g * rows * bk);
+        softmax_step<Tile>(w.S.data() + off * bk, m_rows, bk, D, A(1), w.m.data() + off,
+                           w.l.data() + off, w.O.data() + off * D, pbuf);
+      }
       Tile::accumulate(w.S.data() + off * bk, m_rows, bk, kr, vbase + k0 * P.sv[2], P.sv[2],
-                       w.Vb.data(), w.Pb.data(), D, w.O.data() + off * D);
+                       w.Vb.data(), pbuf, D, w.O.data() + off * D);
     };
     if (all) {
       run(0, G);
