@@ -12,6 +12,21 @@ PYBIND11_MODULE(_C, m) {
         "when x is not [..., in_features] in the values' dtype on the CPU",
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("crow_indices"),
         pybind11::arg("col_indices"), pybind11::arg("bias"), pybind11::arg("in_features"));
+  m.def("ffn_inference", &sparsekernels::cpu::ffn_inference,
+        "bsr_ffn on the CPU for an eager call that needs no gradient (a fused SparseFFN); None "
+        "when x is not [..., in_features] in the values' dtype on the CPU",
+        pybind11::arg("x"), pybind11::arg("values1"), pybind11::arg("crow1"),
+        pybind11::arg("col1"), pybind11::arg("bias1"), pybind11::arg("values2"),
+        pybind11::arg("crow2"), pybind11::arg("col2"), pybind11::arg("bias2"),
+        pybind11::arg("activation"), pybind11::arg("in_features"));
+  m.def("gated_ffn_inference", &sparsekernels::cpu::gated_ffn_inference,
+        "bsr_gated_ffn on the CPU for an eager call that needs no gradient (a fused gated MLP); "
+        "None when x is not [..., in_features] in the values' dtype on the CPU",
+        pybind11::arg("x"), pybind11::arg("values_g"), pybind11::arg("crow_g"),
+        pybind11::arg("col_g"), pybind11::arg("bias_g"), pybind11::arg("values_u"),
+        pybind11::arg("crow_u"), pybind11::arg("col_u"), pybind11::arg("bias_u"),
+        pybind11::arg("values_d"), pybind11::arg("crow_d"), pybind11::arg("col_d"),
+        pybind11::arg("bias_d"), pybind11::arg("activation"), pybind11::arg("in_features"));
   m.def("int8_linear_inference", &sparsekernels::cpu::int8_linear_inference,
         "bsr_linear_int8 on the CPU for an eager call that needs no gradient "
         "(QuantizedSparseLinear) on its packed blocks; None when x is not [..., in_features] "

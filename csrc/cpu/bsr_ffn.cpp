@@ -10,6 +10,7 @@
 
 #include <string>
 
+#include "direct.h"
 #include "ffn.h"
 #include "glue.h"
 #include "lowp.h"
@@ -45,6 +46,19 @@ at::Tensor bsr_ffn_cpu(const at::Tensor& x, const at::Tensor& values1, const at:
 }
 
 }  // namespace
+
+at::Tensor ffn_inference(const at::Tensor& x, const at::Tensor& values1, const at::Tensor& crow1,
+                         const at::Tensor& col1, const std::optional<at::Tensor>& bias1,
+                         const at::Tensor& values2, const at::Tensor& crow2,
+                         const at::Tensor& col2, const std::optional<at::Tensor>& bias2,
+                         const std::string& activation, int64_t in_features) {
+  if (!takes_rows(x, values1, in_features)) return at::Tensor();
+  const int64_t hidden = (crow1.numel() - 1) * values1.size(1);
+  return with_leading_dims(x, bsr_ffn_cpu(x.reshape({-1, in_features}), values1, crow1, col1,
+                                          bias1, values2, crow2, col2, bias2, hidden, activation,
+                                          std::nullopt, std::nullopt));
+}
+
 }  // namespace cpu
 }  // namespace sparsekernels
 

@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "direct.h"
 #include "ffn.h"
 #include "glue.h"
 #include "lowp.h"
@@ -44,6 +45,20 @@ at::Tensor bsr_gated_ffn_cpu(
 }
 
 }  // namespace
+
+at::Tensor gated_ffn_inference(
+    const at::Tensor& x, const at::Tensor& values_g, const at::Tensor& crow_g,
+    const at::Tensor& col_g, const std::optional<at::Tensor>& bias_g, const at::Tensor& values_u,
+    const at::Tensor& crow_u, const at::Tensor& col_u, const std::optional<at::Tensor>& bias_u,
+    const at::Tensor& values_d, const at::Tensor& crow_d, const at::Tensor& col_d,
+    const std::optional<at::Tensor>& bias_d, const std::string& activation, int64_t in_features) {
+  if (!takes_rows(x, values_g, in_features)) return at::Tensor();
+  return with_leading_dims(
+      x, bsr_gated_ffn_cpu(x.reshape({-1, in_features}), values_g, crow_g, col_g, bias_g,
+                           values_u, crow_u, col_u, bias_u, values_d, crow_d, col_d, bias_d,
+                           activation, std::nullopt, std::nullopt, std::nullopt));
+}
+
 }  // namespace cpu
 }  // namespace sparsekernels
 

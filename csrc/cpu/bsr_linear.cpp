@@ -184,9 +184,7 @@ namespace cpu {
 at::Tensor linear_inference(const at::Tensor& x, const at::Tensor& values,
                             const at::Tensor& crow_indices, const at::Tensor& col_indices,
                             const std::optional<at::Tensor>& bias, int64_t in_features) {
-  if (x.dim() < 1 || x.size(-1) != in_features || !x.device().is_cpu() ||
-      x.scalar_type() != values.scalar_type() || x.is_complex())
-    return at::Tensor();
+  if (!takes_rows(x, values, in_features)) return at::Tensor();
   return with_leading_dims(x, bsr_linear_cpu(x.reshape({-1, in_features}), values, crow_indices,
                                              col_indices, bias, std::nullopt));
 }

@@ -19,6 +19,13 @@ inline at::Tensor with_leading_dims(const at::Tensor& x, const at::Tensor& y) {
   return y.view(sizes);
 }
 
+// x is what a layer of `values` with in_features inputs takes on this path: a CPU tensor
+// [..., in_features] in the values' dtype (else the caller takes the checked path).
+inline bool takes_rows(const at::Tensor& x, const at::Tensor& values, int64_t in_features) {
+  return x.dim() >= 1 && x.size(-1) == in_features && x.device().is_cpu() &&
+         x.scalar_type() == values.scalar_type() && !x.is_complex();
+}
+
 // bsr_linear_cpu for x [..., in_features] (any leading dims) with the blocks as a
 // SparseLinear stores them (transposed in memory, so no packing). The layer's index was
 // validated when it was built or loaded; x is checked here, and an undefined tensor comes
@@ -27,6 +34,21 @@ inline at::Tensor with_leading_dims(const at::Tensor& x, const at::Tensor& y) {
 at::Tensor linear_inference(const at::Tensor& x, const at::Tensor& values,
                             const at::Tensor& crow_indices, const at::Tensor& col_indices,
                             const std::optional<at::Tensor>& bias, int64_t in_features);
+
+// bsr_ffn_cpu / bsr_gated_ffn_cpu for x [..., in_features] with each layer's blocks as a
+// SparseLinear stores them (a fused SparseFFN or gated MLP in eager inference); an undefined
+// tensor for an x the entry does not take, as linear_inference.
+at::Tensor ffn_inference(const at::Tensor& x, const at::Tensor& values1, const at::Tensor& crow1,
+                         const at::Tensor& col1, const std::optional<at::Tensor>& bias1,
+                         const at::Tensor& values2, const at::Tensor& crow2,
+                         const at::Tensor& col2, const std::optional<at::Tensor>& bias2,
+                         const std::string& activation, int64_t in_features);
+at::Tensor gated_ffn_inference(
+    const at::Tensor& x, const at::Tensor& values_g, const at::Tensor& crow_g,
+    const at::Tensor& col_g, const std::optional<at::Tensor>& bias_g, const at::Tensor& values_u,
+    const at::Tensor& crow_u, const at::Tensor& col_u, const std::optional<at::Tensor>& bias_u,
+    const at::Tensor& values_d, const at::Tensor& crow_d, const at::Tensor& col_d,
+    const std::optional<at::Tensor>& bias_d, const std::string& activation, int64_t in_features);
 
 // bsr_linear_int8_cpu for x [..., in_features] (float32 or bfloat16) with the blocks packed
 // as QuantizedSparseLinear caches them; scheme "auto" takes w8 up to w8_max_rows rows

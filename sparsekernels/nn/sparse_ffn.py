@@ -36,13 +36,42 @@ from sparsekernels.nn.quantized_sparse_linear import (
 )
 from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
 from sparsekernels.ops.backend import Backend
-from sparsekernels.ops.bsr_ffn import _ffn_packed, activate, check_activation, ffn_packed
-from sparsekernels.ops.bsr_gated_ffn import _gated_ffn_packed, gated_ffn_packed
-from sparsekernels.ops.eager import plain_inference
+from sparsekernels.ops.bsr_ffn import (_ffn_packed, activate, check_activation, direct_ffn,
+                                       ffn_packed)
+from sparsekernels.ops.bsr_gated_ffn import _gated_ffn_packed, direct_gated_ffn, gated_ffn_packed
+from sparsekernels.ops.eager import _MODE_STACKS, plain_inference
+
+
+def _direct_args(x: torch.Tensor, layers) -> list | None:
+    """(values, crow, col, bias) of each layer for the C++ entry that skips the op and its
+    Python wrapper (their cost is a decode step's worth), or None when the call must take the
+    checked path: not eager, a gradient to record, or a layer not on the CPU kernel. Reads the
+    modules' dicts directly (an attribute lookup through nn.Module costs microseconds)."""
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling() or _MODE_STACKS():
+        return None
+    grad = torch.is_grad_enabled() and x.requires_grad
+    args = []
+    for layer in layers:
+        r = layer.__dict__["_route"]
+        if r.dense or r.backend is not Backend.CPU:
+            return None
+        params, buffers = layer._parameters, layer._buffers
+        values, bias = params["values"], params.get("bias")
+        grad = grad or (torch.is_grad_enabled() and (
+            values.requires_grad or (bias is not None and bias.requires_grad)))
+        args += (values, buffers["crow_indices"], buffers["col_indices"], bias)
+    return None if grad else args
 
 
 def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.Tensor):
     """fc2(act(fc1(x))): fused when both layers run their kernels, else layer by layer."""
+    direct = _DIRECT["ffn"]
+    if direct is not None:
+        args = _direct_args(x, (fc1, fc2))
+        if args is not None:
+            y = direct(x, *args, activation, fc1.in_features)
+            if y is not None:
+                return y
     if fc1.route.dense or fc2.route.dense:
         return SparseLinear.forward(fc2, activate(SparseLinear.forward(fc1, x), activation))
     fc1.check_input(x)  # fc2 and the activation were checked when the pair was made
@@ -65,6 +94,13 @@ def gated_ffn_forward(gate: SparseLinear, up: SparseLinear, down: SparseLinear,
                       activation: str, x: torch.Tensor) -> torch.Tensor:
     """down(act(gate(x)) * up(x)): one fused op when the three layers run their kernels, else
     layer by layer."""
+    direct = _DIRECT["gated"]
+    if direct is not None:
+        args = _direct_args(x, (gate, up, down))
+        if args is not None:
+            y = direct(x, *args, activation, gate.in_features)
+            if y is not None:
+                return y
     layers = (gate, up, down)
     if any(layer.route.dense for layer in layers):
         h = activate(SparseLinear.forward(gate, x), activation) * SparseLinear.forward(up, x)
@@ -83,6 +119,17 @@ def gated_ffn_forward(gate: SparseLinear, up: SparseLinear, down: SparseLinear,
     return torch.ops.sparsekernels.bsr_gated_ffn(
         x, *gate.op_args(), gate.bias, *up.op_args(), up.bias, *down.op_args(), down.bias,
         activation, gate.backend.value)
+
+
+class _Direct(dict):
+    """The C++ entries, looked up once (the extension loads on first use, not at import)."""
+
+    def __missing__(self, key):
+        self[key] = value = {"ffn": direct_ffn, "gated": direct_gated_ffn}[key]()
+        return value
+
+
+_DIRECT = _Direct()
 
 
 def _check_pair(fc1, fc2, activation: str, kind: type = SparseLinear) -> None:

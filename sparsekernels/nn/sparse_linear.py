@@ -227,11 +227,12 @@ class SparseLinear(nn.Module):
                 and (not self._route.dense
                      or x.numel() < self._route.sparse_below_rows * self.in_features)):
             params = self._parameters
-            values = params["values"]
-            if (not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad))
+            values, bias = params["values"], params.get("bias")
+            if (not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (
+                    bias is not None and bias.requires_grad)))
                     and not _MODE_STACKS()):  # eager inference: the kernel, without dispatch
                 y = direct(x, values, self._buffers["crow_indices"],
-                           self._buffers["col_indices"], params.get("bias"), self.in_features)
+                           self._buffers["col_indices"], bias, self.in_features)
                 if y is not None:
                     return y
         self.check_input(x)

@@ -90,6 +90,14 @@ def _(x, values1, crow1, col1, row1, ccol1, row_t1, perm1, bias1,
     return x.new_empty((*x.shape[:-1], n2))
 
 
+def direct_ffn():
+    """The extension's direct CPU entry for an eager fused SparseFFN call that needs no
+    gradient: `f(x, values1, crow1, col1, bias1, values2, crow2, col2, bias2, activation,
+    in_features)` on the blocks as SparseLinear stores them; None for an x it does not take.
+    None when the extension lacks it. The caller checks for a gradient and modes first."""
+    return _ext.direct("ffn_inference")
+
+
 def _ffn_packed(x: Tensor, values1: Tensor, packed1: Tensor, crow1: Tensor, col1: Tensor,
                     bias1: Optional[Tensor], values2: Tensor, packed2: Tensor, crow2: Tensor,
                     col2: Tensor, bias2: Optional[Tensor], activation: str) -> Tensor:

@@ -91,6 +91,14 @@ def _(x, values_g, crow_g, col_g, row_g, ccol_g, row_t_g, perm_g, bias_g,
     return x.new_empty((*x.shape[:-1], (crow_d.shape[0] - 1) * values_d.shape[1]))
 
 
+def direct_gated_ffn():
+    """The extension's direct CPU entry for an eager fused gated MLP call that needs no
+    gradient: `f(x, values_g, crow_g, col_g, bias_g, values_u, ..., bias_d, activation,
+    in_features)` on the blocks as SparseLinear stores them; None for an x it does not take.
+    None when the extension lacks it. The caller checks for a gradient and modes first."""
+    return _ext.direct("gated_ffn_inference")
+
+
 def _gated_ffn_packed(x: Tensor,
                           values_g: Tensor, packed_g: Tensor, crow_g: Tensor, col_g: Tensor,
                           bias_g: Optional[Tensor],

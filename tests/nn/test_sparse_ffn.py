@@ -116,14 +116,19 @@ def kernel_model(family, backend="cpu"):
 def test_kernel_mode_fuses_ffns_and_matches_the_masked_model(family, monkeypatch):
     need("cpu")
     calls = []
-    # the fused forwards' two entries each: the op, and the CPU inference route (which runs
-    # the op's implementation directly when no gradient is needed)
+    # the fused forwards' entries: the op, the CPU inference route (which runs the op's
+    # implementation directly when no gradient is needed) and the extension's direct entry
     for owner, name in ((torch.ops.sparsekernels, "bsr_ffn"),
                         (torch.ops.sparsekernels, "bsr_gated_ffn"),
                         (sparse_ffn, "ffn_packed"), (sparse_ffn, "gated_ffn_packed")):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, real=real: calls.append(1) or real(*a),
                             raising=False)
+    for key in ("ffn", "gated"):
+        real = sparse_ffn._DIRECT[key]
+        if real is not None:
+            monkeypatch.setitem(sparse_ffn._DIRECT, key,
+                                lambda *a, real=real: calls.append(1) or real(*a))
     model, dummy, reference, report = kernel_model(family)
     fused = [k for k, v in report.fused_ffn.items() if v.startswith("fused")]
     assert len(fused) == FUSED_PER_FAMILY[family], report.fused_ffn

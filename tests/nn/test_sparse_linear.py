@@ -74,6 +74,19 @@ def test_training_updates_only_stored_blocks(backend):
     assert torch.all(dense[~mask] == 0)  # pruned blocks stay pruned
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_trainable_bias_alone_gets_its_gradient(backend):
+    """Frozen blocks, trainable bias (BitFit): the call must record the bias's gradient (an
+    eager fast path that looked only at x and the blocks returned a graph-less output)."""
+    need(backend)
+    sl = SparseLinear.from_linear(nn.Linear(64, 32), (16, 16), sparsity=0.5, backend=backend)
+    sl.values.requires_grad_(False)
+    x = torch.randn(5, 64)
+    g = torch.randn(5, 32)
+    (sl(x) * g).sum().backward()
+    torch.testing.assert_close(sl.bias.grad, g.sum(0))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])

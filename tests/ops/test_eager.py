@@ -121,10 +121,13 @@ def test_a_dense_routed_layer_runs_the_kernel_at_decode(monkeypatch):
         assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-def test_bf16_fused_ffn_runs_its_kernel_directly(gated, monkeypatch):
-    """A bf16 SparseFFN (whose blocks the kernel reads as stored, so no packed view) also
-    skips the op's Python wrapper in eager no-grad calls, with the op's own numbers."""
+def test_fused_ffn_runs_its_kernel_directly(gated, dtype, monkeypatch):
+    """A fused SparseFFN (plain or gated) calls the extension's direct entry in eager no-grad
+    calls: neither the op's dispatcher nor its Python wrapper, with the op's own numbers; a
+    mode, or a gradient to record (a trainable bias alone included), takes the op."""
+    import sparsekernels.nn.sparse_ffn as sparse_ffn
     from sparsekernels.nn import SparseFFN
 
     layer()  # skips without the extension
@@ -135,17 +138,29 @@ def test_bf16_fused_ffn_runs_its_kernel_directly(gated, monkeypatch):
 
     gate = sparse(128, 64) if gated else None
     ffn = SparseFFN(sparse(128, 64), sparse(64, 128), "silu" if gated else "gelu",
-                    gate=gate).eval().to(torch.bfloat16)
-    x = torch.randn(7, 64, dtype=torch.bfloat16)
-    name = "bsr_gated_ffn" if gated else "bsr_ffn"
-    via_op = []
-    real = getattr(torch.ops.sparsekernels, name)
-    monkeypatch.setattr(torch.ops.sparsekernels, name,
-                        lambda *a: via_op.append(1) or real(*a), raising=False)
+                    gate=gate).eval().to(dtype)
+    x = torch.randn(2, 7, 64, dtype=dtype)
+    key, name = ("gated", "bsr_gated_ffn") if gated else ("ffn", "bsr_ffn")
+    direct_calls, via_op = [], []
+    entry = sparse_ffn._DIRECT[key]
+    assert entry is not None
+    monkeypatch.setitem(sparse_ffn._DIRECT, key,
+                        lambda *a: direct_calls.append(1) or entry(*a))
+    for op in (name, name + "_packed"):
+        real = getattr(torch.ops.sparsekernels, op)
+        monkeypatch.setattr(torch.ops.sparsekernels, op,
+                            lambda *a, real=real: via_op.append(1) or real(*a), raising=False)
     with torch.no_grad():
         direct = ffn(x)
-    assert not via_op
+    assert direct_calls and not via_op and direct.shape == (2, 7, 64)
+    direct_calls.clear()
     with Seen(), torch.no_grad():  # a mode active: the call goes through the op
         through = ffn(x)
-    assert via_op
+    assert via_op and not direct_calls
     assert torch.equal(direct, through)
+    for p in ffn.parameters():
+        p.requires_grad_(False)
+    ffn.fc2.bias.requires_grad_(True)
+    ffn(x).float().sum().backward()  # the last bias's gradient: one per output, summed rows
+    assert not direct_calls
+    torch.testing.assert_close(ffn.fc2.bias.grad.float(), torch.full((64,), 14.0))
