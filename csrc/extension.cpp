@@ -27,6 +27,11 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("crow_u"), pybind11::arg("col_u"), pybind11::arg("bias_u"),
         pybind11::arg("values_d"), pybind11::arg("crow_d"), pybind11::arg("col_d"),
         pybind11::arg("bias_d"), pybind11::arg("activation"), pybind11::arg("in_features"));
+  m.def("dense_linear_inference", &sparsekernels::cpu::dense_linear_inference,
+        "a dense Linear's forward at decode rows (the weight streamed once, no copy) for an "
+        "eager call that needs no gradient; None for a call it does not take",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("max_rows"));
   m.def("int8_linear_inference", &sparsekernels::cpu::int8_linear_inference,
         "bsr_linear_int8 on the CPU for an eager call that needs no gradient "
         "(QuantizedSparseLinear) on its packed blocks; None when x is not [..., in_features] "

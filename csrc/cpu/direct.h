@@ -50,6 +50,13 @@ at::Tensor gated_ffn_inference(
     const at::Tensor& values_d, const at::Tensor& crow_d, const at::Tensor& col_d,
     const std::optional<at::Tensor>& bias_d, const std::string& activation, int64_t in_features);
 
+// A dense Linear (row-major weight [n, k], as nn.Linear stores it) for x [..., k] with at
+// most max_rows rows, on the block-sparse dot path (dense_decode.cpp); an undefined tensor
+// for a call it does not take (more rows, another dtype or device, n or k not a multiple of
+// 16, a CPU without AVX-512 BF16 for bf16): the caller runs torch's.
+at::Tensor dense_linear_inference(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, int64_t max_rows);
+
 // bsr_linear_int8_cpu for x [..., in_features] (float32 or bfloat16) with the blocks packed
 // as QuantizedSparseLinear caches them; scheme "auto" takes w8 up to w8_max_rows rows
 // (sparsekernels.ops.precision.W8_MAX_ROWS, passed in so the rule lives in one place) and

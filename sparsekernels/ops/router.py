@@ -135,6 +135,19 @@ AUTO_ORDER: dict[str, tuple[Backend, ...]] = {
 DECODE_MAX_QUERIES = 16
 # a Linear called on at most this many rows is decode: memory-bound, the weight read once
 CPU_DECODE_ROWS = 16
+# a dense Linear (an LM head, a layer left unpruned) on the CPU: our decode GEMV (the weight
+# streamed once by the dot path, csrc/cpu/dense_decode.cpp) outruns torch's up to this many
+# rows per dtype (bench_dense_decode); torch's above, and for other dtypes
+DENSE_DECODE_ROWS = {torch.float32: CPU_DECODE_ROWS, torch.bfloat16: 4}
+
+
+def dense_decode_rows(device: torch.device, dtype: torch.dtype) -> int:
+    """Rows up to which a dense Linear with weights on `device` in `dtype` runs our decode
+    GEMV; 0: always torch's (another device, or SPARSEKERNELS_BACKEND asks for another
+    implementation than the CPU kernels)."""
+    if torch.device(device).type != "cpu" or requested("auto") not in (Backend.AUTO, Backend.CPU):
+        return 0
+    return DENSE_DECODE_ROWS.get(dtype, 0)
 
 
 def _impl(op: str, backend: Backend) -> Impl:

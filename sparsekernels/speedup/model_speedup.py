@@ -151,6 +151,7 @@ class SpeedupReport:
     sparse: dict[str, float] = field(default_factory=dict)  # module -> block density
     dense: dict[str, str] = field(default_factory=dict)  # masked module kept dense -> why
     fused_ffn: dict[str, str] = field(default_factory=dict)  # FFN -> "fused (act)" or why not
+    decode_linears: list[str] = field(default_factory=list)  # dense Linears on the decode GEMV
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -177,6 +178,9 @@ class SpeedupReport:
             lines.append(f"  fused block-sparse FFNs (bsr_ffn): {len(fused)} of "
                          f"{len(self.fused_ffn)}")
             lines += [f"    {k}: {v}" for k, v in self.fused_ffn.items() if k not in fused]
+        if self.decode_linears:
+            lines.append(f"  dense Linears on the decode GEMV (DecodeLinear): "
+                         f"{len(self.decode_linears)}")
         if self.dense:
             lines.append("  masked modules left dense:")
             lines += [f"    {k}: {v}" for k, v in self.dense.items()]
@@ -195,6 +199,9 @@ class ModelSpeedup:
     before the model changes.
     fuse_ffn: in kernel and auto modes, run each FFN whose two layers became SparseLinear as
     one fused op (sparsekernels.nn.fuse_ffn_; names and state_dict unchanged).
+    dense_decode: in kernel and auto modes, the Linears left dense (an LM head, unpruned
+    layers) become DecodeLinear: calls of a few rows run sparsekernels' decode GEMV on the
+    CPU (sparsekernels.nn.decode_linear; parameters, tying and state_dict unchanged).
     dtype: what the sparse layers run in (kernel and auto modes): torch.float32 (default),
     torch.bfloat16 (the model is cast to bf16) or "int8" / torch.int8 (each SparseLinear
     becomes a QuantizedSparseLinear; see nn.quantized_sparse_linear.apply_dtype_). In int8
@@ -204,7 +211,7 @@ class ModelSpeedup:
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
                  block_size=(32, 32), backend: str = "auto", fuse_ffn: bool = True,
-                 dtype=None):
+                 dtype=None, dense_decode: bool = True):
         from sparsekernels.ops.precision import parse_dtype
 
         self.dtype = parse_dtype(dtype)
@@ -218,14 +225,15 @@ class ModelSpeedup:
         validate_masks(model, masks)
         self.block_size = check_block_size(block_size)
         self.backend = Backend.parse(backend).value
-        if not isinstance(fuse_ffn, bool):
-            raise TypeError(f"fuse_ffn must be True or False, got {fuse_ffn!r}")
+        for flag, value in (("fuse_ffn", fuse_ffn), ("dense_decode", dense_decode)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
         if mode in ("kernel", "auto"):
             _check_backend_runs(model, self.backend)
         if mode == "resize":
             _check_whole_rotary_heads(model, masks)
         self.model, self.dummy_input, self.masks, self.mode = model, dummy_input, masks, mode
-        self.fuse_ffn = fuse_ffn
+        self.fuse_ffn, self.dense_decode = fuse_ffn, dense_decode
         self.report = SpeedupReport(mode)
         self.structure: dict[str, list[dict]] = defaultdict(list)
 
@@ -237,6 +245,13 @@ class ModelSpeedup:
         for name, status in self.report.fused_ffn.items():
             if status.startswith("fused"):
                 self.structure[name].append({"op": "fuse_ffn"})
+
+    def _dense_decode(self) -> None:
+        from sparsekernels.nn.decode_linear import decode_linears_
+
+        self.report.decode_linears = decode_linears_(self.model)
+        for name in self.report.decode_linears:
+            self.structure[name].append({"op": "decode_linear"})
 
     def _apply_dtype(self) -> None:
         from sparsekernels.nn.quantized_sparse_linear import apply_dtype_
@@ -525,6 +540,8 @@ class ModelSpeedup:
                     self._apply_dtype()
                 if self.mode in ("kernel", "auto") and self.fuse_ffn:
                     self._fuse_ffn()
+                if self.mode in ("kernel", "auto") and self.dense_decode:
+                    self._dense_decode()
         finally:
             self.model.train(was_training)
         record = dict(getattr(self.model, "_" + STRUCTURE_ATTR, {}) or {})

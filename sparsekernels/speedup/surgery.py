@@ -223,6 +223,8 @@ def _check_change(model: nn.Module, name: str, change) -> None:
         module = model.get_submodule(name)
     except AttributeError:
         fail(f"the model has no module {name!r}: was the record written for another model?")
+    if op == "decode_linear" and not isinstance(module, nn.Linear):
+        fail(f"only an nn.Linear runs the decode GEMV, this module is {type(module).__name__}")
     allowed = {"weight_layer": WEIGHT_LAYER_ATTRS, "heads": HEAD_ATTRS}.get(op, ())
     for attr in change.get("attrs", {}) if allowed else ():
         if attr not in allowed:
@@ -306,6 +308,7 @@ _CHANGE_FIELDS: dict[str, dict] = {
     "attention_kernel": {"block_size": (lambda v: _is_shape(v, 2), "a list of two ints")},
     "fuse_ffn": {},
     "quantize_int8": {},
+    "decode_linear": {},
 }
 
 
@@ -332,6 +335,7 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
     validate_structure(model, structure)
     cache = ParamCache()  # a parameter shared by several modules (tied) stays shared
     fuse = False  # FFNs are fused once every SparseLinear exists
+    decode: set[str] = set()  # Linears made DecodeLinear (after any dtype change)
     kernel_attention: dict[str, tuple[int, int]] = {}
 
     def empty(module, attr, shape):
@@ -384,6 +388,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 apply_dtype_(model, "int8", names={name})
             elif op == "fuse_ffn":
                 fuse = True
+            elif op == "decode_linear":
+                decode.add(name)
             else:  # validate_structure refused it already
                 raise AssertionError(op)
     if kernel_attention:
@@ -392,6 +398,10 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
         from sparsekernels.nn.sparse_ffn import fuse_ffn_
 
         fuse_ffn_(model)
+    if decode:
+        from sparsekernels.nn.decode_linear import decode_linears_
+
+        decode_linears_(model, names=decode)
 
 
 # --- T5: one relative position bias shared by every layer -----------------------------------

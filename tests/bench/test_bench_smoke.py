@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 SCRIPTS = ["bench_bsr_linear.py", "bench_ffn.py", "bench_models.py", "bench_attention.py",
            "bench_pack_cache.py", "bench_call_overhead.py", "bench_lowp.py", "bench_lowp_models.py",
-           "bench_ffn_bf16.py", "bench_ffn_int8.py",
+           "bench_ffn_bf16.py", "bench_ffn_int8.py", "bench_dense_decode.py",
            "bench_decode_linear.py", "bench_oneshot.py", "bench_generate.py",
            "bench_block_energy.py", "bench_attention_full.py"]
 
