@@ -603,16 +603,17 @@ inline void activate(float* h, int64_t rows, int64_t n, Activation act) {
   cpu::activate(h, rows, n, n, act, at::kFloat);
 }
 
-// Fused FFN row split: each thread takes an equal contiguous range of rows (whole tiles of
-// q rows) in chunks of about `wanted` rows; body(t0, rc, thread index) runs one chunk.
+// Fused FFN row split: each thread takes an equal contiguous range of rows in chunks of
+// about `wanted` rows (whole tiles of q rows but the last); body(t0, rc, mc) runs one chunk
+// of rc rows, mc the chunk size its buffers need. The ranges are not rounded to whole tiles:
+// 128 rows on 2 threads of 12-row tiles ran as 72 + 56 rows, the first thread a tile longer.
 template <typename F>
 void for_row_chunks(int64_t rows, int64_t q, int64_t wanted, const F& body) {
   auto round_up = [q](int64_t v) { return (v + q - 1) / q * q; };
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t per = round_up((rows + nt - 1) / nt);
-    const int64_t r0 = std::min(rows, tid * per), r1 = std::min(rows, r0 + per);
+    const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
     const int64_t pieces = std::max<int64_t>(1, (r1 - r0 + wanted - 1) / wanted);
     const int64_t mc = round_up((r1 - r0 + pieces - 1) / pieces);
     for (int64_t t0 = r0; t0 < r1; t0 += mc) body(t0, std::min(r1, t0 + mc) - t0, mc);
