@@ -32,7 +32,7 @@ class DecodeLinear(nn.Linear):
             weight, bias = params["weight"], params["bias"]
             if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
                     bias is not None and bias.requires_grad))):
-                direct = _direct()
+                direct = direct_dense_linear()
                 if direct is not None:
                     y = direct(x, weight, bias, rows)
                     if y is not None:
@@ -48,15 +48,6 @@ class DecodeLinear(nn.Linear):
         result = super()._apply(fn, recurse)
         self.reroute()
         return result
-
-
-_ENTRY: list = []
-
-
-def _direct():
-    if not _ENTRY:  # looked up once, on first use (the extension loads lazily)
-        _ENTRY.append(direct_dense_linear())
-    return _ENTRY[0]
 
 
 def decode_linears_(model: nn.Module, names=None) -> list[str]:

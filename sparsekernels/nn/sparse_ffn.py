@@ -36,10 +36,9 @@ from sparsekernels.nn.quantized_sparse_linear import (
 )
 from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
 from sparsekernels.ops.backend import Backend
-from sparsekernels.ops.bsr_ffn import (_ffn_packed, activate, check_activation, direct_ffn,
-                                       ffn_packed)
-from sparsekernels.ops.bsr_gated_ffn import _gated_ffn_packed, direct_gated_ffn, gated_ffn_packed
-from sparsekernels.ops.eager import _MODE_STACKS, plain_inference
+from sparsekernels.ops.bsr_ffn import activate, check_activation, direct_ffn, ffn_packed
+from sparsekernels.ops.bsr_gated_ffn import direct_gated_ffn, gated_ffn_packed
+from sparsekernels.ops.eager import _MODE_STACKS
 
 
 def _direct_args(x: torch.Tensor, layers) -> list | None:
@@ -65,27 +64,22 @@ def _direct_args(x: torch.Tensor, layers) -> list | None:
 
 def ffn_forward(fc1: SparseLinear, fc2: SparseLinear, activation: str, x: torch.Tensor):
     """fc2(act(fc1(x))): fused when both layers run their kernels, else layer by layer."""
-    direct = _DIRECT["ffn"]
+    args = _direct_args(x, (fc1, fc2))  # None under torch.compile: looks nothing up
+    direct = direct_ffn() if args is not None else None
     if direct is not None:
-        args = _direct_args(x, (fc1, fc2))
-        if args is not None:
-            y = direct(x, *args, activation, fc1.in_features)
-            if y is not None:
-                return y
+        y = direct(x, *args, activation, fc1.in_features)
+        if y is not None:
+            return y
     if fc1.route.dense or fc2.route.dense:
         return SparseLinear.forward(fc2, activate(SparseLinear.forward(fc1, x), activation))
     fc1.check_input(x)  # fc2 and the activation were checked when the pair was made
     if (fc1.route.backend is Backend.CPU and fc2.route.backend is Backend.CPU
             and not (_needs_grad(x, fc1) or _needs_grad(x, fc2))):
         packed1, packed2 = fc1.packed(), fc2.packed()
-        args = (fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
-                fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias, activation)
         if packed1 is not None and packed2 is not None:  # the W.T blocks, as stored
-            return ffn_packed(x, *args)
-        if plain_inference(x, fc1.values, fc2.values, fc1.bias, fc2.bias):
-            # blocks the kernel reads as stored or packs itself (bf16): the C++ entry directly,
-            # without the op's Python wrapper (tens of microseconds, a decode step's worth)
-            return _ffn_packed(x, *args)
+            return ffn_packed(x, fc1.values, packed1, fc1.crow_indices, fc1.col_indices, fc1.bias,
+                              fc2.values, packed2, fc2.crow_indices, fc2.col_indices, fc2.bias,
+                              activation)
     return torch.ops.sparsekernels.bsr_ffn(x, *fc1.op_args(), fc1.bias, *fc2.op_args(), fc2.bias,
                                            activation, fc1.backend.value)
 
@@ -94,13 +88,12 @@ def gated_ffn_forward(gate: SparseLinear, up: SparseLinear, down: SparseLinear,
                       activation: str, x: torch.Tensor) -> torch.Tensor:
     """down(act(gate(x)) * up(x)): one fused op when the three layers run their kernels, else
     layer by layer."""
-    direct = _DIRECT["gated"]
+    args = _direct_args(x, (gate, up, down))  # None under torch.compile: looks nothing up
+    direct = direct_gated_ffn() if args is not None else None
     if direct is not None:
-        args = _direct_args(x, (gate, up, down))
-        if args is not None:
-            y = direct(x, *args, activation, gate.in_features)
-            if y is not None:
-                return y
+        y = direct(x, *args, activation, gate.in_features)
+        if y is not None:
+            return y
     layers = (gate, up, down)
     if any(layer.route.dense for layer in layers):
         h = activate(SparseLinear.forward(gate, x), activation) * SparseLinear.forward(up, x)
@@ -109,27 +102,14 @@ def gated_ffn_forward(gate: SparseLinear, up: SparseLinear, down: SparseLinear,
     if (all(layer.route.backend is Backend.CPU for layer in layers)
             and not any(_needs_grad(x, layer) for layer in layers)):
         packed = [layer.packed() for layer in layers]
-        args = [t for layer, p in zip(layers, packed)
-                for t in (layer.values, p, layer.crow_indices, layer.col_indices, layer.bias)]
         if all(p is not None for p in packed):  # the W.T blocks, as stored
-            return gated_ffn_packed(x, *args, activation)
-        if plain_inference(x, *[t for layer in layers for t in (layer.values, layer.bias)]):
-            # as in ffn_forward: the C++ entry directly
-            return _gated_ffn_packed(x, *args, activation)
+            return gated_ffn_packed(
+                x, *[t for layer, p in zip(layers, packed)
+                     for t in (layer.values, p, layer.crow_indices, layer.col_indices,
+                               layer.bias)], activation)
     return torch.ops.sparsekernels.bsr_gated_ffn(
         x, *gate.op_args(), gate.bias, *up.op_args(), up.bias, *down.op_args(), down.bias,
         activation, gate.backend.value)
-
-
-class _Direct(dict):
-    """The C++ entries, looked up once (the extension loads on first use, not at import)."""
-
-    def __missing__(self, key):
-        self[key] = value = {"ffn": direct_ffn, "gated": direct_gated_ffn}[key]()
-        return value
-
-
-_DIRECT = _Direct()
 
 
 def _check_pair(fc1, fc2, activation: str, kind: type = SparseLinear) -> None:

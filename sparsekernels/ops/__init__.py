@@ -5,8 +5,9 @@ import).
 One module per op, named as the op: ops.bsr_linear defines sparsekernels::bsr_linear (and its
 backward ops bsr_dsd / bsr_sdd), ops.bsr_ffn sparsekernels::bsr_ffn, ops.bsr_gated_ffn
 sparsekernels::bsr_gated_ffn (their int8 forms: ops.bsr_linear_int8, ops.bsr_ffn_int8,
-ops.bsr_gated_ffn_int8), ops.block_sparse_attention sparsekernels::block_sparse_attention; ops.reference holds the pure-torch oracles, ops.triton
-the Triton kernels, ops.router the choice between them, ops.limits what the kernels run.
+ops.bsr_gated_ffn_int8), ops.block_sparse_attention sparsekernels::block_sparse_attention;
+ops.reference holds the pure-torch oracles, ops.triton the Triton kernels, ops.router the
+choice between them, ops.limits what the kernels run.
 The functional forms over BlockSparseTensor weights live above, in sparsekernels.formats.
 """
 

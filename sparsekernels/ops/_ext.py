@@ -62,6 +62,7 @@ def missing_message(name: str, device_type: str) -> str:
     return f"the extension has no {device_type} kernel for {name}; rebuild it: {_BUILD_HINT}"
 
 
+@functools.lru_cache(maxsize=None)
 def direct(name: str):
     """A direct entry of the extension module (`sparsekernels._C.<name>`, called without the
     op dispatcher), or None when the extension or the entry is missing."""

@@ -102,9 +102,7 @@ def _ffn_packed(x: Tensor, values1: Tensor, packed1: Tensor, crow1: Tensor, col1
                     bias1: Optional[Tensor], values2: Tensor, packed2: Tensor, crow2: Tensor,
                     col2: Tensor, bias2: Optional[Tensor], activation: str) -> Tensor:
     """bsr_ffn's CPU inference route with both layers' W.T blocks made by the caller (no
-    autograd formula: callers use it only when no gradient is needed). Called directly (not
-    as the op), packed1 / packed2 may be None: the kernel reads the blocks as a SparseLinear
-    stores them, or packs them itself (bf16)."""
+    autograd formula: callers use it only when no gradient is needed)."""
     n1 = (crow1.numel() - 1) * values1.shape[1]
     n2 = (crow2.numel() - 1) * values2.shape[1]
     x2 = _rows(x)

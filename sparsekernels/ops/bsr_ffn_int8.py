@@ -57,15 +57,13 @@ def _ffn_int8(x: Tensor,
     return y.reshape(*x.shape[:-1], n2)
 
 
-
 _bsr_ffn_int8 = torch.library.custom_op("sparsekernels::bsr_ffn_int8", _ffn_int8,
                                         mutates_args=())
 
 
 def ffn_int8_eager(x: Tensor, *args) -> Tensor:
-    """sparsekernels::bsr_ffn_int8(x, *args) (the op's arguments), its implementation run directly
-    when the call may skip the dispatcher (eager CPU inference: sparsekernels.ops.eager), else
-    the op."""
+    """sparsekernels::bsr_ffn_int8(x, *args) (the op's arguments): its implementation
+    directly when the call may skip the dispatcher (sparsekernels.ops.eager), else the op."""
     return eager_or_op(_ffn_int8, torch.ops.sparsekernels.bsr_ffn_int8, x, *args)
 
 
@@ -85,4 +83,3 @@ def bsr_ffn_int8(x: Tensor, layer1: tuple, layer2: tuple, activation: str = "gel
         raise ValueError(f"each layer is {LAYER_ARGS}")
     return torch.ops.sparsekernels.bsr_ffn_int8(x, *layer1, *layer2, activation, scheme,
                                                 Backend.parse(backend).value)
-

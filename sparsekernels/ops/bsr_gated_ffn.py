@@ -107,8 +107,7 @@ def _gated_ffn_packed(x: Tensor,
                           values_d: Tensor, packed_d: Tensor, crow_d: Tensor, col_d: Tensor,
                           bias_d: Optional[Tensor], activation: str) -> Tensor:
     """bsr_gated_ffn's CPU inference route with the three layers' W.T blocks made by the
-    caller (no autograd formula: callers use it only when no gradient is needed). Called
-    directly (not as the op), the packed blocks may be None, as for bsr_ffn's."""
+    caller (no autograd formula: callers use it only when no gradient is needed)."""
     n2 = (crow_d.numel() - 1) * values_d.shape[1]
     x2 = _rows(x)
     y = _ext.op(OP, "cpu")(x2, values_g, crow_g, col_g, bias_g, values_u, crow_u, col_u, bias_u,

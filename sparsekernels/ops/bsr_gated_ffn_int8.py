@@ -62,15 +62,13 @@ def _gated_ffn_int8(x: Tensor,
     return y.reshape(*x.shape[:-1], n)
 
 
-
 _bsr_gated_ffn_int8 = torch.library.custom_op("sparsekernels::bsr_gated_ffn_int8",
                                               _gated_ffn_int8, mutates_args=())
 
 
 def gated_ffn_int8_eager(x: Tensor, *args) -> Tensor:
-    """sparsekernels::bsr_gated_ffn_int8(x, *args) (the op's arguments), its implementation run directly
-    when the call may skip the dispatcher (eager CPU inference: sparsekernels.ops.eager), else
-    the op."""
+    """sparsekernels::bsr_gated_ffn_int8(x, *args) (the op's arguments): its implementation
+    directly when the call may skip the dispatcher (sparsekernels.ops.eager), else the op."""
     return eager_or_op(_gated_ffn_int8, torch.ops.sparsekernels.bsr_gated_ffn_int8, x, *args)
 
 
@@ -97,4 +95,3 @@ def bsr_gated_ffn_int8(x: Tensor, gate: tuple, up: tuple, down: tuple,
                          f"{cu.numel() - 1} of {tuple(vu.shape[1:])}")
     return torch.ops.sparsekernels.bsr_gated_ffn_int8(x, *gate, *up, *down, activation, scheme,
                                                       Backend.parse(backend).value)
-

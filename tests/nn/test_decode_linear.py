@@ -27,8 +27,9 @@ def calls(monkeypatch):
     """How many calls reached the extension's entry."""
     need()
     seen = []
-    entry = decode_linear._direct()
-    monkeypatch.setattr(decode_linear, "_ENTRY", [lambda *a: seen.append(1) or entry(*a)])
+    entry = decode_linear.direct_dense_linear()
+    monkeypatch.setattr(decode_linear, "direct_dense_linear",
+                        lambda: lambda *a: seen.append(1) or entry(*a))
     return seen
 
 

@@ -124,11 +124,11 @@ def test_kernel_mode_fuses_ffns_and_matches_the_masked_model(family, monkeypatch
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, real=real: calls.append(1) or real(*a),
                             raising=False)
-    for key in ("ffn", "gated"):
-        real = sparse_ffn._DIRECT[key]
+    for getter in ("direct_ffn", "direct_gated_ffn"):
+        real = getattr(sparse_ffn, getter)()
         if real is not None:
-            monkeypatch.setitem(sparse_ffn._DIRECT, key,
-                                lambda *a, real=real: calls.append(1) or real(*a))
+            monkeypatch.setattr(sparse_ffn, getter,
+                                lambda real=real: lambda *a: calls.append(1) or real(*a))
     model, dummy, reference, report = kernel_model(family)
     fused = [k for k, v in report.fused_ffn.items() if v.startswith("fused")]
     assert len(fused) == FUSED_PER_FAMILY[family], report.fused_ffn

@@ -140,12 +140,12 @@ def test_fused_ffn_runs_its_kernel_directly(gated, dtype, monkeypatch):
     ffn = SparseFFN(sparse(128, 64), sparse(64, 128), "silu" if gated else "gelu",
                     gate=gate).eval().to(dtype)
     x = torch.randn(2, 7, 64, dtype=dtype)
-    key, name = ("gated", "bsr_gated_ffn") if gated else ("ffn", "bsr_ffn")
+    getter, name = ("direct_gated_ffn", "bsr_gated_ffn") if gated else ("direct_ffn", "bsr_ffn")
     direct_calls, via_op = [], []
-    entry = sparse_ffn._DIRECT[key]
+    entry = getattr(sparse_ffn, getter)()
     assert entry is not None
-    monkeypatch.setitem(sparse_ffn._DIRECT, key,
-                        lambda *a: direct_calls.append(1) or entry(*a))
+    monkeypatch.setattr(sparse_ffn, getter,
+                        lambda: lambda *a: direct_calls.append(1) or entry(*a))
     for op in (name, name + "_packed"):
         real = getattr(torch.ops.sparsekernels, op)
         monkeypatch.setattr(torch.ops.sparsekernels, op,
