@@ -39,4 +39,9 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("comp"), pybind11::arg("scale"),
         pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("bias"),
         pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("w8_max_rows"));
+  m.def("add_layer_norm", &sparsekernels::cpu::add_layer_norm_cpu,
+        "layer_norm(x + residual) on the CPU for an eager call that needs no gradient (the op "
+        "add_layer_norm_cpu without the dispatcher)",
+        pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"),
+        pybind11::arg("bias"), pybind11::arg("eps"));
 }

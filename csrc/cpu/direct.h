@@ -68,5 +68,12 @@ at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
                                  const std::optional<at::Tensor>& bias, const std::string& scheme,
                                  int64_t in_features, int64_t w8_max_rows);
 
+// sparsekernels::add_layer_norm on the CPU (add_layer_norm.cpp): layer_norm(x + residual) for
+// float32 / bfloat16 rows; weight and bias optional, float32 or x's dtype. Raises with what is
+// wrong; the registered op add_layer_norm_cpu is the same function.
+at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, double eps);
+
 }  // namespace cpu
 }  // namespace sparsekernels

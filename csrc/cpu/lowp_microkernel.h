@@ -32,6 +32,7 @@
 #define SK_LOWP_X86 1
 #define SK_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define SK_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define SK_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #endif
 
 namespace sparsekernels {
@@ -40,6 +41,7 @@ namespace lowp {
 
 // ---- what this CPU runs ------------------------------------------------------------------
 struct Features {
+  bool avx512 = false;  // F, BW, VL, DQ: what every AVX-512 path here needs
   bool bf16 = false;
   bool vnni = false;
 };
@@ -50,6 +52,7 @@ inline Features detect_features() {
   __builtin_cpu_init();
   const bool base = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  f.avx512 = base;
   f.bf16 = base && __builtin_cpu_supports("avx512bf16");
   f.vnni = base && __builtin_cpu_supports("avx512vnni");
 #endif
@@ -67,6 +70,7 @@ inline bool forced_generic() {
   const char* v = std::getenv("SPARSEKERNELS_CPU_ISA");
   return v != nullptr && std::strcmp(v, "generic") == 0;
 }
+inline bool use_avx512() { return features().avx512 && !forced_generic(); }
 inline bool use_bf16() { return features().bf16 && !forced_generic(); }
 inline bool use_vnni() { return features().vnni && !forced_generic(); }
 

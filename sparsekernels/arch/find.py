@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparsekernels.arch import layers, names
-from sparsekernels.arch.sites import AttentionSite, FFNSite
+from sparsekernels.arch.sites import AddNormSite, AttentionSite, FFNSite
 
 
 class StructureError(ValueError):
@@ -292,5 +292,29 @@ def find_ffn(model: nn.Module) -> list[FFNSite]:
             sites.append(FFNSite(name, up, down, units, gate, pattern.gate_up_fused, act,
                                  activation_name(act_value), dropout,
                                  _layer_of(name, layer_paths)))
+            break
+    return sites
+
+
+# --- post-norm residual blocks -----------------------------------------------------------
+def find_add_norm(model: nn.Module) -> list[AddNormSite]:
+    """Every module the patterns of arch.names.ADD_NORM_PATTERNS describe: a weight layer, a
+    dropout and a LayerNorm over the layer's width as its children. What its forward computes
+    is not read here: nn.add_norm checks that on a probe before it changes anything."""
+    modules = dict(model.named_modules())
+    layer_paths = _layer_index(model)
+    sites = []
+    for name in modules:
+        for pattern in names.ADD_NORM_PATTERNS:
+            parts = [_resolve(modules, name, rel) for rel in (pattern.dense, pattern.dropout,
+                                                                pattern.norm)]
+            if None in parts:
+                continue
+            dense, dropout, norm = (modules[p] for p in parts)
+            if not (_is_weight_layer(dense) and isinstance(dropout, nn.Dropout)
+                    and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+                    and norm.normalized_shape[0] == _width(dense)):
+                continue
+            sites.append(AddNormSite(name, *parts, _layer_of(name, layer_paths)))
             break
     return sites

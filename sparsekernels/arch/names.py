@@ -101,6 +101,23 @@ FFN_PATTERNS = (
                gate_up_fused=True, families="Phi-3"),
 )
 
+# --- post-norm residual blocks -----------------------------------------------------------
+@dataclass(frozen=True)
+class AddNormPattern:
+    """A module whose forward(hidden_states, input_tensor) returns
+    norm(dropout(dense(hidden_states)) + input_tensor): child paths of its parts."""
+
+    dense: str
+    dropout: str
+    norm: str
+    families: str = ""
+
+
+ADD_NORM_PATTERNS = (
+    AddNormPattern("dense", "dropout", "LayerNorm",
+                   families="BERT, RoBERTa, ELECTRA (attention and FFN outputs)"),
+)
+
 # transformers' activation classes (4.x and 5.x names) -> the kernels' activation names
 ACTIVATION_CLASSES = {
     "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",

@@ -156,3 +156,18 @@ class FFNSite:
         if isinstance(value, torch.nn.Module):
             value = getattr(value, "p", 0.0)
         return float(value or 0.0)
+
+
+@dataclass(frozen=True)
+class AddNormSite:
+    """A post-norm block's end, one module: norm(dropout(dense(h)) + residual).
+
+    name: the module (its forward takes h and the residual); dense, dropout, norm: paths of
+    its parts (the norm a torch LayerNorm over the last dim).
+    """
+
+    name: str
+    dense: str
+    dropout: str
+    norm: str
+    layer: Optional[str] = None

@@ -21,6 +21,8 @@ bsr_gated_ffn_int8). unfuse_ffn_ undoes both.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -338,21 +340,31 @@ def _gated_plan(model: nn.Module, site):
 
 def _computes_the_same(mlp: nn.Module, state: _GatedFused) -> bool:
     """The module's own forward and the fused op agree on a random input (the map found
-    the layers and the activation; this checks that the forward combines them as assumed)."""
+    the layers and the activation; this checks that the forward combines them as assumed).
+    It runs on a copy of the MLP with random weights: a model being loaded does not hold its
+    values yet when its record is replayed, and the answer must not depend on them."""
+    paths = {id(m): n for n, m in mlp.named_modules()}
+    probe = copy.deepcopy(mlp)
+    try:
+        layers = [probe.get_submodule(paths[id(layer)])
+                  for layer in (state.gate, state.up, state.down)]
+        with torch.no_grad():
+            for t in itertools.chain(probe.parameters(), probe.buffers()):
+                if t.is_floating_point():
+                    t.normal_()
+    except Exception:  # a layer outside the MLP, or tensors without storage (meta)
+        return False
+    state = _GatedFused(state.name, *layers, state.activation, state.dropout_p)
     values = state.gate.values
     dtype = torch.float32 if values.dtype == torch.int8 else values.dtype  # int8: fp32 inputs
     x = torch.randn(3, state.gate.in_features, dtype=dtype, device=values.device)
-    modes = {m: m.training for m in mlp.modules()}
     try:
-        mlp.eval()
+        probe.eval()
         with torch.no_grad():
-            want = type(mlp).forward(mlp, x)
+            want = type(probe).forward(probe, x)
             got = _run_gated(state, x)
     except Exception:  # a forward that needs more than x
         return False
-    finally:
-        for m, training in modes.items():
-            m.training = training
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         return False
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2

@@ -225,6 +225,8 @@ def _check_change(model: nn.Module, name: str, change) -> None:
         fail(f"the model has no module {name!r}: was the record written for another model?")
     if op == "decode_linear" and not isinstance(module, nn.Linear):
         fail(f"only an nn.Linear runs the decode GEMV, this module is {type(module).__name__}")
+    if op == "fuse_add_norm" and not any(isinstance(c, nn.LayerNorm) for c in module.children()):
+        fail(f"{type(module).__name__} holds no LayerNorm: it is not a post-norm block")
     allowed = {"weight_layer": WEIGHT_LAYER_ATTRS, "heads": HEAD_ATTRS}.get(op, ())
     for attr in change.get("attrs", {}) if allowed else ():
         if attr not in allowed:
@@ -309,6 +311,7 @@ _CHANGE_FIELDS: dict[str, dict] = {
     "fuse_ffn": {},
     "quantize_int8": {},
     "decode_linear": {},
+    "fuse_add_norm": {},
 }
 
 
@@ -336,6 +339,7 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
     cache = ParamCache()  # a parameter shared by several modules (tied) stays shared
     fuse = False  # FFNs are fused once every SparseLinear exists
     decode: set[str] = set()  # Linears made DecodeLinear (after any dtype change)
+    add_norm: set[str] = set()  # post-norm blocks on the fused add + LayerNorm
     kernel_attention: dict[str, tuple[int, int]] = {}
 
     def empty(module, attr, shape):
@@ -390,6 +394,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 fuse = True
             elif op == "decode_linear":
                 decode.add(name)
+            elif op == "fuse_add_norm":
+                add_norm.add(name)
             else:  # validate_structure refused it already
                 raise AssertionError(op)
     if kernel_attention:
@@ -402,6 +408,10 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
         from sparsekernels.nn.decode_linear import decode_linears_
 
         decode_linears_(model, names=decode)
+    if add_norm:
+        from sparsekernels.nn.add_norm import fuse_add_norm_
+
+        fuse_add_norm_(model, names=add_norm)
 
 
 # --- T5: one relative position bias shared by every layer -----------------------------------

@@ -1,0 +1,128 @@
+"""A post-norm block's residual add and LayerNorm as one op: fuse_add_norm_ / unfuse_add_norm_.
+
+BERT-style encoders end each attention and FFN block in a module computing
+LayerNorm(dropout(dense(h)) + residual). fuse_add_norm_ gives each such module (found by the
+model map, arch.find_add_norm, and checked on a random probe) a forward that, in inference,
+runs dense and then sparsekernels::add_layer_norm: one pass over the activations where torch
+makes two ops and five. In training, or when a gradient is needed, the module's own forward
+runs. Parameters, module names and the state_dict do not change; ModelSpeedup's kernel and
+auto modes apply it and record it, so a loaded model is fused again.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsekernels.ops.add_layer_norm import add_layer_norm
+
+_STATE = "_add_norm"
+
+
+@dataclass
+class _AddNorm:
+    dense: nn.Module
+    dropout: nn.Dropout
+    norm: nn.LayerNorm
+
+
+def _inference(module: nn.Module, state: _AddNorm, *tensors) -> bool:
+    if module.training or (state.dropout.training and state.dropout.p > 0):
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    params = (state.norm.weight, state.norm.bias)
+    return not any(t is not None and t.requires_grad for t in (*tensors, *params)) and not any(
+        p.requires_grad for p in state.dense.parameters())
+
+
+def _fused_forward(self, hidden_states, input_tensor, *args, **kwargs):
+    """The module's forward once fused (bound to the module by fuse_add_norm_)."""
+    state = self.__dict__[_STATE]
+    if args or kwargs or not _inference(self, state, hidden_states, input_tensor):
+        return type(self).forward(self, hidden_states, input_tensor, *args, **kwargs)
+    norm = state.norm
+    return add_layer_norm(state.dense(hidden_states), input_tensor, norm.weight, norm.bias,
+                          norm.eps)
+
+
+def _probe_agrees(module: nn.Module, site) -> bool:
+    """The module's own forward and the fused one agree on random inputs (the map found the
+    parts; this checks that the forward combines them as norm(dropout(dense(h)) + residual)).
+    It runs on a copy with random weights: the result must not depend on the model's values,
+    which a model being loaded does not hold yet."""
+    from sparsekernels.arch import layers
+
+    probe = copy.deepcopy(module)
+    rel = len(site.name) + 1 if site.name else 0
+    state = _AddNorm(*(probe.get_submodule(p[rel:]) for p in (site.dense, site.dropout,
+                                                                site.norm)))
+    norm = state.norm
+    try:
+        with torch.no_grad():
+            for t in itertools.chain(probe.parameters(), probe.buffers()):
+                if t.is_floating_point():
+                    t.normal_()
+    except Exception:  # meta or otherwise storage-less tensors: nothing to run
+        return False
+    ref = norm.weight if norm.weight is not None else next(state.dense.parameters(), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device = ref.device if ref is not None else torch.device("cpu")
+    width = norm.normalized_shape[0]
+    k = getattr(state.dense, "in_features", None)
+    h = torch.randn(2, 3, k if isinstance(k, int) else layers.in_features(state.dense),
+                    dtype=dtype, device=device)
+    residual = torch.randn(2, 3, width, dtype=dtype, device=device)
+    try:
+        probe.eval()
+        with torch.no_grad():
+            want = type(probe).forward(probe, h, residual)
+            got = add_layer_norm(state.dense(h), residual, norm.weight, norm.bias, norm.eps)
+    except Exception:  # a forward that takes other arguments
+        return False
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype:
+        return False
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2  # bf16: torch rounds h + r
+    return bool((got.float() - want.float()).abs().max()
+                <= tol * want.float().abs().max().clamp_min(1e-6))
+
+
+def fuse_add_norm_(model: nn.Module, names=None) -> dict[str, str]:
+    """Fuse the residual add and LayerNorm of every post-norm block of `model` (those named
+    in `names`, default all), in place. Returns {module name: "fused" or why it was left}."""
+    from sparsekernels.arch.find import find_add_norm
+
+    report, plan = {}, []
+    for site in find_add_norm(model):
+        if names is not None and site.name not in names:
+            continue
+        module = model.get_submodule(site.name)
+        if _STATE in module.__dict__:
+            report[site.name] = "already fused"
+            continue
+        if not _probe_agrees(module, site):
+            report[site.name] = ("left as is: its forward is not norm(dropout(dense(h)) + "
+                                 "residual) on a random input")
+            continue
+        state = _AddNorm(*(model.get_submodule(p) for p in (site.dense, site.dropout, site.norm)))
+        plan.append((site.name, module, state))
+    for name, module, state in plan:  # every check passed: change the modules
+        module.__dict__[_STATE] = state
+        module.forward = types.MethodType(_fused_forward, module)
+        report[name] = "fused"
+    return report
+
+
+def unfuse_add_norm_(model: nn.Module) -> int:
+    """Undo fuse_add_norm_; returns how many modules."""
+    count = 0
+    for module in model.modules():
+        if _STATE in module.__dict__:
+            del module.__dict__[_STATE], module.__dict__["forward"]
+            count += 1
+    return count
