@@ -44,4 +44,9 @@ PYBIND11_MODULE(_C, m) {
         "add_layer_norm_cpu without the dispatcher)",
         pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"),
         pybind11::arg("bias"), pybind11::arg("eps"));
+  m.def("rms_norm", &sparsekernels::cpu::rms_norm_cpu,
+        "RMSNorm on the CPU for an eager call that needs no gradient (the op rms_norm_cpu "
+        "without the dispatcher)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"),
+        pybind11::arg("offset"), pybind11::arg("round_normed"));
 }

@@ -17,14 +17,11 @@
 #include <vector>
 
 #include "direct.h"
-#include "lowp_microkernel.h"
+#include "norm_rows.h"
 
 namespace sparsekernels {
 namespace cpu {
 namespace {
-
-using lowp::bf16_to_float;
-using lowp::float_to_bf16;
 
 // One row, portable: s into buf, then the statistics and the output.
 template <typename T>
@@ -46,36 +43,6 @@ void row_generic(const T* x, const T* r, const float* w, const float* b, float e
 }
 
 #ifdef SK_LOWP_X86
-// 16 lanes of a row at p, masked for the row's tail.
-SK_TARGET_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
-  return m == 0xffff ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-}
-SK_TARGET_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
-  const __m256i h = m == 0xffff ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                : _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-SK_TARGET_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) {
-  _mm512_mask_storeu_ps(p, m, v);
-}
-SK_TARGET_AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-// Round to nearest even as vcvtneps2bf16 (and float_to_bf16) does, with AVX-512F integer
-// operations, so the bf16 rows need no AVX-512 BF16.
-SK_TARGET_AVX512 inline __m256i round_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // quiet, sign kept
-  h = _mm512_mask_or_epi32(h, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(h);
-}
-SK_TARGET_AVX512 inline void store16(uint16_t* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, round_bf16(v));
-}
-SK_TARGET_AVX512 inline void store16(uint16_t* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf16(v));
-}
-
 // (buf[j:j+16] - mean) * rstd * w + b
 SK_TARGET_AVX512 inline __m512 normed(const float* buf, const float* w, const float* b, int64_t j,
                                       __mmask16 m, __m512 mean, __m512 rstd) {
@@ -131,40 +98,17 @@ template <typename T>
 void run(const T* x, const T* r, const float* w, const float* b, float eps, int64_t rows, int64_t n,
          T* y) {
   const bool wide = lowp::use_avx512();
-  // one thread below a fork / join's worth of work (a decode step's few rows)
-  const int nt = rows * n < (int64_t{1} << 15)
-                     ? 1
-                     : static_cast<int>(std::min<int64_t>(rows, at::get_num_threads()));
-  auto part = [&](int64_t r0, int64_t r1) {
+  for_row_parts(rows, n, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(n);
 #ifdef SK_LOWP_X86
-    if (wide) {
-      rows_avx512<T>(x, r, w, b, eps, n, r0, r1, buf.data(), y);
-      return;
-    }
+    if (wide) return rows_avx512<T>(x, r, w, b, eps, n, r0, r1, buf.data(), y);
 #endif
     for (int64_t i = r0; i < r1; ++i)
       row_generic<T>(x + i * n, r + i * n, w, b, eps, n, buf.data(), y + i * n);
-  };
-  if (nt == 1) return part(0, rows);
-#pragma omp parallel num_threads(nt)
-  {
-    const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
-    part(rows * t / k, rows * (t + 1) / k);
-  }
+  });
 }
 
 }  // namespace
-
-at::Tensor vector_param(const std::optional<at::Tensor>& p, int64_t n, const char* name) {
-  if (!p.has_value() || !p->defined()) return {};
-  TORCH_CHECK(p->dim() == 1 && p->size(0) == n && p->device().is_cpu() &&
-                  (p->scalar_type() == at::kFloat || p->scalar_type() == at::kBFloat16),
-              "sparsekernels: add_layer_norm's ", name, " must be a float32 or bfloat16 CPU ",
-              "vector of the rows' width ", n, ", got ", p->sizes(), " ", p->scalar_type(),
-              " on ", p->device());
-  return p->to(at::kFloat).contiguous();
-}
 
 at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
                               const std::optional<at::Tensor>& weight,
@@ -182,7 +126,8 @@ at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), "sparsekernels: add_layer_norm's eps must be a ",
               "finite number >= 0, got ", eps);
   const int64_t n = x.size(-1);
-  const at::Tensor w = vector_param(weight, n, "weight"), b = vector_param(bias, n, "bias");
+  const at::Tensor w = norm_param(weight, n, "add_layer_norm", "weight");
+  const at::Tensor b = norm_param(bias, n, "add_layer_norm", "bias");
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous();
   at::Tensor y = at::empty_like(xc);
   if (xc.numel() == 0 || n == 0) return y;

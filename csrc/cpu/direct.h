@@ -75,5 +75,11 @@ at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
                               const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias, double eps);
 
+// sparsekernels::rms_norm on the CPU (rms_norm.cpp): x / rms(x) * (weight, or 1 + weight with
+// offset), fp32 statistics; round_normed rounds x / rms to x's dtype before the weight. Raises
+// with what is wrong; the registered op rms_norm_cpu is the same function.
+at::Tensor rms_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                        double eps, bool offset, bool round_normed);
+
 }  // namespace cpu
 }  // namespace sparsekernels

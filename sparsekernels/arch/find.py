@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparsekernels.arch import layers, names
-from sparsekernels.arch.sites import AddNormSite, AttentionSite, FFNSite
+from sparsekernels.arch.sites import AddNormSite, AttentionSite, FFNSite, RMSNormSite
 
 
 class StructureError(ValueError):
@@ -317,4 +317,28 @@ def find_add_norm(model: nn.Module) -> list[AddNormSite]:
                 continue
             sites.append(AddNormSite(name, *parts, _layer_of(name, layer_paths)))
             break
+    return sites
+
+
+# --- RMS norms -------------------------------------------------------------------------------
+def find_rms_norms(model: nn.Module) -> list[RMSNormSite]:
+    """Every RMS norm (a model's own *RMSNorm class or torch.nn.RMSNorm) with a 1-D weight and
+    an epsilon attribute; norms narrowed by a hidden-dim resize (which normalise over more
+    features than they keep) are left out. What the forward computes is not read here:
+    nn.rms_norm checks that on a probe."""
+    layer_paths = _layer_index(model)
+    sites = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (layers.type_name(module) != "RMSNorm" or getattr(module, "_sparsekernels_pruned", False)
+                or not isinstance(weight, torch.Tensor) or weight.dim() != 1):
+            continue
+        eps_attr = next((a for a in names.RMS_NORM_EPS_ATTRS if hasattr(module, a)), None)
+        if eps_attr is None:
+            continue
+        cls = type(module).__name__
+        offset = cls in names.RMS_NORM_OFFSET_CLASSES
+        round_normed = not offset and cls not in names.RMS_NORM_FP32_PRODUCT_CLASSES
+        sites.append(RMSNormSite(name, offset, round_normed, eps_attr,
+                                 _layer_of(name, layer_paths)))
     return sites

@@ -58,6 +58,11 @@ PARTIAL_ROTARY_ATTRS = ("partial_rotary_factor",)
 # scale by (1 + weight) instead of weight (Gemma) are listed by name.
 RMS_NORM_SUFFIX = "RMSNorm"
 RMS_NORM_OFFSET_CLASSES = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "Gemma3nRMSNorm")
+# Where an RMS norm keeps its epsilon, read in order (Llama-style: variance_epsilon).
+RMS_NORM_EPS_ATTRS = ("variance_epsilon", "eps")
+# RMS norms that multiply by the weight in fp32 and round once (torch.nn.RMSNorm; the offset
+# classes above do too); the others round x / rms to the input dtype first, as Llama does.
+RMS_NORM_FP32_PRODUCT_CLASSES = ("RMSNorm",)
 # Attention features the block-sparse kernels do not run (the module keeps its own attention).
 SOFTCAP_ATTRS = ("attn_logit_softcapping",)
 # BERT's relative position scores (relative_key / relative_key_query): its embedding module.

@@ -171,3 +171,18 @@ class AddNormSite:
     dropout: str
     norm: str
     layer: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RMSNormSite:
+    """An RMS norm module: x / rms(x) * w, w its weight or (offset) 1 + weight.
+
+    eps_attr: the attribute holding its epsilon. round_normed: x / rms is rounded to the input
+    dtype before the weight multiplies it (Llama style), else the product is in fp32.
+    """
+
+    name: str
+    offset: bool
+    round_normed: bool
+    eps_attr: str
+    layer: Optional[str] = None

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import copy
 import itertools
-import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from sparsekernels.nn.forward_swap import restore_forwards, swap_forward, swapped
 from sparsekernels.ops.add_layer_norm import add_layer_norm
 
 _STATE = "_add_norm"
@@ -102,7 +102,7 @@ def fuse_add_norm_(model: nn.Module, names=None) -> dict[str, str]:
         if names is not None and site.name not in names:
             continue
         module = model.get_submodule(site.name)
-        if _STATE in module.__dict__:
+        if swapped(module, _STATE):
             report[site.name] = "already fused"
             continue
         if not _probe_agrees(module, site):
@@ -112,17 +112,11 @@ def fuse_add_norm_(model: nn.Module, names=None) -> dict[str, str]:
         state = _AddNorm(*(model.get_submodule(p) for p in (site.dense, site.dropout, site.norm)))
         plan.append((site.name, module, state))
     for name, module, state in plan:  # every check passed: change the modules
-        module.__dict__[_STATE] = state
-        module.forward = types.MethodType(_fused_forward, module)
+        swap_forward(module, _STATE, state, _fused_forward)
         report[name] = "fused"
     return report
 
 
 def unfuse_add_norm_(model: nn.Module) -> int:
     """Undo fuse_add_norm_; returns how many modules."""
-    count = 0
-    for module in model.modules():
-        if _STATE in module.__dict__:
-            del module.__dict__[_STATE], module.__dict__["forward"]
-            count += 1
-    return count
+    return restore_forwards(model, _STATE)

@@ -153,6 +153,7 @@ class SpeedupReport:
     fused_ffn: dict[str, str] = field(default_factory=dict)  # FFN -> "fused (act)" or why not
     decode_linears: list[str] = field(default_factory=list)  # dense Linears on the decode GEMV
     fused_add_norm: dict[str, str] = field(default_factory=dict)  # block -> "fused" or why not
+    rms_norms: dict[str, str] = field(default_factory=dict)  # RMS norm -> "kernel" or why not
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -184,6 +185,10 @@ class SpeedupReport:
             lines.append(f"  fused residual add + LayerNorm (add_layer_norm): {len(done)} of "
                          f"{len(self.fused_add_norm)}")
             lines += [f"    {k}: {v}" for k, v in self.fused_add_norm.items() if k not in done]
+        if self.rms_norms:
+            done = [k for k, v in self.rms_norms.items() if v == "kernel"]
+            lines.append(f"  RMS norms on one op (rms_norm): {len(done)} of {len(self.rms_norms)}")
+            lines += [f"    {k}: {v}" for k, v in self.rms_norms.items() if k not in done]
         if self.decode_linears:
             lines.append(f"  dense Linears on the decode GEMV (DecodeLinear): "
                          f"{len(self.decode_linears)}")
@@ -208,9 +213,10 @@ class ModelSpeedup:
     dense_decode: in kernel and auto modes, the Linears left dense (an LM head, unpruned
     layers) become DecodeLinear: calls of a few rows run sparsekernels' decode GEMV on the
     CPU (sparsekernels.nn.decode_linear; parameters, tying and state_dict unchanged).
-    fuse_add_norm: in kernel and auto modes, each post-norm block's residual add and
-    LayerNorm (BERT's attention and FFN outputs) run as one op in inference
-    (sparsekernels.nn.add_norm; names and state_dict unchanged).
+    fuse_norms: in kernel and auto modes, each post-norm block's residual add and LayerNorm
+    (BERT's attention and FFN outputs) and each RMS norm (the decoder LLMs') run as one op in
+    inference (sparsekernels.nn.add_norm, sparsekernels.nn.rms_norm; names and state_dict
+    unchanged).
     dtype: what the sparse layers run in (kernel and auto modes): torch.float32 (default),
     torch.bfloat16 (the model is cast to bf16) or "int8" / torch.int8 (each SparseLinear
     becomes a QuantizedSparseLinear; see nn.quantized_sparse_linear.apply_dtype_). In int8
@@ -220,7 +226,7 @@ class ModelSpeedup:
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
                  block_size=(32, 32), backend: str = "auto", fuse_ffn: bool = True,
-                 dtype=None, dense_decode: bool = True, fuse_add_norm: bool = True):
+                 dtype=None, dense_decode: bool = True, fuse_norms: bool = True):
         from sparsekernels.ops.precision import parse_dtype
 
         self.dtype = parse_dtype(dtype)
@@ -235,7 +241,7 @@ class ModelSpeedup:
         self.block_size = check_block_size(block_size)
         self.backend = Backend.parse(backend).value
         for flag, value in (("fuse_ffn", fuse_ffn), ("dense_decode", dense_decode),
-                            ("fuse_add_norm", fuse_add_norm)):
+                            ("fuse_norms", fuse_norms)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
         if mode in ("kernel", "auto"):
@@ -244,7 +250,7 @@ class ModelSpeedup:
             _check_whole_rotary_heads(model, masks)
         self.model, self.dummy_input, self.masks, self.mode = model, dummy_input, masks, mode
         self.fuse_ffn, self.dense_decode = fuse_ffn, dense_decode
-        self.fuse_add_norm = fuse_add_norm
+        self.fuse_norms = fuse_norms
         self.report = SpeedupReport(mode)
         self.structure: dict[str, list[dict]] = defaultdict(list)
 
@@ -257,13 +263,18 @@ class ModelSpeedup:
             if status.startswith("fused"):
                 self.structure[name].append({"op": "fuse_ffn"})
 
-    def _fuse_add_norm(self) -> None:
+    def _fuse_norms(self) -> None:
         from sparsekernels.nn.add_norm import fuse_add_norm_
+        from sparsekernels.nn.rms_norm import rms_norms_
 
         self.report.fused_add_norm = fuse_add_norm_(self.model)
         for name, status in self.report.fused_add_norm.items():
             if status == "fused":
                 self.structure[name].append({"op": "fuse_add_norm"})
+        self.report.rms_norms = rms_norms_(self.model)
+        for name, status in self.report.rms_norms.items():
+            if status == "kernel":
+                self.structure[name].append({"op": "rms_norm"})
 
     def _dense_decode(self) -> None:
         from sparsekernels.nn.decode_linear import decode_linears_
@@ -561,8 +572,8 @@ class ModelSpeedup:
                     self._fuse_ffn()
                 if self.mode in ("kernel", "auto") and self.dense_decode:
                     self._dense_decode()
-                if self.mode in ("kernel", "auto") and self.fuse_add_norm:
-                    self._fuse_add_norm()
+                if self.mode in ("kernel", "auto") and self.fuse_norms:
+                    self._fuse_norms()
         finally:
             self.model.train(was_training)
         record = dict(getattr(self.model, "_" + STRUCTURE_ATTR, {}) or {})

@@ -227,6 +227,8 @@ def _check_change(model: nn.Module, name: str, change) -> None:
         fail(f"only an nn.Linear runs the decode GEMV, this module is {type(module).__name__}")
     if op == "fuse_add_norm" and not any(isinstance(c, nn.LayerNorm) for c in module.children()):
         fail(f"{type(module).__name__} holds no LayerNorm: it is not a post-norm block")
+    if op == "rms_norm" and layers.type_name(module) != "RMSNorm":
+        fail(f"{type(module).__name__} is not an RMS norm")
     allowed = {"weight_layer": WEIGHT_LAYER_ATTRS, "heads": HEAD_ATTRS}.get(op, ())
     for attr in change.get("attrs", {}) if allowed else ():
         if attr not in allowed:
@@ -312,6 +314,7 @@ _CHANGE_FIELDS: dict[str, dict] = {
     "quantize_int8": {},
     "decode_linear": {},
     "fuse_add_norm": {},
+    "rms_norm": {},
 }
 
 
@@ -340,6 +343,7 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
     fuse = False  # FFNs are fused once every SparseLinear exists
     decode: set[str] = set()  # Linears made DecodeLinear (after any dtype change)
     add_norm: set[str] = set()  # post-norm blocks on the fused add + LayerNorm
+    rms: set[str] = set()  # RMS norms on the rms_norm op
     kernel_attention: dict[str, tuple[int, int]] = {}
 
     def empty(module, attr, shape):
@@ -396,6 +400,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 decode.add(name)
             elif op == "fuse_add_norm":
                 add_norm.add(name)
+            elif op == "rms_norm":
+                rms.add(name)
             else:  # validate_structure refused it already
                 raise AssertionError(op)
     if kernel_attention:
@@ -412,6 +418,10 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
         from sparsekernels.nn.add_norm import fuse_add_norm_
 
         fuse_add_norm_(model, names=add_norm)
+    if rms:
+        from sparsekernels.nn.rms_norm import rms_norms_
+
+        rms_norms_(model, names=rms)
 
 
 # --- T5: one relative position bias shared by every layer -----------------------------------

@@ -125,7 +125,7 @@ def test_speedup_records_and_reloads(tmp_path):
         assert torch.equal(output_of(loaded, dummy), expected)
     # off: nothing fused
     ModelSpeedup(reference, dummy, masks, mode="kernel", block_size=(16, 16),
-                 fuse_add_norm=False).speedup_model()
+                 fuse_norms=False).speedup_model()
     assert not any("_add_norm" in m.__dict__ for m in reference.modules())
 
 
