@@ -737,9 +737,10 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
   }
 }
 
+// out: row (b, h, i) at b * so[0] + h * so[1] + i * so[2] (unit stride along D).
 template <typename Tile>
 void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLists& kv,
-             typename Tile::E* out, typename Tile::A* stats) {
+             typename Tile::E* out, const int64_t (&so)[3], typename Tile::A* stats) {
   using A = typename Tile::A;
   const int64_t G = P.G, bq = P.bq, bk = P.bk, D = P.D;
   const int64_t rows = std::min(bq, P.Lq);  // rows of a query block, at most
@@ -771,7 +772,8 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
           const A mr = w.m[g * rows + r], lr = w.l[g * rows + r];
           if (splits == 1) {
             A* st = stats + bh * 2 * P.Lq + q0 + r;
-            finish_row<Tile>(o, mr, lr, D, out + (bh * P.Lq + q0 + r) * D, st, st + P.Lq);
+            finish_row<Tile>(o, mr, lr, D, out + b * so[0] + (hk * G + g) * so[1] + (q0 + r) * so[2],
+                             st, st + P.Lq);
           } else {
             A* dst = parts.data() + ((u * G + g) * rows + r) * part_ld;
             std::copy(o, o + D, dst);
@@ -807,7 +809,8 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
             for (int64_t d = 0; d < D; ++d) o[d] += p[d] * wgt;
           }
           A* st = stats + bh * 2 * P.Lq + q0 + r;
-          finish_row<Tile>(o, mx, lsum, D, out + (bh * P.Lq + q0 + r) * D, st, st + P.Lq);
+          finish_row<Tile>(o, mx, lsum, D, out + b * so[0] + (hk * G + g) * so[1] + (q0 + r) * so[2],
+                           st, st + P.Lq);
         }
       }
     }
@@ -1042,7 +1045,11 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   const auto acc = ct == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor q = rows(q_in, ct), k = rows(k_in, ct), v = rows(v_in, ct);
   const at::Tensor m = prepare_mask(mask, acc, q, k);
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(ct));
+  // out [B, H, Lq, D] as a view of [B, Lq, H, D] memory (as SDPA's CPU flash kernel returns
+  // it): a model's attention output goes back to [B, Lq, H * D] with no copy
+  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options().dtype(ct))
+                       .transpose(1, 2);
+  const int64_t so[3] = {out.stride(0), out.stride(1), out.stride(2)};
   at::Tensor stats = at::empty({q.size(0), q.size(1), 2, q.size(2)}, q.options().dtype(acc));
   const int64_t nq = (q.size(2) + block_q - 1) / block_q, nk = (k.size(2) + block_k - 1) / block_k;
   const at::Tensor lay = check_layout(layout_in, q, nq, nk);
@@ -1054,7 +1061,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
       using E = typename Tile::E;
       using A = typename Tile::A;
       const auto P = make_problem<E, A>(shape, q, k, v, m, scale);
-      forward<Tile>(P, kv, reinterpret_cast<E*>(out.data_ptr()), stats.data_ptr<A>());
+      forward<Tile>(P, kv, reinterpret_cast<E*>(out.data_ptr()), so, stats.data_ptr<A>());
     };
 #ifdef SPARSEKERNELS_BF16_DOT
     if (bf16_dot) run(Bf16Tile{});

@@ -192,8 +192,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, attn_mask: Optiona
     if chosen is Backend.TRITON:
         idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False, lq=lq,
                                 lk=lk, window=window)
-        return _triton().forward(q, k, v, idx, cnt, mask, causal, window, scale, block_q,
-                                 block_k, dropout_p, seed)
+        out, stats = _triton().forward(q, k, v, idx, cnt, mask, causal, window, scale, block_q,
+                                       block_k, dropout_p, seed)
+        return _out_layout(out), stats
     if chosen is Backend.CUDA:
         idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=True, lq=lq,
                                 lk=lk, window=window)
@@ -202,7 +203,16 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, attn_mask: Optiona
     drop = _dropout_mask(seed, (b, q.shape[1], lq, lk), dropout_p, q.device)
     out, stats = ref.block_sparse_attention(q, k, v, _layout4(layout), (block_q, block_k),
                                             mask, causal, scale, drop, dropout_p, window)
-    return out.contiguous(), stats.contiguous()
+    return _out_layout(out), stats.contiguous()
+
+
+def _out_layout(out: Tensor) -> Tensor:
+    """The op's output layout: on the CPU, [B, H, Lq, D] as a view of [B, Lq, H, D] memory
+    (as the C++ kernel writes it, and SDPA's CPU flash kernel returns it: the caller's
+    transpose back to [B, Lq, H * D] copies nothing); contiguous elsewhere."""
+    if out.device.type != "cpu":
+        return out.contiguous()
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 _block_sparse_attention = torch.library.custom_op("sparsekernels::block_sparse_attention",
@@ -213,7 +223,7 @@ _block_sparse_attention = torch.library.custom_op("sparsekernels::block_sparse_a
 def _(q, k, v, layout, attn_mask, causal, window, scale, block_q, block_k, dropout_p, seed,
       backend):
     b, h, lq, _ = q.shape
-    out = q.new_empty((b, h, lq, v.shape[-1]))
+    out = _out_layout(q.new_empty((b, h, lq, v.shape[-1])))
     stats = q.new_empty((b, h, 2, lq), dtype=stats_dtype(q.dtype))
     return out, stats
 
@@ -419,6 +429,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     key blocks entirely outside it are skipped.
     scale: defaults to 1/sqrt(D). dropout_p: attention-probability dropout (training).
     Rows with no allowed key (Lk = 0 included) return zeros, with zero gradients.
+    The output is [B, H, Lq, D]; on the CPU it is a view of [B, Lq, H, D] memory, as SDPA's
+    CPU kernel returns it (out.transpose(1, 2) is contiguous).
     backend: auto (on CPU an all-true layout with more than 16 queries runs as dense SDPA),
     triton, cuda, cpu or reference (SPARSEKERNELS_BACKEND overrides auto).
     """

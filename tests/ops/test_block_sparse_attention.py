@@ -171,6 +171,8 @@ def test_dtypes(backend, dtype):
     layout = random_layout(h, 2, 2, 0.5)
     out = block_sparse_attention(q, k, v, layout, bs, backend=backend)
     assert out.dtype == dtype
+    # on the CPU, a view of [B, Lq, H, D] memory (SDPA's CPU layout): no copy to go back
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
     g = torch.randn_like(out)
     out.backward(g)
     truth, base = expected(q, k, v, layout, bs, None, False, g)
