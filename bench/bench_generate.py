@@ -4,8 +4,10 @@
 Every decoder Linear (q, k, v, o, gate, up, down of the 30 layers) keeps the blocks of
 largest norm at the given block sparsity (kernel and auto modes); the tied 49,152 x 576
 embedding / LM head stays dense. Resize removes whole things only, so its row prunes that
-fraction of FFN units (gate row, up row, down column) instead and keeps attention. Batch 1, a --prompt-token prompt, --new new tokens, greedy, transformers' own
-generate() and KV cache (eager attention, fp32).
+fraction of FFN units (gate row, up row, down column) instead and keeps attention. Kernel
+mode also runs at --mode-sparsity in --dtypes (bf16: the model in bf16; int8: int8 blocks
+with fp32 activations). Batch 1, a --prompt-token prompt, --new new tokens, greedy,
+transformers' own generate() and KV cache (eager attention, fp32).
 
 Columns: prefill_ms (generate() of one token: the prompt's forward), decode_ms per new token
 ((generate() of --new tokens - prefill) / (new - 1)), tok_s = 1000 / decode_ms, ratios
@@ -104,6 +106,9 @@ def main(argv=None) -> int:
                    choices=["kernel", "auto", "resize"])
     p.add_argument("--mode-sparsity", type=float, default=0.7,
                    help="auto and resize run at this sparsity only (kernel at all)")
+    p.add_argument("--dtypes", nargs="*", default=["bf16", "int8"], choices=["bf16", "int8"],
+                   help="kernel mode at --mode-sparsity in these dtypes too (the model in "
+                        "bf16; int8 blocks with fp32 activations)")
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
@@ -134,10 +139,14 @@ def main(argv=None) -> int:
     for mode in args.modes:
         if mode != "kernel":
             configs.append((mode, args.mode_sparsity, None))
+    for dtype in args.dtypes:
+        configs.append(("kernel", args.mode_sparsity, dtype))
+    dtypes = {"bf16": torch.bfloat16, "int8": "int8"}
     models, rows = {}, {}
-    for mode, s, _ in configs:
+    for mode, s, dtype in configs:
         key = "dense" if mode == "dense" else \
-            f"{mode}{' ffn' if mode == 'resize' else ''} {int(round(s * 100))}%"
+            f"{mode}{' ffn' if mode == 'resize' else ''} {int(round(s * 100))}%" + (
+                f" {dtype}" if dtype else "")
         t0 = time.perf_counter()
         if mode == "dense":
             model, err, same = base, 0.0, True
@@ -146,17 +155,17 @@ def main(argv=None) -> int:
                 block_masks(base, names, block, s)
             masked = masked_copy(base, masks)
             model = copy.deepcopy(base)
-            ModelSpeedup(model, {"input_ids": ids}, masks, mode=mode,
-                         block_size=block).speedup_model()
+            ModelSpeedup(model, {"input_ids": ids}, masks, mode=mode, block_size=block,
+                         dtype=dtypes.get(dtype)).speedup_model()
             with torch.inference_mode():
                 want = masked(ids).logits
-                got = model(ids).logits
+                got = model(ids).logits.float()
             err = ((got - want).abs().max() / want.abs().max()).item()
             n = args.check_tokens
             same = torch.equal(generate(model, ids, n), generate(masked, ids, n))
             del masked
         models[key] = model
-        rows[key] = {"model": key, "mode": mode, "sparsity": s or 0.0,
+        rows[key] = {"model": key, "mode": mode, "sparsity": s or 0.0, "dtype": dtype or "fp32",
                      "weights_mb": model_bytes(model) / 2**20, "max_rel_err": err,
                      "same_tokens": same, "build_s": time.perf_counter() - t0}
         print(f"built {key}: {rows[key]['weights_mb']:.0f} MB, err {err:.2e}, "
@@ -191,7 +200,10 @@ def main(argv=None) -> int:
     notes = [f"- SmolLM2-135M-Instruct fp32 (eager attention), batch 1, {args.prompt}-token "
              f"prompt, {args.new} new tokens, greedy; blocks {block[0]}x{block[1]} kept by "
              "norm in every decoder Linear (kernel, auto); resize ffn: that fraction of FFN "
-             "units removed, attention kept; embedding / LM head dense",
+             "units removed, attention kept; embedding / LM head dense; bf16 / int8: kernel "
+             "mode in that dtype (bf16: the whole model; int8: int8 blocks, fp32 activations, "
+             "the tied embedding / LM head fp32); max_rel_err and same_tokens against the "
+             "masked fp32 model",
              f"- copy bandwidth measured in this run: {bandwidth / 1e9:.1f} GB/s; "
              f"medians of {args.reps} generate() runs per model, the models taking turns",
              "- prefill_x / decode_x: dense time / this model's time (same run)"]
