@@ -106,9 +106,10 @@ def main(argv=None) -> int:
                    choices=["kernel", "auto", "resize"])
     p.add_argument("--mode-sparsity", type=float, default=0.7,
                    help="auto and resize run at this sparsity only (kernel at all)")
-    p.add_argument("--dtypes", nargs="*", default=["bf16", "int8"], choices=["bf16", "int8"],
+    p.add_argument("--dtypes", nargs="*", default=["bf16", "int8", "int8-w8"],
+                   choices=["bf16", "int8", "int8-w8"],
                    help="kernel mode at --mode-sparsity in these dtypes too (the model in "
-                        "bf16; int8 blocks with fp32 activations)")
+                        "bf16; int8 blocks with fp32 activations, int8_scheme auto or w8)")
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
@@ -141,7 +142,8 @@ def main(argv=None) -> int:
             configs.append((mode, args.mode_sparsity, None))
     for dtype in args.dtypes:
         configs.append(("kernel", args.mode_sparsity, dtype))
-    dtypes = {"bf16": torch.bfloat16, "int8": "int8"}
+    dtypes = {"bf16": (torch.bfloat16, "auto"), "int8": ("int8", "auto"),
+              "int8-w8": ("int8", "w8")}
     models, rows = {}, {}
     for mode, s, dtype in configs:
         key = "dense" if mode == "dense" else \
@@ -155,8 +157,9 @@ def main(argv=None) -> int:
                 block_masks(base, names, block, s)
             masked = masked_copy(base, masks)
             model = copy.deepcopy(base)
+            dt, scheme = dtypes.get(dtype, (None, "auto"))
             ModelSpeedup(model, {"input_ids": ids}, masks, mode=mode, block_size=block,
-                         dtype=dtypes.get(dtype)).speedup_model()
+                         dtype=dt, int8_scheme=scheme).speedup_model()
             with torch.inference_mode():
                 want = masked(ids).logits
                 got = model(ids).logits.float()
@@ -202,8 +205,9 @@ def main(argv=None) -> int:
              "norm in every decoder Linear (kernel, auto); resize ffn: that fraction of FFN "
              "units removed, attention kept; embedding / LM head dense; bf16 / int8: kernel "
              "mode in that dtype (bf16: the whole model; int8: int8 blocks, fp32 activations, "
-             "the tied embedding / LM head fp32); max_rel_err and same_tokens against the "
-             "masked fp32 model",
+             "the tied embedding / LM head fp32, int8_scheme auto: int8 activations above 16 "
+             "tokens a call, i.e. the prefill; int8-w8: weight-only throughout); max_rel_err "
+             "and same_tokens against the masked fp32 model",
              f"- copy bandwidth measured in this run: {bandwidth / 1e9:.1f} GB/s; "
              f"medians of {args.reps} generate() runs per model, the models taking turns",
              "- prefill_x / decode_x: dense time / this model's time (same run)"]

@@ -10,6 +10,7 @@ The model is changed in place and returned; `self.report` says what changed.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -139,6 +140,10 @@ def _check_backend_runs(model: nn.Module, backend: str) -> None:
                          f"({weights[0].dtype} on {weights[0].device}): {exc}") from None
 
 
+# int8 output error on the dummy input (max |dy| / max |y|) above which ModelSpeedup warns
+INT8_WARN_ERROR = 0.1
+
+
 @dataclass
 class SpeedupReport:
     mode: str
@@ -154,6 +159,9 @@ class SpeedupReport:
     decode_linears: list[str] = field(default_factory=list)  # dense Linears on the decode GEMV
     fused_add_norm: dict[str, str] = field(default_factory=dict)  # block -> "fused" or why not
     rms_norms: dict[str, str] = field(default_factory=dict)  # RMS norm -> "kernel" or why not
+    # int8: max |y_int8 - y_float| / max |y_float| on the dummy input, with activations
+    # quantized (w8a8) wherever the scheme may quantize them; None when not int8
+    int8_output_error: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -189,6 +197,8 @@ class SpeedupReport:
             done = [k for k, v in self.rms_norms.items() if v == "kernel"]
             lines.append(f"  RMS norms on one op (rms_norm): {len(done)} of {len(self.rms_norms)}")
             lines += [f"    {k}: {v}" for k, v in self.rms_norms.items() if k not in done]
+        if self.int8_output_error is not None:
+            lines.append(f"  int8 output error on the dummy input: {self.int8_output_error:.3g}")
         if self.decode_linears:
             lines.append(f"  dense Linears on the decode GEMV (DecodeLinear): "
                          f"{len(self.decode_linears)}")
@@ -222,14 +232,24 @@ class ModelSpeedup:
     becomes a QuantizedSparseLinear; see nn.quantized_sparse_linear.apply_dtype_). In int8
     the encoder / decoder layers' unpruned Linears are quantized too, every block kept, so a
     resized model (nothing left masked) runs int8 as well; heads and tied layers stay float.
+    int8_scheme: "auto" (weight-only up to ops.precision.W8_MAX_ROWS tokens a call, int8
+    activations with per-token scales above), "w8" (always weight-only: float activations) or
+    "w8a8". In int8 the output on the dummy input is compared with the float model's, with
+    activations quantized wherever the scheme may (report.int8_output_error); above
+    INT8_WARN_ERROR a warning says so: decoder LLMs' activation outliers defeat per-token int8
+    activations, and "w8" keeps them in float.
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
                  block_size=(32, 32), backend: str = "auto", fuse_ffn: bool = True,
-                 dtype=None, dense_decode: bool = True, fuse_norms: bool = True):
+                 dtype=None, dense_decode: bool = True, fuse_norms: bool = True,
+                 int8_scheme: str = "auto"):
+        from sparsekernels.ops.precision import int8_scheme as check_scheme
         from sparsekernels.ops.precision import parse_dtype
 
         self.dtype = parse_dtype(dtype)
+        check_scheme(1, int8_scheme)  # ValueError naming the schemes
+        self.int8_scheme = int8_scheme
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(dummy_input, (torch.Tensor, tuple, list, Mapping)):
@@ -286,10 +306,54 @@ class ModelSpeedup:
     def _apply_dtype(self) -> None:
         from sparsekernels.nn.quantized_sparse_linear import apply_dtype_
 
-        for name in apply_dtype_(self.model, self.dtype, names=set(self.report.sparse)):
-            self.structure[name].append({"op": "quantize_int8"})
+        for name in apply_dtype_(self.model, self.dtype, names=set(self.report.sparse),
+                                 scheme=self.int8_scheme):
+            self.structure[name].append({"op": "quantize_int8", "scheme": self.int8_scheme})
         if self.dtype is not torch.float32:
             self.report.notes.append(f"sparse layers run in {str(self.dtype).replace('torch.', '')}")
+
+    def _output(self) -> torch.Tensor | None:
+        """The first floating tensor of the model's output on the dummy input (logits, a
+        last hidden state), or None."""
+        out = run_model(self.model, self.dummy_input)
+        for value in (out.values() if isinstance(out, Mapping) else
+                      out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value.float()
+        return None
+
+    def _check_int8(self, reference: torch.Tensor) -> None:
+        """Measure the int8 model against the float one on the dummy input, with activations
+        quantized wherever the scheme may (a short dummy input would take the weight-only
+        path only), and warn when the error is large."""
+        from sparsekernels.nn.quantized_sparse_linear import QuantizedSparseLinear
+
+        layers_ = [m for m in self.model.modules() if isinstance(m, QuantizedSparseLinear)]
+        if not layers_:
+            return
+        worst = "w8" if self.int8_scheme == "w8" else "w8a8"
+        saved = [m.scheme for m in layers_]
+        try:
+            for m in layers_:
+                m.scheme = worst
+            out = self._output()
+        finally:
+            for m, scheme in zip(layers_, saved):
+                m.scheme = scheme
+        if out is None or out.shape != reference.shape:
+            return
+        err = ((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+        self.report.int8_output_error = err
+        if err > INT8_WARN_ERROR:
+            message = (f"int8 ({worst}) changes the output on the dummy input by {err:.0%} of its "
+                       "largest value")
+            if worst == "w8a8":
+                message += ("; per-token int8 activations lose precision where a few channels "
+                            "are far larger than the rest (the outlier channels of decoder "
+                            "LLMs): ModelSpeedup(..., int8_scheme='w8') keeps activations in "
+                            "float (weight-only int8)")
+            self.report.notes.append(message)
+            warnings.warn(message, stacklevel=3)
 
     def _check_supported(self) -> None:
         modules = dict(self.model.named_modules())
@@ -567,7 +631,10 @@ class ModelSpeedup:
                 self.report.params_after = count_params(self.model)
                 self.report.flops_after = count_flops(self.model, self.dummy_input)
                 if self.mode in ("kernel", "auto"):
+                    reference = self._output() if self.dtype == INT8 else None
                     self._apply_dtype()
+                    if reference is not None:
+                        self._check_int8(reference)
                 if self.mode in ("kernel", "auto") and self.fuse_ffn:
                     self._fuse_ffn()
                 if self.mode in ("kernel", "auto") and self.dense_decode:

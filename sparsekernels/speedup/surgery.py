@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparsekernels.arch import layers, names
+from sparsekernels.ops.precision import INT8_SCHEMES
 
 Change = dict[str, Any]
 
@@ -311,7 +312,8 @@ _CHANGE_FIELDS: dict[str, dict] = {
         "backend": (lambda v: v is None or isinstance(v, str), "a backend name")},
     "attention_kernel": {"block_size": (lambda v: _is_shape(v, 2), "a list of two ints")},
     "fuse_ffn": {},
-    "quantize_int8": {},
+    "quantize_int8": {"scheme": (lambda v: v is None or v in INT8_SCHEMES,
+                                 f"absent or one of {', '.join(INT8_SCHEMES)}")},
     "decode_linear": {},
     "fuse_add_norm": {},
     "rms_norm": {},
@@ -393,7 +395,7 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
             elif op == "quantize_int8":  # after its sparse_linear: same layout, int8 values
                 from sparsekernels.nn.quantized_sparse_linear import apply_dtype_
 
-                apply_dtype_(model, "int8", names={name})
+                apply_dtype_(model, "int8", names={name}, scheme=change.get("scheme") or "auto")
             elif op == "fuse_ffn":
                 fuse = True
             elif op == "decode_linear":
