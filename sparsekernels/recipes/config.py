@@ -128,6 +128,9 @@ class SpeedupConfig:
     # what the final model runs in: float32, bfloat16, or int8 (every encoder Linear becomes a
     # QuantizedSparseLinear; the report gives the same model's float32 accuracy beside it)
     dtype: str = "float32"
+    # int8 only: auto (int8 activations above ops.precision.W8_MAX_ROWS tokens a call), w8
+    # (weight-only: float activations) or w8a8 -- ModelSpeedup's int8_scheme
+    int8_scheme: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +169,8 @@ class RecipeConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "RecipeConfig":
+        from sparsekernels.ops.precision import INT8_SCHEMES
+
         def check(cond, section, key, msg):
             if not cond:
                 raise RecipeConfigError(f"{section}.{key}: {msg}" if section else f"{key}: {msg}")
@@ -191,6 +196,8 @@ class RecipeConfig:
               f"must be resize, kernel or auto, got {self.speedup.mode!r}")
         check(self.speedup.dtype in SPEEDUP_DTYPES, "speedup", "dtype",
               f"must be one of {', '.join(SPEEDUP_DTYPES)}, got {self.speedup.dtype!r}")
+        check(self.speedup.int8_scheme in INT8_SCHEMES, "speedup", "int8_scheme",
+              f"must be one of {', '.join(INT8_SCHEMES)}, got {self.speedup.int8_scheme!r}")
         check(self.speedup.dtype == "float32" or self.speedup.mode != "resize", "speedup", "dtype",
               f"{self.speedup.dtype} runs through the kernels: set speedup.mode to auto or kernel")
         for section, key, least in (("finetune", "batch_size", 1), ("distill", "steps", 0),

@@ -588,7 +588,8 @@ class TransformerRecipe:
         # the same model in float32, measured beside the final one in another dtype
         float32_student = copy.deepcopy(student) if dtype != "float32" else None
         speedup = ModelSpeedup(student, self.dummy, {}, mode=cfg.speedup.mode,
-                               block_size=cfg.speedup.block_size, dtype=dtype)
+                               block_size=cfg.speedup.block_size, dtype=dtype,
+                               int8_scheme=cfg.speedup.int8_scheme)
         speedup.speedup_model()
         self.log("[4/4] evaluate, benchmark and report")
         final = self._point("final", student, cfg.distill.steps)

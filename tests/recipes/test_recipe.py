@@ -181,6 +181,7 @@ def test_config_validation(tmp_path):
     ({"hidden": {"multiple": 0}}, r"^hidden.multiple: must be >= 1, got 0"),
     ({"speedup": {"dtype": "int4"}}, r"^speedup.dtype: must be one of float32, bfloat16, int8, got 'int4'"),
     ({"speedup": {"dtype": "int8", "mode": "resize"}}, r"^speedup.dtype: int8 runs through the kernels"),
+    ({"speedup": {"int8_scheme": "w4"}}, r"^speedup.int8_scheme: must be one of auto, w8, w8a8"),
     ({"keep_best_at": [0.6, 1.0]}, r"^keep_best_at: each must be in \(0, 1\), got 1.0"),
     ({"checkpoint_minutes": -1}, r"^checkpoint_minutes: must be >= 0"),
     ({"seed": "abc"}, r"^seed: must be a whole number"),
