@@ -36,6 +36,11 @@ class CheckpointError(ValueError):
     """A saved directory that cannot be loaded as it is (damaged, or not this model's)."""
 
 
+# attention implementations a saved model may name (transformers' own, and ours)
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2",
+                        "flash_attention_3", "sparsekernels")
+
+
 def save_model(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_model as st_save_model
 
@@ -49,7 +54,13 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     tmp = path / (WEIGHTS + ".tmp")
     st_save_model(model, str(tmp))
     os.replace(tmp, path / WEIGHTS)  # atomic: a crash never leaves half a file under the name
-    (path / RECORD).write_text(json.dumps({"structure": structure}, indent=1))
+    record = {"structure": structure}
+    impl = getattr(config, "_attn_implementation", None) if config is not None else None
+    if isinstance(impl, str) and impl in ATTN_IMPLEMENTATIONS:
+        # transformers does not save it, and a model rebuilt from config.json gets its default
+        # (sdpa), which rounds differently from the eager attention the model ran
+        record["attn_implementation"] = impl
+    (path / RECORD).write_text(json.dumps(record, indent=1))
     return path
 
 
@@ -96,6 +107,20 @@ def _weights_file(path: Path) -> Path:
         raise FileNotFoundError(f"{weights} not found: save with sparsekernels.speedup."
                                 "save_model(model, path) or model.save_pretrained(path)")
     return weights
+
+
+def _read_attn_implementation(path: Path) -> str | None:
+    """The attention implementation save_model recorded (None when absent); refuses one it
+    would not have written."""
+    try:
+        record = json.loads((path / RECORD).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None  # _read_record has reported a missing or damaged file already
+    impl = record.get("attn_implementation") if isinstance(record, dict) else None
+    if impl is not None and impl not in ATTN_IMPLEMENTATIONS:
+        raise CheckpointError(f"{path / RECORD}: attn_implementation {impl!r} is not one of "
+                              f"{', '.join(ATTN_IMPLEMENTATIONS)}: the file is damaged")
+    return impl
 
 
 def _read_record(path: Path) -> tuple[dict | None, str]:
@@ -149,6 +174,9 @@ def _build(path: Path, model_class, structure, source: str):
         structure = getattr(config, STRUCTURE_ATTR, None) or {}
         source = f"{config_path} ({STRUCTURE_ATTR})"
     cls = _model_class(config, model_class, config_path)
+    impl = _read_attn_implementation(path)
+    if impl is not None and impl != "sparsekernels":  # ours comes back with the record
+        config._attn_implementation = impl
     return cls(config), structure, source
 
 

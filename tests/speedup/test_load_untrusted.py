@@ -339,3 +339,22 @@ def test_directory_and_file_mixups_are_named(saved, tmp_path):
     (variant / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_model(variant)
+
+
+def test_attention_implementation_comes_back_and_is_checked(tmp_path):
+    """transformers does not save the attention implementation; a model rebuilt from its
+    config would run SDPA where the saved one ran eager attention (another rounding)."""
+    model, dummy = build("llama")  # eager attention
+    ModelSpeedup(model, dummy, block_masks(model, (16, 16), 0.5), mode="kernel",
+                 block_size=(16, 16)).speedup_model()
+    path = save_model(model, tmp_path / "m")
+    record = json.loads((path / RECORD).read_text())
+    assert record["attn_implementation"] == model.config._attn_implementation
+    loaded = load_model(path)
+    assert loaded.config._attn_implementation == model.config._attn_implementation
+    with torch.no_grad():
+        assert torch.equal(output_of(loaded, dummy), output_of(model, dummy))
+    record["attn_implementation"] = "remote_code_attention"
+    variant = write_variant(path, tmp_path / "v", record=json.dumps(record))
+    with pytest.raises(CheckpointError, match="attn_implementation 'remote_code_attention'"):
+        load_model(variant)
