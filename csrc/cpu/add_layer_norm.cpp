@@ -6,14 +6,9 @@
 // written once. fp32 and bf16 rows; statistics in fp32, two passes (mean, then the squared
 // deviations), as accurate as torch's.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <omp.h>
-
-#include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "direct.h"
@@ -113,18 +108,12 @@ void run(const T* x, const T* r, const float* w, const float* b, float eps, int6
 at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
                               const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias, double eps) {
-  TORCH_CHECK(x.device().is_cpu() && residual.device().is_cpu(),
-              "sparsekernels: add_layer_norm_cpu takes CPU tensors, got ", x.device(), " and ",
-              residual.device());
-  TORCH_CHECK(x.scalar_type() == residual.scalar_type() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "sparsekernels: add_layer_norm takes float32 or bfloat16 x and residual of one "
-              "dtype, got ", x.scalar_type(), " and ", residual.scalar_type());
-  TORCH_CHECK(x.sizes() == residual.sizes() && x.dim() >= 1,
-              "sparsekernels: add_layer_norm's x and residual must have one shape, got ",
-              x.sizes(), " and ", residual.sizes());
-  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "sparsekernels: add_layer_norm's eps must be a ",
-              "finite number >= 0, got ", eps);
+  check_rows(x, eps, "add_layer_norm");
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && residual.sizes() == x.sizes() &&
+                  residual.device().is_cpu(),
+              "sparsekernels: add_layer_norm's x and residual must have one shape and dtype on "
+              "the CPU, got ", x.sizes(), " ", x.scalar_type(), " and ", residual.sizes(), " ",
+              residual.scalar_type(), " on ", residual.device());
   const int64_t n = x.size(-1);
   const at::Tensor w = norm_param(weight, n, "add_layer_norm", "weight");
   const at::Tensor b = norm_param(bias, n, "add_layer_norm", "bias");
@@ -135,14 +124,10 @@ at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const float e = static_cast<float>(eps);
-  if (xc.scalar_type() == at::kFloat) {
-    run<float>(xc.data_ptr<float>(), rc.data_ptr<float>(), wp, bp, e, rows, n, y.data_ptr<float>());
-  } else {
-    auto bits = [](const at::Tensor& t) {
-      return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
-    };
-    run<uint16_t>(bits(xc), bits(rc), wp, bp, e, rows, n, bits(y));
-  }
+  dispatch_rows(xc.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    run<T>(row_data<T>(xc), row_data<T>(rc), wp, bp, e, rows, n, row_data<T>(y));
+  });
   return y;
 }
 

@@ -1,6 +1,6 @@
 // Shared pieces of the row-wise norm kernels (add_layer_norm.cpp, rms_norm.cpp): AVX-512
-// loads and rounding stores of fp32 / bf16 rows, the split of rows over threads, and the
-// check of a norm's weight / bias vector.
+// loads and rounding stores of fp32 / bf16 rows, the split of rows over threads, the checks of
+// the rows, epsilon and a norm's weight / bias vector, and the dispatch on the rows' dtype.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,8 +8,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #include "lowp_microkernel.h"
 
@@ -65,6 +67,36 @@ void for_row_parts(int64_t rows, int64_t n, const F& f) {
   {
     const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
     f(rows * t / k, rows * (t + 1) / k);
+  }
+}
+
+// x is what op's kernel takes: float32 or bfloat16 rows on the CPU; eps finite and >= 0.
+inline void check_rows(const at::Tensor& x, double eps, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "sparsekernels: ", op, " takes a float32 or bfloat16 CPU x, got ", x.scalar_type(),
+              " on ", x.device());
+  TORCH_CHECK(x.dim() >= 1, "sparsekernels: ", op, "'s x needs a last dimension");
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "sparsekernels: ", op, "'s eps must be a ",
+              "finite number >= 0, got ", eps);
+}
+
+// f(T{}) with T the element type the kernels use for rows of dtype st: float, or uint16_t
+// (bf16 bits); row_data<T> the matching pointer.
+template <typename F>
+void dispatch_rows(at::ScalarType st, const F& f) {
+  if (st == at::kBFloat16) {
+    f(uint16_t{});
+  } else {
+    f(float{});
+  }
+}
+template <typename T>
+T* row_data(const at::Tensor& t) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+  } else {
+    return t.data_ptr<float>();
   }
 }
 

@@ -22,12 +22,7 @@ struct RmsArgs {
   float eps;
   bool offset;        // scale by 1 + w
   bool round_normed;  // x / rms rounded to the row dtype before the weight
-  bool bf16;
 };
-
-inline float round_like(float v, bool bf16) {
-  return bf16 ? lowp::bf16_to_float(lowp::float_to_bf16(v)) : v;
-}
 
 template <typename T>
 void row_generic(const T* x, int64_t n, const RmsArgs& a, T* y) {
@@ -36,7 +31,8 @@ void row_generic(const T* x, int64_t n, const RmsArgs& a, T* y) {
   const float rstd = 1.f / std::sqrt(sq / static_cast<float>(n) + a.eps);
   for (int64_t j = 0; j < n; ++j) {
     float h = lowp::load_float(x + j) * rstd;
-    if (a.round_normed) h = round_like(h, a.bf16);
+    if constexpr (std::is_same_v<T, uint16_t>)  // rounded to the rows' dtype: bf16
+      if (a.round_normed) h = lowp::bf16_to_float(lowp::float_to_bf16(h));
     const float scale = a.w ? (a.offset ? 1.f + a.w[j] : a.w[j]) : 1.f;
     lowp::store_float(y + j, h * scale);
   }
@@ -45,9 +41,10 @@ void row_generic(const T* x, int64_t n, const RmsArgs& a, T* y) {
 #ifdef SK_LOWP_X86
 template <typename T>
 SK_TARGET_AVX512 inline __m512 out16(const T* x, int64_t j, __mmask16 m, __m512 rstd,
-                                     const RmsArgs& a, bool bf16) {
+                                     const RmsArgs& a) {
   __m512 h = _mm512_mul_ps(load16(x + j, m), rstd);
-  if (a.round_normed && bf16) h = via_bf16(h);
+  if constexpr (std::is_same_v<T, uint16_t>)
+    if (a.round_normed) h = via_bf16(h);
   if (a.w) {
     __m512 w = load16(a.w + j, m);
     if (a.offset) w = _mm512_add_ps(w, _mm512_set1_ps(1.f));
@@ -60,7 +57,6 @@ template <typename T>
 SK_TARGET_AVX512 void rows_avx512(const T* x, int64_t n, int64_t r0, int64_t r1,
                                   const RmsArgs& a, T* y) {
   constexpr __mmask16 all = 0xffff;
-  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const int64_t body = n / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (n - body)) - 1u);
   for (int64_t i = r0; i < r1; ++i) {
@@ -77,8 +73,8 @@ SK_TARGET_AVX512 void rows_avx512(const T* x, int64_t n, int64_t r0, int64_t r1,
     const __m512 rstd = _mm512_set1_ps(
         1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(n) + a.eps));
     T* yi = y + i * n;
-    for (int64_t j = 0; j < body; j += 16) store16(yi + j, out16(xi, j, all, rstd, a, bf16));
-    if (tail) store16(yi + body, out16(xi, body, tail, rstd, a, bf16), tail);
+    for (int64_t j = 0; j < body; j += 16) store16(yi + j, out16(xi, j, all, rstd, a));
+    if (tail) store16(yi + body, out16(xi, body, tail, rstd, a), tail);
   }
 }
 #endif
@@ -98,30 +94,19 @@ void run(const T* x, int64_t rows, int64_t n, const RmsArgs& a, T* y) {
 
 at::Tensor rms_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                         double eps, bool offset, bool round_normed) {
-  TORCH_CHECK(x.device().is_cpu() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "sparsekernels: rms_norm takes a float32 or bfloat16 CPU x, got ",
-              x.scalar_type(), " on ", x.device());
-  TORCH_CHECK(x.dim() >= 1, "sparsekernels: rms_norm's x needs a last dimension");
-  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "sparsekernels: rms_norm's eps must be a ",
-              "finite number >= 0, got ", eps);
+  check_rows(x, eps, "rms_norm");
   const int64_t n = x.size(-1);
   const at::Tensor w = norm_param(weight, n, "rms_norm", "weight");
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc);
   if (xc.numel() == 0 || n == 0) return y;
-  const bool bf16 = xc.scalar_type() == at::kBFloat16;
   const RmsArgs a{w.defined() ? w.data_ptr<float>() : nullptr, static_cast<float>(eps), offset,
-                  round_normed, bf16};
+                  round_normed};
   const int64_t rows = xc.numel() / n;
-  if (bf16) {
-    auto bits = [](const at::Tensor& t) {
-      return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
-    };
-    run<uint16_t>(bits(xc), rows, n, a, bits(y));
-  } else {
-    run<float>(xc.data_ptr<float>(), rows, n, a, y.data_ptr<float>());
-  }
+  dispatch_rows(xc.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    run<T>(row_data<T>(xc), rows, n, a, row_data<T>(y));
+  });
   return y;
 }
 

@@ -21,9 +21,6 @@ bsr_gated_ffn_int8). unfuse_ffn_ undoes both.
 
 from __future__ import annotations
 
-import copy
-import itertools
-import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +33,8 @@ from sparsekernels.nn.quantized_sparse_linear import (
     QuantizedSparseLinear,
     quantized_gated_ffn_forward,
 )
+from sparsekernels.nn.forward_swap import (agrees, random_copy, restore_forwards, swap_forward,
+                                           swapped)
 from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_ffn import activate, check_activation, direct_ffn, ffn_packed
@@ -216,6 +215,9 @@ class _Fused:
     dropout_p: Callable[[], float]
 
 
+# where a fused gated MLP keeps its _GatedFused (nn.forward_swap)
+_GATED = "_gated_ffn"
+
 # unfused layer class -> (fused first layer, fused second layer)
 _FUSED_CLASSES = {SparseLinear: (FusedFFNInput, FusedFFNOutput),
                   QuantizedSparseLinear: (FusedQuantizedFFNInput, FusedQuantizedFFNOutput)}
@@ -274,8 +276,7 @@ def fuse_ffn_(model: nn.Module) -> dict[str, str]:
         setattr(*act_slot, nn.Identity())
         report[site.name] = f"fused ({name})"
     for mlp, state in gated:
-        mlp.__dict__["_gated_ffn"] = state
-        mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
+        swap_forward(mlp, _GATED, state, _gated_mlp_forward)
         report[state.name] = f"fused ({state.activation}, gated)"
     return report
 
@@ -295,7 +296,7 @@ class _GatedFused:
 
 def _gated_mlp_forward(self, x, *args, **kwargs):
     """A fused gated MLP's forward (bound to the MLP module by fuse_ffn_)."""
-    state = self.__dict__["_gated_ffn"]
+    state = self.__dict__[_GATED]
     if args or kwargs or (self.training and state.dropout_p() > 0):
         return type(self).forward(self, x, *args, **kwargs)  # the model's own code
     return _run_gated(state, x)
@@ -314,7 +315,7 @@ def _gated_plan(model: nn.Module, site):
     if site.gate_up_fused:
         return "left as is: gate and up are one fused layer (no split SparseLinear pair)"
     mlp = model.get_submodule(site.name)
-    if "_gated_ffn" in mlp.__dict__:
+    if swapped(mlp, _GATED):
         return "already fused"
     gate, up, down = (model.get_submodule(n) for n in (site.gate, site.up, site.down))
     kind = type(gate)
@@ -339,46 +340,32 @@ def _gated_plan(model: nn.Module, site):
 
 
 def _computes_the_same(mlp: nn.Module, state: _GatedFused) -> bool:
-    """The module's own forward and the fused op agree on a random input (the map found
-    the layers and the activation; this checks that the forward combines them as assumed).
-    It runs on a copy of the MLP with random weights: a model being loaded does not hold its
-    values yet when its record is replayed, and the answer must not depend on them."""
+    """The module's own forward and the fused op agree on a random input, on a random-weight
+    copy of the MLP (nn.forward_swap): the map found the layers and the activation; this
+    checks that the forward combines them as assumed."""
     paths = {id(m): n for n, m in mlp.named_modules()}
-    probe = copy.deepcopy(mlp)
-    try:
-        layers = [probe.get_submodule(paths[id(layer)])
-                  for layer in (state.gate, state.up, state.down)]
-        with torch.no_grad():
-            for t in itertools.chain(probe.parameters(), probe.buffers()):
-                if t.is_floating_point():
-                    t.normal_()
-    except Exception:  # a layer outside the MLP, or tensors without storage (meta)
-        return False
+    probe = random_copy(mlp)
+    if probe is None or not all(id(layer) in paths for layer in (state.gate, state.up,
+                                                                  state.down)):
+        return False  # tensors without storage (meta), or a layer outside the MLP
+    layers = [probe.get_submodule(paths[id(layer)]) for layer in (state.gate, state.up, state.down)]
     state = _GatedFused(state.name, *layers, state.activation, state.dropout_p)
     values = state.gate.values
     dtype = torch.float32 if values.dtype == torch.int8 else values.dtype  # int8: fp32 inputs
     x = torch.randn(3, state.gate.in_features, dtype=dtype, device=values.device)
     try:
-        probe.eval()
         with torch.no_grad():
             want = type(probe).forward(probe, x)
             got = _run_gated(state, x)
     except Exception:  # a forward that needs more than x
         return False
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-        return False
-    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
-    return bool((got - want).abs().max() <= tol * want.abs().max().clamp_min(1e-6))
+    return agrees(got, want, 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2)
 
 
 def unfuse_ffn_(model: nn.Module) -> int:
     """Undo fuse_ffn_: the layers become plain SparseLinear again. Returns how many FFNs."""
-    count = 0
+    count = restore_forwards(model, _GATED)
     for module in list(model.modules()):
-        if "_gated_ffn" in module.__dict__:
-            del module.__dict__["_gated_ffn"], module.__dict__["forward"]
-            count += 1
-            continue
         if isinstance(module, (FusedFFNInput, FusedQuantizedFFNInput)):
             state = module.__dict__.pop("_ffn")
             setattr(*state.act_slot, state.act)

@@ -71,10 +71,11 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module | None = None,
     (it is changed in place only once the whole directory has been checked against it)."""
     path = Path(path)
     weights = _weights_file(path)
-    structure, source = _read_record(path)
+    structure, source, attn_implementation = _read_record(path)
     state = _read_weights(weights)
     if model is None:
-        model, structure, source = _build(path, model_class, structure, source)
+        model, structure, source = _build(path, model_class, structure, source,
+                                          attn_implementation)
         _replay(model, structure, source)
         _adopt_file_dtype(model, state)
         full = _match(model, state, weights)
@@ -109,25 +110,12 @@ def _weights_file(path: Path) -> Path:
     return weights
 
 
-def _read_attn_implementation(path: Path) -> str | None:
-    """The attention implementation save_model recorded (None when absent); refuses one it
-    would not have written."""
-    try:
-        record = json.loads((path / RECORD).read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None  # _read_record has reported a missing or damaged file already
-    impl = record.get("attn_implementation") if isinstance(record, dict) else None
-    if impl is not None and impl not in ATTN_IMPLEMENTATIONS:
-        raise CheckpointError(f"{path / RECORD}: attn_implementation {impl!r} is not one of "
-                              f"{', '.join(ATTN_IMPLEMENTATIONS)}: the file is damaged")
-    return impl
-
-
-def _read_record(path: Path) -> tuple[dict | None, str]:
-    """The structure record of sparsekernels.json (None when the file is absent)."""
+def _read_record(path: Path) -> tuple[dict | None, str, str | None]:
+    """(the structure record of sparsekernels.json, its source, the attention implementation
+    it names); None for what the file lacks (all of it when the file is absent)."""
     record_path = path / RECORD
     if not record_path.exists():
-        return None, str(record_path)
+        return None, str(record_path), None
     if record_path.is_dir():
         raise CheckpointError(f"{record_path} is a directory; expected the JSON record that "
                               "save_model writes")
@@ -140,7 +128,11 @@ def _read_record(path: Path) -> tuple[dict | None, str]:
         got = "no 'structure' entry" if isinstance(record, dict) else type(record).__name__
         raise CheckpointError(f'{record_path} must hold an object {{"structure": {{...}}}}, got '
                               f"{got}: the file is damaged or not sparsekernels' record")
-    return record["structure"], str(record_path)
+    impl = record.get("attn_implementation")
+    if impl is not None and impl not in ATTN_IMPLEMENTATIONS:
+        raise CheckpointError(f"{record_path}: attn_implementation {impl!r} is not one of "
+                              f"{', '.join(ATTN_IMPLEMENTATIONS)}: the file is damaged")
+    return record["structure"], str(record_path), impl
 
 
 def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
@@ -153,7 +145,7 @@ def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
 
 
-def _build(path: Path, model_class, structure, source: str):
+def _build(path: Path, model_class, structure, source: str, attn_implementation: str | None):
     """A fresh model from config.json, with the record (sparsekernels.json, else config's)."""
     import transformers
 
@@ -174,9 +166,8 @@ def _build(path: Path, model_class, structure, source: str):
         structure = getattr(config, STRUCTURE_ATTR, None) or {}
         source = f"{config_path} ({STRUCTURE_ATTR})"
     cls = _model_class(config, model_class, config_path)
-    impl = _read_attn_implementation(path)
-    if impl is not None and impl != "sparsekernels":  # ours comes back with the record
-        config._attn_implementation = impl
+    if attn_implementation not in (None, "sparsekernels"):  # ours comes back with the record
+        config._attn_implementation = attn_implementation
     return cls(config), structure, source
 
 
