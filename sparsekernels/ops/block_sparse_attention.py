@@ -181,9 +181,17 @@ def _dropout_mask(seed: int, shape, dropout_p: float, device):
 def _forward(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, attn_mask: Optional[Tensor],
              causal: bool, window: int, scale: float, block_q: int, block_k: int,
              dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
-    """The forward op's implementation (also run directly by eager inference, see
-    sparsekernels.ops.eager)."""
+    """The forward op's implementation: routes `backend`, then runs it (_run)."""
     chosen = _choose(backend, q, dropout_p, for_backward=False)
+    return _run(chosen, q, k, v, layout, attn_mask, causal, window, scale, block_q, block_k,
+                dropout_p, seed)
+
+
+def _run(chosen: Backend, q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
+         attn_mask: Optional[Tensor], causal: bool, window: int, scale: float, block_q: int,
+         block_k: int, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """The forward on the backend the router chose (eager inference calls it directly with
+    the public entry's choice, see sparsekernels.ops.eager: one route a call, not two)."""
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     mask = _mask4(attn_mask)
     if chosen is Backend.CPU:  # builds its block lists (positions included) in C++
@@ -449,5 +457,5 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     args = (q, k, v, layout, attn_mask, bool(causal), window, scale, bq, bk, float(dropout_p),
             seed, chosen.value)
     if plain_inference(q, k, v, layout, attn_mask):
-        return _forward(*args)[0]
+        return _run(chosen, *args[:-1])[0]
     return torch.ops.sparsekernels.block_sparse_attention.default(*args)[0]

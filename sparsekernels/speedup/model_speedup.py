@@ -235,9 +235,10 @@ class ModelSpeedup:
     int8_scheme: "auto" (weight-only up to ops.precision.W8_MAX_ROWS tokens a call, int8
     activations with per-token scales above), "w8" (always weight-only: float activations) or
     "w8a8". In int8 the output on the dummy input is compared with the float model's, with
-    activations quantized wherever the scheme may (report.int8_output_error); above
-    INT8_WARN_ERROR a warning says so: decoder LLMs' activation outliers defeat per-token int8
-    activations, and "w8" keeps them in float.
+    activations quantized wherever the scheme may (report.int8_output_error). Above
+    INT8_WARN_ERROR (decoder LLMs' activation outliers defeat per-token int8 activations),
+    "auto" moves every layer to "w8" (report.notes says so; the record keeps it for load),
+    and an error that remains, or one under an explicit scheme, warns.
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
@@ -325,24 +326,26 @@ class ModelSpeedup:
     def _check_int8(self, reference: torch.Tensor) -> None:
         """Measure the int8 model against the float one on the dummy input, with activations
         quantized wherever the scheme may (a short dummy input would take the weight-only
-        path only), and warn when the error is large."""
+        path only). Under "auto", an error above INT8_WARN_ERROR with int8 activations moves
+        every layer to weight-only int8 ("w8", recorded for load) and measures again; a large
+        error that remains, or one under an explicit scheme, warns."""
         from sparsekernels.nn.quantized_sparse_linear import QuantizedSparseLinear
 
         layers_ = [m for m in self.model.modules() if isinstance(m, QuantizedSparseLinear)]
         if not layers_:
             return
         worst = "w8" if self.int8_scheme == "w8" else "w8a8"
-        saved = [m.scheme for m in layers_]
-        try:
-            for m in layers_:
-                m.scheme = worst
-            out = self._output()
-        finally:
-            for m, scheme in zip(layers_, saved):
-                m.scheme = scheme
-        if out is None or out.shape != reference.shape:
+        err = self._int8_error(layers_, worst, reference)
+        if err is None:
             return
-        err = ((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+        if err > INT8_WARN_ERROR and self.int8_scheme == "auto":
+            self._use_scheme(layers_, "w8")
+            err_w8 = self._int8_error(layers_, "w8", reference)
+            self.report.notes.append(
+                f"int8_scheme='auto': int8 activations (w8a8) changed the output on the dummy "
+                f"input by {err:.0%} of its largest value (activation outliers), so every layer "
+                f"runs weight-only int8 (w8, float activations): {err_w8:.1%}")
+            err, worst = err_w8, "w8"
         self.report.int8_output_error = err
         if err > INT8_WARN_ERROR:
             message = (f"int8 ({worst}) changes the output on the dummy input by {err:.0%} of its "
@@ -354,6 +357,30 @@ class ModelSpeedup:
                             "float (weight-only int8)")
             self.report.notes.append(message)
             warnings.warn(message, stacklevel=3)
+
+    def _int8_error(self, layers_, scheme: str, reference: torch.Tensor) -> float | None:
+        """max |y - reference| / max |reference| with every int8 layer on `scheme` (the layers
+        keep their own scheme after), or None when the output cannot be compared."""
+        saved = [m.scheme for m in layers_]
+        try:
+            for m in layers_:
+                m.scheme = scheme
+            out = self._output()
+        finally:
+            for m, before in zip(layers_, saved):
+                m.scheme = before
+        if out is None or out.shape != reference.shape:
+            return None
+        return ((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+
+    def _use_scheme(self, layers_, scheme: str) -> None:
+        """Every int8 layer and its structure record on `scheme`."""
+        for m in layers_:
+            m.scheme = scheme
+        for ops in self.structure.values():
+            for entry in ops:
+                if entry.get("op") == "quantize_int8":
+                    entry["scheme"] = scheme
 
     def _check_supported(self) -> None:
         modules = dict(self.model.named_modules())

@@ -1,7 +1,7 @@
 """ModelSpeedup(dtype="int8", int8_scheme=...): the scheme reaches every quantized layer and
 survives save / load; the int8 output error on the dummy input is measured with activations
-quantized wherever the scheme may, and a large one (activation outliers) warns with the way
-out."""
+quantized wherever the scheme may; a large one (activation outliers) moves "auto" to
+weight-only int8, and under an explicit scheme warns with the way out."""
 
 import warnings
 
@@ -31,24 +31,56 @@ def sped_up(model, dummy, **kwargs):
     return s.report
 
 
-def test_outliers_warn_under_w8a8_and_w8_keeps_them():
+def outlier_llama():
     # one fixed tiny model: how far a random one carries an outlier channel to its output
     # varies from draw to draw (this one: w8a8 error 0.65, w8 0.01)
     torch.manual_seed(0)
     model, dummy = build("llama")
-    model = with_outlier_channel(model)
+    return with_outlier_channel(model), dummy
+
+
+def schemes_of(model) -> set:
+    return {m.scheme for m in model.modules() if isinstance(m, QuantizedSparseLinear)}
+
+
+def test_outliers_warn_under_explicit_w8a8_and_w8_keeps_them():
+    model, dummy = outlier_llama()
     reference = build("llama")[0]
     reference.load_state_dict(model.state_dict())
     with pytest.warns(UserWarning, match="int8_scheme='w8'"):
-        report = sped_up(model, dummy)
+        report = sped_up(model, dummy, int8_scheme="w8a8")
     assert report.int8_output_error > 0.1
     assert any("int8_scheme='w8'" in n for n in report.notes)
+    assert schemes_of(model) == {"w8a8"}  # an explicit scheme is kept
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         report_w8 = sped_up(reference, dummy, int8_scheme="w8")
     assert report_w8.int8_output_error < report.int8_output_error / 3
-    layers = [m for m in reference.modules() if isinstance(m, QuantizedSparseLinear)]
-    assert layers and all(m.scheme == "w8" for m in layers)
+    assert schemes_of(reference) == {"w8"}
+
+
+def test_auto_moves_to_w8_on_outliers_and_load_keeps_it(tmp_path):
+    model, dummy = outlier_llama()
+    explicit = build("llama")[0]
+    explicit.load_state_dict(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto's own choice: a note, not a warning
+        torch.manual_seed(1)  # the same random block masks for both
+        report = sped_up(model, dummy)
+        torch.manual_seed(1)
+        report_w8 = sped_up(explicit, dummy, int8_scheme="w8")
+    assert schemes_of(model) == {"w8"}
+    assert any("int8_scheme='auto'" in n and "w8a8" in n for n in report.notes)
+    assert report.int8_output_error == pytest.approx(report_w8.int8_output_error, rel=1e-6)
+    assert report.int8_output_error < 0.1
+    with torch.no_grad():
+        assert torch.equal(output_of(model, dummy), output_of(explicit, dummy))
+        expected = output_of(model, dummy)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert schemes_of(loaded) == {"w8"}
+    with torch.no_grad():
+        assert torch.equal(output_of(loaded, dummy), expected)
 
 
 def test_scheme_saved_and_loaded(tmp_path):
@@ -58,8 +90,7 @@ def test_scheme_saved_and_loaded(tmp_path):
         expected = output_of(model, dummy)
     save_model(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
-    schemes = {m.scheme for m in loaded.modules() if isinstance(m, QuantizedSparseLinear)}
-    assert schemes == {"w8"}
+    assert schemes_of(loaded) == {"w8"}
     with torch.no_grad():
         assert torch.equal(output_of(loaded, dummy), expected)
 
