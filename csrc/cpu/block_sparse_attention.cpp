@@ -636,7 +636,8 @@ void softmax_step(typename Tile::A* S, int64_t qr, int64_t bk, int64_t D, typena
   }
 }
 
-// out row = O / l in E (zeros where no key was allowed); stats: max (+inf there), log2(l).
+// out row = O / l in E (zeros where no key was allowed); stats (when kept for a backward):
+// max (+inf there), log2(l).
 template <typename Tile>
 void finish_row(const typename Tile::A* o, typename Tile::A m, typename Tile::A l, int64_t D,
                 typename Tile::E* dst, typename Tile::A* st_max, typename Tile::A* st_log) {
@@ -644,6 +645,7 @@ void finish_row(const typename Tile::A* o, typename Tile::A m, typename Tile::A 
   const bool live = l > A(0);
   const A inv = live ? A(1) / l : A(0);
   for (int64_t d = 0; d < D; ++d) dst[d] = Tile::to_out(o[d] * inv);
+  if (st_max == nullptr) return;
   *st_max = live ? m : std::numeric_limits<A>::infinity();
   *st_log = live ? std::log2(l) : A(0);
 }
@@ -659,7 +661,7 @@ struct ForwardScratch {
   std::vector<A> S, O, m, l;
   std::vector<char> stores;
   ForwardScratch(int64_t G, int64_t rows, int64_t D, int64_t bk)
-      : Q(G * rows * D), Kb(D * bk), Vb(Tile::kPacksV ? D * bk : 0),
+      : Q(G > 1 ? G * rows * D : 0), Kb(D * bk), Vb(Tile::kPacksV ? D * bk : 0),
         Pb(Tile::kPacksV ? G * rows * bk : 0), S(G * rows * bk), O(G * rows * D), m(G * rows),
         l(G * rows), stores(G) {}
 };
@@ -672,11 +674,18 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
   using A = typename Tile::A;
   const int64_t G = P.G, bk = P.bk, D = P.D;
   const int64_t q0 = qb * P.bq, qr = std::min(P.bq, P.Lq - q0);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < qr; ++r) {
-      const E* src = P.q + b * P.sq[0] + (hk * G + g) * P.sq[1] + (q0 + r) * P.sq[2];
-      std::copy(src, src + D, w.Q.data() + (g * rows + r) * D);
-    }
+  // the query rows: read in place for one head, stacked head by head (rows apart) for a group
+  const E* Q = P.q + b * P.sq[0] + hk * G * P.sq[1] + q0 * P.sq[2];
+  int64_t ldq = P.sq[2];
+  if (G > 1) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = 0; r < qr; ++r) {
+        const E* src = Q + g * P.sq[1] + r * P.sq[2];
+        std::copy(src, src + D, w.Q.data() + (g * rows + r) * D);
+      }
+    Q = w.Q.data();
+    ldq = D;
+  }
   std::fill(w.O.begin(), w.O.end(), A(0));
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<A>::infinity());
   std::fill(w.l.begin(), w.l.end(), A(0));
@@ -699,7 +708,7 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
     // the stacked rows of heads [g0, g0 + n) at once
     auto run = [&](int64_t g0, int64_t n) {
       const int64_t off = g0 * rows, m_rows = (n - 1) * rows + qr;
-      Tile::scores(w.Q.data() + off * D, D, m_rows, w.Kb.data(), D, bk, w.S.data() + off * bk);
+      Tile::scores(Q + off * ldq, ldq, m_rows, w.Kb.data(), D, bk, w.S.data() + off * bk);
       E* pbuf = Tile::kPacksV ? w.Pb.data() + off * bk : nullptr;
       if (plain) {  // every score kept as it is: the scale is applied in the softmax pass
         softmax_step<Tile>(w.S.data() + off * bk, m_rows, bk, D, P.qk_scale, w.m.data() + off,
@@ -757,9 +766,9 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
           const A* o = w.O.data() + (g * rows + r) * D;
           const A mr = w.m[g * rows + r], lr = w.l[g * rows + r];
           if (splits == 1) {
-            A* st = stats + bh * 2 * P.Lq + q0 + r;
+            A* st = stats ? stats + bh * 2 * P.Lq + q0 + r : nullptr;
             finish_row<Tile>(o, mr, lr, D, out + b * so[0] + (hk * G + g) * so[1] + (q0 + r) * so[2],
-                             st, st + P.Lq);
+                             st, st ? st + P.Lq : nullptr);
           } else {
             A* dst = parts.data() + ((u * G + g) * rows + r) * part_ld;
             std::copy(o, o + D, dst);
@@ -794,9 +803,9 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
             lsum += p[D + 1] * wgt;
             for (int64_t d = 0; d < D; ++d) o[d] += p[d] * wgt;
           }
-          A* st = stats + bh * 2 * P.Lq + q0 + r;
+          A* st = stats ? stats + bh * 2 * P.Lq + q0 + r : nullptr;
           finish_row<Tile>(o, mx, lsum, D, out + b * so[0] + (hk * G + g) * so[1] + (q0 + r) * so[2],
-                           st, st + P.Lq);
+                           st, st ? st + P.Lq : nullptr);
         }
       }
     }
@@ -1023,7 +1032,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& layout_in, const std::optional<at::Tensor>& mask, bool causal,
-    int64_t window, double scale, int64_t block_q, int64_t block_k, bool allow_bf16_dot) {
+    int64_t window, double scale, int64_t block_q, int64_t block_k, bool allow_bf16_dot,
+    bool need_stats) {
   check_inputs(q_in, k_in, v_in, window, block_q, block_k);
   const bool bf16_dot =
       allow_bf16_dot && q_in.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot();
@@ -1036,7 +1046,10 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options().dtype(ct))
                        .transpose(1, 2);
   const int64_t so[3] = {out.stride(0), out.stride(1), out.stride(2)};
-  at::Tensor stats = at::empty({q.size(0), q.size(1), 2, q.size(2)}, q.options().dtype(acc));
+  // the softmax statistics only a backward reads ([B, H, 2, Lq]; empty without one)
+  at::Tensor stats = need_stats ? at::empty({q.size(0), q.size(1), 2, q.size(2)},
+                                            q.options().dtype(acc))
+                                : at::empty({0}, q.options().dtype(acc));
   const int64_t nq = (q.size(2) + block_q - 1) / block_q, nk = (k.size(2) + block_k - 1) / block_k;
   const at::Tensor lay = check_layout(layout_in, q, nq, nk);
   const Shape shape = make_shape(q, k, lay, causal, window, block_q, block_k);
@@ -1047,7 +1060,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
       using E = typename Tile::E;
       using A = typename Tile::A;
       const auto P = make_problem<E, A>(shape, q, k, v, m, scale);
-      forward<Tile>(P, kv, reinterpret_cast<E*>(out.data_ptr()), so, stats.data_ptr<A>());
+      forward<Tile>(P, kv, reinterpret_cast<E*>(out.data_ptr()), so,
+                    need_stats ? stats.data_ptr<A>() : nullptr);
     };
 #ifdef SPARSEKERNELS_BF16_DOT
     if (bf16_dot) run(Bf16Tile{});
@@ -1115,8 +1129,8 @@ bool cpu_has_avx512_bf16() { return cpu_has_bf16_dot(); }
 TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   m.def(
       "block_sparse_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor layout, Tensor? mask, "
-      "bool causal, int window, float scale, int block_q, int block_k, bool allow_bf16_dot) -> "
-      "(Tensor, Tensor)",
+      "bool causal, int window, float scale, int block_q, int block_k, bool allow_bf16_dot, "
+      "bool need_stats=True) -> (Tensor, Tensor)",
       &block_sparse_attention_cpu);
   m.def(
       "block_sparse_attention_backward_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, "

@@ -189,14 +189,17 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, attn_mask: Optiona
 
 def _run(chosen: Backend, q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
          attn_mask: Optional[Tensor], causal: bool, window: int, scale: float, block_q: int,
-         block_k: int, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+         block_k: int, dropout_p: float, seed: int,
+         need_stats: bool = True) -> tuple[Tensor, Tensor]:
     """The forward on the backend the router chose (eager inference calls it directly with
-    the public entry's choice, see sparsekernels.ops.eager: one route a call, not two)."""
+    the public entry's choice, see sparsekernels.ops.eager: one route a call, not two).
+    need_stats=False: the CPU kernel skips the softmax statistics (only a backward reads
+    them) and returns an empty tensor in their place."""
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     mask = _mask4(attn_mask)
     if chosen is Backend.CPU:  # builds its block lists (positions included) in C++
         return _ext.op(OP, "cpu")(q, k, v, _layout4(layout), mask, causal, window, scale,
-                                  block_q, block_k, True)
+                                  block_q, block_k, True, need_stats)
     if chosen is Backend.TRITON:
         idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False, lq=lq,
                                 lk=lk, window=window)
@@ -457,5 +460,5 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     args = (q, k, v, layout, attn_mask, bool(causal), window, scale, bq, bk, float(dropout_p),
             seed, chosen.value)
     if plain_inference(q, k, v, layout, attn_mask):
-        return _run(chosen, *args[:-1])[0]
+        return _run(chosen, *args[:-1], need_stats=False)[0]
     return torch.ops.sparsekernels.block_sparse_attention.default(*args)[0]

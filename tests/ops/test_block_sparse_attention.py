@@ -851,3 +851,23 @@ def test_layout_index_is_built_once_per_layout_until_it_changes():
     again = layout_index(layout, True, 32, 32, batch=2, contiguous=False)
     assert again is not first
     assert torch.equal(again[1][0], block_index(effective_layout(layout, True, 32, 32))[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_inference_without_statistics_gives_the_same_output(dtype, kv_heads):
+    """An eager call that needs no gradient skips the softmax statistics (and reads the query
+    rows of a one-head group in place): the output is the op's, bit for bit."""
+    need("cpu", dtype)
+    from sparsekernels.ops import block_sparse_attention as op_module
+
+    q, k, v = make_qkv(2, 4, 70, 70, 32, dtype, kv_heads=kv_heads)
+    layout = random_layout(4, 3, 3, 0.6)
+    mask = torch.rand(2, 1, 1, 70) > 0.2
+    args = (q, k, v, layout, mask, True, 0, 0.3, 32, 32, 0.0, 0)
+    out, stats = op_module._run(op_module.Backend.CPU, *args)
+    lean, none = op_module._run(op_module.Backend.CPU, *args, need_stats=False)
+    assert stats.shape == (2, 4, 2, 70) and none.numel() == 0
+    assert torch.equal(lean, out)
+    assert torch.equal(block_sparse_attention(q, k, v, layout, (32, 32), attn_mask=mask,
+                                              causal=True, scale=0.3, backend="cpu"), out)
