@@ -15,9 +15,10 @@ its 32x32 blocks). Variants, timed interleaved in one process (ratios of medians
   kernel_bf16       ModelSpeedup(mode="kernel", dtype=torch.bfloat16)  (the model in bf16)
   kernel_int8       ModelSpeedup(mode="kernel", dtype="int8")          (fp32 activations)
   kernel_int8_bf16  the same, then model.to(torch.bfloat16): int8 weights, bf16 activations
-Also, for kernel_int8 and kernel_int8_bf16: the share of the forward's time not in a sparse
-Linear / FFN module (attention, whether SDPA or our block-sparse op, norms, adds, embeddings,
-copies, Python), timed by hooks on the sparse modules, and a torch.profiler breakdown of it.
+Also, for every kernel mode: the share of the forward's time not in a sparse Linear / FFN
+module (attention, whether SDPA or our block-sparse op, norms, adds, embeddings, copies,
+Python), timed by hooks on the sparse modules; for kernel_int8 and kernel_int8_bf16 also a
+torch.profiler breakdown of it.
 """
 
 from __future__ import annotations
@@ -257,6 +258,9 @@ def main(argv=None) -> int:
         share, profiled, top = non_sparse_share(models["kernel_int8"], dummy, reps)
         share_bf16, profiled_bf16, top_bf16 = non_sparse_share(models["kernel_int8_bf16"], dummy,
                                                                reps)
+        # the float kernel modes too: the share asked of "kernel mode" in each dtype
+        float_shares = {name: non_sparse_share(models[f"kernel_{name}"], dummy, reps)[0]
+                        for name in ("fp32", "bf16")}
         row = {"model": "bert-base", "batch": batch, "seq": seq, "sparsity": s}
         for name in ("dense_fp32", "dense_bf16", "dense_dynint8", "openvino", "ort_fp32",
                      "kernel_fp32", "kernel_bf16", "kernel_int8", "kernel_int8_bf16"):
@@ -270,6 +274,8 @@ def main(argv=None) -> int:
         row["kernel_bf16_vs_kernel_fp32"] = t["kernel_fp32"] / t["kernel_bf16"]
         row["dynint8_vs_dense"] = t["dense_fp32"] / t["dense_dynint8"]
         row["openvino_vs_dense"] = t["dense_fp32"] / t["openvino"] if "openvino" in t else nan
+        row["fp32_non_sparse_share"] = float_shares["fp32"]
+        row["bf16_non_sparse_share"] = float_shares["bf16"]
         row["int8_non_sparse_share"] = share
         row["int8_bf16_non_sparse_share"] = share_bf16
         row["int8_non_sparse_share_profiled"] = profiled

@@ -4,7 +4,6 @@
 // skip the op dispatcher where its per-call cost matters (decode): see cpu/direct.h.
 #include <torch/extension.h>
 
-#include "cpu/activation.h"
 #include "cpu/direct.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -45,10 +44,6 @@ PYBIND11_MODULE(_C, m) {
         "add_layer_norm_cpu without the dispatcher)",
         pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"),
         pybind11::arg("bias"), pybind11::arg("eps"));
-  m.def("ffn_activation_", &sparsekernels::cpu::ffn_activation_,
-        "the fused CPU FFN kernels' activation, in place on a contiguous float32 CPU tensor "
-        "(what an unfused composition must apply to equal them bit for bit)",
-        pybind11::arg("h"), pybind11::arg("activation"));
   m.def("rms_norm", &sparsekernels::cpu::rms_norm_cpu,
         "RMSNorm on the CPU for an eager call that needs no gradient (the op rms_norm_cpu "
         "without the dispatcher)",

@@ -64,13 +64,3 @@ def random_block_mask(grid, density: float, generator: torch.Generator | None = 
     flat = torch.zeros(n, dtype=torch.bool)
     flat[torch.randperm(n, generator=generator)[:keep]] = True
     return flat.view(*grid)
-
-
-def kernel_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The fused CPU FFN kernels' own activation of a float32 tensor (their GELU is not
-    ATen's bit for bit): what an unfused composition applies to equal them exactly."""
-    from sparsekernels.ops import _ext
-
-    out = h.detach().contiguous().clone()
-    _ext.direct("ffn_activation_")(out, activation)
-    return out

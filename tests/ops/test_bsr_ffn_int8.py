@@ -8,11 +8,12 @@ from torch.library import opcheck
 
 from sparsekernels import BlockSparseTensor
 from sparsekernels.ops import _ext
+from sparsekernels.ops.bsr_ffn import activate
 from sparsekernels.ops.bsr_ffn_int8 import bsr_ffn_int8
 from sparsekernels.ops.bsr_linear_int8 import pack
 from sparsekernels.ops.precision import cpu_isa
 from sparsekernels.ops.reference import bsr_linear_int8 as ref
-from sparsekernels.testing import kernel_activation, random_block_mask
+from sparsekernels.testing import random_block_mask
 
 K, HIDDEN, N = 128, 256, 128
 
@@ -46,7 +47,7 @@ def layers(density, block2=(32, 32)):
 def composed(x, l1, l2, activation, scheme):
     linear = torch.ops.sparsekernels.bsr_linear_int8
     h = linear(x, *l1, scheme, "cpu")
-    return linear(kernel_activation(h, activation), *l2, scheme, "cpu")
+    return linear(activate(h, activation), *l2, scheme, "cpu")
 
 
 @pytest.mark.parametrize("tokens", [17, 24, 200], ids=lambda t: f"T{t}")

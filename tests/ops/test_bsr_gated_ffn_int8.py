@@ -8,10 +8,11 @@ from torch.library import opcheck
 
 from sparsekernels import BlockSparseTensor
 from sparsekernels.ops import _ext
+from sparsekernels.ops.bsr_ffn import activate
 from sparsekernels.ops.bsr_gated_ffn_int8 import bsr_gated_ffn_int8
 from sparsekernels.ops.bsr_linear_int8 import pack
 from sparsekernels.ops.reference import bsr_linear_int8 as ref
-from sparsekernels.testing import kernel_activation, random_block_mask
+from sparsekernels.testing import random_block_mask
 from tests.ops.test_bsr_ffn_int8 import isa  # noqa: F401  (native and generic ISA)
 
 K, HIDDEN, N = 128, 256, 96
@@ -36,7 +37,7 @@ def layers(density, down_block=(32, 32), bias=True):
 
 def composed(x, g, u, d, activation, scheme):
     linear = torch.ops.sparsekernels.bsr_linear_int8
-    h = kernel_activation(linear(x, *g, scheme, "cpu"), activation) * linear(x, *u, scheme, "cpu")
+    h = activate(linear(x, *g, scheme, "cpu"), activation) * linear(x, *u, scheme, "cpu")
     return linear(h, *d, scheme, "cpu")
 
 
