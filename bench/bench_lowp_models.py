@@ -115,10 +115,12 @@ def _sparse_modules(model) -> list:
     return found
 
 
-def non_sparse_share(model, dummy, reps: int) -> tuple[float, float, list[tuple[str, float]]]:
+def non_sparse_share(model, dummy, reps: int,
+                     profiled: bool = True) -> tuple[float, float, list[tuple[str, float]]]:
     """(share of the forward's wall time outside the sparse Linear / FFN modules, timed by
     forward hooks in unprofiled forwards (median of `reps`); the same share in a profiled
-    forward; the largest others there as (name, share)).
+    forward; the largest others there as (name, share)); profiled=False: only the first
+    (nan and [] for the others).
 
     The profiler adds its own cost to every op it records -- a few microseconds, hundreds of
     times per forward -- and that lands outside the sparse ops, so the profiled share is an
@@ -154,6 +156,8 @@ def non_sparse_share(model, dummy, reps: int) -> tuple[float, float, list[tuple[
             h.remove()
     shares.sort()
     wall_share = shares[len(shares) // 2]
+    if not profiled:
+        return wall_share, float("nan"), []
 
     class Dispatched(torch.overrides.TorchFunctionMode):
         """Any active mode sends eager calls through the ops' dispatcher (ops/eager.py),
@@ -259,7 +263,8 @@ def main(argv=None) -> int:
         share_bf16, profiled_bf16, top_bf16 = non_sparse_share(models["kernel_int8_bf16"], dummy,
                                                                reps)
         # the float kernel modes too: the share asked of "kernel mode" in each dtype
-        float_shares = {name: non_sparse_share(models[f"kernel_{name}"], dummy, reps)[0]
+        float_shares = {name: non_sparse_share(models[f"kernel_{name}"], dummy, reps,
+                                               profiled=False)[0]
                         for name in ("fp32", "bf16")}
         row = {"model": "bert-base", "batch": batch, "seq": seq, "sparsity": s}
         for name in ("dense_fp32", "dense_bf16", "dense_dynint8", "openvino", "ort_fp32",

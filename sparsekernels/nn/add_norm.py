@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsekernels.nn.forward_swap import (agrees, random_copy, restore_forwards, swap_forward,
-                                           swapped)
+from sparsekernels.nn.forward_swap import agrees, random_copy, restore_forwards, swap_checked
 from sparsekernels.ops.add_layer_norm import add_layer_norm
 
 _STATE = "_add_norm"
@@ -85,24 +84,14 @@ def fuse_add_norm_(model: nn.Module, names=None) -> dict[str, str]:
     in `names`, default all), in place. Returns {module name: "fused" or why it was left}."""
     from sparsekernels.arch.find import find_add_norm
 
-    report, plan = {}, []
-    for site in find_add_norm(model):
-        if names is not None and site.name not in names:
-            continue
-        module = model.get_submodule(site.name)
-        if swapped(module, _STATE):
-            report[site.name] = "already fused"
-            continue
+    def check(site, module):
         if not _probe_agrees(module, site):
-            report[site.name] = ("left as is: its forward is not norm(dropout(dense(h)) + "
-                                 "residual) on a random input")
-            continue
-        state = _AddNorm(*(model.get_submodule(p) for p in (site.dense, site.dropout, site.norm)))
-        plan.append((site.name, module, state))
-    for name, module, state in plan:  # every check passed: change the modules
-        swap_forward(module, _STATE, state, _fused_forward)
-        report[name] = "fused"
-    return report
+            return ("left as is: its forward is not norm(dropout(dense(h)) + residual) on a "
+                    "random input")
+        return _AddNorm(*(model.get_submodule(p) for p in (site.dense, site.dropout, site.norm)))
+
+    return swap_checked(model, find_add_norm(model), _STATE, _fused_forward, check, "fused",
+                        "already fused", names)
 
 
 def unfuse_add_norm_(model: nn.Module) -> int:

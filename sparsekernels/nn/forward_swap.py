@@ -40,6 +40,30 @@ def restore_forwards(model: nn.Module, attr: str) -> int:
     return count
 
 
+def swap_checked(model: nn.Module, sites, attr: str, forward: Callable,
+                 check: Callable, done: str, already: str, names=None) -> dict[str, str]:
+    """Swap `forward` in under `attr` for the sites (named in `names`, default all) that
+    pass `check(site, module)` -> the new forward's state, or a string saying why not. Every
+    site is checked before any module changes. Returns {site name: done, already or why}."""
+    report, plan = {}, []
+    for site in sites:
+        if names is not None and site.name not in names:
+            continue
+        module = model.get_submodule(site.name)
+        if swapped(module, attr):
+            report[site.name] = already
+            continue
+        state = check(site, module)
+        if isinstance(state, str):
+            report[site.name] = state
+            continue
+        plan.append((site.name, module, state))
+    for name, module, state in plan:  # every check passed: change the modules
+        swap_forward(module, attr, state, forward)
+        report[name] = done
+    return report
+
+
 def random_copy(module: nn.Module) -> Optional[nn.Module]:
     """A copy of `module` in eval mode whose floating parameters and buffers are random
     normal; None when they hold no storage (meta tensors)."""

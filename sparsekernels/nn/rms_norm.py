@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsekernels.nn.forward_swap import (agrees, random_copy, restore_forwards, swap_forward,
-                                           swapped)
+from sparsekernels.nn.forward_swap import agrees, random_copy, restore_forwards, swap_checked
 from sparsekernels.ops.rms_norm import rms_norm
 
 _STATE = "_rms_norm"
@@ -70,23 +69,14 @@ def rms_norms_(model: nn.Module, names=None) -> dict[str, str]:
     inference, in place. Returns {norm name: "kernel" or why it was left as it is}."""
     from sparsekernels.arch.find import find_rms_norms
 
-    report, plan = {}, []
-    for site in find_rms_norms(model):
-        if names is not None and site.name not in names:
-            continue
-        module = model.get_submodule(site.name)
-        if swapped(module, _STATE):
-            report[site.name] = "already on the op"
-            continue
+    def check(site, module):
         state = _Rms(site.eps_attr, site.offset, site.round_normed)
         if not _probe_agrees(module, state):
-            report[site.name] = "left as is: its forward is not x / rms(x) * weight on a probe"
-            continue
-        plan.append((site.name, module, state))
-    for name, module, state in plan:  # every check passed: change the modules
-        swap_forward(module, _STATE, state, _forward)
-        report[name] = "kernel"
-    return report
+            return "left as is: its forward is not x / rms(x) * weight on a probe"
+        return state
+
+    return swap_checked(model, find_rms_norms(model), _STATE, _forward, check, "kernel",
+                        "already on the op", names)
 
 
 def undo_rms_norms_(model: nn.Module) -> int:

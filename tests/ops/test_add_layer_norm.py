@@ -8,15 +8,12 @@ from torch.library import opcheck
 
 from sparsekernels.ops import _ext
 from sparsekernels.ops.add_layer_norm import add_layer_norm
+from tests.ops.isa_paths import PATHS, use_isa
 
 
-@pytest.fixture(params=["native", "generic"])
+@pytest.fixture(params=PATHS)
 def isa(request, monkeypatch):
-    if not _ext.has_op("add_layer_norm", "cpu"):
-        pytest.skip("compiled CPU extension not built (make build)")
-    if request.param == "generic":
-        monkeypatch.setenv("SPARSEKERNELS_CPU_ISA", "generic")
-    return request.param
+    return use_isa(request.param, monkeypatch, "add_layer_norm")
 
 
 def reference(x, r, w, b, eps):

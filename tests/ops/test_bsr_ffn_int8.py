@@ -11,22 +11,16 @@ from sparsekernels.ops import _ext
 from sparsekernels.ops.bsr_ffn import activate
 from sparsekernels.ops.bsr_ffn_int8 import bsr_ffn_int8
 from sparsekernels.ops.bsr_linear_int8 import pack
-from sparsekernels.ops.precision import cpu_isa
 from sparsekernels.ops.reference import bsr_linear_int8 as ref
 from sparsekernels.testing import random_block_mask
+from tests.ops.isa_paths import PATHS, use_isa
 
 K, HIDDEN, N = 128, 256, 128
 
 
-@pytest.fixture(params=["native", "generic"])
+@pytest.fixture(params=PATHS)
 def isa(request, monkeypatch):
-    if not _ext.has_op("bsr_ffn_int8", "cpu"):
-        pytest.skip("compiled CPU extension not built (make build)")
-    if request.param == "generic":
-        monkeypatch.setenv("SPARSEKERNELS_CPU_ISA", "generic")
-    elif "avx512_vnni" not in cpu_isa():
-        pytest.skip("this CPU has no AVX-512 VNNI (the generic case covers it)")
-    return request.param
+    return use_isa(request.param, monkeypatch, "bsr_ffn_int8", "avx512_vnni")
 
 
 def layer(n, k, density, block=(32, 32), empty=False):

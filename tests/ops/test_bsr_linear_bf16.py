@@ -9,23 +9,16 @@ from torch.library import opcheck
 
 from sparsekernels import BlockSparseTensor
 from sparsekernels.formats.block_sparse import inner_tensors
-from sparsekernels.ops import _ext
 from sparsekernels.ops.bsr_ffn import activate
 from sparsekernels.formats.functional import sparse_ffn, sparse_linear
 from sparsekernels.ops.bsr_linear import pack
-from sparsekernels.ops.precision import cpu_isa
 from sparsekernels.testing import assert_close_to_reference, random_block_mask
+from tests.ops.isa_paths import PATHS, use_isa
 
 
-@pytest.fixture(params=["native", "generic"])
+@pytest.fixture(params=PATHS)
 def isa(request, monkeypatch):
-    if not _ext.has_op("bsr_linear", "cpu"):
-        pytest.skip("compiled CPU extension not built (make build)")
-    if request.param == "generic":
-        monkeypatch.setenv("SPARSEKERNELS_CPU_ISA", "generic")
-    elif "avx512_bf16" not in cpu_isa():
-        pytest.skip("this CPU has no AVX-512 BF16 (the generic case covers it)")
-    return request.param
+    return use_isa(request.param, monkeypatch, "bsr_linear", "avx512_bf16")
 
 
 def weight(n, k, block=(32, 32), density=0.5, empty=False):

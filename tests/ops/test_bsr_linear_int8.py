@@ -17,9 +17,10 @@ from torch.library import opcheck
 from sparsekernels import BlockSparseTensor
 from sparsekernels.ops import _ext
 from sparsekernels.ops.bsr_linear_int8 import bsr_linear_int8, pack
-from sparsekernels.ops.precision import W8_MAX_ROWS, cpu_isa, int8_scheme
+from sparsekernels.ops.precision import W8_MAX_ROWS, int8_scheme
 from sparsekernels.ops.reference import bsr_linear_int8 as ref
 from sparsekernels.testing import assert_close_to_reference, random_block_mask
+from tests.ops.isa_paths import PATHS, use_isa
 
 SCHEMES = ["w8", "w8a8"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -30,14 +31,9 @@ def need_cpu():
         pytest.skip("compiled CPU extension not built (make build)")
 
 
-@pytest.fixture(params=["native", "generic"])
+@pytest.fixture(params=PATHS)
 def isa(request, monkeypatch):
-    """The AVX-512 VNNI path where the CPU has it, and the portable path everywhere."""
-    if request.param == "generic":
-        monkeypatch.setenv("SPARSEKERNELS_CPU_ISA", "generic")
-    elif "avx512_vnni" not in cpu_isa():
-        pytest.skip("this CPU has no AVX-512 VNNI (the generic case covers it)")
-    return request.param
+    return use_isa(request.param, monkeypatch, None, "avx512_vnni")
 
 
 def layer(n, k, block=(32, 32), density=0.5, empty=False):

@@ -43,6 +43,17 @@ def schemes_of(model) -> set:
     return {m.scheme for m in model.modules() if isinstance(m, QuantizedSparseLinear)}
 
 
+def assert_reloads_as_w8(model, dummy, tmp_path):
+    """Saved and loaded, every int8 layer is w8 and the output is the same, bit for bit."""
+    with torch.no_grad():
+        expected = output_of(model, dummy)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert schemes_of(loaded) == {"w8"}
+    with torch.no_grad():
+        assert torch.equal(output_of(loaded, dummy), expected)
+
+
 def test_outliers_warn_under_explicit_w8a8_and_w8_keeps_them():
     model, dummy = outlier_llama()
     reference = build("llama")[0]
@@ -75,24 +86,13 @@ def test_auto_moves_to_w8_on_outliers_and_load_keeps_it(tmp_path):
     assert report.int8_output_error < 0.1
     with torch.no_grad():
         assert torch.equal(output_of(model, dummy), output_of(explicit, dummy))
-        expected = output_of(model, dummy)
-    save_model(model, tmp_path / "m")
-    loaded = load_model(tmp_path / "m")
-    assert schemes_of(loaded) == {"w8"}
-    with torch.no_grad():
-        assert torch.equal(output_of(loaded, dummy), expected)
+    assert_reloads_as_w8(model, dummy, tmp_path)
 
 
 def test_scheme_saved_and_loaded(tmp_path):
     model, dummy = build("llama")
     sped_up(model, dummy, int8_scheme="w8")
-    with torch.no_grad():
-        expected = output_of(model, dummy)
-    save_model(model, tmp_path / "m")
-    loaded = load_model(tmp_path / "m")
-    assert schemes_of(loaded) == {"w8"}
-    with torch.no_grad():
-        assert torch.equal(output_of(loaded, dummy), expected)
+    assert_reloads_as_w8(model, dummy, tmp_path)
 
 
 def test_error_measured_only_in_int8():
