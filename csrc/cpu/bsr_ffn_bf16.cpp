@@ -69,11 +69,19 @@ Layer16 layer16(const at::Tensor& values, const at::Tensor& crow, const at::Tens
 // Output block columns [o0, o1) of w for rows of A (written at their own columns of out);
 // `fma`: the call has at most kStoredRows rows (decided per call, not per chunk, so a row's
 // result never depends on how the rows were split).
+// `pairs`: where the stored blocks go in the pair layout for the calling thread's later row
+// chunks (each column paired into it at its blocks' own offset, then multiplied from there);
+// nullptr: paired per column into a scratch of their own (column_pairs).
 template <int BO, typename OutT>
 void columns(const Layer16& w, const uint16_t* A, int64_t rows, int64_t lda, int64_t o0,
-             int64_t o1, OutT* out, int64_t ldo, bool fma) {
+             int64_t o1, OutT* out, int64_t ldo, bool fma, uint16_t* pairs = nullptr) {
+  const int64_t per = w.bk * BO;
   for (int64_t o = o0; o < o1; ++o) {
-    if (w.wt && fma)
+    if (w.wt && !fma && pairs != nullptr) {
+      const int64_t e0 = w.s.ptr[o];
+      to_pairs<BO>(w.b + e0 * per, w.s.ptr[o + 1] - e0, w.bk, pairs + e0 * per);
+      block_bf16_avx512<BO, OutT>(A, rows, lda, pairs, w.s, o, w.bias, out, ldo);
+    } else if (w.wt && fma)
       block_bf16_avx512<BO, OutT, true>(A, rows, lda, w.b, w.s, o, w.bias, out, ldo);
     else if (w.wt)
       block_bf16_wt_avx512<BO, OutT>(A, rows, lda, w.b, w.s, o, w.bias, out, ldo);
@@ -87,12 +95,12 @@ void columns(const Layer16& w, const uint16_t* A, int64_t rows, int64_t lda, int
 template <int BO1>
 void hidden(const Layer16& w1, const Layer16* up, Activation act, const uint16_t* X,
             int64_t rows, int64_t ldx, int64_t o0, int64_t o1, float* h, float* u, uint16_t* hb,
-            int64_t n1, bool fma) {
+            int64_t n1, bool fma, uint16_t* pairs1 = nullptr, uint16_t* pairs_up = nullptr) {
   if (o1 <= o0 || rows == 0) return;
   const int64_t c0 = o0 * BO1, width = (o1 - o0) * BO1;
-  columns<BO1, float>(w1, X, rows, ldx, o0, o1, h, n1, fma);
+  columns<BO1, float>(w1, X, rows, ldx, o0, o1, h, n1, fma, pairs1);
   cpu::activate(h + c0, rows, width, n1, act, at::kFloat);
-  if (up) columns<BO1, float>(*up, X, rows, ldx, o0, o1, u, n1, fma);
+  if (up) columns<BO1, float>(*up, X, rows, ldx, o0, o1, u, n1, fma, pairs_up);
   for (int64_t t = 0; t < rows; ++t) {
     float* hr = h + t * n1 + c0;
     if (up) {
@@ -102,6 +110,10 @@ void hidden(const Layer16& w1, const Layer16* up, Activation act, const uint16_t
     to_bf16(hr, hb + t * n1 + c0, width);
   }
 }
+
+// The most a thread keeps of a layer's blocks paired for its later row chunks: each thread
+// holds its own copy for as long as it lives (larger layers pair per chunk, as before).
+constexpr int64_t kPairedBytes = int64_t{8} << 20;
 
 template <int BO1, int BO2>
 void ffn16(const uint16_t* X, int64_t rows, int64_t ldx, const Layer16& w1, const Layer16* up,
@@ -150,9 +162,40 @@ void ffn16(const uint16_t* X, int64_t rows, int64_t ldx, const Layer16& w1, cons
       hb.resize(mc * n1);
     }
     if (up && u.size() < static_cast<size_t>(mc * n1)) u.resize(mc * n1);
-    hidden<BO1>(w1, up, act, X + t0 * ldx, rc, ldx, 0, w1.s.n_out, h.data(), u.data(),
-                hb.data(), n1, fma);
-    columns<BO2, uint16_t>(w2, hb.data(), rc, n1, 0, w2.s.n_out, out + t0 * ldo, ldo, fma);
+    // A thread with several chunks pairs the stored blocks once: its first chunk into
+    // buffers it keeps, which its later chunks read as packed blocks. (Pairing per chunk
+    // repeats the work per chunk; pairing the whole layer in a pass of its own reads every
+    // weight from memory twice.)
+    const int64_t nt_ = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t r0 = rows * tid / nt_, r1 = rows * (tid + 1) / nt_;
+    if (!w1.wt || fma || r1 - r0 <= mc || weight_bytes > kPairedBytes) {
+      hidden<BO1>(w1, up, act, X + t0 * ldx, rc, ldx, 0, w1.s.n_out, h.data(), u.data(),
+                  hb.data(), n1, fma);
+      columns<BO2, uint16_t>(w2, hb.data(), rc, n1, 0, w2.s.n_out, out + t0 * ldo, ldo, fma);
+      return;
+    }
+    thread_local std::vector<uint16_t> pairs1, pairs_up, pairs2;
+    auto paired = [&](const Layer16& w, int64_t bo, std::vector<uint16_t>& buf) {
+      if (!w.wt) return w;  // packed by the caller: nothing to pair
+      const size_t need = static_cast<size_t>(w.s.ptr[w.s.n_out]) * w.bk * bo;
+      if (buf.size() < need) buf.resize(need);
+      Layer16 p = w;
+      p.b = buf.data();
+      p.wt = false;
+      return p;
+    };
+    const Layer16 p1 = paired(w1, BO1, pairs1), p2 = paired(w2, BO2, pairs2);
+    const Layer16 pu = up ? paired(*up, BO1, pairs_up) : Layer16{};
+    if (t0 == r0) {  // the first chunk: pair while multiplying
+      hidden<BO1>(w1, up, act, X + t0 * ldx, rc, ldx, 0, w1.s.n_out, h.data(), u.data(),
+                  hb.data(), n1, fma, pairs1.data(), up ? pairs_up.data() : nullptr);
+      columns<BO2, uint16_t>(w2, hb.data(), rc, n1, 0, w2.s.n_out, out + t0 * ldo, ldo, fma,
+                             pairs2.data());
+    } else {
+      hidden<BO1>(p1, up ? &pu : nullptr, act, X + t0 * ldx, rc, ldx, 0, p1.s.n_out, h.data(),
+                  u.data(), hb.data(), n1, fma);
+      columns<BO2, uint16_t>(p2, hb.data(), rc, n1, 0, p2.s.n_out, out + t0 * ldo, ldo, fma);
+    }
   });
 }
 #endif

@@ -233,45 +233,48 @@ SK_TARGET_BF16 void block_bf16_avx512(const uint16_t* A, int64_t rows, int64_t l
                                            s, o, bias, out + t * ldo + o * BO, ldo, first);
 }
 
-// The blocks of output column o as SparseLinear stores them on the CPU (W.T, [bk][BO] each)
-// rewritten in the vdpbf16ps pair layout ([bk/2][BO][2]: lane i of a vector holds rows k and
-// k + 1 of output i) into this thread's buffer. Done per (row chunk, column) inside the kernel,
-// in cache, it costs a few percent of the products that follow, where a packed copy of every
-// weight per call (at::permute + contiguous) cost more than that and wrote the whole weight.
+// Blocks [0, n) as SparseLinear stores them on the CPU (W.T, [bk][BO] each) rewritten in the
+// vdpbf16ps pair layout ([bk/2][BO][2]: lane i of a vector holds rows k and k + 1 of output
+// i) at dst.
 template <int BO>
-SK_TARGET_BF16 inline const uint16_t* column_pairs(const uint16_t* wt, const Rows& s, int64_t o) {
-  thread_local std::vector<uint16_t> buf;
-  const int64_t e0 = s.ptr[o], e1 = s.ptr[o + 1], per = s.bk * BO;
-  if (buf.size() < static_cast<size_t>((e1 - e0) * per)) buf.resize((e1 - e0) * per);
+SK_TARGET_BF16 inline void to_pairs(const uint16_t* wt, int64_t n, int64_t bk, uint16_t* dst) {
   alignas(64) uint16_t lo_idx[32], hi_idx[32];
   for (int i = 0; i < 32; ++i) {  // even lanes from row k, odd lanes from row k + 1 (+32)
     lo_idx[i] = static_cast<uint16_t>((i & 1 ? 32 : 0) + i / 2);
     hi_idx[i] = static_cast<uint16_t>(lo_idx[i] + 16);
   }
   const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
-  for (int64_t e = e0; e < e1; ++e) {
-    const uint16_t* src = wt + e * per;
-    uint16_t* dst = buf.data() + (e - e0) * per;
-    for (int64_t k = 0; k < s.bk; k += 2) {
-      const uint16_t* r0 = src + k * BO;
-      const uint16_t* r1 = r0 + BO;
-      uint16_t* d = dst + k * BO;
-      if constexpr (BO == 16) {
-        const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(r0)));
-        const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(r1)));
-        _mm512_storeu_si512(d, _mm512_permutex2var_epi16(a, lo, b));
-      } else {
-        for (int h = 0; h < BO / 32; ++h) {
-          const __m512i a = _mm512_loadu_si512(r0 + 32 * h);
-          const __m512i b = _mm512_loadu_si512(r1 + 32 * h);
-          _mm512_storeu_si512(d + 64 * h, _mm512_permutex2var_epi16(a, lo, b));
-          _mm512_storeu_si512(d + 64 * h + 32, _mm512_permutex2var_epi16(a, hi, b));
-        }
+  for (int64_t k = 0; k < n * bk; k += 2) {  // row pairs, block after block (bk is even)
+    const uint16_t* r0 = wt + k * BO;
+    const uint16_t* r1 = r0 + BO;
+    uint16_t* d = dst + k * BO;
+    if constexpr (BO == 16) {
+      const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(r0)));
+      const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(r1)));
+      _mm512_storeu_si512(d, _mm512_permutex2var_epi16(a, lo, b));
+    } else {
+      for (int h = 0; h < BO / 32; ++h) {
+        const __m512i a = _mm512_loadu_si512(r0 + 32 * h);
+        const __m512i b = _mm512_loadu_si512(r1 + 32 * h);
+        _mm512_storeu_si512(d + 64 * h, _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_storeu_si512(d + 64 * h + 32, _mm512_permutex2var_epi16(a, hi, b));
       }
     }
   }
+}
+
+// The blocks of output column o in the pair layout, in this thread's buffer. Done per (row
+// chunk, column) inside the kernel, in cache, it costs a few percent of the products that
+// follow, where a packed copy of every weight per call (at::permute + contiguous, or a pass of
+// its own) cost more than that: each pass reads the whole weight from memory again.
+template <int BO>
+SK_TARGET_BF16 inline const uint16_t* column_pairs(const uint16_t* wt, const Rows& s, int64_t o) {
+  thread_local std::vector<uint16_t> buf;
+  const int64_t e0 = s.ptr[o], e1 = s.ptr[o + 1], per = s.bk * BO;
+  if (buf.size() < static_cast<size_t>((e1 - e0) * per)) buf.resize((e1 - e0) * per);
+  to_pairs<BO>(wt + e0 * per, e1 - e0, s.bk, buf.data());
   return buf.data();
 }
 
