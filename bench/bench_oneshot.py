@@ -4,6 +4,7 @@
     python bench/bench_oneshot.py --smoke    # a tiny random Llama on random tokens, seconds (CI)
     python bench/bench_oneshot.py --cases sparsegpt/fine/0.5,wanda/2:4/0.5 --merge
     python bench/bench_oneshot.py --cases sparsegpt+owl/fine/0.7 --merge
+    python bench/bench_oneshot.py --cases sparsegpt+rec/fine/0.5 --merge
     python bench/bench_oneshot.py --cases sparsegpt/fine/0.5 --calibration-windows 128
                                              # more calibration: oneshot-calib128.md
 
@@ -19,7 +20,9 @@ any run). Pruners: magnitude (LevelPruner), Wanda and SparseGPT (percdamp 0.01, 
 128), one-shot, no recovery. Patterns: unstructured and block 32x32 (what SparseLinear runs)
 at 30 / 50 / 70%, and the N:M patterns 2:4 and 4:8, whose sparsity is 1 - N/M = 50% by
 definition (other N:M, e.g. 3:4 / 1:4, on request). ``+owl`` runs a pruner with
-outlier-weighted per-layer sparsity (``"owl": True``). Each case starts from the dense
+outlier-weighted per-layer sparsity (``"owl": True``), ``+rec`` with local reconstruction
+(``reconstruct=True``: each pruned layer trained against the dense model's output of that
+layer on the calibration batches). Each case starts from the dense
 weights.
 """
 
@@ -65,10 +68,12 @@ class Case:
     owl: bool = False
     percdamp: float = 0.01
     blocksize: int = 128
+    reconstruct: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.pruner}{'+owl' if self.owl else ''}/{self.pattern}/{self.sparsity:g}"
+        return (f"{self.pruner}{'+owl' if self.owl else ''}{'+rec' if self.reconstruct else ''}"
+                f"/{self.pattern}/{self.sparsity:g}")
 
     def config_list(self) -> list[dict]:
         entry: dict = {"op_types": ["Linear"], "op_names_re": [DECODER_LINEARS]}
@@ -110,11 +115,13 @@ def parse_cases(text: str) -> list[Case]:
     cases = []
     for item in text.split(","):
         pruner, pattern, sparsity = item.strip().split("/")
+        rec = pruner.endswith("+rec")
+        pruner = pruner.removesuffix("+rec")
         pruner, owl = pruner.removesuffix("+owl"), pruner.endswith("+owl")
-        if pruner not in PRUNERS or (owl and pruner == "magnitude"):
-            raise SystemExit(f"unknown pruner {pruner!r}; one of {PRUNERS} (+owl for wanda "
-                             "and sparsegpt)")
-        cases.append(Case(pruner, pattern, float(sparsity), owl=owl))
+        if pruner not in PRUNERS or ((owl or rec) and pruner == "magnitude"):
+            raise SystemExit(f"unknown pruner {pruner!r}; one of {PRUNERS} (+owl, +rec or "
+                             "+owl+rec for wanda and sparsegpt)")
+        cases.append(Case(pruner, pattern, float(sparsity), owl=owl, reconstruct=rec))
     return cases
 
 
@@ -123,10 +130,12 @@ def prune(model, case: Case, calibration) -> None:
     if case.pruner == "magnitude":
         pruner = LevelPruner(model, config_list)
     elif case.pruner == "wanda":
-        pruner = WandaPruner(model, config_list, calibration)
+        pruner = WandaPruner(model, config_list, calibration,
+                             reconstruct=True if case.reconstruct else None)
     else:
         pruner = SparseGPTPruner(model, config_list, calibration, percdamp=case.percdamp,
-                                 blocksize=case.blocksize)
+                                 blocksize=case.blocksize,
+                                 reconstruct=True if case.reconstruct else None)
     _, masks = pruner.compress()
     pruner.unwrap_model()       # zeros stay; evaluation runs without the mask hooks
     return total_sparsity(masks)
@@ -188,13 +197,15 @@ def main(argv=None) -> int:
                                           / f"{result_name(data)}.csv")
                  if r["case"] != "dense" and r["case"] not in names
                  and r["data"] == data_key(data)]
+        for r in saved:     # rows from before reconstruction existed
+            r.setdefault("reconstruct", 0)
     from sparsekernels.recipes.llm_data import perplexity
     t0 = time.perf_counter()
     model, calibration, evals, desc = load(args.smoke, data)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     t = time.perf_counter()
     dense = perplexity(model, evals, data.batch_size)
-    rows = [dict(case="dense", pruner="dense", pattern="-", sparsity=0.0, owl=0,
+    rows = [dict(case="dense", pruner="dense", pattern="-", sparsity=0.0, owl=0, reconstruct=0,
                  measured_sparsity=0.0, perplexity=dense, vs_dense=1.0, prune_s=0.0,
                  eval_s=time.perf_counter() - t, data=data_key(data))]
     print(f"loaded in {t - t0:.0f} s; dense perplexity {dense:.3f}", flush=True)
@@ -206,7 +217,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         ppl = perplexity(model, evals, data.batch_size)
         rows.append(dict(case=case.name, pruner=case.pruner, pattern=case.pattern,
-                         sparsity=case.sparsity, owl=int(case.owl), measured_sparsity=measured,
+                         sparsity=case.sparsity, owl=int(case.owl),
+                         reconstruct=int(case.reconstruct), measured_sparsity=measured,
                          perplexity=ppl, vs_dense=ppl / dense, prune_s=prune_s,
                          eval_s=time.perf_counter() - t, data=data_key(data)))
         print(f"{case.name}: perplexity {ppl:.3f} (x{ppl / dense:.2f} dense), sparsity "
@@ -238,7 +250,9 @@ def write(rows, saved, dense, desc, data, seconds) -> None:
              "stays dense); one-shot, no recovery; each case starts from the dense weights",
              "- Wanda and SparseGPT run layer by layer (each layer calibrated on the outputs "
              "of the pruned layers before it); SparseGPT percdamp 0.01, blocksize 128; +owl: "
-             "outlier-weighted per-layer sparsity (lambda 0.08, threshold 5)",
+             "outlier-weighted per-layer sparsity (lambda 0.08, threshold 5); +rec: each pruned "
+             "layer's kept weights then trained on the calibration batches to give the dense "
+             "model's output of that layer (reconstruct=True: 4 epochs of Adam at lr 1e-4, MSE)",
              "- N:M keeps N of every M consecutive input weights of each row: its sparsity is "
              "1 - N/M",
              f"- this run: {seconds / 60:.1f} min for {len(rows) - 1} cases (shared machine: "
@@ -256,8 +270,8 @@ def write(rows, saved, dense, desc, data, seconds) -> None:
 
 def pivot(rows: list[dict], dense: float) -> list[str]:
     """A markdown table: one row per pruner x pattern family, one column per sparsity."""
-    cells = {(r["pruner"], int(r["owl"]), r["pattern"], float(r["sparsity"])): r["perplexity"]
-             for r in rows}
+    cells = {(r["pruner"], (int(r["owl"]), int(r.get("reconstruct") or 0)), r["pattern"],
+              float(r["sparsity"])): r["perplexity"] for r in rows}
     cols = (0.25, 0.3, 0.5, 0.7, 0.75)
     used = [c for c in cols if any(k[3] == c for k in cells)]
     out = ["| pruner | pattern | " + " | ".join(f"{c:.0%}" for c in used) + " |",
@@ -265,7 +279,7 @@ def pivot(rows: list[dict], dense: float) -> list[str]:
     families = (("unstructured", ("fine",)), ("block 32x32", ("block32",)),
                 ("N:4 (3:4, 2:4, 1:4)", ("3:4", "2:4", "1:4")), ("4:8", ("4:8",)))
     for pruner in PRUNERS:
-        for owl in (0, 1):
+        for owl in ((0, 0), (1, 0), (0, 1), (1, 1)):     # (OWL, reconstruction)
             for family, patterns in families:
                 vals = []
                 for c in used:
@@ -273,7 +287,8 @@ def pivot(rows: list[dict], dense: float) -> list[str]:
                               if (pruner, owl, p, c) in cells), None)
                     vals.append("" if v is None else f"{v:.2f} (x{v / dense:.2f})")
                 if any(vals):
-                    name = pruner + (" + OWL" if owl else "")
+                    name = pruner + (" + OWL" if owl[0] else "") + \
+                        (" + reconstruction" if owl[1] else "")
                     out.append(f"| {name} | {family} | " + " | ".join(vals) + " |")
     return out
 

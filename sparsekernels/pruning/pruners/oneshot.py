@@ -36,9 +36,11 @@ from sparsekernels.formats.masks import Masks, merge_masks
 from sparsekernels.pruning.config import ConfigError, PruningConfig
 from sparsekernels.pruning.granularity import CanonicalMasks, Pool
 from sparsekernels.pruning.pruners.base import Pruner
+from sparsekernels.pruning.distributed import world_size
 from sparsekernels.pruning.pruners.calibration import (
     PRUNABLE_TYPES, InputStatistics, LayerInput, calibration_mode, capture_layer_inputs,
     check_batches, collect_statistics, layer_output, run_layer, transformer_layers)
+from sparsekernels.pruning.pruners.reconstruct import parse_reconstruct, reconstruct_layer
 
 OWL_DEFAULTS = {"lambda": 0.08, "threshold": 5.0}
 
@@ -81,7 +83,11 @@ class OneShotPruner(Pruner):
 
     ``calibration_data``: an iterable of model inputs (tensors, tuples or dicts, as
     ``dummy_input`` is elsewhere), read once into a list; ``sequential=False`` gathers every
-    layer's statistics from the unpruned model in one forward instead.
+    layer's statistics from the unpruned model in one forward instead. ``reconstruct``:
+    after pruning a transformer layer, train its kept weights on the calibration batches to
+    give the dense model's output of that layer (``True``, a number of epochs or
+    ``{"epochs": 4, "lr": 1e-4}``; :mod:`.reconstruct`); ``reconstruction_log`` then holds
+    ``(layer, error before, error after)`` per layer.
     """
 
     default_types = PRUNABLE_TYPES
@@ -91,8 +97,16 @@ class OneShotPruner(Pruner):
     gram = False          # whether statistics include X^T X (SparseGPT's Hessian)
 
     def __init__(self, model: torch.nn.Module, config_list: Sequence[Mapping[str, Any]],
-                 calibration_data: Any, *, sequential: bool = True):
+                 calibration_data: Any, *, sequential: bool = True, reconstruct: Any = None):
         owner = type(self).__name__
+        self.reconstruct = parse_reconstruct(owner, reconstruct)
+        if self.reconstruct is not None and not sequential:
+            raise ValueError(f"{owner}: reconstruct trains each pruned layer on the inputs "
+                             "the pruned layers before it give, so it needs sequential=True")
+        if self.reconstruct is not None and world_size() > 1:
+            raise ValueError(f"{owner}: reconstruct trains on this process's calibration "
+                             "batches only, so ranks would end with different weights; run "
+                             "the pruner on one rank and broadcast its state_dict")
         entries, self._owl = split_owl(owner, config_list)
         super().__init__(model, entries)
         self.config_list = config_list
@@ -118,6 +132,9 @@ class OneShotPruner(Pruner):
         self._stack = transformer_layers(model) if self.sequential else None
         self._by_layer = self._plan_by_layer()
         self._decided: CanonicalMasks | None = None
+        # (layer index, mean squared error against the dense layer before, after) per
+        # reconstructed layer, on the calibration batches
+        self.reconstruction_log: list[tuple[int, float, float]] = []
 
     # ----------------------------------------------------------------- planning
     def _layer_index(self, name: str) -> int | None:
@@ -167,6 +184,20 @@ class OneShotPruner(Pruner):
                 m = layers.from_canonical(module, mask) if pname == "weight" else mask
                 param.data.mul_(m.to(device=param.device, dtype=param.dtype))
 
+    @staticmethod
+    def _masked_params(modules: dict[str, torch.nn.Module],
+                       masks: CanonicalMasks) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """Each pruned parameter with its mask in the parameter's own layout."""
+        out = {}
+        for name, entry in masks.items():
+            module = modules[name]
+            for pname, mask in entry.items():
+                param = getattr(module, pname, None)
+                if isinstance(param, torch.nn.Parameter):
+                    out[param] = layers.from_canonical(module, mask) if pname == "weight" \
+                        else mask
+        return out
+
     def _modules_of(self, plan) -> dict[str, torch.nn.Module]:
         modules = self._modules()
         return {n: modules[n] for pool, _ in plan for n in pool.modules}
@@ -181,18 +212,27 @@ class OneShotPruner(Pruner):
             if inside:
                 stack = self._stack[1]
                 inputs = capture_layer_inputs(self.model, stack[0], batches)
+                dense = inputs if self.reconstruct is not None else None  # the dense model's
+                self.reconstruction_log = []
                 for i in range(inside[-1] + 1):
                     layer, plan = stack[i], self._by_layer.get(i)
+                    if dense is not None:
+                        dense = run_layer(layer, dense)     # before the layer is pruned
                     if plan:
                         stats = collect_statistics(
                             self._modules_of(plan), self.gram,
                             (layer(x.hidden, *x.args, **x.kwargs) for x in inputs))
-                        masks = merge_masks(masks, self._prune_plan(plan, stats, modules,
-                                                                    amounts))
+                        decided = self._prune_plan(plan, stats, modules, amounts)
+                        masks = merge_masks(masks, decided)
                         del stats
+                        if dense is not None:
+                            before, after = reconstruct_layer(
+                                layer, inputs, [d.hidden for d in dense],
+                                self._masked_params(modules, decided), self.reconstruct)
+                            self.reconstruction_log.append((i, before, after))
                     if i < inside[-1]:
                         inputs = run_layer(layer, inputs)
-                del inputs
+                del inputs, dense
             plan = self._by_layer.get(None)
             if plan:
                 stats = collect_statistics(self._modules_of(plan), self.gram,

@@ -47,7 +47,7 @@ class SparseGPTPruner(OneShotPruner):
 
     def __init__(self, model: torch.nn.Module, config_list: Sequence[Mapping[str, Any]],
                  calibration_data: Any, percdamp: float = 0.01, blocksize: int = 128, *,
-                 sequential: bool = True):
+                 sequential: bool = True, reconstruct: Any = None):
         if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) \
                 or not math.isfinite(percdamp) or percdamp <= 0:
             raise ValueError(f"SparseGPTPruner: percdamp must be a positive number (a "
@@ -57,7 +57,8 @@ class SparseGPTPruner(OneShotPruner):
                              f"{blocksize!r}")
         self.percdamp = float(percdamp)
         self.blocksize = blocksize
-        super().__init__(model, config_list, calibration_data, sequential=sequential)
+        super().__init__(model, config_list, calibration_data, sequential=sequential,
+                         reconstruct=reconstruct)
 
     def _prune_pool(self, pool, sparsity, stats, modules):
         if isinstance(pool, ChannelPool):

@@ -9,7 +9,8 @@ pattern (``"2:4"``, ``"4:8"``) within each group of M inputs of a row; ``"block"
 ``"in_channel"`` rank rows / columns by their summed scores; ``"head"`` ranks attention
 heads (with grouped-query attention: key/value heads with their query heads) by the scores
 of their Q/K/V rows and output-projection columns, ``"query_head"`` the same number of
-query heads in every key/value group. Kept weights are not changed.
+query heads in every key/value group. Kept weights are not changed (unless
+``reconstruct=`` trains them afterwards: :mod:`.reconstruct`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from sparsekernels.pruning.pruners.oneshot import OneShotPruner, wanda_scores
 
 class WandaPruner(OneShotPruner):
     """``WandaPruner(model, config_list, calibration_data)``; ``compress()`` returns
-    ``(model, masks)`` with the pruned weights zero and the kept ones unchanged."""
+    ``(model, masks)`` with the pruned weights zero and the kept ones unchanged (trained
+    per layer against the dense model with ``reconstruct=``)."""
 
     granularities = ("fine", NM, "block", "out_channel", "in_channel", "head", "query_head")
 
