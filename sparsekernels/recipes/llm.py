@@ -226,10 +226,11 @@ class LLMRecipe:
         if p.pruner == "magnitude":
             pruner = LevelPruner(model, config_list)
         elif p.pruner == "wanda":
-            pruner = WandaPruner(model, config_list, self.calibration)
+            pruner = WandaPruner(model, config_list, self.calibration,
+                                 reconstruct=p.reconstruct or None)
         else:
             pruner = SparseGPTPruner(model, config_list, self.calibration, percdamp=p.percdamp,
-                                     blocksize=p.blocksize)
+                                     blocksize=p.blocksize, reconstruct=p.reconstruct or None)
         _, found = pruner.compress()
         pruner.unwrap_model()
         out = {}

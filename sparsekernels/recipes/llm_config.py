@@ -54,6 +54,9 @@ class LLMPruneConfig:
     percdamp: float = 0.01  # SparseGPT
     blocksize: int = 128  # SparseGPT's column blocks (lazy updates), not the sparsity block
     owl: bool = False  # outlier-weighted per-layer sparsity
+    # epochs of local reconstruction after each one-shot step (Wanda / SparseGPT; 0: none):
+    # each pruned layer trained to give the dense model's output of that layer
+    reconstruct: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +165,11 @@ class LLMRecipeConfig:
         check(p.steps >= 1, "prune.steps", f"must be >= 1, got {p.steps}")
         check(p.percdamp > 0, "prune.percdamp", f"must be > 0, got {p.percdamp}")
         check(p.blocksize >= 1, "prune.blocksize", f"must be >= 1, got {p.blocksize}")
+        check(isinstance(p.reconstruct, int) and not isinstance(p.reconstruct, bool)
+              and p.reconstruct >= 0, "prune.reconstruct",
+              f"must be a number of epochs >= 0 (0: none), got {p.reconstruct!r}")
+        check(p.reconstruct == 0 or p.pruner != "magnitude", "prune.reconstruct",
+              "needs the calibration batches of wanda or sparsegpt; magnitude has none")
         from sparsekernels.ops.limits import SUPPORTED_BLOCK_SIZES
         for v in p.block_size:
             check(v in SUPPORTED_BLOCK_SIZES, "prune.block_size",

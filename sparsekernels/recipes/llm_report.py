@@ -31,7 +31,10 @@ def _setup(record: dict) -> list[str]:
     lines = [f"- model: {c['model']['name_or_path']}; text: "
              f"{record.get('data', {}).get('note', c['data']['source'])}",
              f"- pruned: every decoder Linear, {p['pruner']} {gran} to {p['sparsity']:.0%} in "
-             f"{p['steps']} step(s){' with OWL per-layer sparsity' if p['owl'] else ''}; "
+             f"{p['steps']} step(s){' with OWL per-layer sparsity' if p['owl'] else ''}"
+             + (f", each pruned layer then reconstructed ({p['reconstruct']} epoch(s) of Adam "
+                "against the dense model's output of that layer on the calibration windows)"
+                if p.get("reconstruct") else "") + "; "
              "the embedding / LM head stays dense",
              f"- recovery: {r['steps']} steps of distillation from the dense model (logits KL at "
              f"T={r['temperature']}" + (f", + {r['hidden_weight']} x hidden MSE" if
@@ -131,7 +134,9 @@ def _sweep_sections(record: dict) -> list[str]:
                 "recovery) and evaluated on the evaluation articles; in brackets, x the dense "
                 "model's perplexity. An N:M pattern has one sparsity, 1 - N/M. Layer by layer "
                 f"on the calibration windows; SparseGPT percdamp {p['percdamp']}, blocksize "
-                f"{p['blocksize']}{'; OWL per-layer sparsity' if p['owl'] else ''}.", "",
+                f"{p['blocksize']}{'; OWL per-layer sparsity' if p['owl'] else ''}"
+                + (f"; Wanda and SparseGPT with {p['reconstruct']} epoch(s) of local "
+                   "reconstruction" if p.get("reconstruct") else "") + ".", "",
                 _table(["pruner", "pattern"] + [_pct(s) for s in sparsities], rows), ""]
     if speed:
         rows = [[_pct(q["sparsity"]), _num(q["pruned_mb"], "{:.1f}"),
