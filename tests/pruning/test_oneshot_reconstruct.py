@@ -3,6 +3,7 @@ trained on the calibration batches to give the dense model's output of that laye
 
 import pytest
 import torch
+from pruning_models import build_mlp
 from test_oneshot_models import DECODER, ONE_SHOT, build_llama, copy_of, token_batches
 
 from sparsekernels.pruning.pruners.calibration import transformer_layers
@@ -102,7 +103,10 @@ def test_bad_settings_are_refused_before_anything_changes(value):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-def test_reconstruction_needs_the_sequential_flow():
+def test_reconstruction_needs_the_sequential_flow_and_a_layer_stack():
     with pytest.raises(ValueError, match="sequential"):
         ONE_SHOT["wanda"](build_llama(), [dict(ENTRY)], token_batches(), sequential=False,
                           reconstruct=True)
+    with pytest.raises(ValueError, match="no transformer layer stack"):
+        ONE_SHOT["sparsegpt"](build_mlp(), [{"op_types": ["Linear"], "sparsity": 0.5}],
+                              [torch.randn(4, 12)], reconstruct=True)

@@ -87,7 +87,8 @@ class OneShotPruner(Pruner):
     after pruning a transformer layer, train its kept weights on the calibration batches to
     give the dense model's output of that layer (``True``, a number of epochs or
     ``{"epochs": 4, "lr": 1e-4}``; :mod:`.reconstruct`); ``reconstruction_log`` then holds
-    ``(layer, error before, error after)`` per layer.
+    ``(layer, error before, error after)`` per layer. Modules outside the layer stack (a
+    classifier) are pruned without it.
     """
 
     default_types = PRUNABLE_TYPES
@@ -130,6 +131,9 @@ class OneShotPruner(Pruner):
         self.calibration_data = check_batches(owner, calibration_data)
         self.sequential = bool(sequential)
         self._stack = transformer_layers(model) if self.sequential else None
+        if self.reconstruct is not None and self._stack is None:
+            raise ValueError(f"{owner}: reconstruct trains one transformer layer at a time, "
+                             "and this model has no transformer layer stack; leave it out")
         self._by_layer = self._plan_by_layer()
         self._decided: CanonicalMasks | None = None
         # (layer index, mean squared error against the dense layer before, after) per
