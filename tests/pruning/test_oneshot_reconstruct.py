@@ -110,3 +110,18 @@ def test_reconstruction_needs_the_sequential_flow_and_a_layer_stack():
     with pytest.raises(ValueError, match="no transformer layer stack"):
         ONE_SHOT["sparsegpt"](build_mlp(), [{"op_types": ["Linear"], "sparsity": 0.5}],
                               [torch.randn(4, 12)], reconstruct=True)
+
+
+def test_an_encoder_with_its_attention_mask():
+    from pruning_models import VOCAB, build_bert
+
+    torch.manual_seed(3)
+    model = build_bert(head=True)
+    batches = [{"input_ids": torch.randint(1, VOCAB, (2, 16)),
+                "attention_mask": torch.ones(2, 16, dtype=torch.long)} for _ in range(3)]
+    pruner = ONE_SHOT["wanda"](model, [{"op_names_re": [r".*encoder\.layer\.\d+\..*"
+                                                         r"(query|key|value|dense)"],
+                                         "sparsity": 0.5}], batches, reconstruct=True)
+    _, masks = pruner.compress()
+    assert len(masks) == 12 and [i for i, _, _ in pruner.reconstruction_log] == [0, 1]
+    assert all(after < before for _, before, after in pruner.reconstruction_log)
