@@ -153,6 +153,8 @@ void ffn16(const uint16_t* X, int64_t rows, int64_t ldx, const Layer16& w1, cons
                                2 * w2.bk * BO2 * w2.s.ptr[w2.s.n_out];
   int64_t wanted = std::clamp<int64_t>(weight_bytes / (2 * 6 * std::max<int64_t>(1, n1)), 48, 192);
   if (up) wanted = std::max<int64_t>(q, std::min(wanted, (int64_t{1} << 20) / (10 * n1)));
+  // stored blocks a thread may pair once for its later row chunks (see below)
+  const bool may_pair = w1.wt && !fma && weight_bytes <= kPairedBytes;
   for_row_chunks(rows, q, wanted, [&](int64_t t0, int64_t rc, int64_t mc) {
     // one set of buffers per thread, reused across calls (no page faults per chunk)
     thread_local std::vector<float> h, u;
@@ -166,9 +168,9 @@ void ffn16(const uint16_t* X, int64_t rows, int64_t ldx, const Layer16& w1, cons
     // buffers it keeps, which its later chunks read as packed blocks. (Pairing per chunk
     // repeats the work per chunk; pairing the whole layer in a pass of its own reads every
     // weight from memory twice.)
-    const int64_t nt_ = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t r0 = rows * tid / nt_, r1 = rows * (tid + 1) / nt_;
-    if (!w1.wt || fma || r1 - r0 <= mc || weight_bytes > kPairedBytes) {
+    const int64_t n_th = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t r0 = rows * tid / n_th, r1 = rows * (tid + 1) / n_th;
+    if (!may_pair || r1 - r0 <= mc) {
       hidden<BO1>(w1, up, act, X + t0 * ldx, rc, ldx, 0, w1.s.n_out, h.data(), u.data(),
                   hb.data(), n1, fma);
       columns<BO2, uint16_t>(w2, hb.data(), rc, n1, 0, w2.s.n_out, out + t0 * ldo, ldo, fma);

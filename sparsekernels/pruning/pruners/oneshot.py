@@ -179,25 +179,20 @@ class OneShotPruner(Pruner):
     @staticmethod
     def _zero_(modules: dict[str, torch.nn.Module], masks: CanonicalMasks) -> None:
         """Multiply the masked parameters by their (canonical) masks, in place."""
-        for name, entry in masks.items():
-            module = modules[name]
-            for pname, mask in entry.items():
-                param = getattr(module, pname, None)
-                if not isinstance(param, torch.Tensor):
-                    continue        # a bias mask for a layer without bias
-                m = layers.from_canonical(module, mask) if pname == "weight" else mask
-                param.data.mul_(m.to(device=param.device, dtype=param.dtype))
+        for param, m in OneShotPruner._masked_params(modules, masks).items():
+            param.data.mul_(m.to(device=param.device, dtype=param.dtype))
 
     @staticmethod
     def _masked_params(modules: dict[str, torch.nn.Module],
-                       masks: CanonicalMasks) -> dict[torch.nn.Parameter, torch.Tensor]:
-        """Each pruned parameter with its mask in the parameter's own layout."""
+                       masks: CanonicalMasks) -> dict[torch.Tensor, torch.Tensor]:
+        """Each pruned parameter with its mask in the parameter's own layout (a bias mask of
+        a layer without bias has none)."""
         out = {}
         for name, entry in masks.items():
             module = modules[name]
             for pname, mask in entry.items():
                 param = getattr(module, pname, None)
-                if isinstance(param, torch.nn.Parameter):
+                if isinstance(param, torch.Tensor):
                     out[param] = layers.from_canonical(module, mask) if pname == "weight" \
                         else mask
         return out
