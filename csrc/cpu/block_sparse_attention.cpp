@@ -582,6 +582,61 @@ struct Bf16Tile {
   }
   static E to_out(A x) { return E(x); }
 };
+
+// rows x n fp32 -> bf16 (round to nearest even), row by row.
+SPARSEKERNELS_AVX512BF16 void bf16_round_rows(const float* src, int64_t lds, int64_t rows,
+                                              int64_t n, c10::BFloat16* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : (__mmask16(1) << (n - j)) - 1;
+      const __m512 x = _mm512_maskz_loadu_ps(m, src + r * lds + j);
+      _mm256_mask_storeu_epi16(dst + r * ldd + j, m, (__m256i)_mm512_cvtneps_pbh(x));
+    }
+}
+
+// fp32 inputs and output, both products in bf16 (the inputs rounded to bf16 as they are
+// packed, fp32 accumulation and softmax): torch's fp32_precision "bf16" for attention. The
+// fp32 buffers of the generic item hold the bf16 data: a packed K or V block takes the first
+// half of its D * bk floats and the rounded rows it is packed from the second; a row of P
+// takes half of its bk floats.
+struct F32Bf16Tile {
+  using E = float;
+  using A = float;
+  static constexpr bool kPacksV = true;
+  static c10::BFloat16* staging(E* buf, int64_t D, int64_t bk) {
+    return reinterpret_cast<c10::BFloat16*>(buf + D * bk / 2);
+  }
+  static void pack_k(const E* k, int64_t ld, int64_t kr, int64_t D, int64_t bk, E* buf) {
+    c10::BFloat16* rows = staging(buf, D, bk);
+    bf16_round_rows(k, ld, kr, D, rows, D);
+    bf16_pack_k(rows, D, kr, D, bk, reinterpret_cast<uint32_t*>(buf));
+  }
+  static void pack_v(const E* v, int64_t ld, int64_t kr, int64_t D, int64_t bk, E* buf) {
+    c10::BFloat16* rows = staging(buf, D, bk);
+    bf16_round_rows(v, ld, kr, D, rows, D);
+    bf16_pack_v(rows, D, kr, D, reinterpret_cast<uint32_t*>(buf));
+  }
+  static void scores(const E* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D, int64_t bk,
+                     A* S) {
+    thread_local std::vector<c10::BFloat16> qrows;
+    if (static_cast<int64_t>(qrows.size()) < qr * D) qrows.resize(qr * D);
+    bf16_round_rows(q, ldq, qr, D, qrows.data(), D);
+    Bf16Tile::scores(qrows.data(), D, qr, reinterpret_cast<const c10::BFloat16*>(kbuf), D, bk,
+                     S);
+  }
+  static A exp_row(A* s, int64_t bk, A shift, A scale, E* pout) {
+    return bf16_exp_row(s, bk, shift, scale, reinterpret_cast<c10::BFloat16*>(pout));
+  }
+  static void accumulate(const A*, int64_t qr, int64_t bk, int64_t kr, const E*, int64_t,
+                         const E* vbuf, const E* pbuf, int64_t D, A* O) {
+    const auto* pp = reinterpret_cast<const uint32_t*>(pbuf);  // rows of bk floats = bk pairs
+    const auto* vp = reinterpret_cast<const uint32_t*>(vbuf);
+    dispatch_block(D, [&](auto w) { bf16_pv<decltype(w)::value>(pp, bk, qr, (kr + 1) / 2, vp,
+                                                                 O); },
+                   "head dim");
+  }
+  static E to_out(A x) { return x; }
+};
 #endif  // SPARSEKERNELS_BF16_DOT
 
 bool cpu_has_bf16_dot() {
@@ -1042,15 +1097,21 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 // allow_bf16_dot: bf16 inputs run on AVX512-BF16 dot products when this CPU has them; false
-// (or a CPU without them) converts them to fp32 first.
+// (or a CPU without them) converts them to fp32 first. bf16_products: fp32 inputs run both
+// products in bf16 (fp32 accumulation, softmax and output) when this CPU has the dot
+// products; elsewhere, and for other dtypes, it changes nothing.
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& layout_in, const std::optional<at::Tensor>& mask, bool causal,
     int64_t window, double scale, int64_t block_q, int64_t block_k, bool allow_bf16_dot,
-    bool need_stats) {
+    bool need_stats, bool bf16_products) {
   check_inputs(q_in, k_in, v_in, window, block_q, block_k);
   const bool bf16_dot =
       allow_bf16_dot && q_in.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot();
+  // fp32 inputs with bf16 products: only where the CPU multiplies bf16 (else plain fp32,
+  // which is faster than rounding for the fp32 products)
+  const bool f32_bf16 =
+      bf16_products && q_in.scalar_type() == at::kFloat && cpu_has_bf16_dot();
   const auto ct = bf16_dot ? at::kBFloat16 : compute_type(q_in.scalar_type());
   const auto acc = ct == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor q = rows(q_in, ct), k = rows(k_in, ct), v = rows(v_in, ct);
@@ -1079,6 +1140,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     };
 #ifdef SPARSEKERNELS_BF16_DOT
     if (bf16_dot) run(Bf16Tile{});
+    else if (f32_bf16) run(F32Bf16Tile{});
     else
 #endif
     if (ct == at::kDouble) run(FloatTile<double>{});
@@ -1144,7 +1206,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   m.def(
       "block_sparse_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor layout, Tensor? mask, "
       "bool causal, int window, float scale, int block_q, int block_k, bool allow_bf16_dot, "
-      "bool need_stats=True) -> (Tensor, Tensor)",
+      "bool need_stats=True, bool bf16_products=False) -> (Tensor, Tensor)",
       &block_sparse_attention_cpu);
   m.def(
       "block_sparse_attention_backward_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, "

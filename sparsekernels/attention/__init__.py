@@ -19,6 +19,7 @@ from sparsekernels.attention.integration import (
     disable_,
     enable_,
     register,
+    set_fp32_precision_,
     sparsekernels_attention_forward,
 )
 from sparsekernels.attention.layouts import (
@@ -41,8 +42,8 @@ __all__ = [
     "AttentionMassCollector", "IMPLEMENTATION", "SparseAttentionConfig", "attention_modules",
     "block_attention_mass", "calibrate_layouts", "causal_layout", "crop", "dense_layout",
     "density", "disable_", "enable_", "global_window_layout", "grid", "head_mask_layout",
-    "random_layout", "register", "sliding_window_layout", "sparsekernels_attention_forward",
-    "topk_layout",
+    "random_layout", "register", "set_fp32_precision_", "sliding_window_layout",
+    "sparsekernels_attention_forward", "topk_layout",
 ]
 
 if importlib.util.find_spec("transformers") is not None:

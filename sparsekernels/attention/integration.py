@@ -36,13 +36,15 @@ _ATTR = "_sparsekernels_attention"
 
 @dataclasses.dataclass(eq=False)
 class SparseAttentionConfig:
-    """What one attention module runs: its layout (None: every block), block size, backend.
+    """What one attention module runs: its layout (None: every block), block size, backend,
+    and the precision of fp32 products (`set_fp32_precision_`; see the op's fp32_precision).
     The layout is not a module buffer, so it follows `model.to(device)` on the next forward
     (moved once, then kept there)."""
 
     layout: Optional[Tensor] = None
     block_size: tuple[int, int] = (64, 64)
     backend: str = "auto"
+    fp32_precision: str = "ieee"
 
     def layout_for(self, heads: int, lq: int, lk: int, device) -> Tensor:
         nq, nk = grid(lq, lk, self.block_size)
@@ -91,7 +93,8 @@ def attend(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
     return block_sparse_attention(query, key, value, layout, cfg.block_size, attn_mask=mask,
                                   causal=causal, scale=scale,
                                   dropout_p=dropout if module.training else 0.0,
-                                  backend=cfg.backend, window=window)
+                                  backend=cfg.backend, window=window,
+                                  fp32_precision=cfg.fp32_precision)
 
 
 def sparsekernels_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
@@ -268,6 +271,27 @@ def enable_(model: torch.nn.Module, layouts: LayoutsArg = None, block_size=(64, 
     patched = [legacy.patch_(m) for _, m in mods if legacy.can_patch(m)]
     _set_implementation(model, IMPLEMENTATION, legacy_only=len(patched) == len(mods))
     return model
+
+
+def set_fp32_precision_(model: torch.nn.Module, precision: str,
+                        names: Optional[Sequence[str]] = None) -> list[str]:
+    """Set the precision of fp32 products ("ieee" or "bf16", see block_sparse_attention's
+    fp32_precision) on the attention modules `enable_` configured (all, or those in `names`,
+    each of which must be one); returns their names. ModelSpeedup's int8 mode sets "bf16"."""
+    from sparsekernels.ops.block_sparse_attention import FP32_PRECISIONS
+
+    if precision.__class__ is not str or precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {precision!r}")
+    configured = {n: m for n, m in model.named_modules() if getattr(m, _ATTR, None) is not None}
+    if names is not None:
+        missing = sorted(set(names) - set(configured))
+        if missing:
+            raise ValueError(f"{missing}: not attention modules running sparsekernels' "
+                             "attention; call sparsekernels.attention.enable_(model) first")
+        configured = {n: configured[n] for n in names}
+    for module in configured.values():
+        getattr(module, _ATTR).fp32_precision = precision
+    return list(configured)
 
 
 def disable_(model: torch.nn.Module, attn_implementation: str = "eager") -> torch.nn.Module:

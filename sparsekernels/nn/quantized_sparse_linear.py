@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sparsekernels.formats.block_sparse import (
+    BlockSparseTensor,
     block_density,
     INDEX_NAMES,
     InvalidIndexError,
@@ -146,6 +147,15 @@ class QuantizedSparseLinear(nn.Module):
         return linear
 
     # -- views ----------------------------------------------------------------------------
+    @property
+    def weight(self) -> BlockSparseTensor:
+        """The int8 blocks as a [out, in] block-sparse int8 tensor, without their per-channel
+        scales (`scale`), as bitsandbytes' int8 layers keep theirs: model code that reads a
+        Linear's weight dtype (T5 casts its FFN input to it unless it is int8) sees int8.
+        The weight's values are `to_linear().weight` (dequantized)."""
+        return BlockSparseTensor(self.values, *(getattr(self, n) for n in INDEX_NAMES),
+                                 shape=(self.out_features, self.in_features), check_index=False)
+
     @property
     def density(self) -> float:
         return block_density(self.values.shape[0], (self.out_features, self.in_features),

@@ -32,6 +32,7 @@ from sparsekernels.ops.reference import block_sparse_attention as ref
 from sparsekernels.ops.router import DECODE_MAX_QUERIES, route
 
 OP = "block_sparse_attention"
+FP32_PRECISIONS = ("ieee", "bf16")  # torch's names (torch.backends.cpu.fp32_precision)
 
 
 def _triton():
@@ -180,26 +181,29 @@ def _dropout_mask(seed: int, shape, dropout_p: float, device):
 # --- forward -------------------------------------------------------------------------------
 def _forward(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, attn_mask: Optional[Tensor],
              causal: bool, window: int, scale: float, block_q: int, block_k: int,
-             dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
+             dropout_p: float, seed: int, backend: str,
+             fp32_precision: str = "ieee") -> tuple[Tensor, Tensor]:
     """The forward op's implementation: routes `backend`, then runs it (_run)."""
     chosen = _choose(backend, q, dropout_p, for_backward=False)
     return _run(chosen, q, k, v, layout, attn_mask, causal, window, scale, block_q, block_k,
-                dropout_p, seed)
+                dropout_p, seed, fp32_precision=fp32_precision)
 
 
 def _run(chosen: Backend, q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
          attn_mask: Optional[Tensor], causal: bool, window: int, scale: float, block_q: int,
          block_k: int, dropout_p: float, seed: int,
-         need_stats: bool = True) -> tuple[Tensor, Tensor]:
+         need_stats: bool = True, fp32_precision: str = "ieee") -> tuple[Tensor, Tensor]:
     """The forward on the backend the router chose (eager inference calls it directly with
     the public entry's choice, see sparsekernels.ops.eager: one route a call, not two).
     need_stats=False: the CPU kernel skips the softmax statistics (only a backward reads
-    them) and returns an empty tensor in their place."""
+    them) and returns an empty tensor in their place. fp32_precision "bf16": the CPU kernel
+    runs the two products of fp32 inputs in bf16 (see block_sparse_attention)."""
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     mask = _mask4(attn_mask)
     if chosen is Backend.CPU:  # builds its block lists (positions included) in C++
         return _ext.op(OP, "cpu")(q, k, v, _layout4(layout), mask, causal, window, scale,
-                                  block_q, block_k, True, need_stats)
+                                  block_q, block_k, True, need_stats,
+                                  fp32_precision == "bf16")
     if chosen is Backend.TRITON:
         idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False, lq=lq,
                                 lk=lk, window=window)
@@ -232,7 +236,7 @@ _block_sparse_attention = torch.library.custom_op("sparsekernels::block_sparse_a
 
 @_block_sparse_attention.register_fake
 def _(q, k, v, layout, attn_mask, causal, window, scale, block_q, block_k, dropout_p, seed,
-      backend):
+      backend, fp32_precision="ieee"):
     b, h, lq, _ = q.shape
     out = _out_layout(q.new_empty((b, h, lq, v.shape[-1])))
     stats = q.new_empty((b, h, 2, lq), dtype=stats_dtype(q.dtype))
@@ -290,7 +294,7 @@ def _(grad_out, q, k, v, out, stats, layout, attn_mask, causal, window, scale, b
 # --- autograd ------------------------------------------------------------------------------
 def _setup_context(ctx, inputs, output):
     (q, k, v, layout, attn_mask, causal, window, scale, block_q, block_k, dropout_p, seed,
-     backend) = inputs
+     backend, _) = inputs  # the backward computes in the inputs' precision
     out, stats = output
     ctx.save_for_backward(q, k, v, out, stats, layout, attn_mask)
     ctx.args = (causal, window, scale, block_q, block_k, dropout_p, seed, backend)
@@ -316,7 +320,7 @@ def _backward(ctx, grad_out, grad_stats):
         grad_out, q, k, v, out, stats, layout, attn_mask, causal, window, scale, block_q,
         block_k, dropout_p, seed, need_dmask, backend)
     dmask = _reduce_to(ds, ctx.mask_shape).to(ctx.mask_dtype) if need_dmask else None
-    return dq, dk, dv, None, dmask, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, dmask, None, None, None, None, None, None, None, None, None
 
 
 _block_sparse_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -422,7 +426,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
                            block_size=(64, 64), attn_mask: Optional[Tensor] = None,
                            causal: bool = False, scale: Optional[float] = None,
                            dropout_p: float = 0.0, backend: "Backend | str" = "auto",
-                           window: Optional[int] = None) -> Tensor:
+                           window: Optional[int] = None, fp32_precision: str = "ieee") -> Tensor:
     """softmax(q k^T * scale + attn_mask) v over the (query block, key block) pairs in `layout`.
 
     q [B, H, Lq, D]; k and v [B, Hkv, Lk, D] with Hkv dividing H (grouped-query attention:
@@ -444,8 +448,17 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     CPU kernel returns it (out.transpose(1, 2) is contiguous).
     backend: auto (on CPU an all-true layout with more than 16 queries runs as dense SDPA),
     triton, cuda, cpu or reference (SPARSEKERNELS_BACKEND overrides auto).
+    fp32_precision: as torch's `torch.backends.cpu.fp32_precision`: "ieee" (default) keeps
+    fp32 inputs in fp32; "bf16" lets the CPU kernel round them to bf16 for both products
+    (fp32 accumulation, softmax and output; about bf16 inputs' error) where the CPU has
+    AVX512-BF16 dot products. It changes nothing elsewhere: other dtypes, other backends, a
+    CPU without them, calls that run dense SDPA (see `backend`), and backwards (computed in
+    the inputs' precision).
     """
     bq, bk = check_inputs(q, k, v, layout, block_size, attn_mask)
+    if fp32_precision.__class__ is not str or fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got "
+                         f"{fp32_precision!r}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     window = _check_window(window)
@@ -458,7 +471,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
         return _dense_sdpa(q, k, v, attn_mask, bool(causal), scale, window)
     # the op gets the backend chosen here (its backward re-checks what it can run)
     args = (q, k, v, layout, attn_mask, bool(causal), window, scale, bq, bk, float(dropout_p),
-            seed, chosen.value)
+            seed)
     if plain_inference(q, k, v, layout, attn_mask):
-        return _run(chosen, *args[:-1], need_stats=False)[0]
-    return torch.ops.sparsekernels.block_sparse_attention.default(*args)[0]
+        return _run(chosen, *args, need_stats=False, fp32_precision=fp32_precision)[0]
+    return torch.ops.sparsekernels.block_sparse_attention.default(*args, chosen.value,
+                                                                  fp32_precision)[0]

@@ -230,6 +230,11 @@ def _check_change(model: nn.Module, name: str, change) -> None:
         fail(f"{type(module).__name__} holds no LayerNorm: it is not a post-norm block")
     if op == "rms_norm" and layers.type_name(module) != "RMSNorm":
         fail(f"{type(module).__name__} is not an RMS norm")
+    if op == "attention_precision":
+        from sparsekernels.attention import attention_modules
+
+        if all(m is not module for _, m in attention_modules(model)):
+            fail(f"{type(module).__name__} is not an attention module sparsekernels can run")
     allowed = {"weight_layer": WEIGHT_LAYER_ATTRS, "heads": HEAD_ATTRS}.get(op, ())
     for attr in change.get("attrs", {}) if allowed else ():
         if attr not in allowed:
@@ -311,6 +316,9 @@ _CHANGE_FIELDS: dict[str, dict] = {
         "bias": (lambda v: type(v) is bool, "true or false"),
         "backend": (lambda v: v is None or isinstance(v, str), "a backend name")},
     "attention_kernel": {"block_size": (lambda v: _is_shape(v, 2), "a list of two ints")},
+    # after its module's attention_layout / attention_kernel: set on the config they install
+    "attention_precision": {"fp32_precision": (lambda v: v in ("ieee", "bf16"),
+                                               '"ieee" or "bf16"')},
     "fuse_ffn": {},
     "quantize_int8": {"scheme": (lambda v: v is None or v in INT8_SCHEMES,
                                  f"absent or one of {', '.join(INT8_SCHEMES)}")},
@@ -333,6 +341,13 @@ def validate_structure(model: nn.Module, structure) -> None:
                              f"{type(changes).__name__}")
         for change in changes:
             _check_change(model, name, change)
+    # attention_precision sets what attention_layout / attention_kernel install (on every
+    # attention module at once): it needs one of them
+    ops = {c["op"] for changes in structure.values() for c in changes}
+    if "attention_precision" in ops and not ops & {"attention_layout", "attention_kernel"}:
+        raise ValueError("structure change attention_precision without an attention_layout "
+                         "or attention_kernel change: no module would run sparsekernels' "
+                         "attention")
 
 
 def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> None:
@@ -347,6 +362,7 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
     add_norm: set[str] = set()  # post-norm blocks on the fused add + LayerNorm
     rms: set[str] = set()  # RMS norms on the rms_norm op
     kernel_attention: dict[str, tuple[int, int]] = {}
+    precision: dict[str, str] = {}  # attention fp32_precision, once every config exists
 
     def empty(module, attr, shape):
         cache.replace(module, attr, getattr(module, attr).detach().new_empty(shape))
@@ -377,6 +393,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 enable_head_layouts(model, {name: change})
             elif op == "attention_kernel":  # once every shape is restored (reads the map)
                 kernel_attention[name] = tuple(change["block_size"])
+            elif op == "attention_precision":
+                precision[name] = change["fp32_precision"]
             elif op == "t5_heads":
                 install_head_subset(module, change["kept"], change["total"])
             elif op == "sparse_linear":
@@ -408,6 +426,10 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 raise AssertionError(op)
     if kernel_attention:
         enable_attention_kernel(model, list(kernel_attention), next(iter(kernel_attention.values())))
+    for name, value in precision.items():
+        from sparsekernels.attention import set_fp32_precision_
+
+        set_fp32_precision_(model, value, names=[name])
     if fuse:
         from sparsekernels.nn.sparse_ffn import fuse_ffn_
 

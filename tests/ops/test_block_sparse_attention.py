@@ -871,3 +871,54 @@ def test_inference_without_statistics_gives_the_same_output(dtype, kv_heads):
     assert torch.equal(lean, out)
     assert torch.equal(block_sparse_attention(q, k, v, layout, (32, 32), attn_mask=mask,
                                               causal=True, scale=0.3, backend="cpu"), out)
+
+
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_cpu_fp32_precision_bf16(case):
+    """fp32 inputs with fp32_precision="bf16": both products of the inputs rounded to bf16
+    (fp32 softmax, accumulation and output), so the output rounds to exactly the bf16
+    kernel's on the rounded inputs, and it is within bf16's error of the float64 truth."""
+    need("cpu")
+    if not torch.ops.sparsekernels_C.cpu_has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16: fp32_precision='bf16' changes nothing here")
+    h, hkv, lq, lk, d, bs, window = BF16_CASES[case]
+    q, k, v = make_qkv(2, h, lq, lk, d, torch.float32, kv_heads=hkv)
+    layout = random_layout(h, -(-lq // bs[0]), -(-lk // bs[1]), 0.6)
+    mask = torch.zeros(1, 1, lq, lk).masked_fill(torch.rand(1, 1, lq, lk) < 0.1, float("-inf"))
+    kw = dict(attn_mask=mask, causal=True, window=window or None, backend="cpu")
+    out = block_sparse_attention(q, k, v, layout, bs, fp32_precision="bf16", **kw)
+    assert out.dtype == torch.float32
+    rounded = [t.bfloat16() for t in (q, k, v)]
+    assert torch.equal(out.bfloat16(), block_sparse_attention(*rounded, layout, bs, **kw))
+    exact = block_sparse_attention(q, k, v, layout, bs, **kw)
+    assert not torch.equal(out, exact)  # the products did run in bf16
+    truth, _ = expected(q, k, v, layout, bs, mask, True, None, window=window)
+    _, base = expected(*rounded, layout, bs, mask, True, None, window=window)
+    check(out, None, truth, base)
+
+
+def test_fp32_precision_elsewhere_and_with_gradients():
+    """"bf16" changes nothing for other dtypes; a forward that records gradients (the op's
+    dispatcher path) gives the same output as plain inference, and its backward, computed in
+    fp32, is within bf16's error of the float64 truth. A bad value is refused."""
+    need("cpu")
+    q, k, v = make_qkv(1, 4, 48, 48, 32, torch.float64)
+    layout = torch.ones(4, 3, 3, dtype=torch.bool)
+    plain = block_sparse_attention(q, k, v, layout, (16, 16), backend="cpu")
+    assert torch.equal(block_sparse_attention(q, k, v, layout, (16, 16), backend="cpu",
+                                              fp32_precision="bf16"), plain)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        block_sparse_attention(q, k, v, layout, (16, 16), fp32_precision="tf32")
+    q, k, v = make_qkv(1, 4, 48, 48, 32, torch.float32, requires_grad=True)
+    with torch.no_grad():
+        eager = block_sparse_attention(q, k, v, layout, (16, 16), backend="cpu",
+                                       fp32_precision="bf16")
+    out = block_sparse_attention(q, k, v, layout, (16, 16), backend="cpu",
+                                 fp32_precision="bf16")
+    assert torch.equal(out.detach(), eager)
+    g = torch.randn_like(out)
+    out.backward(g)
+    rounded = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    truth, _ = expected(q, k, v, layout, (16, 16), None, False, g)
+    _, base = expected(*rounded, layout, (16, 16), None, False, g)
+    check(out.detach(), (q.grad, k.grad, v.grad), truth, base)
