@@ -41,6 +41,7 @@ from common import RESULTS, device_name, read_results, write_results  # noqa: E4
 
 from sparsekernels.formats.masks import total_sparsity  # noqa: E402
 from sparsekernels.pruning import LevelPruner, SparseGPTPruner, WandaPruner  # noqa: E402
+from sparsekernels.pruning.pruners.reconstruct import DEFAULTS as REC  # noqa: E402
 
 DECODER_LINEARS = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -197,8 +198,16 @@ def main(argv=None) -> int:
                                           / f"{result_name(data)}.csv")
                  if r["case"] != "dense" and r["case"] not in names
                  and r["data"] == data_key(data)]
-        for r in saved:     # rows from before reconstruction existed
+        for r in saved:     # rows from before reconstruction existed, or had its lr column
             r.setdefault("reconstruct", 0)
+            if int(r["reconstruct"]):
+                r.setdefault("reconstruct_lr", 1e-4)  # the first default
+            r["reconstruct_lr"] = float(r.get("reconstruct_lr") or 0)
+        stale = [r["case"] for r in saved if int(r["reconstruct"])
+                 and r["reconstruct_lr"] != REC["lr"]]
+        if stale:
+            print(f"dropped, reconstructed at another lr than today's {REC['lr']:g}: {stale}")
+        saved = [r for r in saved if r["case"] not in stale]
     from sparsekernels.recipes.llm_data import perplexity
     t0 = time.perf_counter()
     model, calibration, evals, desc = load(args.smoke, data)
@@ -206,7 +215,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     dense = perplexity(model, evals, data.batch_size)
     rows = [dict(case="dense", pruner="dense", pattern="-", sparsity=0.0, owl=0, reconstruct=0,
-                 measured_sparsity=0.0, perplexity=dense, vs_dense=1.0, prune_s=0.0,
+                 reconstruct_lr=0.0, measured_sparsity=0.0, perplexity=dense, vs_dense=1.0, prune_s=0.0,
                  eval_s=time.perf_counter() - t, data=data_key(data))]
     print(f"loaded in {t - t0:.0f} s; dense perplexity {dense:.3f}", flush=True)
     for case in cases:
@@ -218,7 +227,9 @@ def main(argv=None) -> int:
         ppl = perplexity(model, evals, data.batch_size)
         rows.append(dict(case=case.name, pruner=case.pruner, pattern=case.pattern,
                          sparsity=case.sparsity, owl=int(case.owl),
-                         reconstruct=int(case.reconstruct), measured_sparsity=measured,
+                         reconstruct=int(case.reconstruct),
+                         reconstruct_lr=REC["lr"] if case.reconstruct else 0.0,
+                         measured_sparsity=measured,
                          perplexity=ppl, vs_dense=ppl / dense, prune_s=prune_s,
                          eval_s=time.perf_counter() - t, data=data_key(data)))
         print(f"{case.name}: perplexity {ppl:.3f} (x{ppl / dense:.2f} dense), sparsity "
@@ -252,7 +263,8 @@ def write(rows, saved, dense, desc, data, seconds) -> None:
              "of the pruned layers before it); SparseGPT percdamp 0.01, blocksize 128; +owl: "
              "outlier-weighted per-layer sparsity (lambda 0.08, threshold 5); +rec: each pruned "
              "layer's kept weights then trained on the calibration batches to give the dense "
-             "model's output of that layer (reconstruct=True: 4 epochs of Adam at lr 1e-4, MSE)",
+             f"model's output of that layer (reconstruct=True: {REC['epochs']} epochs of Adam at "
+             f"lr {REC['lr']:g}, MSE)",
              "- N:M keeps N of every M consecutive input weights of each row: its sparsity is "
              "1 - N/M",
              f"- this run: {seconds / 60:.1f} min for {len(rows) - 1} cases (shared machine: "

@@ -279,6 +279,9 @@ class LLMRecipe:
                 t0 = time.perf_counter()
                 masks = self._one_shot(student, names, targets[i], masks)
                 self.record.setdefault("prune_s", []).append(time.perf_counter() - t0)
+                if self.config.prune.reconstruct:  # the report names the step size used
+                    from sparsekernels.pruning.pruners.reconstruct import DEFAULTS
+                    self.record["reconstruct_lr"] = DEFAULTS["lr"]
                 self._point("one-shot", i + 1, student, masks)
                 state.update(pruned=True, recovered=0)
                 self._save_student(student, masks)

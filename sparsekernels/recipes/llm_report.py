@@ -32,8 +32,10 @@ def _setup(record: dict) -> list[str]:
              f"{record.get('data', {}).get('note', c['data']['source'])}",
              f"- pruned: every decoder Linear, {p['pruner']} {gran} to {p['sparsity']:.0%} in "
              f"{p['steps']} step(s){' with OWL per-layer sparsity' if p['owl'] else ''}"
-             + (f", each pruned layer then reconstructed ({p['reconstruct']} epoch(s) of Adam "
-                "against the dense model's output of that layer on the calibration windows)"
+             + (f", each pruned layer then reconstructed ({p['reconstruct']} epoch(s) of Adam"
+                + (f" at lr {record['reconstruct_lr']:g}" if record.get("reconstruct_lr")
+                   else "") + " against the dense model's output of that layer on the "
+                "calibration windows)"
                 if p.get("reconstruct") else "") + "; "
              "the embedding / LM head stays dense",
              f"- recovery: {r['steps']} steps of distillation from the dense model (logits KL at "

@@ -321,4 +321,5 @@ def test_reconstruction_reaches_the_pruner_and_the_report(tmp_path, monkeypatch)
     assert any(after < before for _, before, after in log)
     assert record["points"][1]["sparsity"] >= 0.5
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "reconstructed (2 epoch(s)" in report
+    assert f"reconstructed (2 epoch(s) of Adam at lr {spec.lr:g} " in report
+    assert record["reconstruct_lr"] == spec.lr

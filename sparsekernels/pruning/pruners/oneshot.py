@@ -86,7 +86,7 @@ class OneShotPruner(Pruner):
     layer's statistics from the unpruned model in one forward instead. ``reconstruct``:
     after pruning a transformer layer, train its kept weights on the calibration batches to
     give the dense model's output of that layer (``True``, a number of epochs or
-    ``{"epochs": 4, "lr": 1e-4}``; :mod:`.reconstruct`); ``reconstruction_log`` then holds
+    ``{"epochs": 4, "lr": 1e-3}``; :mod:`.reconstruct`); ``reconstruction_log`` then holds
     ``(layer, error before, error after)`` per layer. Modules outside the layer stack (a
     classifier) are pruned without it.
     """

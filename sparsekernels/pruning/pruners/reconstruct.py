@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from sparsekernels.pruning.pruners.calibration import LayerInput, layer_output
 
-DEFAULTS = {"epochs": 4, "lr": 1e-4}
+# lr chosen on held-out training-split windows (never the evaluation split): SparseGPT 50% on
+# SmolLM2-135M, 16 calibration windows, 4 epochs; 1e-4 (the first default) was far too small
+DEFAULTS = {"epochs": 4, "lr": 1e-3}
 
 
 @dataclass(frozen=True)
