@@ -215,8 +215,8 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     dense = perplexity(model, evals, data.batch_size)
     rows = [dict(case="dense", pruner="dense", pattern="-", sparsity=0.0, owl=0, reconstruct=0,
-                 reconstruct_lr=0.0, measured_sparsity=0.0, perplexity=dense, vs_dense=1.0, prune_s=0.0,
-                 eval_s=time.perf_counter() - t, data=data_key(data))]
+                 reconstruct_lr=0.0, measured_sparsity=0.0, perplexity=dense, vs_dense=1.0,
+                 prune_s=0.0, eval_s=time.perf_counter() - t, data=data_key(data))]
     print(f"loaded in {t - t0:.0f} s; dense perplexity {dense:.3f}", flush=True)
     for case in cases:
         model.load_state_dict(dense_state)
