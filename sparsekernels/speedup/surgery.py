@@ -426,10 +426,11 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 raise AssertionError(op)
     if kernel_attention:
         enable_attention_kernel(model, list(kernel_attention), next(iter(kernel_attention.values())))
-    for name, value in precision.items():
+    if precision:
         from sparsekernels.attention import set_fp32_precision_
 
-        set_fp32_precision_(model, value, names=[name])
+        for name, value in precision.items():
+            set_fp32_precision_(model, value, names=[name])
     if fuse:
         from sparsekernels.nn.sparse_ffn import fuse_ffn_
 
