@@ -69,6 +69,15 @@ def reference_sparsegpt(W, H, pattern, blocksize, percdamp):
     s = pattern.sparsity
     unit = {"fine": 1, "nm": pattern.group, "block": pattern.block[1]}[pattern.kind]
     step = max(unit, blocksize // unit * unit)
+    if pattern.kind == "block":     # blocks per column group: the layer's cheapest, dense W
+        bm, bk = pattern.block
+        errors = {}
+        for r0 in range(0, rows, bm):
+            for c0 in range(0, cols, bk):
+                Z = W[r0:r0 + bm, c0:c0 + bk] @ torch.linalg.inv(U[c0:c0 + bk, c0:c0 + bk])
+                errors[(r0, c0)] = float((Z ** 2).sum())
+        cheapest = sorted(errors, key=errors.get)[:math.floor(s * len(errors) + 0.5)]
+        group_count = {c0: sum(1 for _, c in cheapest if c == c0) for c0 in range(0, cols, bk)}
     for i in range(cols):
         if pattern.kind == "fine" and i % step == 0:
             end = min(i + step, cols)
@@ -88,8 +97,7 @@ def reference_sparsegpt(W, H, pattern, blocksize, percdamp):
             bm, bk = pattern.block
             g = slice(i, i + bk)
             per_group = rows // bm
-            k = (math.floor(s * per_group * (i // bk + 1) + 0.5)
-                 - math.floor(s * per_group * (i // bk) + 0.5))
+            k = group_count[i]
             Z = W[:, g] @ torch.linalg.inv(U[g, g])
             err = (Z ** 2).sum(1).view(per_group, bm).sum(1)
             for b in torch.argsort(err)[:k]:
@@ -117,6 +125,46 @@ def test_obs_update_matches_float64_reference(pattern, blocksize):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert torch.all(got[~keep] == 0)
     assert int((~keep).sum()) == units_to_prune(rows * cols, pattern.sparsity)
+
+
+def test_obs_blocks_spare_a_column_group_that_matters():
+    """An outlier feature: one group of inputs far larger than the rest keeps all of its
+    blocks (a per-group share would take half of them), the layer prunes exactly its share,
+    and its output error is below pruning the same number of blocks from every group."""
+    rows, cols, bm, bk = 32, 64, 8, 8
+    W = torch.randn(rows, cols, dtype=torch.float64)
+    x = activations(600, cols).double()
+    hot = torch.randint(0, cols // bk, ()).item()
+    x[:, hot * bk:(hot + 1) * bk] *= 30.0
+    H = 2 * x.T @ x / x.shape[0]
+    got, keep = sparsegpt_prune(W, H, ObsPattern("block", 0.5, block=(bm, bk)), percdamp=0.01)
+    kept_blocks = keep.view(rows // bm, bm, cols // bk, bk).all(3).all(1)   # [row b, col g]
+    assert bool(kept_blocks[:, hot].all())
+    assert int((~kept_blocks).sum()) == units_to_prune(kept_blocks.numel(), 0.5)
+    uniform, _ = reference_uniform_blocks(W, H, bm, bk, 0.5)
+    error = ((x @ (got - W).T) ** 2).sum()
+    assert error < 0.5 * ((x @ (uniform - W).T) ** 2).sum()
+
+
+def reference_uniform_blocks(W, H, bm, bk, s):
+    """Half of every column group's blocks (the lowest OBS error per group), with the
+    exact OBS update of the columns to the right: the allocation the layer-wide one beats."""
+    W = W.double().clone()
+    rows, cols = W.shape
+    H = H.double().clone()
+    H[range(cols), range(cols)] += 0.01 * torch.diagonal(H).mean()
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    for i in range(cols):
+        if i % bk == 0:
+            g = slice(i, i + bk)
+            err = ((W[:, g] @ torch.linalg.inv(U[g, g])) ** 2).sum(1).view(-1, bm).sum(1)
+            for b in torch.argsort(err)[:round(s * rows / bm)]:
+                pruned[b * bm:(b + 1) * bm, g] = True
+        err = torch.where(pruned[:, i], W[:, i], torch.zeros(())) / U[i, i]
+        W[:, i:] -= torch.outer(err, U[i, i:])
+        W[:, i] = torch.where(pruned[:, i], torch.zeros(()), W[:, i])
+    return W, ~pruned
 
 
 def test_obs_float32_close_to_float64():

@@ -18,7 +18,11 @@ pattern:
 * ``nm``: at every group of ``M`` columns, the ``M - N`` lowest saliencies of each row.
 * ``block`` ``[bm, bk]``: at every ``bk`` columns, the ``bm``-row blocks whose joint
   removal costs least: ``||W_S U_SS^-1||^2`` summed over the block's rows (the OBS error of
-  removing all of ``S`` at once, which the sweep then performs exactly).
+  removing all of ``S`` at once, which the sweep then performs exactly). How many blocks
+  each group of ``bk`` columns loses is set for the whole layer first
+  (:func:`block_group_counts`): the layer's cheapest blocks by that error on the dense
+  weights, so a group of inputs that matters (an outlier feature) keeps its blocks rather
+  than losing the layer's share like every other group.
 
 For channels: :func:`row_energy` (a pruned output row cannot be reconstructed: its error is
 its output energy ``w H w^T``) and :func:`column_group_errors` / :func:`remove_columns_`
@@ -134,7 +138,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: ObsPat
         bm, bk = pattern.block
         if rows % bm or cols % bk:
             raise ValueError(f"block {list(pattern.block)} does not tile [{rows}, {cols}]")
-        group_counts = spread_counts([rows // bm] * (cols // bk), s).tolist()
+        group_counts = block_group_counts(W, U, pattern.block, s)
     for b, i1 in enumerate(starts):
         i2 = min(i1 + step, cols)
         W1 = W[:, i1:i2].clone()
@@ -150,6 +154,24 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: ObsPat
         pruned[:, i1:i2] = P1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return W, ~pruned
+
+
+def block_group_counts(W: torch.Tensor, U: torch.Tensor, block: tuple[int, int],
+                       sparsity: float) -> list[int]:
+    """How many ``bm``-row blocks each group of ``bk`` columns of ``W`` loses: of all the
+    layer's blocks, the ``units_to_prune(blocks, sparsity)`` of least OBS error
+    ``||W_S U_SS^-1||^2`` (on these weights, before the sweep updates them), counted per
+    group. The sweep then picks which blocks of a group on the updated weights."""
+    rows, cols = W.shape
+    bm, bk = block
+    errs = []
+    for g0 in range(0, cols, bk):
+        g = slice(g0, g0 + bk)
+        Z = torch.linalg.solve_triangular(U[g, g], W[:, g], upper=True, left=False)
+        errs.append(Z.square().sum(1).view(rows // bm, bm).sum(1))
+    err = torch.stack(errs, 1)                             # [row blocks, column groups]
+    k = units_to_prune(err.numel(), sparsity)
+    return _lowest(err.flatten(), k).view_as(err).sum(0).tolist()
 
 
 def _sweep_batch(W1, U1, P1, Err1, pattern, i1, group_counts, per_group) -> None:
