@@ -6,8 +6,9 @@ One job: SparseGPT on the shared one-shot flow (:mod:`.oneshot`); the math is in
 inputs, dampened by ``percdamp * mean(diag H)``, and its columns are swept in lazy batches
 of ``blocksize``. Granularities: ``"fine"`` (the default; chosen by ``w^2 / [H^-1]_ii``
 within each column batch, adaptive per row), N:M patterns (``"2:4"``, ``"4:8"``), ``"block"``
-``[bm, bk]`` (blocks chosen by the OBS error of removing the whole block, within each group
-of ``bk`` columns), ``"out_channel"`` (rows of least output energy ``w H w^T``; rows cannot
+``[bm, bk]`` (blocks chosen by the OBS error of removing the whole block: how many each
+group of ``bk`` columns loses across the whole layer, which ones as the sweep reaches the
+group), ``"out_channel"`` (rows of least output energy ``w H w^T``; rows cannot
 be reconstructed, so the others stay), ``"in_channel"`` and ``"head"`` (input columns /
 a head's output-projection columns chosen by their joint OBS error and removed with the
 joint OBS update of the remaining columns; a head's Q/K/V rows are zeroed; with grouped-
