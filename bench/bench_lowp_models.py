@@ -13,7 +13,8 @@ its 32x32 blocks). Variants, timed interleaved in one process (ratios of medians
   ort_fp32          ONNX Runtime on the dense model (n/a when not installed / not exportable)
   kernel_fp32       ModelSpeedup(mode="kernel")                       (fused FFN)
   kernel_bf16       ModelSpeedup(mode="kernel", dtype=torch.bfloat16)  (the model in bf16)
-  kernel_int8       ModelSpeedup(mode="kernel", dtype="int8")          (fp32 activations)
+  kernel_int8       ModelSpeedup(mode="kernel", dtype="int8",          (fp32 activations,
+                      attention_fp32_precision="bf16")                  attention products bf16)
   kernel_int8_bf16  the same, then model.to(torch.bfloat16): int8 weights, bf16 activations
 Also, for every kernel mode: the share of the forward's time not in a sparse Linear / FFN
 module (attention, whether SDPA or our block-sparse op, norms, adds, embeddings, copies,
@@ -198,7 +199,8 @@ def variants_for(base, dummy, masks, extras):
     out = dict(extras)
     for name, kwargs, cast in (("kernel_fp32", {}, None),
                                ("kernel_bf16", {"dtype": torch.bfloat16}, None),
-                               ("kernel_int8", {"dtype": "int8"}, None),
+                               ("kernel_int8", {"dtype": "int8",
+                                                "attention_fp32_precision": "bf16"}, None),
                                ("kernel_int8_bf16", {"dtype": "int8"}, torch.bfloat16)):
         m = copy.deepcopy(base)
         ModelSpeedup(m, dummy, masks, mode="kernel", block_size=(32, 32), **kwargs).speedup_model()

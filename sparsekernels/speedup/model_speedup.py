@@ -231,9 +231,7 @@ class ModelSpeedup:
     torch.bfloat16 (the model is cast to bf16) or "int8" / torch.int8 (each SparseLinear
     becomes a QuantizedSparseLinear; see nn.quantized_sparse_linear.apply_dtype_). In int8
     the encoder / decoder layers' unpruned Linears are quantized too, every block kept, so a
-    resized model (nothing left masked) runs int8 as well; heads and tied layers stay float;
-    attention that runs sparsekernels' op computes its two products in bf16 (fp32 softmax and
-    accumulation, set_fp32_precision_) where the CPU has AVX512-BF16.
+    resized model (nothing left masked) runs int8 as well; heads and tied layers stay float.
     int8_scheme: "auto" (weight-only up to ops.precision.W8_MAX_ROWS tokens a call, int8
     activations with per-token scales above), "w8" (always weight-only: float activations) or
     "w8a8". In int8 the output on the dummy input is compared with the float model's, with
@@ -241,18 +239,27 @@ class ModelSpeedup:
     INT8_WARN_ERROR (decoder LLMs' activation outliers defeat per-token int8 activations),
     "auto" moves every layer to "w8" (report.notes says so; the record keeps it for load),
     and an error that remains, or one under an explicit scheme, warns.
+    attention_fp32_precision: "ieee" (default) or "bf16": attention that runs sparsekernels'
+    op on fp32 inputs (float32 and int8 modes) computes its two products in bf16 (fp32
+    softmax and accumulation, attention.set_fp32_precision_; recorded for load) where the CPU
+    has AVX512-BF16. Faster, and in int8 it costs accuracy (the quick recipe's int8 model:
+    -1.0 point against fp32 with it, -0.33 without), so it is asked for, not implied.
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
                  block_size=(32, 32), backend: str = "auto", fuse_ffn: bool = True,
                  dtype=None, dense_decode: bool = True, fuse_norms: bool = True,
-                 int8_scheme: str = "auto"):
+                 int8_scheme: str = "auto", attention_fp32_precision: str = "ieee"):
         from sparsekernels.ops.precision import int8_scheme as check_scheme
         from sparsekernels.ops.precision import parse_dtype
 
         self.dtype = parse_dtype(dtype)
         check_scheme(1, int8_scheme)  # ValueError naming the schemes
         self.int8_scheme = int8_scheme
+        if attention_fp32_precision not in ("ieee", "bf16"):
+            raise ValueError(f"attention_fp32_precision must be 'ieee' or 'bf16', got "
+                             f"{attention_fp32_precision!r}")
+        self.attention_fp32_precision = attention_fp32_precision
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(dummy_input, (torch.Tensor, tuple, list, Mapping)):
@@ -316,9 +323,9 @@ class ModelSpeedup:
             self.report.notes.append(f"sparse layers run in {str(self.dtype).replace('torch.', '')}")
 
     def _attention_in_bf16(self) -> None:
-        """int8: attention that runs sparsekernels' op computes its products of fp32 inputs
-        in bf16 (fp32 softmax and accumulation) on CPUs with AVX512-BF16, as the int8 layers
-        quantize theirs; measured in the int8 output error like every int8 change."""
+        """attention_fp32_precision="bf16": attention that runs sparsekernels' op computes
+        its products of fp32 inputs in bf16 (fp32 softmax and accumulation) on CPUs with
+        AVX512-BF16; in int8 measured in the int8 output error like every int8 change."""
         try:
             from sparsekernels.attention import set_fp32_precision_
         except ImportError:  # the attention package is optional at this layer
@@ -677,7 +684,7 @@ class ModelSpeedup:
                 if self.mode in ("kernel", "auto"):
                     reference = self._output() if self.dtype == INT8 else None
                     self._apply_dtype()
-                    if self.dtype == INT8:
+                    if self.attention_fp32_precision == "bf16":
                         self._attention_in_bf16()
                     if reference is not None:
                         self._check_int8(reference)

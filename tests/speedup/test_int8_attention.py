@@ -1,6 +1,6 @@
-"""ModelSpeedup(dtype="int8"): attention that runs sparsekernels' op computes its products of
-fp32 inputs in bf16 (fp32_precision "bf16"); the record keeps it through save / load, and a
-record naming it is checked like every other change."""
+"""ModelSpeedup(attention_fp32_precision="bf16"): attention that runs sparsekernels' op computes
+its products of fp32 inputs in bf16 (fp32_precision "bf16"); the record keeps it through save /
+load, and a record naming it is checked like every other change. Not implied by int8."""
 
 import pytest
 import torch
@@ -11,11 +11,12 @@ from tests.speedup.families import block_masks, build, output_of
 _ATTR = "_sparsekernels_attention"
 
 
-def sped_up(dtype, family="bert"):
+def sped_up(dtype, family="bert", **kwargs):
     torch.manual_seed(0)
     model, dummy = build(family)
     masks = block_masks(model, (16, 16), 0.5)
-    s = ModelSpeedup(model, dummy, masks, mode="kernel", block_size=(16, 16), dtype=dtype)
+    s = ModelSpeedup(model, dummy, masks, mode="kernel", block_size=(16, 16), dtype=dtype,
+                     **kwargs)
     s.speedup_model()
     return model, dummy, s
 
@@ -27,7 +28,7 @@ def precisions(model) -> list:
 
 @pytest.mark.parametrize("family", ["bert", "qwen2"])
 def test_int8_attention_in_bf16_and_reloaded(family, tmp_path):
-    model, dummy, s = sped_up("int8", family)
+    model, dummy, s = sped_up("int8", family, attention_fp32_precision="bf16")
     found = precisions(model)
     assert found and set(found) == {"bf16"}
     assert sum(c["op"] == "attention_precision" for cs in s.structure.values() for c in cs) \
@@ -41,8 +42,13 @@ def test_int8_attention_in_bf16_and_reloaded(family, tmp_path):
         assert torch.equal(output_of(loaded, dummy), expected)
 
 
-def test_float_modes_keep_fp32_attention():
-    for dtype in (torch.float32, torch.bfloat16):
+def test_attention_bf16_products_must_be_asked_for():
+    with pytest.raises(ValueError, match="attention_fp32_precision"):
+        sped_up("int8", attention_fp32_precision="tf32")
+
+
+def test_float_and_int8_modes_keep_fp32_attention_by_default():
+    for dtype in (torch.float32, torch.bfloat16, "int8"):
         model, _, s = sped_up(dtype)
         assert set(precisions(model)) <= {"ieee"}
         assert not any(c["op"] == "attention_precision" for cs in s.structure.values()
@@ -54,7 +60,7 @@ def test_bf16_attention_error_is_small():
     different where the CPU has AVX512-BF16, by about bf16's rounding."""
     from sparsekernels.attention import set_fp32_precision_
 
-    model, dummy, _ = sped_up("int8")
+    model, dummy, _ = sped_up("int8", attention_fp32_precision="bf16")
     with torch.no_grad():
         fast = output_of(model, dummy)
         set_fp32_precision_(model, "ieee")
