@@ -22,6 +22,7 @@ from sparsekernels.formats.block_sparse import block_mask_from_mask
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.limits import SUPPORTED_BLOCK_SIZES, check_block_size
 from sparsekernels.nn.sparse_linear import SparseLinear
+from sparsekernels.ops.block_sparse_attention import FP32_PRECISIONS
 from sparsekernels.ops.precision import INT8
 from sparsekernels.ops.router import route
 from sparsekernels.arch import find_attention, layers, names
@@ -242,8 +243,9 @@ class ModelSpeedup:
     attention_fp32_precision: "ieee" (default) or "bf16": attention that runs sparsekernels'
     op on fp32 inputs (float32 and int8 modes) computes its two products in bf16 (fp32
     softmax and accumulation, attention.set_fp32_precision_; recorded for load) where the CPU
-    has AVX512-BF16. Faster, and in int8 it costs accuracy (the quick recipe's int8 model:
-    -1.0 point against fp32 with it, -0.33 without), so it is asked for, not implied.
+    has AVX512-BF16. Faster, but in int8 it adds bf16's rounding to the activations'
+    quantization error (enough to cost the quick recipe's int8 model its accuracy bound), so
+    it is asked for, not implied.
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
@@ -256,8 +258,8 @@ class ModelSpeedup:
         self.dtype = parse_dtype(dtype)
         check_scheme(1, int8_scheme)  # ValueError naming the schemes
         self.int8_scheme = int8_scheme
-        if attention_fp32_precision not in ("ieee", "bf16"):
-            raise ValueError(f"attention_fp32_precision must be 'ieee' or 'bf16', got "
+        if attention_fp32_precision not in FP32_PRECISIONS:
+            raise ValueError(f"attention_fp32_precision must be one of {FP32_PRECISIONS}, got "
                              f"{attention_fp32_precision!r}")
         self.attention_fp32_precision = attention_fp32_precision
         if mode not in MODES:

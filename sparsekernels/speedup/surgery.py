@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparsekernels.arch import layers, names
+from sparsekernels.ops.block_sparse_attention import FP32_PRECISIONS
 from sparsekernels.ops.precision import INT8_SCHEMES
 
 Change = dict[str, Any]
@@ -317,8 +318,8 @@ _CHANGE_FIELDS: dict[str, dict] = {
         "backend": (lambda v: v is None or isinstance(v, str), "a backend name")},
     "attention_kernel": {"block_size": (lambda v: _is_shape(v, 2), "a list of two ints")},
     # after its module's attention_layout / attention_kernel: set on the config they install
-    "attention_precision": {"fp32_precision": (lambda v: v in ("ieee", "bf16"),
-                                               '"ieee" or "bf16"')},
+    "attention_precision": {"fp32_precision": (lambda v: v in FP32_PRECISIONS,
+                                               f"one of {FP32_PRECISIONS}")},
     "fuse_ffn": {},
     "quantize_int8": {"scheme": (lambda v: v is None or v in INT8_SCHEMES,
                                  f"absent or one of {', '.join(INT8_SCHEMES)}")},

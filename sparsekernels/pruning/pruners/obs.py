@@ -162,23 +162,24 @@ def block_group_counts(W: torch.Tensor, U: torch.Tensor, block: tuple[int, int],
     layer's blocks, the ``units_to_prune(blocks, sparsity)`` of least OBS error
     ``||W_S U_SS^-1||^2`` (on these weights, before the sweep updates them), counted per
     group. The sweep then picks which blocks of a group on the updated weights."""
-    rows, cols = W.shape
     bm, bk = block
-    errs = []
-    for g0 in range(0, cols, bk):
-        g = slice(g0, g0 + bk)
-        Z = torch.linalg.solve_triangular(U[g, g], W[:, g], upper=True, left=False)
-        errs.append(Z.square().sum(1).view(rows // bm, bm).sum(1))
-    err = torch.stack(errs, 1)                             # [row blocks, column groups]
+    err = torch.stack([_block_errors(W[:, g0:g0 + bk], U[g0:g0 + bk, g0:g0 + bk], bm)
+                       for g0 in range(0, W.shape[1], bk)], 1)   # [row blocks, col groups]
     k = units_to_prune(err.numel(), sparsity)
     return _lowest(err.flatten(), k).view_as(err).sum(0).tolist()
+
+
+def _block_errors(Wg: torch.Tensor, Ugg: torch.Tensor, bm: int) -> torch.Tensor:
+    """OBS error ``||W_S U_SS^-1||^2`` of removing each ``bm``-row block of one column group
+    ``Wg`` (``Ugg``: the group's diagonal block of ``U``)."""
+    Z = torch.linalg.solve_triangular(Ugg, Wg, upper=True, left=False)
+    return Z.square().sum(1).view(-1, bm).sum(1)
 
 
 def _sweep_batch(W1, U1, P1, Err1, pattern, i1, group_counts, per_group) -> None:
     """Columns of one lazy batch, left to right: choose the N:M / block masks where a
     group starts, remove the pruned weights, move their error onto the columns to the
     right within the batch (in place on W1, P1, Err1)."""
-    rows = W1.shape[0]
     d = torch.diagonal(U1)
     for i in range(W1.shape[1]):
         if pattern.kind == "nm" and i % pattern.group == 0 and per_group:
@@ -191,9 +192,7 @@ def _sweep_batch(W1, U1, P1, Err1, pattern, i1, group_counts, per_group) -> None
             k = group_counts[(i1 + i) // bk]
             if k:
                 g = slice(i, i + bk)
-                Z = torch.linalg.solve_triangular(U1[g, g], W1[:, g], upper=True,
-                                                  left=False)
-                err = Z.square().sum(1).view(rows // bm, bm).sum(1)
+                err = _block_errors(W1[:, g], U1[g, g], bm)
                 P1[_lowest(err, k).repeat_interleave(bm), g] = True
         w = W1[:, i]
         q = w.masked_fill(P1[:, i], 0.0)
