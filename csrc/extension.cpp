@@ -39,6 +39,40 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("comp"), pybind11::arg("scale"),
         pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("bias"),
         pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("w8_max_rows"));
+  // the same with a post-norm block's epilogue: layer_norm(out + residual) (cpu/direct.h)
+  m.def("linear_add_norm_inference", &sparsekernels::cpu::linear_add_norm_inference,
+        "linear_inference, then layer_norm(out + residual) on each finished chunk of rows (bf16 "
+        "on AVX-512 BF16); None for a call without that epilogue (run unfused)",
+        pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("crow_indices"),
+        pybind11::arg("col_indices"), pybind11::arg("bias"), pybind11::arg("in_features"),
+        pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("norm_bias"),
+        pybind11::arg("eps"));
+  m.def("ffn_add_norm_inference", &sparsekernels::cpu::ffn_add_norm_inference,
+        "ffn_inference, then layer_norm(out + residual) on each finished chunk of rows (bf16 on "
+        "AVX-512 BF16); None for a call without that epilogue (run unfused)",
+        pybind11::arg("x"), pybind11::arg("values1"), pybind11::arg("crow1"),
+        pybind11::arg("col1"), pybind11::arg("bias1"), pybind11::arg("values2"),
+        pybind11::arg("crow2"), pybind11::arg("col2"), pybind11::arg("bias2"),
+        pybind11::arg("activation"), pybind11::arg("in_features"), pybind11::arg("residual"),
+        pybind11::arg("weight"), pybind11::arg("norm_bias"), pybind11::arg("eps"));
+  m.def("int8_linear_add_norm_inference", &sparsekernels::cpu::int8_linear_add_norm_inference,
+        "int8_linear_inference, then layer_norm(out + residual) on each finished chunk of rows; "
+        "None for a call it does not take (run unfused)",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("comp"), pybind11::arg("scale"),
+        pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("bias"),
+        pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("w8_max_rows"),
+        pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("norm_bias"),
+        pybind11::arg("eps"));
+  m.def("int8_ffn_add_norm_inference", &sparsekernels::cpu::int8_ffn_add_norm_inference,
+        "the fused int8 FFN (w8a8), then layer_norm(out + residual) on each chunk of rows it "
+        "finishes; None for a call it does not take (run unfused)",
+        pybind11::arg("x"), pybind11::arg("packed1"), pybind11::arg("comp1"),
+        pybind11::arg("scale1"), pybind11::arg("crow1"), pybind11::arg("col1"),
+        pybind11::arg("bias1"), pybind11::arg("packed2"), pybind11::arg("comp2"),
+        pybind11::arg("scale2"), pybind11::arg("crow2"), pybind11::arg("col2"),
+        pybind11::arg("bias2"), pybind11::arg("activation"), pybind11::arg("in_features"),
+        pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("norm_bias"),
+        pybind11::arg("eps"));
   m.def("add_layer_norm", &sparsekernels::cpu::add_layer_norm_cpu,
         "layer_norm(x + residual) on the CPU for an eager call that needs no gradient (the op "
         "add_layer_norm_cpu without the dispatcher)",

@@ -10,6 +10,7 @@
 
 #include <string>
 
+#include "add_norm_rows.h"
 #include "direct.h"
 #include "ffn.h"
 #include "glue.h"
@@ -57,6 +58,35 @@ at::Tensor ffn_inference(const at::Tensor& x, const at::Tensor& values1, const a
   return with_leading_dims(x, bsr_ffn_cpu(x.reshape({-1, in_features}), values1, crow1, col1,
                                           bias1, values2, crow2, col2, bias2, hidden, activation,
                                           std::nullopt, std::nullopt));
+}
+
+at::Tensor ffn_add_norm_inference(const at::Tensor& x, const at::Tensor& values1,
+                                  const at::Tensor& crow1, const at::Tensor& col1,
+                                  const std::optional<at::Tensor>& bias1,
+                                  const at::Tensor& values2, const at::Tensor& crow2,
+                                  const at::Tensor& col2, const std::optional<at::Tensor>& bias2,
+                                  const std::string& activation, int64_t in_features,
+                                  const at::Tensor& residual,
+                                  const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& norm_bias, double eps) {
+  // the epilogue runs in the bf16 kernels; other calls take the unfused path
+  if (!takes_rows(x, values1, in_features) || !lowp::bf16_native(x, values1) ||
+      !lowp::bf16_native_values(values2) || values1.dim() != 3 || values2.dim() != 3)
+    return at::Tensor();
+  const int64_t hidden = (crow1.numel() - 1) * values1.size(1);
+  const int64_t n = (crow2.numel() - 1) * values2.size(1);
+  if (!residual_fits(residual, x, n)) return at::Tensor();
+  const at::Tensor x2 = x.reshape({-1, in_features});
+  check_rows(x2, "x");
+  parse_activation(activation);  // raises on an unknown name before anything runs
+  TORCH_CHECK(x2.size(1) % values1.size(2) == 0 && hidden % values2.size(2) == 0,
+              "sparsekernels: the FFN's shapes do not chain (x ", x2.sizes(), ", W1 blocks ",
+              values1.sizes(), ", W2 blocks ", values2.sizes(), ")");
+  const AddNormArgs a = add_norm_args(residual, weight, norm_bias, eps, x2.size(0), n,
+                                      x.scalar_type(), "bsr_ffn + add_layer_norm");
+  return with_leading_dims(x, lowp::bsr_ffn_bf16(x2, values1, crow1, col1, bias1, values2, crow2,
+                                                 col2, bias2, activation, std::nullopt,
+                                                 std::nullopt, &a.epilogue));
 }
 
 }  // namespace cpu

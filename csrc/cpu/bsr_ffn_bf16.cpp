@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "add_norm_rows.h"
 #include "dsd.h"
 #include "glue.h"
 #include "lowp.h"
@@ -117,7 +118,7 @@ constexpr int64_t kPairedBytes = int64_t{8} << 20;
 
 template <int BO1, int BO2>
 void ffn16(const uint16_t* X, int64_t rows, int64_t ldx, const Layer16& w1, const Layer16* up,
-           Activation act, const Layer16& w2, uint16_t* out, int64_t ldo) {
+           Activation act, const Layer16& w2, uint16_t* out, int64_t ldo, const AddNorm* an) {
   constexpr int64_t q = std::max(tile_rows<BO1>(), tile_rows<BO2>());
   const int64_t n1 = w1.s.n_out * BO1;
   const int64_t nt = at::get_num_threads();
@@ -144,6 +145,7 @@ void ffn16(const uint16_t* X, int64_t rows, int64_t ldx, const Layer16& w1, cons
       split_stored(w2.s.ptr, w2.s.n_out, n, tid, &p0, &p1);
       columns<BO2, uint16_t>(w2, hb.data(), rows, n1, p0, p1, out, ldo, fma);
     }
+    if (an) apply_add_norm_all<uint16_t>(*an, out, rows, ldo);
     return;
   }
   // rows per chunk: about half the weight bytes per intermediate row's bytes (bsr_ffn.cpp),
@@ -174,6 +176,7 @@ void ffn16(const uint16_t* X, int64_t rows, int64_t ldx, const Layer16& w1, cons
       hidden<BO1>(w1, up, act, X + t0 * ldx, rc, ldx, 0, w1.s.n_out, h.data(), u.data(),
                   hb.data(), n1, fma);
       columns<BO2, uint16_t>(w2, hb.data(), rc, n1, 0, w2.s.n_out, out + t0 * ldo, ldo, fma);
+      if (an) apply_add_norm<uint16_t>(*an, out, ldo, t0, t0 + rc);
       return;
     }
     thread_local std::vector<uint16_t> pairs1, pairs_up, pairs2;
@@ -198,12 +201,13 @@ void ffn16(const uint16_t* X, int64_t rows, int64_t ldx, const Layer16& w1, cons
                   u.data(), hb.data(), n1, fma);
       columns<BO2, uint16_t>(p2, hb.data(), rc, n1, 0, p2.s.n_out, out + t0 * ldo, ldo, fma);
     }
+    if (an) apply_add_norm<uint16_t>(*an, out, ldo, t0, t0 + rc);
   });
 }
 #endif
 
 at::Tensor run16(const at::Tensor& x, const Layer16& w1, const Layer16* up, const Layer16& w2,
-                 Activation act) {
+                 Activation act, const AddNorm* an = nullptr) {
   const int64_t n2 = w2.s.n_out * w2.bm;
   at::Tensor out = at::empty({x.size(0), n2}, x.options().dtype(at::kBFloat16));
   if (x.size(0) == 0 || n2 == 0) return out;
@@ -213,7 +217,7 @@ at::Tensor run16(const at::Tensor& x, const Layer16& w1, const Layer16* up, cons
     dispatch_block(w2.bm, [&](auto bo2) {
       ffn16<decltype(bo1)::value, decltype(bo2)::value>(
           bits(x), x.size(0), ldx, w1, up, act, w2,
-          reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n2);
+          reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n2, an);
     });
   });
 #else
@@ -229,11 +233,11 @@ at::Tensor bsr_ffn_bf16(const at::Tensor& x, const at::Tensor& values1, const at
                         const at::Tensor& values2, const at::Tensor& crow2, const at::Tensor& col2,
                         const std::optional<at::Tensor>& bias2, const std::string& activation,
                         const std::optional<at::Tensor>& packed1,
-                        const std::optional<at::Tensor>& packed2) {
+                        const std::optional<at::Tensor>& packed2, const AddNorm* an) {
   const Activation act = parse_activation(activation);
   const Layer16 w1 = layer16(values1, crow1, col1, bias1, packed1, x.size(1), "W1");
   const Layer16 w2 = layer16(values2, crow2, col2, bias2, packed2, w1.s.n_out * w1.bm, "W2");
-  return run16(x, w1, nullptr, w2, act);
+  return run16(x, w1, nullptr, w2, act, an);
 }
 
 at::Tensor bsr_gated_ffn_bf16(

@@ -14,6 +14,8 @@
 
 #include <vector>
 
+#include "add_norm_rows.h"
+#include "direct.h"
 #include "glue.h"
 #include "lowp.h"
 #include "lowp_microkernel.h"
@@ -31,9 +33,10 @@ struct Layer {
 
 // up == nullptr: act(x W1^T) W2^T; else the gated form act(x Wg^T) * (x Wu^T) Wd^T with
 // l1 = gate (up shares its shape and block size, so one quantized x feeds both).
+// an: out = layer_norm(out + residual) on each chunk's rows once they are written.
 template <int BO1, int BO2, typename InT, typename OutT>
 void ffn_int8(const InT* X, int64_t rows, int64_t k, const Layer& l1, const Layer* up,
-              Activation act, const Layer& l2, OutT* out, int64_t wanted) {
+              Activation act, const Layer& l2, OutT* out, int64_t wanted, const AddNorm* an) {
   constexpr int64_t q = std::max(tile_rows<BO1>(), tile_rows<BO2>());
   const int64_t n1 = l1.s.n_out * BO1, n2 = l2.s.n_out * BO2;
   for_row_chunks(rows, q, wanted, [&](int64_t t0, int64_t rc, int64_t mc) {
@@ -77,6 +80,7 @@ void ffn_int8(const InT* X, int64_t rows, int64_t k, const Layer& l1, const Laye
       quantize_row<float>(h.data() + r * n1, n1, hq.data() + r * n1, &hs[r], &hz[r]);
     for (int64_t o = 0; o < l2.s.n_out; ++o)
       block_u8s8<BO2, OutT>(hq.data(), rc, n1, l2.packed, l2.s, o, e2, out + t0 * n2, n2);
+    if (an) apply_add_norm<OutT>(*an, out, n2, t0, t0 + rc);
   });
 }
 
@@ -96,7 +100,8 @@ Layer make_layer(const at::Tensor& packed, const at::Tensor& comp, const at::Ten
 
 // The fused kernel on checked layers; `extra`: the weight bytes beyond l1 and l2 (up's).
 at::Tensor run_ffn_int8(const at::Tensor& x, const Layer& l1, int64_t bm1, const Layer* up,
-                        Activation act, const Layer& l2, int64_t bm2, int64_t weight_bytes) {
+                        Activation act, const Layer& l2, int64_t bm2, int64_t weight_bytes,
+                        const AddNorm* an = nullptr) {
   const int64_t n1 = l1.s.n_out * bm1, n2 = l2.s.n_out * bm2;
   const at::Tensor xc = x.contiguous();
   const int64_t rows = x.size(0), k = x.size(1);
@@ -112,10 +117,10 @@ at::Tensor run_ffn_int8(const at::Tensor& x, const Layer& l1, int64_t bm1, const
       if (x.scalar_type() == at::kBFloat16) {
         ffn_int8<BO1, BO2, uint16_t, uint16_t>(
             reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), rows, k, l1, up, act,
-            l2, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), wanted);
+            l2, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), wanted, an);
       } else {
         ffn_int8<BO1, BO2, float, float>(xc.data_ptr<float>(), rows, k, l1, up, act, l2,
-                                         out.data_ptr<float>(), wanted);
+                                         out.data_ptr<float>(), wanted, an);
       }
     });
   });
@@ -175,6 +180,36 @@ at::Tensor bsr_gated_ffn_int8_cpu(
 
 }  // namespace
 }  // namespace lowp
+
+at::Tensor int8_ffn_add_norm_inference(
+    const at::Tensor& x, const at::Tensor& packed1, const at::Tensor& comp1,
+    const at::Tensor& scale1, const at::Tensor& crow1, const at::Tensor& col1,
+    const std::optional<at::Tensor>& bias1, const at::Tensor& packed2, const at::Tensor& comp2,
+    const at::Tensor& scale2, const at::Tensor& crow2, const at::Tensor& col2,
+    const std::optional<at::Tensor>& bias2, const std::string& activation, int64_t in_features,
+    const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& norm_bias, double eps) {
+  if (x.dim() < 1 || x.size(-1) != in_features || !x.device().is_cpu() ||
+      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
+    return at::Tensor();
+  const at::Tensor x2 = x.reshape({-1, in_features});
+  lowp::check_x(x2);
+  const Activation act = parse_activation(activation);
+  at::Tensor b1, b2;
+  const lowp::Layer l1 = lowp::make_layer(packed1, comp1, scale1, crow1, col1, bias1,
+                                          in_features, "W1", b1);
+  const int64_t bm1 = packed1.size(2), bm2 = packed2.size(2);
+  const lowp::Layer l2 = lowp::make_layer(packed2, comp2, scale2, crow2, col2, bias2,
+                                          (crow1.numel() - 1) * bm1, "W2", b2);
+  const int64_t n2 = (crow2.numel() - 1) * bm2;
+  if (!residual_fits(residual, x, n2)) return at::Tensor();
+  const AddNormArgs a = add_norm_args(residual, weight, norm_bias, eps, x2.size(0), n2,
+                                      x.scalar_type(), "int8 FFN + add_layer_norm");
+  return with_leading_dims(x, lowp::run_ffn_int8(x2, l1, bm1, nullptr, act, l2, bm2,
+                                                 packed1.numel() + packed2.numel(),
+                                                 &a.epilogue));
+}
+
 }  // namespace cpu
 }  // namespace sparsekernels
 

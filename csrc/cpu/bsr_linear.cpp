@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "add_norm_rows.h"
 #include "direct.h"
 #include "dot.h"
 #include "dsd.h"
@@ -187,6 +188,25 @@ at::Tensor linear_inference(const at::Tensor& x, const at::Tensor& values,
   if (!takes_rows(x, values, in_features)) return at::Tensor();
   return with_leading_dims(x, bsr_linear_cpu(x.reshape({-1, in_features}), values, crow_indices,
                                              col_indices, bias, std::nullopt));
+}
+
+at::Tensor linear_add_norm_inference(const at::Tensor& x, const at::Tensor& values,
+                                     const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                     const std::optional<at::Tensor>& bias, int64_t in_features,
+                                     const at::Tensor& residual,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& norm_bias, double eps) {
+  // the epilogue runs in the bf16 kernels; other calls take the unfused path
+  if (!takes_rows(x, values, in_features) || !lowp::bf16_native(x, values) || values.dim() != 3)
+    return at::Tensor();
+  const int64_t n = (crow_indices.numel() - 1) * values.size(1);
+  if (!residual_fits(residual, x, n)) return at::Tensor();
+  const at::Tensor x2 = x.reshape({-1, in_features});
+  check_rows(x2, "x");
+  const AddNormArgs a = add_norm_args(residual, weight, norm_bias, eps, x2.size(0), n,
+                                      x.scalar_type(), "bsr_linear + add_layer_norm");
+  return with_leading_dims(x, lowp::bsr_linear_bf16(x2, values, crow_indices, col_indices, bias,
+                                                    std::nullopt, &a.epilogue));
 }
 
 }  // namespace cpu

@@ -10,6 +10,7 @@
 
 #include <omp.h>
 
+#include "add_norm_rows.h"
 #include "dsd.h"
 #include "glue.h"
 #include "lowp.h"
@@ -89,7 +90,7 @@ at::Tensor bf16_operand(const at::Tensor& values, const std::optional<at::Tensor
 
 at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
                            const at::Tensor& col, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& packed_in) {
+                           const std::optional<at::Tensor>& packed_in, const AddNorm* an) {
   TORCH_CHECK(values.dim() == 3, "sparsekernels: values must be [nnz, bm, bk]");
   const int64_t bm = values.size(1), bk = values.size(2);
   const int64_t nbr = crow.numel() - 1, n = nbr * bm, rows = x.size(0);
@@ -119,6 +120,7 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
           block_bf16_avx512<BO, uint16_t, true>(xp, rows, lda, vp, s, o, bias_ptr, op, n);
       }
     });
+    if (an) apply_add_norm_all<uint16_t>(*an, op, rows, n);
     return out;
   }
   if (!packed_in.has_value() && rows <= kDotRows) {
@@ -130,6 +132,7 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
     for (int64_t i = 0; i < nbr; ++i)
       for (int64_t t = 0; t < rows; ++t)
         dot_bf16_avx512(xp + t * lda, vp, bm, bk, cp, kp, i, bias_ptr, op + t * n);
+    if (an) apply_add_norm_all<uint16_t>(*an, op, rows, n);
     return out;
   }
 #endif
@@ -141,7 +144,7 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
     constexpr int BO = decltype(bo)::value;
     // bf16 does twice the work of fp32 per instruction: twice dsd's per-item work
     const int64_t mc = chunk_rows(s, BO, tile_rows<BO>(), 4e6, rows);
-    for_items(rows, mc, nbr, [&](int64_t t0, int64_t t1, int64_t o) {
+    auto item = [&](int64_t t0, int64_t t1, int64_t o) {
 #ifdef SK_LOWP_X86
       if (wt)
         block_bf16_wt_avx512<BO, uint16_t>(xp + t0 * lda, t1 - t0, lda, pp, s, o, bias_ptr,
@@ -150,6 +153,10 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
         block_bf16_avx512<BO, uint16_t>(xp + t0 * lda, t1 - t0, lda, pp, s, o, bias_ptr,
                                         op + t0 * n, n);
 #endif
+    };
+    if (an == nullptr) return for_items(rows, mc, nbr, item);
+    for_items(rows, mc, nbr, item, [&](int64_t t0, int64_t t1) {
+      apply_add_norm<uint16_t>(*an, op, n, t0, t1);
     });
   });
   return out;

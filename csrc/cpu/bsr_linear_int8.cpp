@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "add_norm_rows.h"
 #include "direct.h"
 #include "glue.h"
 #include "lowp.h"
@@ -89,10 +90,27 @@ void check_int8_layer(const at::Tensor& packed, const at::Tensor& comp, const at
                 " bias must have ", n, " elements, got ", bias->sizes());
 }
 
-at::Tensor bsr_linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed,
-                               const at::Tensor& comp, const at::Tensor& scale,
-                               const at::Tensor& crow, const at::Tensor& col,
-                               const std::optional<at::Tensor>& bias, const std::string& scheme) {
+namespace {
+
+// for_items over the layer's (row chunk, output block) items, then `an` (when given) on each
+// finished chunk's rows of out.
+template <typename OutT, typename F>
+void items_then(int64_t rows, int64_t mc, int64_t nbr, const AddNorm* an, OutT* out, int64_t n,
+                const F& f) {
+  if (an == nullptr) return for_items(rows, mc, nbr, f);
+  for_items(rows, mc, nbr, f, [&](int64_t t0, int64_t t1) {
+    apply_add_norm<OutT>(*an, out, n, t0, t1);
+  });
+}
+
+}  // namespace
+
+// bsr_linear_int8_cpu, with out = layer_norm(out + residual) as its epilogue when `an` is
+// given (its residual: [rows, n] in x's dtype, checked by the caller).
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp,
+                       const at::Tensor& scale, const at::Tensor& crow, const at::Tensor& col,
+                       const std::optional<at::Tensor>& bias, const std::string& scheme,
+                       const AddNorm* an) {
   check_rows(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "sparsekernels: int8 layers take float32 or bfloat16 inputs, got ", x.scalar_type());
@@ -134,7 +152,7 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed,
       auto run = [&](auto out_tag) {
         using OutT = decltype(out_tag);
         OutT* op = out_ptr<OutT>(out);
-        for_items(rows, mc, nbr, [&](int64_t t0, int64_t t1, int64_t o) {
+        items_then(rows, mc, nbr, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
           Int8Epilogue e = ep;
           e.xscale = sp + t0;
           e.xzero = zp + t0;
@@ -156,7 +174,7 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed,
     auto run = [&](auto out_tag) {
       using OutT = decltype(out_tag);
       OutT* op = out_ptr<OutT>(out);
-      for_items(rows, mc, nbr, [&](int64_t t0, int64_t t1, int64_t o) {
+      items_then(rows, mc, nbr, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
         block_w8<BO, OutT>(xp + t0 * lda, t1 - t0, lda, pp, s, o, ep, op + t0 * n, n);
       });
     };
@@ -164,6 +182,13 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed,
     else run(float{});
   });
   return out;
+}
+
+at::Tensor bsr_linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed,
+                               const at::Tensor& comp, const at::Tensor& scale,
+                               const at::Tensor& crow, const at::Tensor& col,
+                               const std::optional<at::Tensor>& bias, const std::string& scheme) {
+  return linear_int8(x, packed, comp, scale, crow, col, bias, scheme, nullptr);
 }
 
 }  // namespace lowp
@@ -181,6 +206,28 @@ at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
   const std::string chosen = scheme == "auto" ? (x2.size(0) <= w8_max_rows ? "w8" : "w8a8") : scheme;
   return with_leading_dims(x, lowp::bsr_linear_int8_cpu(x2, packed, comp, scale, crow_indices,
                                                         col_indices, bias, chosen));
+}
+
+at::Tensor int8_linear_add_norm_inference(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp, const at::Tensor& scale,
+    const at::Tensor& crow_indices, const at::Tensor& col_indices,
+    const std::optional<at::Tensor>& bias, const std::string& scheme, int64_t in_features,
+    int64_t w8_max_rows, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& norm_bias, double eps) {
+  if (x.dim() < 1 || x.size(-1) != in_features || !x.device().is_cpu() ||
+      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
+    return at::Tensor();
+  lowp::check_int8_layer(packed, comp, scale, crow_indices, col_indices, bias, in_features, "W");
+  const int64_t n = (crow_indices.numel() - 1) * packed.size(2);
+  if (!residual_fits(residual, x, n)) return at::Tensor();
+  at::Tensor x2 = x.reshape({-1, in_features});
+  if (x2.size(0) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  const int64_t rows = x2.size(0);
+  const AddNormArgs a = add_norm_args(residual, weight, norm_bias, eps, rows, n,
+                                      x.scalar_type(), "int8 linear + add_layer_norm");
+  const std::string chosen = scheme == "auto" ? (rows <= w8_max_rows ? "w8" : "w8a8") : scheme;
+  return with_leading_dims(x, lowp::linear_int8(x2, packed, comp, scale, crow_indices,
+                                                col_indices, bias, chosen, &a.epilogue));
 }
 
 }  // namespace cpu

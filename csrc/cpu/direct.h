@@ -68,6 +68,43 @@ at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
                                  const std::optional<at::Tensor>& bias, const std::string& scheme,
                                  int64_t in_features, int64_t w8_max_rows);
 
+// The same entries with the epilogue out = layer_norm(out + residual) (a post-norm block's
+// residual add and LayerNorm, on each chunk of rows the kernel finishes): residual has the
+// output's shape and x's dtype; weight / bias the norm's (optional), eps its epsilon. The
+// result is what add_layer_norm_cpu of the plain entry's output gives, bit for bit. An
+// undefined tensor for a call without that epilogue (SparseLinear layers outside the
+// AVX-512 BF16 kernels; an x or residual the entry does not take): the caller runs unfused.
+at::Tensor linear_add_norm_inference(const at::Tensor& x, const at::Tensor& values,
+                                     const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                     const std::optional<at::Tensor>& bias, int64_t in_features,
+                                     const at::Tensor& residual,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& norm_bias, double eps);
+at::Tensor ffn_add_norm_inference(const at::Tensor& x, const at::Tensor& values1,
+                                  const at::Tensor& crow1, const at::Tensor& col1,
+                                  const std::optional<at::Tensor>& bias1,
+                                  const at::Tensor& values2, const at::Tensor& crow2,
+                                  const at::Tensor& col2, const std::optional<at::Tensor>& bias2,
+                                  const std::string& activation, int64_t in_features,
+                                  const at::Tensor& residual,
+                                  const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& norm_bias, double eps);
+at::Tensor int8_linear_add_norm_inference(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp, const at::Tensor& scale,
+    const at::Tensor& crow_indices, const at::Tensor& col_indices,
+    const std::optional<at::Tensor>& bias, const std::string& scheme, int64_t in_features,
+    int64_t w8_max_rows, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& norm_bias, double eps);
+// the int8 fused FFN (w8a8) with the epilogue
+at::Tensor int8_ffn_add_norm_inference(
+    const at::Tensor& x, const at::Tensor& packed1, const at::Tensor& comp1,
+    const at::Tensor& scale1, const at::Tensor& crow1, const at::Tensor& col1,
+    const std::optional<at::Tensor>& bias1, const at::Tensor& packed2, const at::Tensor& comp2,
+    const at::Tensor& scale2, const at::Tensor& crow2, const at::Tensor& col2,
+    const std::optional<at::Tensor>& bias2, const std::string& activation, int64_t in_features,
+    const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& norm_bias, double eps);
+
 // sparsekernels::add_layer_norm on the CPU (add_layer_norm.cpp): layer_norm(x + residual) for
 // float32 / bfloat16 rows; weight and bias optional, float32 or x's dtype. Raises with what is
 // wrong; the registered op add_layer_norm_cpu is the same function.

@@ -10,6 +10,9 @@
 
 namespace sparsekernels {
 namespace cpu {
+
+struct AddNorm;  // add_norm_rows.h
+
 namespace lowp {
 
 // True when bf16 x and weights run the AVX-512 BF16 kernels (the CPU has them and
@@ -18,10 +21,12 @@ bool bf16_native(const at::Tensor& x, const at::Tensor& values);
 bool bf16_native_values(const at::Tensor& values);
 
 // bsr_linear in bf16: x [T, K] bf16 rows, values [nnz, bm, bk] bf16, packed (optional) the
-// blocks in the bf16 layout [nnz, bk/2, bm, 2] made by pack_bf16.
+// blocks in the bf16 layout [nnz, bk/2, bm, 2] made by pack_bf16. an (optional): the epilogue
+// out = layer_norm(out + residual), its operands checked by the caller.
 at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
                            const at::Tensor& col, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& packed);
+                           const std::optional<at::Tensor>& packed,
+                           const AddNorm* an = nullptr);
 at::Tensor pack_bf16(const at::Tensor& values);
 // values laid out as SparseLinear keeps them on the CPU: W.T blocks ([nnz][bk][bm] in memory),
 // bm a multiple of 16; the bf16 kernels read these as they are, packing nothing per call.
@@ -42,7 +47,7 @@ at::Tensor bsr_ffn_bf16(const at::Tensor& x, const at::Tensor& values1, const at
                         const at::Tensor& values2, const at::Tensor& crow2, const at::Tensor& col2,
                         const std::optional<at::Tensor>& bias2, const std::string& activation,
                         const std::optional<at::Tensor>& packed1,
-                        const std::optional<at::Tensor>& packed2);
+                        const std::optional<at::Tensor>& packed2, const AddNorm* an = nullptr);
 
 // bsr_gated_ffn in bf16: down(act(gate(x)) * up(x)), the same engine
 at::Tensor bsr_gated_ffn_bf16(

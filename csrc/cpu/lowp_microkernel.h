@@ -18,10 +18,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -141,6 +143,25 @@ void for_items(int64_t rows, int64_t mc, int64_t n_out, const F& f) {
     const int64_t chunk = item / n_out, o = item % n_out;
     const int64_t t0 = chunk * mc;
     f(t0, std::min(rows, t0 + mc), o);
+  }
+}
+
+// for_items, then done(t0, t1) once per row chunk, by the thread that finishes the chunk's
+// last output block, while the other threads go on with later items: an epilogue that needs
+// whole rows (a LayerNorm) runs on rows still in cache, without a barrier.
+template <typename F, typename G>
+void for_items(int64_t rows, int64_t mc, int64_t n_out, const F& f, const G& done) {
+  const int64_t n_chunks = (rows + mc - 1) / mc;
+  const int64_t items = n_chunks * n_out;
+  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[n_chunks]);
+  for (int64_t c = 0; c < n_chunks; ++c) left[c].store(n_out, std::memory_order_relaxed);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t chunk = item / n_out, o = item % n_out;
+    const int64_t t0 = chunk * mc, t1 = std::min(rows, t0 + mc);
+    f(t0, t1, o);
+    // acq_rel: the last one sees every other thread's writes to the chunk
+    if (left[chunk].fetch_sub(1, std::memory_order_acq_rel) == 1) done(t0, t1);
   }
 }
 

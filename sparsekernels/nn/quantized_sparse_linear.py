@@ -30,6 +30,7 @@ from sparsekernels.formats.block_sparse import (
     check_divisible,
     validate_index,
 )
+from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_ffn import activate
 from sparsekernels.ops.bsr_ffn_int8 import ffn_int8_eager
@@ -222,6 +223,24 @@ class QuantizedSparseLinear(nn.Module):
         return torch.ops.sparsekernels.bsr_linear_int8(x, *self.op_args(x), self.scheme,
                                                        self.backend.value)
 
+    def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor,
+                         norm: nn.LayerNorm) -> torch.Tensor | None:
+        """norm(self(x) + residual) in one kernel call, the norm the kernel's epilogue on rows
+        still in cache (eager CPU inference); None where that call does not run (the caller
+        runs the layer, then the norm). The result is the unfused one's, bit for bit."""
+        b = self._buffers
+        if not (type(x) is torch.Tensor and x.device.type == "cpu"
+                and b["values"].device.type == "cpu"
+                and plain_inference(x, b["bias"], residual, norm.weight, norm.bias)):
+            return None
+        entry = _ext.direct("int8_linear_add_norm_inference")
+        packed, comp = self.packed(x) if entry is not None else (None, None)
+        if packed is None:
+            return None
+        return entry(x, packed, comp, b["scale"], b["crow_indices"], b["col_indices"], b["bias"],
+                     self.scheme, self.in_features, W8_MAX_ROWS, residual, norm.weight,
+                     norm.bias, float(norm.eps))
+
     def _adopt_layout(self, nnz: int) -> None:
         # a different number of stored blocks (another pruning run): new empty storage
         if nnz != self.values.shape[0]:
@@ -312,7 +331,41 @@ class FusedQuantizedFFNInput(QuantizedSparseLinear):
         state = self.__dict__["_ffn"]
         if self.training and state.dropout_p() > 0:
             return activate(QuantizedSparseLinear.forward(self, x), state.activation)
+        if state.add_norm is not None:  # the post-norm after it runs in the kernel
+            y = state.add_norm.run(x)
+            if y is not None:
+                return y
+        return self.ffn_forward(x)
+
+    def ffn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN's output, without a norm."""
+        state = self.__dict__["_ffn"]
         return quantized_ffn_forward(self, state.fc2, state.activation, x)
+
+    def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor,
+                         norm: nn.LayerNorm) -> torch.Tensor | None:
+        """norm(FFN(x) + residual) in one fused int8 call (the norm on each chunk of rows the
+        kernel finishes), where the FFN runs fused (w8a8 rows, eager CPU inference); else None."""
+        state = self.__dict__["_ffn"]
+        fc2 = state.fc2
+        rows = x.numel() // max(1, x.shape[-1])
+        if not (type(x) is torch.Tensor and x.device.type == "cpu"
+                and self.values.device.type == "cpu" and fc2.scheme == self.scheme
+                and fc2.backend == self.backend and int8_scheme(rows, self.scheme) == "w8a8"
+                and plain_inference(x, self.bias, fc2.bias, residual, norm.weight, norm.bias)):
+            return None
+        entry = _ext.direct("int8_ffn_add_norm_inference")
+        if entry is None:
+            return None
+        p1, c1 = self.packed(x)
+        p2, c2 = fc2.packed(x)
+        if p1 is None or p2 is None:
+            return None
+        b1, b2 = self._buffers, fc2._buffers
+        return entry(x, p1, c1, b1["scale"], b1["crow_indices"], b1["col_indices"], b1["bias"],
+                     p2, c2, b2["scale"], b2["crow_indices"], b2["col_indices"], b2["bias"],
+                     state.activation, self.in_features, residual, norm.weight, norm.bias,
+                     float(norm.eps))
 
 
 class FusedQuantizedFFNOutput(QuantizedSparseLinear):

@@ -36,10 +36,11 @@ from sparsekernels.nn.quantized_sparse_linear import (
 from sparsekernels.nn.forward_swap import (agrees, random_copy, restore_forwards, swap_forward,
                                            swapped)
 from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
+from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_ffn import activate, check_activation, direct_ffn, ffn_packed
 from sparsekernels.ops.bsr_gated_ffn import direct_gated_ffn, gated_ffn_packed
-from sparsekernels.ops.eager import _MODE_STACKS
+from sparsekernels.ops.eager import _MODE_STACKS, plain_inference
 
 
 def _direct_args(x: torch.Tensor, layers) -> list | None:
@@ -189,7 +190,31 @@ class FusedFFNInput(SparseLinear):
         state = self.__dict__["_ffn"]
         if self.training and state.dropout_p() > 0:
             return activate(SparseLinear.forward(self, x), state.activation)
+        if state.add_norm is not None:  # the post-norm after it runs in the kernel
+            y = state.add_norm.run(x)
+            if y is not None:
+                return y
+        return self.ffn_forward(x)
+
+    def ffn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN's output, without a norm."""
+        state = self.__dict__["_ffn"]
         return ffn_forward(self, state.fc2, state.activation, x)
+
+    def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor,
+                         norm: nn.LayerNorm) -> torch.Tensor | None:
+        """norm(FFN(x) + residual) in one fused call (the norm on each chunk of rows the kernel
+        finishes) where the kernel has that epilogue (bf16 on AVX-512 BF16, eager CPU
+        inference); else None."""
+        state = self.__dict__["_ffn"]
+        args = _direct_args(x, (self, state.fc2))
+        if args is None or not plain_inference(residual, norm.weight, norm.bias):
+            return None
+        entry = _ext.direct("ffn_add_norm_inference")
+        if entry is None:
+            return None
+        return entry(x, *args, state.activation, self.in_features, residual, norm.weight,
+                     norm.bias, float(norm.eps))
 
 
 class FusedFFNOutput(SparseLinear):
@@ -213,6 +238,7 @@ class _Fused:
     act_slot: tuple  # (owner module, attribute) that held the activation
     act: object  # the model's activation module, replaced by an identity
     dropout_p: Callable[[], float]
+    add_norm: object = None  # nn.add_norm's link to the post-norm after the FFN, once fused
 
 
 # where a fused gated MLP keeps its _GatedFused (nn.forward_swap)

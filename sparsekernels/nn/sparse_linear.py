@@ -33,6 +33,7 @@ from sparsekernels.formats.block_sparse import (
     topk_block_mask,
     validate_index,
 )
+from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_linear import direct_linear, linear_packed
 from sparsekernels.ops.eager import _MODE_STACKS
@@ -245,6 +246,27 @@ class SparseLinear(nn.Module):
                 return linear_packed(x, self.values, packed, self.crow_indices,
                                      self.col_indices, self.bias)
         return torch.ops.sparsekernels.bsr_linear(x, *self.op_args(), self.bias, r.backend.value)
+
+    def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor,
+                         norm: nn.LayerNorm) -> torch.Tensor | None:
+        """norm(self(x) + residual) in one kernel call, the norm the kernel's epilogue on rows
+        still in cache, where the kernel has one (bf16 on AVX-512 BF16, eager CPU inference);
+        None otherwise (the caller runs the layer, then the norm). The result is the unfused
+        one's, bit for bit."""
+        if (self._direct is None or self._route.dense or type(x) is not torch.Tensor
+                or type(residual) is not torch.Tensor
+                or torch.compiler.is_compiling() or _MODE_STACKS()):
+            return None
+        params = self._parameters
+        values, bias = params["values"], params.get("bias")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+                x, values, bias, residual, norm.weight, norm.bias)):
+            return None
+        entry = _ext.direct("linear_add_norm_inference")
+        if entry is None:
+            return None
+        return entry(x, values, self._buffers["crow_indices"], self._buffers["col_indices"], bias,
+                     self.in_features, residual, norm.weight, norm.bias, float(norm.eps))
 
     def op_args(self) -> tuple:
         """The stored blocks and index, in the order the sparsekernels ops take them."""
