@@ -416,7 +416,10 @@ struct FloatTile {
                          int64_t ldv, const E*, const E*, int64_t D, A* O) {
     gemm<T>(D, qr, P, bk, 1, v, ldv, kr, O, D, true);
   }
-  static E to_out(A x) { return x; }
+  // dst[d] = o[d] * inv, an output row
+  static void store_row(const A* o, A inv, int64_t D, E* dst) {
+    for (int64_t d = 0; d < D; ++d) dst[d] = o[d] * inv;
+  }
 };
 
 #ifdef SPARSEKERNELS_BF16_DOT
@@ -550,6 +553,18 @@ inline void bf16_pack_k(const c10::BFloat16* k, int64_t ld, int64_t kr, int64_t 
     for (int64_t j = kr; j < bk; ++j) kp[dp * bk + j] = 0;
 }
 
+// dst[d] = o[d] * inv rounded to bf16 (to nearest even, as c10::BFloat16), 16 lanes at a time:
+// a scalar conversion per element cost a tenth of the kernel.
+SPARSEKERNELS_AVX512BF16 void bf16_store_row(const float* o, float inv, int64_t D,
+                                             c10::BFloat16* dst) {
+  const __m512 s = _mm512_set1_ps(inv);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : (__mmask16(1) << (D - d)) - 1;
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, o + d), s);
+    _mm256_mask_storeu_epi16(dst + d, m, (__m256i)_mm512_cvtneps_pbh(x));
+  }
+}
+
 // bf16 inputs, fp32 accumulation and softmax; both products on VDPBF16PS. P is rounded to
 // bf16 for P V, as FlashAttention does on GPUs.
 struct Bf16Tile {
@@ -580,7 +595,7 @@ struct Bf16Tile {
                                                                  vp, O); },
                    "head dim");
   }
-  static E to_out(A x) { return E(x); }
+  static void store_row(const A* o, A inv, int64_t D, E* dst) { bf16_store_row(o, inv, D, dst); }
 };
 
 // rows x n fp32 -> bf16 (round to nearest even), row by row.
@@ -635,7 +650,9 @@ struct F32Bf16Tile {
                                                                  O); },
                    "head dim");
   }
-  static E to_out(A x) { return x; }
+  static void store_row(const A* o, A inv, int64_t D, E* dst) {
+    FloatTile<float>::store_row(o, inv, D, dst);
+  }
 };
 #endif  // SPARSEKERNELS_BF16_DOT
 
@@ -696,11 +713,13 @@ void softmax_step(typename Tile::A* S, int64_t qr, int64_t bk, int64_t D, typena
     A* s = S + r * bk;
     const A mx = std::max(m[r], row_max(s, bk, -std::numeric_limits<A>::infinity()) * scale);
     const A shift = std::isinf(mx) ? A(0) : mx;
-    const A alpha = std::exp2(m[r] - shift);
+    // nothing kept yet (m = -inf: O and l are 0), or the same max: no rescale, no exp2 call
+    const bool first = std::isinf(m[r]), same = m[r] == mx;
+    const A alpha = first ? A(0) : same ? A(1) : std::exp2(m[r] - shift);
     l[r] = l[r] * alpha + Tile::exp_row(s, bk, shift, scale, pbuf ? pbuf + r * bk : nullptr);
     m[r] = mx;
     A* o = O + r * D;
-    if (alpha != A(1))
+    if (!first && !same)
       for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
   }
 }
@@ -713,7 +732,7 @@ void finish_row(const typename Tile::A* o, typename Tile::A m, typename Tile::A 
   using A = typename Tile::A;
   const bool live = l > A(0);
   const A inv = live ? A(1) / l : A(0);
-  for (int64_t d = 0; d < D; ++d) dst[d] = Tile::to_out(o[d] * inv);
+  Tile::store_row(o, inv, D, dst);
   if (st_max == nullptr) return;
   *st_max = live ? m : std::numeric_limits<A>::infinity();
   *st_log = live ? std::log2(l) : A(0);
@@ -801,6 +820,22 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
   }
 }
 
+// Ask for the query rows and first stored key / value block of the item a thread likely takes
+// next (items go out in order, one per thread at a time): the projections that wrote q, k and
+// v left them in memory, not in this core's cache, and an item reads them before computing.
+template <typename E, typename A>
+void prefetch_item(const Problem<E, A>& P, const BlockLists& kv, int64_t item) {
+  const int64_t qb = item % P.nq, bhk = item / P.nq, b = bhk / P.Hkv, hk = bhk % P.Hkv;
+  const int64_t q0 = qb * P.bq, qr = std::min(P.bq, P.Lq - q0);
+  for (int64_t g = 0; g < P.G; ++g)
+    prefetch_rows(P.q + b * P.sq[0] + (hk * P.G + g) * P.sq[1] + q0 * P.sq[2], P.sq[2], qr, P.D);
+  if (kv.count(item) == 0) return;
+  const int64_t k0 = static_cast<int64_t>(kv.idx[kv.ptr[item]]) * P.bk;
+  const int64_t kr = std::min(P.bk, P.Lk - k0);
+  prefetch_rows(P.k + b * P.sk[0] + hk * P.sk[1] + k0 * P.sk[2], P.sk[2], kr, P.D);
+  prefetch_rows(P.v + b * P.sv[0] + hk * P.sv[1] + k0 * P.sv[2], P.sv[2], kr, P.D);
+}
+
 // out: row (b, h, i) at b * so[0] + h * so[1] + i * so[2] (unit stride along D).
 template <typename Tile>
 void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLists& kv,
@@ -827,6 +862,7 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
       const int64_t qb = item % P.nq, bhk = item / P.nq, b = bhk / P.Hkv, hk = bhk % P.Hkv;
       const int64_t q0 = qb * bq, qr = std::min(bq, P.Lq - q0);
       const int64_t cnt = kv.count(item);
+      if (splits == 1 && u + threads < units) prefetch_item(P, kv, u + threads);
       forward_item<Tile>(P, b, hk, qb, kv.idx.data() + kv.ptr[item], cnt * part / splits,
                          cnt * (part + 1) / splits, rows, w);
       for (int64_t g = 0; g < G; ++g) {
