@@ -120,6 +120,17 @@ void apply_add_norm(const AddNorm& a, T* out, int64_t n, int64_t t0, int64_t t1)
                          t0, t1, buf.data(), out);
 }
 
+// lowp::for_items over a layer's (row chunk, output block) items, then, when `an` is given,
+// the epilogue on each chunk's rows of out (row stride n) as the chunk completes.
+template <typename OutT, typename F>
+void for_items_add_norm(int64_t rows, int64_t mc, int64_t n_out, const AddNorm* an, OutT* out,
+                        int64_t n, const F& f) {
+  if (an == nullptr) return lowp::for_items(rows, mc, n_out, f);
+  lowp::for_items(rows, mc, n_out, f, [&](int64_t t0, int64_t t1) {
+    apply_add_norm<OutT>(*an, out, n, t0, t1);
+  });
+}
+
 // The epilogue on all rows of out, split over the threads (for the kernels' paths without
 // row chunks: a few rows).
 template <typename T>

@@ -144,7 +144,7 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
     constexpr int BO = decltype(bo)::value;
     // bf16 does twice the work of fp32 per instruction: twice dsd's per-item work
     const int64_t mc = chunk_rows(s, BO, tile_rows<BO>(), 4e6, rows);
-    auto item = [&](int64_t t0, int64_t t1, int64_t o) {
+    for_items_add_norm(rows, mc, nbr, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
 #ifdef SK_LOWP_X86
       if (wt)
         block_bf16_wt_avx512<BO, uint16_t>(xp + t0 * lda, t1 - t0, lda, pp, s, o, bias_ptr,
@@ -153,10 +153,6 @@ at::Tensor bsr_linear_bf16(const at::Tensor& x, const at::Tensor& values, const 
         block_bf16_avx512<BO, uint16_t>(xp + t0 * lda, t1 - t0, lda, pp, s, o, bias_ptr,
                                         op + t0 * n, n);
 #endif
-    };
-    if (an == nullptr) return for_items(rows, mc, nbr, item);
-    for_items(rows, mc, nbr, item, [&](int64_t t0, int64_t t1) {
-      apply_add_norm<uint16_t>(*an, op, n, t0, t1);
     });
   });
   return out;

@@ -90,21 +90,6 @@ void check_int8_layer(const at::Tensor& packed, const at::Tensor& comp, const at
                 " bias must have ", n, " elements, got ", bias->sizes());
 }
 
-namespace {
-
-// for_items over the layer's (row chunk, output block) items, then `an` (when given) on each
-// finished chunk's rows of out.
-template <typename OutT, typename F>
-void items_then(int64_t rows, int64_t mc, int64_t nbr, const AddNorm* an, OutT* out, int64_t n,
-                const F& f) {
-  if (an == nullptr) return for_items(rows, mc, nbr, f);
-  for_items(rows, mc, nbr, f, [&](int64_t t0, int64_t t1) {
-    apply_add_norm<OutT>(*an, out, n, t0, t1);
-  });
-}
-
-}  // namespace
-
 // bsr_linear_int8_cpu, with out = layer_norm(out + residual) as its epilogue when `an` is
 // given (its residual: [rows, n] in x's dtype, checked by the caller).
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp,
@@ -152,7 +137,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
       auto run = [&](auto out_tag) {
         using OutT = decltype(out_tag);
         OutT* op = out_ptr<OutT>(out);
-        items_then(rows, mc, nbr, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
+        for_items_add_norm(rows, mc, nbr, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
           Int8Epilogue e = ep;
           e.xscale = sp + t0;
           e.xzero = zp + t0;
@@ -174,7 +159,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
     auto run = [&](auto out_tag) {
       using OutT = decltype(out_tag);
       OutT* op = out_ptr<OutT>(out);
-      items_then(rows, mc, nbr, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
+      for_items_add_norm(rows, mc, nbr, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
         block_w8<BO, OutT>(xp + t0 * lda, t1 - t0, lda, pp, s, o, ep, op + t0 * n, n);
       });
     };
@@ -217,7 +202,8 @@ at::Tensor int8_linear_add_norm_inference(
   if (x.dim() < 1 || x.size(-1) != in_features || !x.device().is_cpu() ||
       (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
     return at::Tensor();
-  lowp::check_int8_layer(packed, comp, scale, crow_indices, col_indices, bias, in_features, "W");
+  if (packed.dim() != 4) return at::Tensor();  // the op's check names the fix
+  // the layer itself is checked by linear_int8 before any kernel runs
   const int64_t n = (crow_indices.numel() - 1) * packed.size(2);
   if (!residual_fits(residual, x, n)) return at::Tensor();
   at::Tensor x2 = x.reshape({-1, in_features});

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "activation.h"
@@ -133,35 +134,29 @@ inline int64_t chunk_rows(const Rows& s, int64_t bo, int64_t mr, double work, in
   return std::min<int64_t>(mc, std::max<int64_t>(mr, (rows + mr - 1) / mr * mr));
 }
 
-// f(t0, t1, o) over (row chunk, output block) items, on the ATen thread count.
-template <typename F>
-void for_items(int64_t rows, int64_t mc, int64_t n_out, const F& f) {
+// f(t0, t1, o) over (row chunk, output block) items, on the ATen thread count. With `done`,
+// done(t0, t1) once per row chunk, by the thread that finishes the chunk's last output block,
+// while the other threads go on with later items: an epilogue that needs whole rows (a
+// LayerNorm) runs on rows still in cache, without a barrier.
+template <typename F, typename G = std::nullptr_t>
+void for_items(int64_t rows, int64_t mc, int64_t n_out, const F& f, const G& done = nullptr) {
+  constexpr bool kDone = !std::is_same_v<G, std::nullptr_t>;
   const int64_t n_chunks = (rows + mc - 1) / mc;
   const int64_t items = n_chunks * n_out;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t chunk = item / n_out, o = item % n_out;
-    const int64_t t0 = chunk * mc;
-    f(t0, std::min(rows, t0 + mc), o);
+  std::unique_ptr<std::atomic<int64_t>[]> left;
+  if constexpr (kDone) {
+    left.reset(new std::atomic<int64_t>[n_chunks]);
+    for (int64_t c = 0; c < n_chunks; ++c) left[c].store(n_out, std::memory_order_relaxed);
   }
-}
-
-// for_items, then done(t0, t1) once per row chunk, by the thread that finishes the chunk's
-// last output block, while the other threads go on with later items: an epilogue that needs
-// whole rows (a LayerNorm) runs on rows still in cache, without a barrier.
-template <typename F, typename G>
-void for_items(int64_t rows, int64_t mc, int64_t n_out, const F& f, const G& done) {
-  const int64_t n_chunks = (rows + mc - 1) / mc;
-  const int64_t items = n_chunks * n_out;
-  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[n_chunks]);
-  for (int64_t c = 0; c < n_chunks; ++c) left[c].store(n_out, std::memory_order_relaxed);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t item = 0; item < items; ++item) {
     const int64_t chunk = item / n_out, o = item % n_out;
     const int64_t t0 = chunk * mc, t1 = std::min(rows, t0 + mc);
     f(t0, t1, o);
-    // acq_rel: the last one sees every other thread's writes to the chunk
-    if (left[chunk].fetch_sub(1, std::memory_order_acq_rel) == 1) done(t0, t1);
+    if constexpr (kDone) {
+      // acq_rel: the last one sees every other thread's writes to the chunk
+      if (left[chunk].fetch_sub(1, std::memory_order_acq_rel) == 1) done(t0, t1);
+    }
   }
 }
 

@@ -30,6 +30,7 @@ from sparsekernels.formats.block_sparse import (
     check_divisible,
     validate_index,
 )
+from sparsekernels.nn.fused_input import FusedInputForward
 from sparsekernels.ops import _ext
 from sparsekernels.ops.backend import Backend
 from sparsekernels.ops.bsr_ffn import activate
@@ -324,18 +325,10 @@ def _fused_int8(op, layers, activation: str, x: torch.Tensor) -> torch.Tensor:
     return op(x, *args, activation, first.scheme, first.backend.value)
 
 
-class FusedQuantizedFFNInput(QuantizedSparseLinear):
+class FusedQuantizedFFNInput(FusedInputForward, QuantizedSparseLinear):
     """First layer of a fused int8 FFN (as sparse_ffn.FusedFFNInput for SparseLinear)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = self.__dict__["_ffn"]
-        if self.training and state.dropout_p() > 0:
-            return activate(QuantizedSparseLinear.forward(self, x), state.activation)
-        if state.add_norm is not None:  # the post-norm after it runs in the kernel
-            y = state.add_norm.run(x)
-            if y is not None:
-                return y
-        return self.ffn_forward(x)
+    layer_forward = QuantizedSparseLinear.forward  # the layer alone
 
     def ffn_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The FFN's output, without a norm."""

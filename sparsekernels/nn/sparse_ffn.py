@@ -33,6 +33,7 @@ from sparsekernels.nn.quantized_sparse_linear import (
     QuantizedSparseLinear,
     quantized_gated_ffn_forward,
 )
+from sparsekernels.nn.fused_input import FusedInputForward
 from sparsekernels.nn.forward_swap import (agrees, random_copy, restore_forwards, swap_forward,
                                            swapped)
 from sparsekernels.nn.sparse_linear import SparseLinear, _needs_grad
@@ -180,21 +181,13 @@ class SparseFFN(nn.Module):
 
 
 # --- fusing inside transformers models -------------------------------------------------
-class FusedFFNInput(SparseLinear):
+class FusedFFNInput(FusedInputForward, SparseLinear):
     """The first layer of a fused FFN: computes fc2(act(fc1(x))) with the second layer's
     parameters (which stay registered where they were). In training with dropout between
     the activation and fc2 (BART, T5), it returns act(fc1(x)) and leaves fc2 to the second
-    layer, so the model's own dropout runs where it should."""
+    layer, so the model's own dropout runs where it should (nn.fused_input)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = self.__dict__["_ffn"]
-        if self.training and state.dropout_p() > 0:
-            return activate(SparseLinear.forward(self, x), state.activation)
-        if state.add_norm is not None:  # the post-norm after it runs in the kernel
-            y = state.add_norm.run(x)
-            if y is not None:
-                return y
-        return self.ffn_forward(x)
+    layer_forward = SparseLinear.forward  # the layer alone
 
     def ffn_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The FFN's output, without a norm."""
@@ -395,7 +388,7 @@ def unfuse_ffn_(model: nn.Module) -> int:
         if isinstance(module, (FusedFFNInput, FusedQuantizedFFNInput)):
             state = module.__dict__.pop("_ffn")
             setattr(*state.act_slot, state.act)
-            base = type(module).__bases__[0]  # SparseLinear or QuantizedSparseLinear
+            base = next(k for k, v in _FUSED_CLASSES.items() if v[0] is type(module))
             module.__class__, state.fc2.__class__ = base, base
             count += 1
     return count
