@@ -17,7 +17,15 @@
 // compressed lists in one serial pass: no extra torch ops (each one wakes the thread pool)
 // per call. The products use the register-blocked micro-kernel of microkernel.h in fp32 /
 // fp64; bf16 inputs use AVX512-BF16 dot products (fp32 accumulation) when the CPU has them
-// (checked at run time, the build needs no flag), else they are converted to fp32.
+// (checked at run time, the build needs no flag), else they are converted to fp32. On those,
+// a tile whose scores are all kept (no mask, every key visible) takes its softmax step on the
+// product's registers and has O rescaled inside P V: no pass over a stored score tile.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+// GCC 12's AVX-512 intrinsics pass an undefined register to their masked builtins (GCC bug
+// 105593): a false -Wuninitialized per inlined call. Before the headers, where it is reported.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -97,28 +105,45 @@ void gemm(int64_t width, int64_t m, const T* a, int64_t sa_r, int64_t sa_k, cons
 // --- exp2 ------------------------------------------------------------------------------------
 typedef int32_t VInt __attribute__((vector_size(64)));
 
+// 2^f for |f| <= 1/2 by a polynomial of degree Deg (Horner): 7 for fp32 results (relative
+// error far below fp32's), 5 where the result is rounded to bf16 next (about 1e-7 relative,
+// still below fp32's own rounding; two FMAs fewer per 16 values).
+template <int Deg, typename V>
+inline V exp2_poly(V f) {
+  static_assert(Deg == 5 || Deg == 7, "exp2_poly: degree 5 or 7");
+  if constexpr (Deg == 7) {
+    V p = f * 1.525273380405984e-05f + 1.5403530393381608e-04f;
+    p = p * f + 1.3333558146428443e-03f;
+    p = p * f + 9.618129107628477e-03f;
+    p = p * f + 5.550410866482158e-02f;
+    p = p * f + 2.402265069591007e-01f;
+    p = p * f + 6.931471805599453e-01f;
+    return p * f + 1.0f;
+  } else {
+    V p = f * 1.3264726899094232e-03f + 9.67151266056224e-03f;
+    p = p * f + 5.550733744244451e-02f;
+    p = p * f + 2.402224208491929e-01f;
+    p = p * f + 6.931469775984711e-01f;
+    return p * f + 1.0f;
+  }
+}
+
 // 2^x for a vector of floats; exactly 0 below 2^-126 (and for -inf). x = n + f with n an
-// integer and |f| <= 1/2: 2^f by a degree-7 polynomial, times 2^n.
+// integer and |f| <= 1/2: 2^f by exp2_poly, times 2^n.
 #if defined(__AVX512F__)
 // AVX-512: the rounding and the 2^n scaling are one instruction each (vrndscaleps, vscalefps)
+template <int Deg = 7>
 inline Vec<float>::type vexp2(Vec<float>::type xv) {
   const __m512 x = (__m512)xv;
   const __m512 lo = _mm512_set1_ps(-126.0f);
   const __m512 xc = _mm512_max_ps(x, lo);
   const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(xc, n);
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512 p = (__m512)exp2_poly<Deg>((Vec<float>::type)_mm512_sub_ps(xc, n));
   const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
   return (Vec<float>::type)_mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
 #else
+template <int Deg = 7>
 inline Vec<float>::type vexp2(Vec<float>::type x) {
   using V = Vec<float>::type;
   const V lo = V{} - 126.0f;
@@ -128,41 +153,31 @@ inline Vec<float>::type vexp2(Vec<float>::type x) {
   V tf = __builtin_convertvector(ti, V);
   ti = tf > t ? ti - 1 : ti;  // floor
   tf = __builtin_convertvector(ti, V);
-  const V f = xc - tf;  // in [-0.5, 0.5)
-  V p = V{} + 1.525273380405984e-05f;
-  p = p * f + 1.5403530393381608e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.618129107628477e-03f;
-  p = p * f + 5.550410866482158e-02f;
-  p = p * f + 2.402265069591007e-01f;
-  p = p * f + 6.931471805599453e-01f;
-  p = p * f + 1.0f;
+  const V p = exp2_poly<Deg>(xc - tf);  // f in [-0.5, 0.5)
   const VInt bits = (ti + 127) << 23;
   const V r = p * reinterpret_cast<const V&>(bits);
   return x < lo ? V{} : r;
 }
 #endif
 
-// Horizontal sum / max of 16 lanes: a shuffle tree on AVX-512 (a serial chain of 16 scalar
-// operations otherwise, which cost as much as the row's exponentials at 64 keys).
+// Horizontal sum / max of 16 lanes: a shuffle tree (a serial chain of 16 scalar operations
+// cost as much as the row's exponentials at 64 keys). Vector extensions, not GCC's
+// _mm512_reduce_*, which read an undefined register (a warning per inlined call).
+template <typename Op>
+inline float reduce16(Vec<float>::type v, Op op) {
+  v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
 inline float hsum(Vec<float>::type v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps((__m512)v);
-#else
-  float total = 0.f;
-  for (int i = 0; i < 16; ++i) total += v[i];
-  return total;
-#endif
+  return reduce16(v, [](Vec<float>::type a, Vec<float>::type b) { return a + b; });
 }
 
 inline float hmax(Vec<float>::type v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_max_ps((__m512)v);
-#else
-  float out = v[0];
-  for (int i = 1; i < 16; ++i) out = std::max(out, v[i]);
-  return out;
-#endif
+  return reduce16(v, [](Vec<float>::type a, Vec<float>::type b) { return a > b ? a : b; });
 }
 
 // p[j] = 2^(s[j] * scale - shift) for j < n (n a multiple of 16 for floats); returns the sum.
@@ -399,7 +414,10 @@ template <typename T>
 struct FloatTile {
   using E = T;
   using A = T;
+  using QE = T;  // the query rows as the products read them
   static constexpr bool kPacksV = false;
+  static constexpr bool kFusedSoftmax = false;
+  static const QE* stage_q(const E* q, int64_t&, int64_t, int64_t, QE*) { return q; }
   static void pack_k(const E* k, int64_t ld, int64_t kr, int64_t D, int64_t bk, E* buf) {
     pack_transposed(k, ld, kr, D, bk, buf);
   }
@@ -412,8 +430,9 @@ struct FloatTile {
   static A exp_row(A* s, int64_t bk, A shift, A scale, E*) {
     return exp2_row(s, bk, shift, scale);
   }
+  // O += P V (softmax_step rescaled O: alpha is null)
   static void accumulate(const A* P, int64_t qr, int64_t bk, int64_t kr, const E* v,
-                         int64_t ldv, const E*, const E*, int64_t D, A* O) {
+                         int64_t ldv, const E*, const E*, int64_t D, const A*, A* O) {
     gemm<T>(D, qr, P, bk, 1, v, ldv, kr, O, D, true);
   }
   // dst[d] = o[d] * inv, an output row
@@ -440,12 +459,12 @@ constexpr int bf16_tile_rows() {
   return NV >= 8 ? 3 : 24 / NV;
 }
 
-// S[R, BK] = Q[R, D] K^T; kp: K as pairs along D, [D/2][BK] 32-bit units.
+// acc[R][BK/16] = Q[R, D] K^T; kp: K as pairs along D, [D/2][BK] 32-bit units.
 template <int BK, int R>
-SPARSEKERNELS_AVX512BF16 void bf16_scores_rows(const c10::BFloat16* q, int64_t ldq,
-                                               const uint32_t* kp, int64_t D, float* S) {
+SPARSEKERNELS_AVX512BF16 inline void bf16_qk(const c10::BFloat16* q, int64_t ldq,
+                                             const uint32_t* kp, int64_t D,
+                                             __m512 (&acc)[R][BK / 16]) {
   constexpr int NV = BK / 16;
-  __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t dp = 0; dp < D / 2; ++dp) {
@@ -456,6 +475,15 @@ SPARSEKERNELS_AVX512BF16 void bf16_scores_rows(const c10::BFloat16* q, int64_t l
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
     }
   }
+}
+
+// S[R, BK] = Q[R, D] K^T
+template <int BK, int R>
+SPARSEKERNELS_AVX512BF16 void bf16_scores_rows(const c10::BFloat16* q, int64_t ldq,
+                                               const uint32_t* kp, int64_t D, float* S) {
+  constexpr int NV = BK / 16;
+  __m512 acc[R][NV];
+  bf16_qk<BK, R>(q, ldq, kp, D, acc);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(S + r * BK + j * 16, acc[r][j]);
 }
@@ -470,15 +498,65 @@ void bf16_scores(const c10::BFloat16* q, int64_t ldq, int64_t qr, const uint32_t
     });
 }
 
-// O[R, DV] += P[R, 2 * npairs] V; pp: P in bf16, rows of ldp pairs; vp: V as pairs along the
-// keys, [npairs][DV] 32-bit units.
+// The scores of R rows and their online-softmax step on the registers, for a tile whose
+// scores are all kept (no mask, every key visible, scale > 0): no pass over a stored S. The
+// tile's probabilities 2^(s * scale - max) go to p (bf16, row r at p + r * ldp); the running
+// max m and sum l are updated, and alpha[r] is the factor O's row must be rescaled by (0 when
+// nothing was kept yet, 1 when the max did not change), applied by bf16_pv_rows.
+template <int BK, int R>
+SPARSEKERNELS_AVX512BF16 void bf16_scores_softmax_rows(const c10::BFloat16* q, int64_t ldq,
+                                                       const uint32_t* kp, int64_t D,
+                                                       float scale, float* m, float* l,
+                                                       float* alpha, c10::BFloat16* p,
+                                                       int64_t ldp) {
+  constexpr int NV = BK / 16;
+  __m512 acc[R][NV];
+  bf16_qk<BK, R>(q, ldq, kp, D, acc);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r) {
+    __m512 mx = acc[r][0];
+    for (int j = 1; j < NV; ++j) mx = _mm512_max_ps(mx, acc[r][j]);
+    const float old = m[r], now = std::max(old, hmax((Vec<float>::type)mx) * scale);
+    const float shift = std::isinf(now) ? 0.f : now;
+    alpha[r] = std::isinf(old) ? 0.f : old == now ? 1.f : std::exp2(old - shift);
+    const __m512 vshift = _mm512_set1_ps(shift);
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) {
+      const __m512 e =
+          (__m512)vexp2<5>((Vec<float>::type)_mm512_fmsub_ps(acc[r][j], vscale, vshift));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256((__m256i*)(p + r * ldp + j * 16), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    l[r] = l[r] * alpha[r] + hsum((Vec<float>::type)sum);
+    m[r] = now;
+  }
+}
+
+template <int BK>
+void bf16_scores_softmax(const c10::BFloat16* q, int64_t ldq, int64_t qr, const uint32_t* kp,
+                         int64_t D, float scale, float* m, float* l, float* alpha,
+                         c10::BFloat16* p, int64_t ldp) {
+  constexpr int MR = bf16_tile_rows<BK / 16>();
+  for (int64_t r0 = 0; r0 < qr; r0 += MR)
+    dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
+      bf16_scores_softmax_rows<BK, decltype(rows)::value>(q + r0 * ldq, ldq, kp, D, scale,
+                                                          m + r0, l + r0, alpha + r0,
+                                                          p + r0 * ldp, ldp);
+    });
+}
+
+// O[R, DV] = O * alpha + P[R, 2 * npairs] V (alpha: one factor per row, or none); pp: P in
+// bf16, rows of ldp pairs; vp: V as pairs along the keys, [npairs][DV] 32-bit units.
 template <int DV, int R>
 SPARSEKERNELS_AVX512BF16 void bf16_pv_rows(const uint32_t* pp, int64_t ldp, int64_t npairs,
-                                           const uint32_t* vp, float* O) {
+                                           const uint32_t* vp, const float* alpha, float* O) {
   constexpr int NV = DV / 16;
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_loadu_ps(O + r * DV + j * 16);
+    for (int j = 0; j < NV; ++j) {
+      acc[r][j] = _mm512_loadu_ps(O + r * DV + j * 16);
+      if (alpha) acc[r][j] = _mm512_mul_ps(acc[r][j], _mm512_set1_ps(alpha[r]));
+    }
   for (int64_t jp = 0; jp < npairs; ++jp) {
     __m512bh b[NV];
     for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(vp + jp * DV + j * 16);
@@ -493,11 +571,12 @@ SPARSEKERNELS_AVX512BF16 void bf16_pv_rows(const uint32_t* pp, int64_t ldp, int6
 
 template <int DV>
 void bf16_pv(const uint32_t* pp, int64_t ldp, int64_t qr, int64_t npairs, const uint32_t* vp,
-             float* O) {
+             const float* alpha, float* O) {
   constexpr int MR = bf16_tile_rows<DV / 16>();
   for (int64_t r0 = 0; r0 < qr; r0 += MR)
     dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
-      bf16_pv_rows<DV, decltype(rows)::value>(pp + r0 * ldp, ldp, npairs, vp, O + r0 * DV);
+      bf16_pv_rows<DV, decltype(rows)::value>(pp + r0 * ldp, ldp, npairs, vp,
+                                              alpha ? alpha + r0 : nullptr, O + r0 * DV);
     });
 }
 
@@ -570,7 +649,10 @@ SPARSEKERNELS_AVX512BF16 void bf16_store_row(const float* o, float inv, int64_t 
 struct Bf16Tile {
   using E = c10::BFloat16;
   using A = float;
+  using QE = c10::BFloat16;
   static constexpr bool kPacksV = true;
+  static constexpr bool kFusedSoftmax = true;
+  static const QE* stage_q(const E* q, int64_t&, int64_t, int64_t, QE*) { return q; }
   static void pack_k(const E* k, int64_t ld, int64_t kr, int64_t D, int64_t bk, E* buf) {
     bf16_pack_k(k, ld, kr, D, bk, reinterpret_cast<uint32_t*>(buf));
   }
@@ -583,16 +665,25 @@ struct Bf16Tile {
     dispatch_block(bk, [&](auto w) { bf16_scores<decltype(w)::value>(q, ldq, qr, kp, D, S); },
                    "attention key block");
   }
+  // the scores and their softmax step at once (plain tiles); P to pbuf, rows of bk
+  static void scores_softmax(const QE* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D,
+                             int64_t bk, A scale, A* m, A* l, A* alpha, E* pbuf) {
+    const auto* kp = reinterpret_cast<const uint32_t*>(kbuf);
+    dispatch_block(bk, [&](auto w) {
+      bf16_scores_softmax<decltype(w)::value>(q, ldq, qr, kp, D, scale, m, l, alpha, pbuf, bk);
+    }, "attention key block");
+  }
   // P goes to the bf16 buffer P V reads (row r at pout = pbuf + r * bk)
   static A exp_row(A* s, int64_t bk, A shift, A scale, E* pout) {
     return bf16_exp_row(s, bk, shift, scale, pout);
   }
+  // O = O * alpha + P V (alpha null: O += P V)
   static void accumulate(const A*, int64_t qr, int64_t bk, int64_t kr, const E*, int64_t,
-                         const E* vbuf, const E* pbuf, int64_t D, A* O) {
+                         const E* vbuf, const E* pbuf, int64_t D, const A* alpha, A* O) {
     const auto* pp = reinterpret_cast<const uint32_t*>(pbuf);
     const auto* vp = reinterpret_cast<const uint32_t*>(vbuf);
     dispatch_block(D, [&](auto w) { bf16_pv<decltype(w)::value>(pp, bk / 2, qr, (kr + 1) / 2,
-                                                                 vp, O); },
+                                                                 vp, alpha, O); },
                    "head dim");
   }
   static void store_row(const A* o, A inv, int64_t D, E* dst) { bf16_store_row(o, inv, D, dst); }
@@ -610,14 +701,22 @@ SPARSEKERNELS_AVX512BF16 void bf16_round_rows(const float* src, int64_t lds, int
 }
 
 // fp32 inputs and output, both products in bf16 (the inputs rounded to bf16 as they are
-// packed, fp32 accumulation and softmax): torch's fp32_precision "bf16" for attention. The
-// fp32 buffers of the generic item hold the bf16 data: a packed K or V block takes the first
-// half of its D * bk floats and the rounded rows it is packed from the second; a row of P
-// takes half of its bk floats.
+// packed, the query rows once per item; fp32 accumulation and softmax): torch's
+// fp32_precision "bf16" for attention. The fp32 buffers of the generic item hold the bf16
+// data: a packed K or V block takes the first half of its D * bk floats and the rounded rows
+// it is packed from the second; a row of P takes half of its bk floats.
 struct F32Bf16Tile {
   using E = float;
   using A = float;
+  using QE = c10::BFloat16;
   static constexpr bool kPacksV = true;
+  static constexpr bool kFusedSoftmax = true;
+  // the item's query rows rounded to bf16 into buf (rows of D)
+  static const QE* stage_q(const E* q, int64_t& ldq, int64_t rows, int64_t D, QE* buf) {
+    bf16_round_rows(q, ldq, rows, D, buf, D);
+    ldq = D;
+    return buf;
+  }
   static c10::BFloat16* staging(E* buf, int64_t D, int64_t bk) {
     return reinterpret_cast<c10::BFloat16*>(buf + D * bk / 2);
   }
@@ -631,23 +730,28 @@ struct F32Bf16Tile {
     bf16_round_rows(v, ld, kr, D, rows, D);
     bf16_pack_v(rows, D, kr, D, reinterpret_cast<uint32_t*>(buf));
   }
-  static void scores(const E* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D, int64_t bk,
-                     A* S) {
-    thread_local std::vector<c10::BFloat16> qrows;
-    if (static_cast<int64_t>(qrows.size()) < qr * D) qrows.resize(qr * D);
-    bf16_round_rows(q, ldq, qr, D, qrows.data(), D);
-    Bf16Tile::scores(qrows.data(), D, qr, reinterpret_cast<const c10::BFloat16*>(kbuf), D, bk,
-                     S);
+  static void scores(const QE* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D,
+                     int64_t bk, A* S) {
+    Bf16Tile::scores(q, ldq, qr, reinterpret_cast<const c10::BFloat16*>(kbuf), D, bk, S);
+  }
+  // P rows of bk floats hold 2 * bk bf16
+  static void scores_softmax(const QE* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D,
+                             int64_t bk, A scale, A* m, A* l, A* alpha, E* pbuf) {
+    const auto* kp = reinterpret_cast<const uint32_t*>(kbuf);
+    auto* p = reinterpret_cast<c10::BFloat16*>(pbuf);
+    dispatch_block(bk, [&](auto w) {
+      bf16_scores_softmax<decltype(w)::value>(q, ldq, qr, kp, D, scale, m, l, alpha, p, 2 * bk);
+    }, "attention key block");
   }
   static A exp_row(A* s, int64_t bk, A shift, A scale, E* pout) {
     return bf16_exp_row(s, bk, shift, scale, reinterpret_cast<c10::BFloat16*>(pout));
   }
   static void accumulate(const A*, int64_t qr, int64_t bk, int64_t kr, const E*, int64_t,
-                         const E* vbuf, const E* pbuf, int64_t D, A* O) {
+                         const E* vbuf, const E* pbuf, int64_t D, const A* alpha, A* O) {
     const auto* pp = reinterpret_cast<const uint32_t*>(pbuf);  // rows of bk floats = bk pairs
     const auto* vp = reinterpret_cast<const uint32_t*>(vbuf);
     dispatch_block(D, [&](auto w) { bf16_pv<decltype(w)::value>(pp, bk, qr, (kr + 1) / 2, vp,
-                                                                 O); },
+                                                                 alpha, O); },
                    "head dim");
   }
   static void store_row(const A* o, A inv, int64_t D, E* dst) {
@@ -745,13 +849,17 @@ template <typename Tile>
 struct ForwardScratch {
   using E = typename Tile::E;
   using A = typename Tile::A;
+  using QE = typename Tile::QE;
+  static constexpr bool kStagesQ = !std::is_same<E, QE>::value;
   std::vector<E> Q, Kb, Vb, Pb;
-  std::vector<A> S, O, m, l;
+  std::vector<QE> Qs;  // the query rows in the products' type (when it is not E)
+  std::vector<A> S, O, m, l, alpha;
   std::vector<char> stores;
   ForwardScratch(int64_t G, int64_t rows, int64_t D, int64_t bk)
       : Q(G > 1 ? G * rows * D : 0), Kb(D * bk), Vb(Tile::kPacksV ? D * bk : 0),
-        Pb(Tile::kPacksV ? G * rows * bk : 0), S(G * rows * bk), O(G * rows * D), m(G * rows),
-        l(G * rows), stores(G) {}
+        Pb(Tile::kPacksV ? G * rows * bk : 0), Qs(kStagesQ ? G * rows * D : 0),
+        S(G * rows * bk), O(G * rows * D), m(G * rows), l(G * rows), alpha(G * rows),
+        stores(G) {}
 };
 
 template <typename Tile>
@@ -774,6 +882,7 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
     Q = w.Q.data();
     ldq = D;
   }
+  const typename Tile::QE* Qs = Tile::stage_q(Q, ldq, (G - 1) * rows + qr, D, w.Qs.data());
   std::fill(w.O.begin(), w.O.end(), A(0));
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<A>::infinity());
   std::fill(w.l.begin(), w.l.end(), A(0));
@@ -796,8 +905,17 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
     // the stacked rows of heads [g0, g0 + n) at once
     auto run = [&](int64_t g0, int64_t n) {
       const int64_t off = g0 * rows, m_rows = (n - 1) * rows + qr;
-      Tile::scores(Q + off * ldq, ldq, m_rows, w.Kb.data(), D, bk, w.S.data() + off * bk);
       E* pbuf = Tile::kPacksV ? w.Pb.data() + off * bk : nullptr;
+      if constexpr (Tile::kFusedSoftmax) {
+        if (plain) {  // the softmax step on the products' registers, O's rescale in P V's
+          Tile::scores_softmax(Qs + off * ldq, ldq, m_rows, w.Kb.data(), D, bk, P.qk_scale,
+                               w.m.data() + off, w.l.data() + off, w.alpha.data() + off, pbuf);
+          Tile::accumulate(nullptr, m_rows, bk, kr, vbase + k0 * P.sv[2], P.sv[2], w.Vb.data(),
+                           pbuf, D, w.alpha.data() + off, w.O.data() + off * D);
+          return;
+        }
+      }
+      Tile::scores(Qs + off * ldq, ldq, m_rows, w.Kb.data(), D, bk, w.S.data() + off * bk);
       if (plain) {  // every score kept as it is: the scale is applied in the softmax pass
         softmax_step<Tile>(w.S.data() + off * bk, m_rows, bk, D, P.qk_scale, w.m.data() + off,
                            w.l.data() + off, w.O.data() + off * D, pbuf);
@@ -808,7 +926,7 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
                            w.l.data() + off, w.O.data() + off * D, pbuf);
       }
       Tile::accumulate(w.S.data() + off * bk, m_rows, bk, kr, vbase + k0 * P.sv[2], P.sv[2],
-                       w.Vb.data(), pbuf, D, w.O.data() + off * D);
+                       w.Vb.data(), pbuf, D, nullptr, w.O.data() + off * D);
     };
     if (all) {
       run(0, G);
@@ -821,7 +939,7 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
 }
 
 // Ask for the query rows and first stored key / value block of the item a thread likely takes
-// next (items go out in order, one per thread at a time): the projections that wrote q, k and
+// next (items go out in order, a chunk at a time per thread): the projections that wrote q, k and
 // v left them in memory, not in this core's cache, and an item reads them before computing.
 template <typename E, typename A>
 void prefetch_item(const Problem<E, A>& P, const BlockLists& kv, int64_t item) {
@@ -853,16 +971,22 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
   const int64_t units = items * splits;
   const int64_t part_ld = D + 2;  // a part's row: O[D], m, l
   std::vector<A> parts(splits > 1 ? units * G * rows * part_ld : 0);
+  // with enough of them, a thread takes every query block of a key/value head in a row: the
+  // head's K and V blocks come from its own cache after the first query block
+  const int64_t chunk = splits == 1 && P.B * P.Hkv >= kItemsPerThread * threads ? P.nq : 1;
 #pragma omp parallel num_threads(threads)
   {
     ForwardScratch<Tile> w(G, rows, D, bk);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t item = u / splits, part = u % splits;
       const int64_t qb = item % P.nq, bhk = item / P.nq, b = bhk / P.Hkv, hk = bhk % P.Hkv;
       const int64_t q0 = qb * bq, qr = std::min(bq, P.Lq - q0);
       const int64_t cnt = kv.count(item);
-      if (splits == 1 && u + threads < units) prefetch_item(P, kv, u + threads);
+      if (splits == 1) {  // the item this thread likely takes next
+        const int64_t next = u % chunk != chunk - 1 ? u + 1 : u + 1 + (threads - 1) * chunk;
+        if (next < units) prefetch_item(P, kv, next);
+      }
       forward_item<Tile>(P, b, hk, qb, kv.idx.data() + kv.ptr[item], cnt * part / splits,
                          cnt * (part + 1) / splits, rows, w);
       for (int64_t g = 0; g < G; ++g) {

@@ -897,6 +897,39 @@ def test_cpu_fp32_precision_bf16(case):
     check(out, None, truth, base)
 
 
+# tiles with every score kept (no mask, no causal, no window): the bf16 kernels run the softmax
+# step on the products' registers and rescale O in P V (the masked tiles above do neither)
+UNMASKED_CASES = {"b64-d64": (4, 4, 128, 256, 64, (64, 64)),
+                  "b16-d16-g2-ragged-rows": (4, 2, 70, 96, 16, (16, 16)),
+                  "b32-d32-g4": (8, 2, 40, 128, 32, (32, 32)),
+                  "b128-d128-ragged-keys": (2, 2, 130, 300, 128, (64, 128)),
+                  "decode-g3": (9, 3, 1, 512, 64, (16, 64))}
+
+
+@pytest.mark.parametrize("case", list(UNMASKED_CASES))
+def test_cpu_bf16_unmasked_tiles(case):
+    """bf16 inputs, and fp32 inputs with fp32_precision="bf16", where every tile's scores are
+    kept: within bf16's error of the float64 truth (inputs scaled so that a row's max moves
+    from key block to key block, and O is rescaled), and the fp32 one rounds to exactly the
+    bf16 one on the rounded inputs."""
+    need("cpu")
+    if not torch.ops.sparsekernels_C.cpu_has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16: the bf16 inputs run in fp32 (test_cpu_bf16)")
+    h, hkv, lq, lk, d, bs = UNMASKED_CASES[case]
+    q, k, v = make_qkv(2, h, lq, lk, d, torch.float32, kv_heads=hkv)
+    q = q * 3.0  # scores of a few units: the running max changes
+    layout = random_layout(h, -(-lq // bs[0]), -(-lk // bs[1]), 0.7)
+    rounded = [t.bfloat16() for t in (q, k, v)]
+    out = block_sparse_attention(*rounded, layout, bs, backend="cpu")
+    truth, base = expected(*rounded, layout, bs)
+    check(out, None, truth, base, out_reduction=lk if lq == 1 else 1)
+    f32 = block_sparse_attention(q, k, v, layout, bs, backend="cpu", fp32_precision="bf16")
+    assert f32.dtype == torch.float32
+    assert torch.equal(f32.bfloat16(), out)
+    truth32, _ = expected(q, k, v, layout, bs)
+    check(f32, None, truth32, base, out_reduction=lk if lq == 1 else 1)
+
+
 def test_fp32_precision_elsewhere_and_with_gradients():
     """"bf16" changes nothing for other dtypes; a forward that records gradients (the op's
     dispatcher path) gives the same output as plain inference, and its backward, computed in
