@@ -35,10 +35,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_linear_inference", &sparsekernels::cpu::int8_linear_inference,
         "bsr_linear_int8 on the CPU for an eager call that needs no gradient "
         "(QuantizedSparseLinear) on its packed blocks; None when x is not [..., in_features] "
-        "float32 or bfloat16 on the CPU",
+        "float32 or bfloat16 on the CPU; out_dtype float32 or bfloat16 (default x's)",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("comp"), pybind11::arg("scale"),
         pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("bias"),
-        pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("w8_max_rows"));
+        pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("w8_max_rows"),
+        pybind11::arg("out_dtype") = pybind11::none());
   // the same with a post-norm block's epilogue: layer_norm(out + residual) (cpu/direct.h)
   m.def("linear_add_norm_inference", &sparsekernels::cpu::linear_add_norm_inference,
         "linear_inference, then layer_norm(out + residual) on each finished chunk of rows (bf16 "
@@ -57,12 +58,12 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("weight"), pybind11::arg("norm_bias"), pybind11::arg("eps"));
   m.def("int8_linear_add_norm_inference", &sparsekernels::cpu::int8_linear_add_norm_inference,
         "int8_linear_inference, then layer_norm(out + residual) on each finished chunk of rows; "
-        "None for a call it does not take (run unfused)",
+        "None for a call it does not take (run unfused); the residual in out_dtype (default x's)",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("comp"), pybind11::arg("scale"),
         pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("bias"),
         pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("w8_max_rows"),
         pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("norm_bias"),
-        pybind11::arg("eps"));
+        pybind11::arg("eps"), pybind11::arg("out_dtype") = pybind11::none());
   m.def("int8_ffn_add_norm_inference", &sparsekernels::cpu::int8_ffn_add_norm_inference,
         "the fused int8 FFN (w8a8), then layer_norm(out + residual) on each chunk of rows it "
         "finishes; None for a call it does not take (run unfused)",

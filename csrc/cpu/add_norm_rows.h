@@ -139,9 +139,11 @@ void apply_add_norm_all(const AddNorm& a, T* out, int64_t rows, int64_t n) {
 }
 
 // residual is what a direct entry's epilogue takes for a layer mapping x [..., k] to n
-// outputs: x's leading dims and n, x's dtype, on the CPU (else the caller runs unfused).
-inline bool residual_fits(const at::Tensor& residual, const at::Tensor& x, int64_t n) {
-  if (!residual.device().is_cpu() || residual.scalar_type() != x.scalar_type() ||
+// outputs: x's leading dims and n, the output's dtype (out_type, default x's), on the CPU
+// (else the caller runs unfused).
+inline bool residual_fits(const at::Tensor& residual, const at::Tensor& x, int64_t n,
+                          std::optional<at::ScalarType> out_type = std::nullopt) {
+  if (!residual.device().is_cpu() || residual.scalar_type() != out_type.value_or(x.scalar_type()) ||
       residual.dim() != x.dim() || x.dim() < 1 || residual.size(-1) != n)
     return false;
   for (int64_t d = 0; d + 1 < x.dim(); ++d)

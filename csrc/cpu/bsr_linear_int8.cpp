@@ -90,27 +90,30 @@ void check_int8_layer(const at::Tensor& packed, const at::Tensor& comp, const at
                 " bias must have ", n, " elements, got ", bias->sizes());
 }
 
-// bsr_linear_int8_cpu, with out = layer_norm(out + residual) as its epilogue when `an` is
-// given (its residual: [rows, n] in x's dtype, checked by the caller).
+// bsr_linear_int8_cpu with its output in out_type (float32 or bfloat16, either input dtype),
+// and out = layer_norm(out + residual) as its epilogue when `an` is given (its residual:
+// [rows, n] in out_type, checked by the caller).
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp,
                        const at::Tensor& scale, const at::Tensor& crow, const at::Tensor& col,
                        const std::optional<at::Tensor>& bias, const std::string& scheme,
-                       const AddNorm* an) {
+                       const AddNorm* an, at::ScalarType out_type) {
   check_rows(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "sparsekernels: int8 layers take float32 or bfloat16 inputs, got ", x.scalar_type());
   TORCH_CHECK(scheme == "w8" || scheme == "w8a8", "sparsekernels: unknown int8 scheme '", scheme,
               "'; use w8 (weight-only) or w8a8 (dynamic int8 activations)");
+  TORCH_CHECK(out_type == at::kFloat || out_type == at::kBFloat16,
+              "sparsekernels: int8 layers write float32 or bfloat16 outputs, not ", out_type);
   check_int8_layer(packed, comp, scale, crow, col, bias, x.size(1), "W");
   const int64_t rows = x.size(0), k = x.size(1), bm = packed.size(2), bk = packed.size(1) * 4;
   const int64_t nbr = crow.numel() - 1, n = nbr * bm;
   at::Tensor b;
   if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({rows, n}, x.options());
+  at::Tensor out = at::empty({rows, n}, x.options().dtype(out_type));
   if (rows == 0 || n == 0) return out;
   const Rows s{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nbr, bk};
   const int8_t* pp = packed.data_ptr<int8_t>();
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const bool bf16 = x.scalar_type() == at::kBFloat16, out_bf16 = out_type == at::kBFloat16;
   Int8Epilogue ep{comp.data_ptr<int32_t>(), scale.data_ptr<float>(), nullptr,
                   b.defined() ? b.data_ptr<float>() : nullptr, nullptr};
   if (scheme == "w8a8") {
@@ -144,7 +147,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
           block_u8s8<BO, OutT>(qp + t0 * k, t1 - t0, k, pp, s, o, e, op + t0 * n, n);
         });
       };
-      if (bf16) run(uint16_t{});
+      if (out_bf16) run(uint16_t{});
       else run(float{});
     });
     return out;
@@ -163,7 +166,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
         block_w8<BO, OutT>(xp + t0 * lda, t1 - t0, lda, pp, s, o, ep, op + t0 * n, n);
       });
     };
-    if (bf16) run(uint16_t{});
+    if (out_bf16) run(uint16_t{});
     else run(float{});
   });
   return out;
@@ -173,7 +176,7 @@ at::Tensor bsr_linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed,
                                const at::Tensor& comp, const at::Tensor& scale,
                                const at::Tensor& crow, const at::Tensor& col,
                                const std::optional<at::Tensor>& bias, const std::string& scheme) {
-  return linear_int8(x, packed, comp, scale, crow, col, bias, scheme, nullptr);
+  return linear_int8(x, packed, comp, scale, crow, col, bias, scheme, nullptr, x.scalar_type());
 }
 
 }  // namespace lowp
@@ -182,15 +185,17 @@ at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
                                  const at::Tensor& comp, const at::Tensor& scale,
                                  const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                  const std::optional<at::Tensor>& bias, const std::string& scheme,
-                                 int64_t in_features, int64_t w8_max_rows) {
+                                 int64_t in_features, int64_t w8_max_rows,
+                                 std::optional<at::ScalarType> out_dtype) {
   if (x.dim() < 1 || x.size(-1) != in_features || !x.device().is_cpu() ||
       (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
     return at::Tensor();
   at::Tensor x2 = x.reshape({-1, in_features});
   if (x2.size(0) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
   const std::string chosen = scheme == "auto" ? (x2.size(0) <= w8_max_rows ? "w8" : "w8a8") : scheme;
-  return with_leading_dims(x, lowp::bsr_linear_int8_cpu(x2, packed, comp, scale, crow_indices,
-                                                        col_indices, bias, chosen));
+  return with_leading_dims(x, lowp::linear_int8(x2, packed, comp, scale, crow_indices,
+                                                col_indices, bias, chosen, nullptr,
+                                                out_dtype.value_or(x.scalar_type())));
 }
 
 at::Tensor int8_linear_add_norm_inference(
@@ -198,22 +203,24 @@ at::Tensor int8_linear_add_norm_inference(
     const at::Tensor& crow_indices, const at::Tensor& col_indices,
     const std::optional<at::Tensor>& bias, const std::string& scheme, int64_t in_features,
     int64_t w8_max_rows, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& norm_bias, double eps) {
+    const std::optional<at::Tensor>& norm_bias, double eps,
+    std::optional<at::ScalarType> out_dtype) {
   if (x.dim() < 1 || x.size(-1) != in_features || !x.device().is_cpu() ||
       (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
     return at::Tensor();
   if (packed.dim() != 4) return at::Tensor();  // the op's check names the fix
   // the layer itself is checked by linear_int8 before any kernel runs
   const int64_t n = (crow_indices.numel() - 1) * packed.size(2);
-  if (!residual_fits(residual, x, n)) return at::Tensor();
+  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  if (!residual_fits(residual, x, n, out_type)) return at::Tensor();
   at::Tensor x2 = x.reshape({-1, in_features});
   if (x2.size(0) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
   const int64_t rows = x2.size(0);
-  const AddNormArgs a = add_norm_args(residual, weight, norm_bias, eps, rows, n,
-                                      x.scalar_type(), "int8 linear + add_layer_norm");
+  const AddNormArgs a = add_norm_args(residual, weight, norm_bias, eps, rows, n, out_type,
+                                      "int8 linear + add_layer_norm");
   const std::string chosen = scheme == "auto" ? (rows <= w8_max_rows ? "w8" : "w8a8") : scheme;
   return with_leading_dims(x, lowp::linear_int8(x2, packed, comp, scale, crow_indices,
-                                                col_indices, bias, chosen, &a.epilogue));
+                                                col_indices, bias, chosen, &a.epilogue, out_type));
 }
 
 }  // namespace cpu

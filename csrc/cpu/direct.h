@@ -60,13 +60,15 @@ at::Tensor dense_linear_inference(const at::Tensor& x, const at::Tensor& weight,
 // bsr_linear_int8_cpu for x [..., in_features] (float32 or bfloat16) with the blocks packed
 // as QuantizedSparseLinear caches them; scheme "auto" takes w8 up to w8_max_rows rows
 // (sparsekernels.ops.precision.W8_MAX_ROWS, passed in so the rule lives in one place) and
-// w8a8 above. The layer's operands are checked as the op checks them; an undefined tensor
-// comes back for an x the entry does not take.
+// w8a8 above. out_dtype: float32 or bfloat16 (default x's; either for either input). The
+// layer's operands are checked as the op checks them; an undefined tensor comes back for an x
+// the entry does not take.
 at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
                                  const at::Tensor& comp, const at::Tensor& scale,
                                  const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                  const std::optional<at::Tensor>& bias, const std::string& scheme,
-                                 int64_t in_features, int64_t w8_max_rows);
+                                 int64_t in_features, int64_t w8_max_rows,
+                                 std::optional<at::ScalarType> out_dtype);
 
 // The same entries with the epilogue out = layer_norm(out + residual) (a post-norm block's
 // residual add and LayerNorm, on each chunk of rows the kernel finishes): residual has the
@@ -94,7 +96,8 @@ at::Tensor int8_linear_add_norm_inference(
     const at::Tensor& crow_indices, const at::Tensor& col_indices,
     const std::optional<at::Tensor>& bias, const std::string& scheme, int64_t in_features,
     int64_t w8_max_rows, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& norm_bias, double eps);
+    const std::optional<at::Tensor>& norm_bias, double eps,
+    std::optional<at::ScalarType> out_dtype);  // residual in out_dtype (default x's dtype)
 // the int8 fused FFN (w8a8) with the epilogue
 at::Tensor int8_ffn_add_norm_inference(
     const at::Tensor& x, const at::Tensor& packed1, const at::Tensor& comp1,

@@ -16,6 +16,7 @@ from sparsekernels.attention.integration import (
     IMPLEMENTATION,
     SparseAttentionConfig,
     attention_modules,
+    bf16_projections_,
     disable_,
     enable_,
     register,
@@ -40,10 +41,10 @@ from sparsekernels.attention.layouts import (
 
 __all__ = [
     "AttentionMassCollector", "IMPLEMENTATION", "SparseAttentionConfig", "attention_modules",
-    "block_attention_mass", "calibrate_layouts", "causal_layout", "crop", "dense_layout",
-    "density", "disable_", "enable_", "global_window_layout", "grid", "head_mask_layout",
-    "random_layout", "register", "set_fp32_precision_", "sliding_window_layout",
-    "sparsekernels_attention_forward", "topk_layout",
+    "bf16_projections_", "block_attention_mass", "calibrate_layouts", "causal_layout", "crop",
+    "dense_layout", "density", "disable_", "enable_", "global_window_layout", "grid",
+    "head_mask_layout", "random_layout", "register", "set_fp32_precision_",
+    "sliding_window_layout", "sparsekernels_attention_forward", "topk_layout",
 ]
 
 if importlib.util.find_spec("transformers") is not None:

@@ -277,7 +277,8 @@ def set_fp32_precision_(model: torch.nn.Module, precision: str,
                         names: Optional[Sequence[str]] = None) -> list[str]:
     """Set the precision of fp32 products ("ieee" or "bf16", see block_sparse_attention's
     fp32_precision) on the attention modules `enable_` configured (all, or those in `names`,
-    each of which must be one); returns their names. ModelSpeedup's int8 mode sets "bf16"."""
+    each of which must be one); returns their names. ModelSpeedup's int8 mode sets "bf16".
+    "ieee" also gives their int8 projections back the input's dtype (bf16_projections_)."""
     from sparsekernels.ops.block_sparse_attention import FP32_PRECISIONS
 
     if precision.__class__ is not str or precision not in FP32_PRECISIONS:
@@ -291,7 +292,53 @@ def set_fp32_precision_(model: torch.nn.Module, precision: str,
         configured = {n: configured[n] for n in names}
     for module in configured.values():
         getattr(module, _ATTR).fp32_precision = precision
+    if precision == "ieee":
+        for _, projections in _int8_projections(model, set(configured)):
+            for layer in projections.values():
+                layer.set_output_dtype(None)
     return list(configured)
+
+
+def _int8_projections(model: torch.nn.Module, names: set):
+    """(site, {name: QuantizedSparseLinear}) for the attention sites in `names` whose q, k, v
+    and o projections are all int8 layers."""
+    from sparsekernels.arch import find_attention
+    from sparsekernels.nn.quantized_sparse_linear import QuantizedSparseLinear
+
+    for site in find_attention(model):
+        if site.name not in names:
+            continue
+        layers = {n: model.get_submodule(n) for n in (site.q, site.k, site.v, site.o)}
+        if all(type(m) is QuantizedSparseLinear for m in layers.values()):
+            yield site, layers
+
+
+def bf16_projections_(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    """On a float32 model whose attention runs sparsekernels' op with bf16 products
+    (set_fp32_precision_(model, "bf16")), let each attention's int8 projections carry that
+    rounding: q, k and v (QuantizedSparseLinear) write bf16 -- the products would round
+    them to bf16 anyway, so the attention reads half the bytes and writes its output in
+    bf16 -- and o reads the bf16 output and writes float32 (the residual stream's dtype).
+    Left alone: sites whose q / k pass through other float ops before attention (rotary
+    embeddings, query / key norms), decoders and cross-attention (a cache keeps k / v in the
+    model's dtype), attention modules transformers 4.x runs through a patched forward, and
+    sites with any projection not a QuantizedSparseLinear. Returns {projection: out_dtype}."""
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if not floats or floats[0] is not torch.float32:
+        return {}
+    bf16_sites = {n for n, m in model.named_modules()
+                  if getattr(getattr(m, _ATTR, None), "fp32_precision", None) == "bf16"}
+    chosen: dict[str, torch.dtype] = {}
+    for site, layers in _int8_projections(model, bf16_sites):
+        module = model.get_submodule(site.name)
+        if (site.rotary_dims or site.qk_norm or site.cross or getattr(module, "is_causal", False)
+                or not _calls_attention_interface(module)):
+            continue
+        for name in layers:  # (a fused q / k / v module: one name)
+            chosen[name] = torch.float32 if name == site.o else torch.bfloat16
+        for name, layer in layers.items():
+            layer.set_output_dtype(chosen[name])
+    return chosen
 
 
 def disable_(model: torch.nn.Module, attn_implementation: str = "eager") -> torch.nn.Module:

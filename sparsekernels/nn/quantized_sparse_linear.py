@@ -4,11 +4,13 @@
 
 W_q: the stored (bm, bk) blocks in int8, one float32 scale per output channel (symmetric:
 scale = max|w| / 127 over the channel's stored weights). Inputs and outputs stay float32
-or bfloat16. The kernel is chosen per call (sparsekernels.ops.precision.int8_scheme):
-weight-only int8 for a few tokens (decode), int8 x int8 with per-token activation scales
-for more (prefill, encoders). The state_dict holds the int8 `values`, the `scale`s, the
-float32 `bias` and the block index; `.to(dtype)` moves the module but keeps its scales and
-bias in float32 (the int8 values carry no float dtype to change).
+or bfloat16 (`out_dtype` sets the output's: the attention projections of the int8 mode write
+bf16 for attention's bf16 products). The kernel is chosen per call
+(sparsekernels.ops.precision.int8_scheme): weight-only int8 for a few tokens (decode),
+int8 x int8 with per-token activation scales for more (prefill, encoders). The state_dict
+holds the int8 `values`, the `scale`s, the float32 `bias` and the block index; `.to(dtype)`
+moves the module but keeps its scales and bias in float32 (the int8 values carry no float
+dtype to change).
 
 apply_dtype_ is how sparsify_ and ModelSpeedup reach it (dtype="int8"); fuse_ffn_ runs two
 of these as one fused int8 FFN (sparsekernels.ops.bsr_ffn_int8), and three of a gated MLP as
@@ -43,17 +45,22 @@ from sparsekernels.ops.precision import INT8, W8_MAX_ROWS, int8_scheme, parse_dt
 from sparsekernels.ops.reference.bsr_linear_int8 import dequantize_blocks, quantize_blocks
 from sparsekernels.ops.reference.bsr_linear import bsr_to_dense
 
+OUTPUT_DTYPES = (None, torch.float32, torch.bfloat16)
+
 
 class QuantizedSparseLinear(nn.Module):
     """An int8 block-sparse Linear [out_features, in_features] in (bm, bk) blocks.
 
     scheme: "auto" (weight-only up to precision.W8_MAX_ROWS tokens, int8 activations above),
     "w8" or "w8a8". backend: "auto", "cpu" or "reference" (any device, pure torch).
+    out_dtype: None (the input's dtype), torch.float32 or torch.bfloat16 (set_output_dtype;
+    a cast of the module to another float dtype resets it to None).
     Build one with from_sparse_linear / from_linear; to_linear gives the dequantized Linear.
     """
 
     values: torch.Tensor
     scale: torch.Tensor
+    out_dtype: torch.dtype | None = None
 
     def __init__(self, in_features: int, out_features: int, block_size=(32, 32), bias: bool = True,
                  block_mask: torch.Tensor | None = None, scheme: str = "auto",
@@ -81,6 +88,15 @@ class QuantizedSparseLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device)
                              if bias else None)
         self._packed_cache: tuple | None = None
+        self.out_dtype = None
+
+    def set_output_dtype(self, dtype: torch.dtype | None) -> "QuantizedSparseLinear":
+        """The dtype of the outputs: None (the input's), torch.float32 or torch.bfloat16,
+        whatever the input's (the kernels accumulate in fp32 and round once)."""
+        if dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+        self.out_dtype = dtype
+        return self
 
     # -- conversion -----------------------------------------------------------------------
     @classmethod
@@ -166,7 +182,8 @@ class QuantizedSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"block_size={self.block_size}, density={self.density:.3f}, int8, "
-                f"scheme={self.scheme}, bias={self.bias is not None}, backend={self.backend.value}")
+                f"scheme={self.scheme}, bias={self.bias is not None}, backend={self.backend.value}"
+                + (f", out_dtype={self.out_dtype}" if self.out_dtype is not None else ""))
 
     # -- compute --------------------------------------------------------------------------
     def packed(self, x: torch.Tensor) -> tuple:
@@ -217,18 +234,22 @@ class QuantizedSparseLinear(nn.Module):
             packed, comp = self.packed(x) if direct is not None else (None, None)
             if packed is not None:
                 y = direct(x, packed, comp, b["scale"], b["crow_indices"], b["col_indices"],
-                           b["bias"], self.scheme, self.in_features, W8_MAX_ROWS)
+                           b["bias"], self.scheme, self.in_features, W8_MAX_ROWS,
+                           self.out_dtype)
                 if y is not None:
                     return y
         self.check_input(x)
-        return torch.ops.sparsekernels.bsr_linear_int8(x, *self.op_args(x), self.scheme,
-                                                       self.backend.value)
+        y = torch.ops.sparsekernels.bsr_linear_int8(x, *self.op_args(x), self.scheme,
+                                                    self.backend.value)
+        out = self.out_dtype
+        return y if out is None or y.dtype == out else y.to(out)
 
     def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor,
                          norm: nn.LayerNorm) -> torch.Tensor | None:
         """norm(self(x) + residual) in one kernel call, the norm the kernel's epilogue on rows
-        still in cache (eager CPU inference); None where that call does not run (the caller
-        runs the layer, then the norm). The result is the unfused one's, bit for bit."""
+        still in cache (eager CPU inference); None where that call does not run (a residual
+        not in the output's dtype among them: the caller runs the layer, then the norm). The
+        result is the unfused one's, bit for bit."""
         b = self._buffers
         if not (type(x) is torch.Tensor and x.device.type == "cpu"
                 and b["values"].device.type == "cpu"
@@ -240,7 +261,7 @@ class QuantizedSparseLinear(nn.Module):
             return None
         return entry(x, packed, comp, b["scale"], b["crow_indices"], b["col_indices"], b["bias"],
                      self.scheme, self.in_features, W8_MAX_ROWS, residual, norm.weight,
-                     norm.bias, float(norm.eps))
+                     norm.bias, float(norm.eps), self.out_dtype)
 
     def _adopt_layout(self, nnz: int) -> None:
         # a different number of stored blocks (another pruning run): new empty storage
@@ -259,6 +280,7 @@ class QuantizedSparseLinear(nn.Module):
             after = getattr(self, name)
             if after.dtype != torch.float32:  # a dtype cast: only the device follows
                 self._buffers[name] = before.to(after.device)
+                self.out_dtype = None  # the activations follow the cast
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

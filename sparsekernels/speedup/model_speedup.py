@@ -329,7 +329,7 @@ class ModelSpeedup:
         its products of fp32 inputs in bf16 (fp32 softmax and accumulation) on CPUs with
         AVX512-BF16; in int8 measured in the int8 output error like every int8 change."""
         try:
-            from sparsekernels.attention import set_fp32_precision_
+            from sparsekernels.attention import bf16_projections_, set_fp32_precision_
         except ImportError:  # the attention package is optional at this layer
             return
         names = set_fp32_precision_(self.model, "bf16")
@@ -338,6 +338,14 @@ class ModelSpeedup:
         if names:
             self.report.notes.append("attention products of fp32 inputs in bf16 (fp32 softmax "
                                      "and accumulation) where the CPU has AVX512-BF16")
+        # in int8, the projections around such an attention carry its rounding
+        outputs = bf16_projections_(self.model)
+        for name, dtype in outputs.items():
+            self.structure[name].append({"op": "output_dtype",
+                                         "dtype": str(dtype).replace("torch.", "")})
+        if outputs:
+            self.report.notes.append("int8 q / k / v projections write bf16 for attention's bf16 "
+                                     "products (the output projection writes float32)")
 
     def _output(self) -> torch.Tensor | None:
         """The first floating tensor of the model's output on the dummy input (logits, a

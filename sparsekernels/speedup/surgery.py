@@ -323,6 +323,9 @@ _CHANGE_FIELDS: dict[str, dict] = {
     "fuse_ffn": {},
     "quantize_int8": {"scheme": (lambda v: v is None or v in INT8_SCHEMES,
                                  f"absent or one of {', '.join(INT8_SCHEMES)}")},
+    # after its module's quantize_int8
+    "output_dtype": {"dtype": (lambda v: v in ("float32", "bfloat16"),
+                               "float32 or bfloat16")},
     "decode_linear": {},
     "fuse_add_norm": {},
     "rms_norm": {},
@@ -342,6 +345,11 @@ def validate_structure(model: nn.Module, structure) -> None:
                              f"{type(changes).__name__}")
         for change in changes:
             _check_change(model, name, change)
+        # output_dtype sets an attribute of the QuantizedSparseLinear quantize_int8 makes
+        ops = [c["op"] for c in changes]
+        if "output_dtype" in ops and "quantize_int8" not in ops[:ops.index("output_dtype")]:
+            raise ValueError(f"structure entry {name!r} (output_dtype): only an int8 layer "
+                             "takes an output dtype; its quantize_int8 change must come first")
     # attention_precision sets what attention_layout / attention_kernel install (on every
     # attention module at once): it needs one of them
     ops = {c["op"] for changes in structure.values() for c in changes}
@@ -415,6 +423,8 @@ def restore_structure(model: nn.Module, structure: dict[str, list[Change]]) -> N
                 from sparsekernels.nn.quantized_sparse_linear import apply_dtype_
 
                 apply_dtype_(model, "int8", names={name}, scheme=change.get("scheme") or "auto")
+            elif op == "output_dtype":  # after its quantize_int8 (validate_structure checked)
+                module.set_output_dtype(getattr(torch, change["dtype"]))
             elif op == "fuse_ffn":
                 fuse = True
             elif op == "decode_linear":
