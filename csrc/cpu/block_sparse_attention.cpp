@@ -855,11 +855,15 @@ struct ForwardScratch {
   std::vector<QE> Qs;  // the query rows in the products' type (when it is not E)
   std::vector<A> S, O, m, l, alpha;
   std::vector<char> stores;
-  ForwardScratch(int64_t G, int64_t rows, int64_t D, int64_t bk)
-      : Q(G > 1 ? G * rows * D : 0), Kb(D * bk), Vb(Tile::kPacksV ? D * bk : 0),
-        Pb(Tile::kPacksV ? G * rows * bk : 0), Qs(kStagesQ ? G * rows * D : 0),
-        S(G * rows * bk), O(G * rows * D), m(G * rows), l(G * rows), alpha(G * rows),
-        stores(G) {}
+  // slots > 1: the packed K / V blocks of key/value head `owner` (b * Hkv + hk), one slot per
+  // key block, kept for that head's next query blocks (packed[kb]: slot kb holds block kb)
+  int64_t slots, owner = -1;
+  std::vector<char> packed;
+  ForwardScratch(int64_t G, int64_t rows, int64_t D, int64_t bk, int64_t slots)
+      : Q(G > 1 ? G * rows * D : 0), Kb(slots * D * bk),
+        Vb(Tile::kPacksV ? slots * D * bk : 0), Pb(Tile::kPacksV ? G * rows * bk : 0),
+        Qs(kStagesQ ? G * rows * D : 0), S(G * rows * bk), O(G * rows * D), m(G * rows),
+        l(G * rows), alpha(G * rows), stores(G), slots(slots), packed(slots) {}
 };
 
 template <typename Tile>
@@ -888,15 +892,25 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
   std::fill(w.l.begin(), w.l.end(), A(0));
   const E* kbase = P.k + b * P.sk[0] + hk * P.sk[1];
   const E* vbase = P.v + b * P.sv[0] + hk * P.sv[1];
+  const bool keep = w.slots > 1;  // this head's packed blocks outlive the item
+  if (keep && w.owner != b * P.Hkv + hk) {
+    std::fill(w.packed.begin(), w.packed.end(), 0);
+    w.owner = b * P.Hkv + hk;
+  }
   for (int64_t e = e0; e < e1; ++e) {
     const int64_t kb = idx[e], k0 = kb * bk, kr = std::min(bk, P.Lk - k0);
+    E* kbuf = w.Kb.data() + (keep ? kb : 0) * D * bk;
+    E* vbuf = Tile::kPacksV ? w.Vb.data() + (keep ? kb : 0) * D * bk : nullptr;
+    const bool have = keep && w.packed[kb];
     // the next pair's K is asked for once this K is read, its V once this V is: memory
     // works while this pair computes (asking for both before reading this pair stalled)
-    const int64_t n0 = e + 1 < e1 ? static_cast<int64_t>(idx[e + 1]) * bk : -1;
+    const int64_t n0 = e + 1 < e1 && !(keep && w.packed[idx[e + 1]])
+                           ? static_cast<int64_t>(idx[e + 1]) * bk : -1;
     const int64_t nr = n0 >= 0 ? std::min(bk, P.Lk - n0) : 0;
-    Tile::pack_k(kbase + k0 * P.sk[2], P.sk[2], kr, D, bk, w.Kb.data());
+    if (!have) Tile::pack_k(kbase + k0 * P.sk[2], P.sk[2], kr, D, bk, kbuf);
     if (nr) prefetch_rows(kbase + n0 * P.sk[2], P.sk[2], nr, D);
-    Tile::pack_v(vbase + k0 * P.sv[2], P.sv[2], kr, D, bk, w.Vb.data());
+    if (!have) Tile::pack_v(vbase + k0 * P.sv[2], P.sv[2], kr, D, bk, vbuf);
+    if (keep) w.packed[kb] = 1;
     bool all = qr == rows;
     for (int64_t g = 0; g < G; ++g) all &= (w.stores[g] = P.stored(b, hk * G + g, qb, kb)) != 0;
     // no mask, every pair visible by position, a positive scale: scores need no finishing
@@ -908,14 +922,14 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
       E* pbuf = Tile::kPacksV ? w.Pb.data() + off * bk : nullptr;
       if constexpr (Tile::kFusedSoftmax) {
         if (plain) {  // the softmax step on the products' registers, O's rescale in P V's
-          Tile::scores_softmax(Qs + off * ldq, ldq, m_rows, w.Kb.data(), D, bk, P.qk_scale,
+          Tile::scores_softmax(Qs + off * ldq, ldq, m_rows, kbuf, D, bk, P.qk_scale,
                                w.m.data() + off, w.l.data() + off, w.alpha.data() + off, pbuf);
-          Tile::accumulate(nullptr, m_rows, bk, kr, vbase + k0 * P.sv[2], P.sv[2], w.Vb.data(),
+          Tile::accumulate(nullptr, m_rows, bk, kr, vbase + k0 * P.sv[2], P.sv[2], vbuf,
                            pbuf, D, w.alpha.data() + off, w.O.data() + off * D);
           return;
         }
       }
-      Tile::scores(Qs + off * ldq, ldq, m_rows, w.Kb.data(), D, bk, w.S.data() + off * bk);
+      Tile::scores(Qs + off * ldq, ldq, m_rows, kbuf, D, bk, w.S.data() + off * bk);
       if (plain) {  // every score kept as it is: the scale is applied in the softmax pass
         softmax_step<Tile>(w.S.data() + off * bk, m_rows, bk, D, P.qk_scale, w.m.data() + off,
                            w.l.data() + off, w.O.data() + off * D, pbuf);
@@ -926,7 +940,7 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
                            w.l.data() + off, w.O.data() + off * D, pbuf);
       }
       Tile::accumulate(w.S.data() + off * bk, m_rows, bk, kr, vbase + k0 * P.sv[2], P.sv[2],
-                       w.Vb.data(), pbuf, D, nullptr, w.O.data() + off * D);
+                       vbuf, pbuf, D, nullptr, w.O.data() + off * D);
     };
     if (all) {
       run(0, G);
@@ -974,9 +988,13 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
   // with enough of them, a thread takes every query block of a key/value head in a row: the
   // head's K and V blocks come from its own cache after the first query block
   const int64_t chunk = splits == 1 && P.B * P.Hkv >= kItemsPerThread * threads ? P.nq : 1;
+  // and packs each K / V block once for all of them, where a head's blocks fit in L2
+  const int64_t slots =
+      chunk > 1 && P.nq > 1 && 2 * P.nk * D * bk * sizeof(typename Tile::E) <= (256 << 10)
+          ? P.nk : 1;
 #pragma omp parallel num_threads(threads)
   {
-    ForwardScratch<Tile> w(G, rows, D, bk);
+    ForwardScratch<Tile> w(G, rows, D, bk, slots);
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t item = u / splits, part = u % splits;

@@ -930,6 +930,34 @@ def test_cpu_bf16_unmasked_tiles(case):
     check(f32, None, truth32, base, out_reduction=lk if lq == 1 else 1)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp32-bf16-products"])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_cpu_many_heads_query_blocks_in_a_row(dtype, masked):
+    """Enough key/value heads that each thread takes all query blocks of one in a row and
+    packs each K / V block once for them: random layouts (a block one query block stores and
+    another skips), ragged blocks, grouped heads, with and without a mask, against float64."""
+    need("cpu")
+    torch.set_num_threads(2)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    q, k, v = make_qkv(4, 8, 200, 200, 64, dt, kv_heads=4)
+    layout = random_layout(8, 4, 4, 0.6)
+    mask = (torch.rand(4, 1, 1, 200) > 0.2) if masked else None
+    kw = dict(attn_mask=mask, backend="cpu")
+    if dtype == "fp32-bf16-products":
+        if not torch.ops.sparsekernels_C.cpu_has_avx512_bf16():
+            pytest.skip("this CPU has no AVX512-BF16")
+        out = block_sparse_attention(q, k, v, layout, (64, 64), fp32_precision="bf16", **kw)
+        rounded = [t.bfloat16() for t in (q, k, v)]
+        assert torch.equal(out.bfloat16(),
+                           block_sparse_attention(*rounded, layout, (64, 64), **kw))
+        truth, _ = expected(q, k, v, layout, (64, 64), mask)
+        _, base = expected(*rounded, layout, (64, 64), mask)
+    else:
+        out = block_sparse_attention(q, k, v, layout, (64, 64), **kw)
+        truth, base = expected(q, k, v, layout, (64, 64), mask)
+    check(out, None, truth, base)
+
+
 def test_fp32_precision_elsewhere_and_with_gradients():
     """"bf16" changes nothing for other dtypes; a forward that records gradients (the op's
     dispatcher path) gives the same output as plain inference, and its backward, computed in
