@@ -14,7 +14,8 @@ its 32x32 blocks). Variants, timed interleaved in one process (ratios of medians
   kernel_fp32       ModelSpeedup(mode="kernel")                       (fused FFN)
   kernel_bf16       ModelSpeedup(mode="kernel", dtype=torch.bfloat16)  (the model in bf16)
   kernel_int8       ModelSpeedup(mode="kernel", dtype="int8",          (fp32 activations,
-                      attention_fp32_precision="bf16")                  attention products bf16)
+                      attention_fp32_precision="bf16")                  attention products bf16,
+                                                                        q / k / v written bf16)
   kernel_int8_bf16  the same, then model.to(torch.bfloat16): int8 weights, bf16 activations
 Also, for every kernel mode: the share of the forward's time not in a sparse Linear / FFN
 module (attention, whether SDPA or our block-sparse op, norms, adds, embeddings, copies,
