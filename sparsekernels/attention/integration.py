@@ -334,9 +334,8 @@ def bf16_projections_(model: torch.nn.Module) -> dict[str, torch.dtype]:
         if (site.rotary_dims or site.qk_norm or site.cross or getattr(module, "is_causal", False)
                 or not _calls_attention_interface(module)):
             continue
-        for name in layers:  # (a fused q / k / v module: one name)
+        for name, layer in layers.items():  # (a fused q / k / v module: one name)
             chosen[name] = torch.float32 if name == site.o else torch.bfloat16
-        for name, layer in layers.items():
             layer.set_output_dtype(chosen[name])
     return chosen
 
