@@ -532,17 +532,20 @@ SPARSEKERNELS_AVX512BF16 void bf16_scores_softmax_rows(const c10::BFloat16* q, i
   }
 }
 
-template <int BK>
+// bf16_scores_softmax_rows over qr rows and a key block of bk (both bf16 tiles' fused step)
 void bf16_scores_softmax(const c10::BFloat16* q, int64_t ldq, int64_t qr, const uint32_t* kp,
-                         int64_t D, float scale, float* m, float* l, float* alpha,
+                         int64_t D, int64_t bk, float scale, float* m, float* l, float* alpha,
                          c10::BFloat16* p, int64_t ldp) {
-  constexpr int MR = bf16_tile_rows<BK / 16>();
-  for (int64_t r0 = 0; r0 < qr; r0 += MR)
-    dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
-      bf16_scores_softmax_rows<BK, decltype(rows)::value>(q + r0 * ldq, ldq, kp, D, scale,
-                                                          m + r0, l + r0, alpha + r0,
-                                                          p + r0 * ldp, ldp);
-    });
+  dispatch_block(bk, [&](auto w) {
+    constexpr int BK = decltype(w)::value;
+    constexpr int MR = bf16_tile_rows<BK / 16>();
+    for (int64_t r0 = 0; r0 < qr; r0 += MR)
+      dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
+        bf16_scores_softmax_rows<BK, decltype(rows)::value>(q + r0 * ldq, ldq, kp, D, scale,
+                                                            m + r0, l + r0, alpha + r0,
+                                                            p + r0 * ldp, ldp);
+      });
+  }, "attention key block");
 }
 
 // O[R, DV] = O * alpha + P[R, 2 * npairs] V (alpha: one factor per row, or none); pp: P in
@@ -668,10 +671,8 @@ struct Bf16Tile {
   // the scores and their softmax step at once (plain tiles); P to pbuf, rows of bk
   static void scores_softmax(const QE* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D,
                              int64_t bk, A scale, A* m, A* l, A* alpha, E* pbuf) {
-    const auto* kp = reinterpret_cast<const uint32_t*>(kbuf);
-    dispatch_block(bk, [&](auto w) {
-      bf16_scores_softmax<decltype(w)::value>(q, ldq, qr, kp, D, scale, m, l, alpha, pbuf, bk);
-    }, "attention key block");
+    bf16_scores_softmax(q, ldq, qr, reinterpret_cast<const uint32_t*>(kbuf), D, bk, scale, m,
+                        l, alpha, pbuf, bk);
   }
   // P goes to the bf16 buffer P V reads (row r at pout = pbuf + r * bk)
   static A exp_row(A* s, int64_t bk, A shift, A scale, E* pout) {
@@ -737,11 +738,8 @@ struct F32Bf16Tile {
   // P rows of bk floats hold 2 * bk bf16
   static void scores_softmax(const QE* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D,
                              int64_t bk, A scale, A* m, A* l, A* alpha, E* pbuf) {
-    const auto* kp = reinterpret_cast<const uint32_t*>(kbuf);
-    auto* p = reinterpret_cast<c10::BFloat16*>(pbuf);
-    dispatch_block(bk, [&](auto w) {
-      bf16_scores_softmax<decltype(w)::value>(q, ldq, qr, kp, D, scale, m, l, alpha, p, 2 * bk);
-    }, "attention key block");
+    bf16_scores_softmax(q, ldq, qr, reinterpret_cast<const uint32_t*>(kbuf), D, bk, scale, m,
+                        l, alpha, reinterpret_cast<c10::BFloat16*>(pbuf), 2 * bk);
   }
   static A exp_row(A* s, int64_t bk, A shift, A scale, E* pout) {
     return bf16_exp_row(s, bk, shift, scale, reinterpret_cast<c10::BFloat16*>(pout));
@@ -855,15 +853,15 @@ struct ForwardScratch {
   std::vector<QE> Qs;  // the query rows in the products' type (when it is not E)
   std::vector<A> S, O, m, l, alpha;
   std::vector<char> stores;
-  // slots > 1: the packed K / V blocks of key/value head `owner` (b * Hkv + hk), one slot per
-  // key block, kept for that head's next query blocks (packed[kb]: slot kb holds block kb)
-  int64_t slots, owner = -1;
+  // more than one slot: the packed K / V blocks of key/value head `owner` (b * Hkv + hk), one
+  // slot per key block, kept for that head's next query blocks (packed[kb]: slot kb holds kb)
   std::vector<char> packed;
+  int64_t owner = -1;
   ForwardScratch(int64_t G, int64_t rows, int64_t D, int64_t bk, int64_t slots)
       : Q(G > 1 ? G * rows * D : 0), Kb(slots * D * bk),
         Vb(Tile::kPacksV ? slots * D * bk : 0), Pb(Tile::kPacksV ? G * rows * bk : 0),
         Qs(kStagesQ ? G * rows * D : 0), S(G * rows * bk), O(G * rows * D), m(G * rows),
-        l(G * rows), alpha(G * rows), stores(G), slots(slots), packed(slots) {}
+        l(G * rows), alpha(Tile::kFusedSoftmax ? G * rows : 0), stores(G), packed(slots) {}
 };
 
 template <typename Tile>
@@ -892,7 +890,7 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
   std::fill(w.l.begin(), w.l.end(), A(0));
   const E* kbase = P.k + b * P.sk[0] + hk * P.sk[1];
   const E* vbase = P.v + b * P.sv[0] + hk * P.sv[1];
-  const bool keep = w.slots > 1;  // this head's packed blocks outlive the item
+  const bool keep = w.packed.size() > 1;  // this head's packed blocks outlive the item
   if (keep && w.owner != b * P.Hkv + hk) {
     std::fill(w.packed.begin(), w.packed.end(), 0);
     w.owner = b * P.Hkv + hk;

@@ -323,8 +323,8 @@ def bf16_projections_(model: torch.nn.Module) -> dict[str, torch.dtype]:
     embeddings, query / key norms), decoders and cross-attention (a cache keeps k / v in the
     model's dtype), attention modules transformers 4.x runs through a patched forward, and
     sites with any projection not a QuantizedSparseLinear. Returns {projection: out_dtype}."""
-    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    if not floats or floats[0] is not torch.float32:
+    if next((p.dtype for p in model.parameters() if p.is_floating_point()),
+            None) is not torch.float32:
         return {}
     bf16_sites = {n for n, m in model.named_modules()
                   if getattr(getattr(m, _ATTR, None), "fp32_precision", None) == "bf16"}
