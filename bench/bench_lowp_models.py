@@ -17,6 +17,8 @@ its 32x32 blocks). Variants, timed interleaved in one process (ratios of medians
                       attention_fp32_precision="bf16")                  attention products bf16,
                                                                         q / k / v written bf16)
   kernel_int8_bf16  the same, then model.to(torch.bfloat16): int8 weights, bf16 activations
+  kernel_int8_qk8   kernel_int8 with attention_fp32_precision="int8": q k^T in int8 (per-row
+                      scales), P V in bf16
 Also, for every kernel mode: the share of the forward's time not in a sparse Linear / FFN
 module (attention, whether SDPA or our block-sparse op, norms, adds, embeddings, copies,
 Python), timed by hooks on the sparse modules against unhooked forwards (and against the
@@ -246,7 +248,9 @@ def variants_for(base, dummy, masks, extras):
                                ("kernel_bf16", {"dtype": torch.bfloat16}, None),
                                ("kernel_int8", {"dtype": "int8",
                                                 "attention_fp32_precision": "bf16"}, None),
-                               ("kernel_int8_bf16", {"dtype": "int8"}, torch.bfloat16)):
+                               ("kernel_int8_bf16", {"dtype": "int8"}, torch.bfloat16),
+                               ("kernel_int8_qk8", {"dtype": "int8",
+                                                    "attention_fp32_precision": "int8"}, None)):
         m = copy.deepcopy(base)
         ModelSpeedup(m, dummy, masks, mode="kernel", block_size=(32, 32), **kwargs).speedup_model()
         if cast is not None:
@@ -310,13 +314,15 @@ def main(argv=None) -> int:
                   "int8_bf16": non_sparse_share(models["kernel_int8_bf16"], dummy, reps)}
         # the float kernel modes too: the share asked of "kernel mode" in each dtype
         shares.update({name: non_sparse_share(models[f"kernel_{name}"], dummy, reps,
-                                              profiled=False) for name in ("fp32", "bf16")})
+                                              profiled=False)
+                       for name in ("fp32", "bf16", "int8_qk8")})
         row = {"model": "bert-base", "batch": batch, "seq": seq, "sparsity": s}
         for name in ("dense_fp32", "dense_bf16", "dense_dynint8", "openvino", "ort_fp32",
-                     "kernel_fp32", "kernel_bf16", "kernel_int8", "kernel_int8_bf16"):
+                     "kernel_fp32", "kernel_bf16", "kernel_int8", "kernel_int8_bf16",
+                     "kernel_int8_qk8"):
             row[f"{name}_ms"] = t[name] * 1e3 if name in t else float("nan")
         nan = float("nan")
-        for name in ("kernel_int8", "kernel_int8_bf16"):
+        for name in ("kernel_int8", "kernel_int8_bf16", "kernel_int8_qk8"):
             row[f"{name}_vs_dense"] = t["dense_fp32"] / t[name]
             row[f"{name}_vs_dynint8"] = t["dense_dynint8"] / t[name]
             row[f"{name}_vs_openvino"] = t["openvino"] / t[name] if "openvino" in t else nan
@@ -324,13 +330,14 @@ def main(argv=None) -> int:
         row["kernel_bf16_vs_kernel_fp32"] = t["kernel_fp32"] / t["kernel_bf16"]
         row["dynint8_vs_dense"] = t["dense_fp32"] / t["dense_dynint8"]
         row["openvino_vs_dense"] = t["dense_fp32"] / t["openvino"] if "openvino" in t else nan
-        for name in ("fp32", "bf16", "int8", "int8_bf16"):
+        for name in ("fp32", "bf16", "int8", "int8_bf16", "int8_qk8"):
             row[f"{name}_non_sparse_share"] = shares[name][0]
-        for name in ("fp32", "bf16", "int8", "int8_bf16"):
+        for name in ("fp32", "bf16", "int8", "int8_bf16", "int8_qk8"):
             row[f"{name}_non_sparse_share_hooked"] = shares[name][1]
         for name in ("int8", "int8_bf16"):
             row[f"{name}_non_sparse_share_profiled"] = shares[name][2]
-        for name in ("kernel_bf16", "kernel_int8", "kernel_int8_bf16", "dense_dynint8"):
+        for name in ("kernel_bf16", "kernel_int8", "kernel_int8_bf16", "kernel_int8_qk8",
+                     "dense_dynint8"):
             row[f"{name}_rel_err"] = errors[name]
         rows.append(row)
         notes.append(f"- sparsity {s}: time outside sparse ops, kernel_int8: "

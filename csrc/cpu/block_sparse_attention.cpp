@@ -417,6 +417,7 @@ struct FloatTile {
   using QE = T;  // the query rows as the products read them
   static constexpr bool kPacksV = false;
   static constexpr bool kFusedSoftmax = false;
+  static constexpr int64_t kQRowExtra = 0;  // a staged query row's length past D
   static const QE* stage_q(const E* q, int64_t&, int64_t, int64_t, QE*) { return q; }
   static void pack_k(const E* k, int64_t ld, int64_t kr, int64_t D, int64_t bk, E* buf) {
     pack_transposed(k, ld, kr, D, bk, buf);
@@ -498,28 +499,25 @@ void bf16_scores(const c10::BFloat16* q, int64_t ldq, int64_t qr, const uint32_t
     });
 }
 
-// The scores of R rows and their online-softmax step on the registers, for a tile whose
-// scores are all kept (no mask, every key visible, scale > 0): no pass over a stored S. The
-// tile's probabilities 2^(s * scale - max) go to p (bf16, row r at p + r * ldp); the running
-// max m and sum l are updated, and alpha[r] is the factor O's row must be rescaled by (0 when
-// nothing was kept yet, 1 when the max did not change), applied by bf16_pv_rows.
+// The online-softmax step of R rows of a tile whose scores are all kept (no mask, every key
+// visible, scale > 0), on the product's registers: no pass over a stored S. acc holds the
+// scores; row r's are multiplied by scale[r] (log2 units). The tile's probabilities
+// 2^(s * scale - max) go to p (bf16, row r at p + r * ldp); the running max m and sum l are
+// updated, and alpha[r] is the factor O's row must be rescaled by (0 when nothing was kept
+// yet, 1 when the max did not change), applied by bf16_pv_rows.
 template <int BK, int R>
-SPARSEKERNELS_AVX512BF16 void bf16_scores_softmax_rows(const c10::BFloat16* q, int64_t ldq,
-                                                       const uint32_t* kp, int64_t D,
-                                                       float scale, float* m, float* l,
+SPARSEKERNELS_AVX512BF16 inline void softmax_registers(const __m512 (&acc)[R][BK / 16],
+                                                       const float* scale, float* m, float* l,
                                                        float* alpha, c10::BFloat16* p,
                                                        int64_t ldp) {
   constexpr int NV = BK / 16;
-  __m512 acc[R][NV];
-  bf16_qk<BK, R>(q, ldq, kp, D, acc);
-  const __m512 vscale = _mm512_set1_ps(scale);
   for (int r = 0; r < R; ++r) {
     __m512 mx = acc[r][0];
     for (int j = 1; j < NV; ++j) mx = _mm512_max_ps(mx, acc[r][j]);
-    const float old = m[r], now = std::max(old, hmax((Vec<float>::type)mx) * scale);
+    const float old = m[r], now = std::max(old, hmax((Vec<float>::type)mx) * scale[r]);
     const float shift = std::isinf(now) ? 0.f : now;
     alpha[r] = std::isinf(old) ? 0.f : old == now ? 1.f : std::exp2(old - shift);
-    const __m512 vshift = _mm512_set1_ps(shift);
+    const __m512 vscale = _mm512_set1_ps(scale[r]), vshift = _mm512_set1_ps(shift);
     __m512 sum = _mm512_setzero_ps();
     for (int j = 0; j < NV; ++j) {
       const __m512 e =
@@ -532,20 +530,40 @@ SPARSEKERNELS_AVX512BF16 void bf16_scores_softmax_rows(const c10::BFloat16* q, i
   }
 }
 
+// The scores of R rows and their softmax step (softmax_registers, one scale for all rows)
+template <int BK, int R>
+SPARSEKERNELS_AVX512BF16 void bf16_scores_softmax_rows(const c10::BFloat16* q, int64_t ldq,
+                                                       const uint32_t* kp, int64_t D,
+                                                       float scale, float* m, float* l,
+                                                       float* alpha, c10::BFloat16* p,
+                                                       int64_t ldp) {
+  __m512 acc[R][BK / 16];
+  bf16_qk<BK, R>(q, ldq, kp, D, acc);
+  float scales[R];
+  for (int r = 0; r < R; ++r) scales[r] = scale;
+  softmax_registers<BK, R>(acc, scales, m, l, alpha, p, ldp);
+}
+
+// f(BK, R, r0) (BK, R as std::integral_constant) over the row tiles of qr rows, for a key
+// block of bk: the register tiles of the fused step and of the int8 scores.
+template <typename F>
+void over_row_tiles(int64_t bk, int64_t qr, F&& f) {
+  dispatch_block(bk, [&](auto w) {
+    constexpr int MR = bf16_tile_rows<decltype(w)::value / 16>();
+    for (int64_t r0 = 0; r0 < qr; r0 += MR)
+      dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)),
+                        [&](auto rows) { f(w, rows, r0); });
+  }, "attention key block");
+}
+
 // bf16_scores_softmax_rows over qr rows and a key block of bk (both bf16 tiles' fused step)
 void bf16_scores_softmax(const c10::BFloat16* q, int64_t ldq, int64_t qr, const uint32_t* kp,
                          int64_t D, int64_t bk, float scale, float* m, float* l, float* alpha,
                          c10::BFloat16* p, int64_t ldp) {
-  dispatch_block(bk, [&](auto w) {
-    constexpr int BK = decltype(w)::value;
-    constexpr int MR = bf16_tile_rows<BK / 16>();
-    for (int64_t r0 = 0; r0 < qr; r0 += MR)
-      dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
-        bf16_scores_softmax_rows<BK, decltype(rows)::value>(q + r0 * ldq, ldq, kp, D, scale,
-                                                            m + r0, l + r0, alpha + r0,
-                                                            p + r0 * ldp, ldp);
-      });
-  }, "attention key block");
+  over_row_tiles(bk, qr, [&](auto w, auto rows, int64_t r0) {
+    bf16_scores_softmax_rows<decltype(w)::value, decltype(rows)::value>(
+        q + r0 * ldq, ldq, kp, D, scale, m + r0, l + r0, alpha + r0, p + r0 * ldp, ldp);
+  });
 }
 
 // O[R, DV] = O * alpha + P[R, 2 * npairs] V (alpha: one factor per row, or none); pp: P in
@@ -655,6 +673,7 @@ struct Bf16Tile {
   using QE = c10::BFloat16;
   static constexpr bool kPacksV = true;
   static constexpr bool kFusedSoftmax = true;
+  static constexpr int64_t kQRowExtra = 0;
   static const QE* stage_q(const E* q, int64_t&, int64_t, int64_t, QE*) { return q; }
   static void pack_k(const E* k, int64_t ld, int64_t kr, int64_t D, int64_t bk, E* buf) {
     bf16_pack_k(k, ld, kr, D, bk, reinterpret_cast<uint32_t*>(buf));
@@ -712,6 +731,7 @@ struct F32Bf16Tile {
   using QE = c10::BFloat16;
   static constexpr bool kPacksV = true;
   static constexpr bool kFusedSoftmax = true;
+  static constexpr int64_t kQRowExtra = 0;
   // the item's query rows rounded to bf16 into buf (rows of D)
   static const QE* stage_q(const E* q, int64_t& ldq, int64_t rows, int64_t D, QE* buf) {
     bf16_round_rows(q, ldq, rows, D, buf, D);
@@ -756,6 +776,217 @@ struct F32Bf16Tile {
     FloatTile<float>::store_row(o, inv, D, dst);
   }
 };
+// --- Q K^T in int8 -----------------------------------------------------------------------------
+// SageAttention's split for the CPU: the query and key rows quantized to int8 on the fly, each
+// with its own scale (max |x| / 127, round to nearest even), Q K^T on VNNI (four int8 products
+// per 32-bit lane, twice VDPBF16PS's rate), the softmax and P V as the bf16 tiles run them.
+// VPDPBUSD multiplies unsigned by signed bytes: a query row is stored as q + 128 (u8) and
+// 128 * sum(k) is taken off each key's sum, exactly, in int32.
+#define SPARSEKERNELS_AVX512VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni")))
+
+template <typename E>
+SPARSEKERNELS_AVX512VNNI inline __m512 load16_ps(const E* x) {
+  if constexpr (std::is_same<E, float>::value) {
+    return _mm512_loadu_ps(x);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// Rows of D (a multiple of 16) values to int8: row r's out[d] = round(x[d] / scale) (+ 128
+// with `offset`; rows ldo bytes apart), scale[r] = max |x| / 127 (0 for a zero row, nan for
+// a row with an inf or nan: its scores are nan), sum[r] (when given) the signed values' sum.
+// All maxima first: the rows' loads (the projections left them in L3) overlap.
+template <typename E>
+SPARSEKERNELS_AVX512VNNI void quantize_rows_i8(const E* x, int64_t ld, int64_t rows, int64_t D,
+                                               bool offset, uint8_t* out, int64_t ldo,
+                                               float* scale, int32_t* sum) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r + 8 < rows)
+      for (int64_t d = 0; d < D; d += 64 / int64_t(sizeof(E)))
+        __builtin_prefetch(x + (r + 8) * ld + d, 0, 3);
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16)
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(load16_ps(x + r * ld + d)));
+    scale[r] = _mm512_reduce_max_ps(mx);
+  }
+  const __m128i flip = _mm_set1_epi8(offset ? char(0x80) : 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float amax = scale[r];
+    uint8_t* o = out + r * ldo;
+    if (!std::isfinite(amax)) {
+      std::fill(o, o + D, uint8_t(offset ? 128 : 0));
+      if (sum) sum[r] = 0;
+      scale[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16_ps(x + r * ld + d), inv));
+      total = _mm512_add_epi32(total, v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + d),
+                       _mm_xor_si128(_mm512_cvtsepi32_epi8(v), flip));
+    }
+    if (sum) sum[r] = _mm512_reduce_add_epi32(total);
+    scale[r] = amax / 127.f;
+  }
+}
+
+// A packed int8 key block: [D/4][bk] 32-bit units (four consecutive int8 of one key along D),
+// then bk scales (fp32) and bk corrections 128 * sum(k) (int32); D * bk + 8 * bk bytes.
+struct Int8KeyBlock {
+  const int32_t* kp;
+  const float* scale;
+  const int32_t* corr;
+  Int8KeyBlock(const void* buf, int64_t D, int64_t bk)
+      : kp(static_cast<const int32_t*>(buf)),
+        scale(reinterpret_cast<const float*>(static_cast<const char*>(buf) + D * bk)),
+        corr(reinterpret_cast<const int32_t*>(static_cast<const char*>(buf) + D * bk + 4 * bk)) {}
+};
+
+template <typename E>
+SPARSEKERNELS_AVX512VNNI void int8_pack_k(const E* k, int64_t ld, int64_t kr, int64_t D,
+                                          int64_t bk, void* buf) {
+  auto* kp = static_cast<int32_t*>(buf);
+  auto* scale = reinterpret_cast<float*>(static_cast<char*>(buf) + D * bk);
+  auto* corr = reinterpret_cast<int32_t*>(static_cast<char*>(buf) + D * bk + 4 * bk);
+  alignas(64) uint8_t rows[128 * 256];  // kr <= 128 rows of D <= 256
+  quantize_rows_i8(k, ld, kr, D, false, rows, D, scale, nullptr);
+  for (int64_t j = kr; j < bk; ++j) scale[j] = 0.f;
+  const int64_t units = D / 4;
+  if (units % 16 == 0) {  // rows of whole 16-unit vectors: transposed in registers
+    transpose32(reinterpret_cast<const uint32_t*>(rows), units, kr, units, bk,
+                reinterpret_cast<uint32_t*>(kp));
+  } else {
+    for (int64_t j = 0; j < bk; ++j)
+      for (int64_t u = 0; u < units; ++u)
+        if (j < kr) std::memcpy(kp + u * bk + j, rows + j * D + 4 * u, 4);
+        else kp[u * bk + j] = 0;
+  }
+  // 128 * sum(k) per key, by the same dot product the scores use: 128 (u8) times k
+  const __m512i ones = _mm512_set1_epi8(char(0x80));
+  for (int64_t j = 0; j < bk; j += 16) {
+    __m512i c = _mm512_setzero_si512();
+    for (int64_t u = 0; u < units; ++u)
+      c = _mm512_dpbusd_epi32(c, ones, _mm512_loadu_si512(kp + u * bk + j));
+    _mm512_storeu_si512(corr + j, c);
+  }
+}
+
+// acc[R][BK/16] = (Q[R, D] K^T) / qs as fp32 (qs[r]: query row r's scale): q rows of D bytes
+// (q + 128) followed by the row's scale (fp32), ldq bytes apart.
+template <int BK, int R>
+SPARSEKERNELS_AVX512VNNI inline void int8_qk(const uint8_t* q, int64_t ldq, const Int8KeyBlock& K,
+                                             int64_t D, __m512 (&acc)[R][BK / 16],
+                                             float (&qs)[R]) {
+  constexpr int NV = BK / 16;
+  VInt ai[R][NV];  // (an __m512i array stayed in memory: GCC spilled it every step)
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) ai[r][j] = VInt{};
+  const int32_t* kp = K.kp;
+  for (int64_t u = 0; u < D / 4; ++u) {
+    __m512i b[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) b[j] = _mm512_loadu_si512(kp + u * BK + j * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t a4;
+      std::memcpy(&a4, q + r * ldq + 4 * u, 4);
+      const __m512i a = _mm512_set1_epi32(a4);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j)
+        ai[r][j] = (VInt)_mm512_dpbusd_epi32((__m512i)ai[r][j], a, b[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(&qs[r], q + r * ldq + D, 4);
+    for (int j = 0; j < NV; ++j) {
+      const __m512i corr = _mm512_loadu_si512(K.corr + j * 16);
+      const __m512i exact = _mm512_sub_epi32((__m512i)ai[r][j], corr);
+      acc[r][j] = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_loadu_ps(K.scale + j * 16));
+    }
+  }
+}
+
+template <int BK, int R>
+SPARSEKERNELS_AVX512VNNI void int8_scores_rows(const uint8_t* q, int64_t ldq,
+                                               const Int8KeyBlock& K, int64_t D, float* S) {
+  __m512 acc[R][BK / 16];
+  float qs[R];
+  int8_qk<BK, R>(q, ldq, K, D, acc, qs);
+  // a query row with an inf or nan (scale nan): scores of +inf, which the softmax turns into
+  // a nan row as it does for such a row's products in the other tiles
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < BK / 16; ++j)
+      _mm512_storeu_ps(S + r * BK + j * 16,
+                       std::isnan(qs[r]) ? _mm512_set1_ps(std::numeric_limits<float>::infinity())
+                                         : _mm512_mul_ps(acc[r][j], _mm512_set1_ps(qs[r])));
+}
+
+template <int BK, int R>
+SPARSEKERNELS_AVX512VNNI void int8_scores_softmax_rows(const uint8_t* q, int64_t ldq,
+                                                       const Int8KeyBlock& K, int64_t D,
+                                                       float scale, float* m, float* l,
+                                                       float* alpha, c10::BFloat16* p,
+                                                       int64_t ldp) {
+  __m512 acc[R][BK / 16];
+  float scales[R];
+  int8_qk<BK, R>(q, ldq, K, D, acc, scales);
+  for (int r = 0; r < R; ++r) scales[r] *= scale;
+  softmax_registers<BK, R>(acc, scales, m, l, alpha, p, ldp);
+  // a query row with an inf or nan (scale nan): its statistics and O turn nan, so does its
+  // output (the max and exp2 above would drop the nan scores)
+  for (int r = 0; r < R; ++r)
+    if (std::isnan(scales[r])) m[r] = l[r] = alpha[r] = std::numeric_limits<float>::quiet_NaN();
+}
+
+// Q K^T in int8, then the base tile (Bf16Tile for bf16 inputs, F32Bf16Tile for fp32 ones) for
+// the softmax, P V and the output. Needs D % 16 == 0 (the packed block fits the base's K
+// buffer: D * bk * sizeof(E) >= D * bk + 8 * bk bytes).
+template <typename Base>
+struct Int8QkTile : Base {
+  using E = typename Base::E;
+  using A = float;
+  using QE = uint8_t;
+  static constexpr bool kFusedSoftmax = true;
+  static constexpr int64_t kQRowExtra = 4;  // a staged query row: D bytes, then its scale
+  static constexpr int64_t kMaxRows = 128;
+  static const QE* stage_q(const E* q, int64_t& ldq, int64_t rows, int64_t D, QE* buf) {
+    float scale[kMaxRows];
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+      const int64_t n = std::min(kMaxRows, rows - r0);
+      quantize_rows_i8(q + r0 * ldq, ldq, n, D, true, buf + r0 * (D + 4), D + 4, scale, nullptr);
+      for (int64_t r = 0; r < n; ++r) std::memcpy(buf + (r0 + r) * (D + 4) + D, &scale[r], 4);
+    }
+    ldq = D + 4;
+    return buf;
+  }
+  static void pack_k(const E* k, int64_t ld, int64_t kr, int64_t D, int64_t bk, E* buf) {
+    int8_pack_k(k, ld, kr, D, bk, buf);
+  }
+  static void scores(const QE* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D, int64_t bk,
+                     A* S) {
+    const Int8KeyBlock K(kbuf, D, bk);
+    over_row_tiles(bk, qr, [&](auto w, auto rows, int64_t r0) {
+      int8_scores_rows<decltype(w)::value, decltype(rows)::value>(q + r0 * ldq, ldq, K, D,
+                                                                  S + r0 * bk);
+    });
+  }
+  // P rows of bk E units: bk * sizeof(E) / 2 bf16 apart
+  static void scores_softmax(const QE* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D,
+                             int64_t bk, A scale, A* m, A* l, A* alpha, E* pbuf) {
+    const Int8KeyBlock K(kbuf, D, bk);
+    const int64_t ldp = bk * static_cast<int64_t>(sizeof(E)) / 2;
+    auto* p = reinterpret_cast<c10::BFloat16*>(pbuf);
+    over_row_tiles(bk, qr, [&](auto w, auto rows, int64_t r0) {
+      int8_scores_softmax_rows<decltype(w)::value, decltype(rows)::value>(
+          q + r0 * ldq, ldq, K, D, scale, m + r0, l + r0, alpha + r0, p + r0 * ldp, ldp);
+    });
+  }
+};
 #endif  // SPARSEKERNELS_BF16_DOT
 
 bool cpu_has_bf16_dot() {
@@ -763,6 +994,15 @@ bool cpu_has_bf16_dot() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") &&
                          __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_int8_dot() {
+#ifdef SPARSEKERNELS_BF16_DOT
+  static const bool ok = cpu_has_bf16_dot() && __builtin_cpu_supports("avx512vnni");
   return ok;
 #else
   return false;
@@ -850,7 +1090,7 @@ struct ForwardScratch {
   using QE = typename Tile::QE;
   static constexpr bool kStagesQ = !std::is_same<E, QE>::value;
   std::vector<E> Q, Kb, Vb, Pb;
-  std::vector<QE> Qs;  // the query rows in the products' type (when it is not E)
+  std::vector<QE> Qs;  // the query rows as the products read them (when not E)
   std::vector<A> S, O, m, l, alpha;
   std::vector<char> stores;
   // more than one slot: the packed K / V blocks of key/value head `owner` (b * Hkv + hk), one
@@ -860,7 +1100,8 @@ struct ForwardScratch {
   ForwardScratch(int64_t G, int64_t rows, int64_t D, int64_t bk, int64_t slots)
       : Q(G > 1 ? G * rows * D : 0), Kb(slots * D * bk),
         Vb(Tile::kPacksV ? slots * D * bk : 0), Pb(Tile::kPacksV ? G * rows * bk : 0),
-        Qs(kStagesQ ? G * rows * D : 0), S(G * rows * bk), O(G * rows * D), m(G * rows),
+        Qs(kStagesQ ? G * rows * (D + Tile::kQRowExtra) : 0), S(G * rows * bk),
+        O(G * rows * D), m(G * rows),
         l(G * rows), alpha(Tile::kFusedSoftmax ? G * rows : 0), stores(G), packed(slots) {}
 };
 
@@ -1275,19 +1516,24 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // allow_bf16_dot: bf16 inputs run on AVX512-BF16 dot products when this CPU has them; false
 // (or a CPU without them) converts them to fp32 first. bf16_products: fp32 inputs run both
 // products in bf16 (fp32 accumulation, softmax and output) when this CPU has the dot
-// products; elsewhere, and for other dtypes, it changes nothing.
+// products; elsewhere, and for other dtypes, it changes nothing. int8_qk: fp32 and bf16
+// inputs run Q K^T in int8 (Int8QkTile) and P V in bf16 where the CPU has AVX512-VNNI and
+// -BF16 and D is a multiple of 16 up to 256; elsewhere it is bf16_products.
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& layout_in, const std::optional<at::Tensor>& mask, bool causal,
     int64_t window, double scale, int64_t block_q, int64_t block_k, bool allow_bf16_dot,
-    bool need_stats, bool bf16_products) {
+    bool need_stats, bool bf16_products, bool int8_qk) {
   check_inputs(q_in, k_in, v_in, window, block_q, block_k);
   const bool bf16_dot =
       allow_bf16_dot && q_in.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot();
   // fp32 inputs with bf16 products: only where the CPU multiplies bf16 (else plain fp32,
   // which is faster than rounding for the fp32 products)
-  const bool f32_bf16 =
-      bf16_products && q_in.scalar_type() == at::kFloat && cpu_has_bf16_dot();
+  const bool f32_bf16 = (bf16_products || int8_qk) && q_in.scalar_type() == at::kFloat &&
+                        cpu_has_bf16_dot();
+  const int64_t D = q_in.size(3);
+  const bool int8 = int8_qk && (bf16_dot || f32_bf16) && D % 16 == 0 && D <= 256 &&
+                    cpu_has_int8_dot();
   const auto ct = bf16_dot ? at::kBFloat16 : compute_type(q_in.scalar_type());
   const auto acc = ct == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor q = rows(q_in, ct), k = rows(k_in, ct), v = rows(v_in, ct);
@@ -1315,7 +1561,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
                     need_stats ? stats.data_ptr<A>() : nullptr);
     };
 #ifdef SPARSEKERNELS_BF16_DOT
-    if (bf16_dot) run(Bf16Tile{});
+    if (bf16_dot && int8) run(Int8QkTile<Bf16Tile>{});
+    else if (bf16_dot) run(Bf16Tile{});
+    else if (f32_bf16 && int8) run(Int8QkTile<F32Bf16Tile>{});
     else if (f32_bf16) run(F32Bf16Tile{});
     else
 #endif
@@ -1375,6 +1623,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attentio
 }
 
 bool cpu_has_avx512_bf16() { return cpu_has_bf16_dot(); }
+bool cpu_has_avx512_vnni_bf16() { return cpu_has_int8_dot(); }
 
 }  // namespace
 
@@ -1382,7 +1631,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   m.def(
       "block_sparse_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor layout, Tensor? mask, "
       "bool causal, int window, float scale, int block_q, int block_k, bool allow_bf16_dot, "
-      "bool need_stats=True, bool bf16_products=False) -> (Tensor, Tensor)",
+      "bool need_stats=True, bool bf16_products=False, bool int8_qk=False) -> (Tensor, Tensor)",
       &block_sparse_attention_cpu);
   m.def(
       "block_sparse_attention_backward_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
@@ -1392,6 +1641,8 @@ TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
       &block_sparse_attention_backward_cpu);
   // whether the CPU kernels can use AVX512-BF16 dot products here (tests, benchmarks)
   m.def("cpu_has_avx512_bf16() -> bool", &cpu_has_avx512_bf16);
+  // and int8 dot products (VNNI) beside them: fp32_precision "int8" runs Q K^T in int8
+  m.def("cpu_has_avx512_vnni_bf16() -> bool", &cpu_has_avx512_vnni_bf16);
 }
 
 }  // namespace cpu

@@ -275,9 +275,10 @@ def enable_(model: torch.nn.Module, layouts: LayoutsArg = None, block_size=(64, 
 
 def set_fp32_precision_(model: torch.nn.Module, precision: str,
                         names: Optional[Sequence[str]] = None) -> list[str]:
-    """Set the precision of fp32 products ("ieee" or "bf16", see block_sparse_attention's
-    fp32_precision) on the attention modules `enable_` configured (all, or those in `names`,
-    each of which must be one); returns their names. ModelSpeedup's int8 mode sets "bf16".
+    """Set the precision of fp32 products ("ieee", "bf16" or "int8", see
+    block_sparse_attention's fp32_precision) on the attention modules `enable_` configured
+    (all, or those in `names`, each of which must be one); returns their names. ModelSpeedup
+    sets its attention_fp32_precision.
     "ieee" also gives their int8 projections back the input's dtype (bf16_projections_)."""
     from sparsekernels.ops.block_sparse_attention import FP32_PRECISIONS
 
@@ -314,8 +315,9 @@ def _int8_projections(model: torch.nn.Module, names: set):
 
 
 def bf16_projections_(model: torch.nn.Module) -> dict[str, torch.dtype]:
-    """On a float32 model whose attention runs sparsekernels' op with bf16 products
-    (set_fp32_precision_(model, "bf16")), let each attention's int8 projections carry that
+    """On a float32 model whose attention runs sparsekernels' op with bf16 or int8 products
+    (set_fp32_precision_(model, "bf16" / "int8")), let each attention's int8 projections carry
+    that
     rounding: q, k and v (QuantizedSparseLinear) write bf16 -- the products would round
     them to bf16 anyway, so the attention reads half the bytes and writes its output in
     bf16 -- and o reads the bf16 output and writes float32 (the residual stream's dtype).
@@ -323,11 +325,13 @@ def bf16_projections_(model: torch.nn.Module) -> dict[str, torch.dtype]:
     embeddings, query / key norms), decoders and cross-attention (a cache keeps k / v in the
     model's dtype), attention modules transformers 4.x runs through a patched forward, and
     sites with any projection not a QuantizedSparseLinear. Returns {projection: out_dtype}."""
+    from sparsekernels.ops.block_sparse_attention import LOW_PRECISIONS
+
     if next((p.dtype for p in model.parameters() if p.is_floating_point()),
             None) is not torch.float32:
         return {}
     bf16_sites = {n for n, m in model.named_modules()
-                  if getattr(getattr(m, _ATTR, None), "fp32_precision", None) == "bf16"}
+                  if getattr(getattr(m, _ATTR, None), "fp32_precision", None) in LOW_PRECISIONS}
     chosen: dict[str, torch.dtype] = {}
     for site, layers in _int8_projections(model, bf16_sites):
         module = model.get_submodule(site.name)

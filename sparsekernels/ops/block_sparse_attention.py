@@ -32,7 +32,9 @@ from sparsekernels.ops.reference import block_sparse_attention as ref
 from sparsekernels.ops.router import DECODE_MAX_QUERIES, route
 
 OP = "block_sparse_attention"
-FP32_PRECISIONS = ("ieee", "bf16")  # torch's names (torch.backends.cpu.fp32_precision)
+# torch's names (torch.backends.cpu.fp32_precision), and "int8": Q K^T in int8, P V in bf16
+FP32_PRECISIONS = ("ieee", "bf16", "int8")
+LOW_PRECISIONS = ("bf16", "int8")  # products below fp32
 
 
 def _triton():
@@ -196,14 +198,14 @@ def _run(chosen: Backend, q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     """The forward on the backend the router chose (eager inference calls it directly with
     the public entry's choice, see sparsekernels.ops.eager: one route a call, not two).
     need_stats=False: the CPU kernel skips the softmax statistics (only a backward reads
-    them) and returns an empty tensor in their place. fp32_precision "bf16": the CPU kernel
-    runs the two products of fp32 inputs in bf16 (see block_sparse_attention)."""
+    them) and returns an empty tensor in their place. fp32_precision "bf16" / "int8": the CPU
+    kernel's lower-precision products (see block_sparse_attention)."""
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     mask = _mask4(attn_mask)
     if chosen is Backend.CPU:  # builds its block lists (positions included) in C++
         return _ext.op(OP, "cpu")(q, k, v, _layout4(layout), mask, causal, window, scale,
                                   block_q, block_k, True, need_stats,
-                                  fp32_precision == "bf16")
+                                  fp32_precision == "bf16", fp32_precision == "int8")
     if chosen is Backend.TRITON:
         idx, cnt = layout_index(layout, causal, block_q, block_k, b, contiguous=False, lq=lq,
                                 lk=lk, window=window)
@@ -451,9 +453,14 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     fp32_precision: as torch's `torch.backends.cpu.fp32_precision`: "ieee" (default) keeps
     fp32 inputs in fp32; "bf16" lets the CPU kernel round them to bf16 for both products
     (fp32 accumulation, softmax and output; about bf16 inputs' error) where the CPU has
-    AVX512-BF16 dot products. It changes nothing elsewhere: other dtypes, other backends, a
-    CPU without them, calls that run dense SDPA (see `backend`), and backwards (computed in
-    the inputs' precision).
+    AVX512-BF16 dot products. "int8" (ours, SageAttention's split) runs q k^T in int8 for fp32
+    and bf16 inputs: each query and key row quantized on the fly with its own scale (max |x| /
+    127, symmetric), int8 products on AVX512-VNNI with exact int32 sums, then the softmax in
+    fp32 and P V in bf16 as "bf16" runs them; where the CPU lacks VNNI or the head dim is not a
+    multiple of 16 (up to 256) it runs as "bf16". Its error is about int8's (a few times
+    bf16's; bounds in tests/ops/test_attention_int8_qk.py). Neither changes anything
+    elsewhere: fp64 inputs, other backends, a CPU without AVX512-BF16, calls that run dense
+    SDPA (see `backend`), and backwards (computed in the inputs' precision).
     """
     bq, bk = check_inputs(q, k, v, layout, block_size, attn_mask)
     if fp32_precision.__class__ is not str or fp32_precision not in FP32_PRECISIONS:

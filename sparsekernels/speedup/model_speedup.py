@@ -240,12 +240,13 @@ class ModelSpeedup:
     INT8_WARN_ERROR (decoder LLMs' activation outliers defeat per-token int8 activations),
     "auto" moves every layer to "w8" (report.notes says so; the record keeps it for load),
     and an error that remains, or one under an explicit scheme, warns.
-    attention_fp32_precision: "ieee" (default) or "bf16": attention that runs sparsekernels'
-    op on fp32 inputs (float32 and int8 modes) computes its two products in bf16 (fp32
-    softmax and accumulation, attention.set_fp32_precision_; recorded for load) where the CPU
-    has AVX512-BF16. Faster, but in int8 it adds bf16's rounding to the activations'
-    quantization error (enough to cost the quick recipe's int8 model its accuracy bound), so
-    it is asked for, not implied.
+    attention_fp32_precision: "ieee" (default), "bf16" or "int8": attention that runs
+    sparsekernels' op on fp32 inputs (float32 and int8 modes) computes its two products in
+    bf16 (fp32 softmax and accumulation, attention.set_fp32_precision_; recorded for load)
+    where the CPU has AVX512-BF16; "int8" runs q k^T in int8 (per-row dynamic scales, VNNI)
+    and P V in bf16 (block_sparse_attention's fp32_precision). Faster, but in int8 it adds
+    their rounding to the activations' quantization error (bf16 alone was enough to cost the
+    quick recipe's int8 model its accuracy bound), so it is asked for, not implied.
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: dict, mode: str = "resize",
@@ -324,20 +325,25 @@ class ModelSpeedup:
         if self.dtype is not torch.float32:
             self.report.notes.append(f"sparse layers run in {str(self.dtype).replace('torch.', '')}")
 
-    def _attention_in_bf16(self) -> None:
-        """attention_fp32_precision="bf16": attention that runs sparsekernels' op computes
-        its products of fp32 inputs in bf16 (fp32 softmax and accumulation) on CPUs with
-        AVX512-BF16; in int8 measured in the int8 output error like every int8 change."""
+    def _attention_products(self, precision: str) -> None:
+        """attention_fp32_precision "bf16" / "int8": attention that runs sparsekernels' op
+        computes its products of fp32 inputs in that precision (fp32 softmax and
+        accumulation) on CPUs with AVX512-BF16 (and VNNI for int8); in int8 measured in the
+        int8 output error like every int8 change."""
         try:
             from sparsekernels.attention import bf16_projections_, set_fp32_precision_
         except ImportError:  # the attention package is optional at this layer
             return
-        names = set_fp32_precision_(self.model, "bf16")
+        names = set_fp32_precision_(self.model, precision)
         for name in names:
-            self.structure[name].append({"op": "attention_precision", "fp32_precision": "bf16"})
+            self.structure[name].append({"op": "attention_precision",
+                                         "fp32_precision": precision})
         if names:
-            self.report.notes.append("attention products of fp32 inputs in bf16 (fp32 softmax "
-                                     "and accumulation) where the CPU has AVX512-BF16")
+            self.report.notes.append(
+                "attention products of fp32 inputs in bf16 (fp32 softmax and accumulation) "
+                "where the CPU has AVX512-BF16" if precision == "bf16" else
+                "attention q k^T of fp32 inputs in int8 (per-row scales), P V in bf16, where "
+                "the CPU has AVX512-VNNI and -BF16")
         # in int8, the projections around such an attention carry its rounding
         outputs = bf16_projections_(self.model)
         for name, dtype in outputs.items():
@@ -694,8 +700,8 @@ class ModelSpeedup:
                 if self.mode in ("kernel", "auto"):
                     reference = self._output() if self.dtype == INT8 else None
                     self._apply_dtype()
-                    if self.attention_fp32_precision == "bf16":
-                        self._attention_in_bf16()
+                    if self.attention_fp32_precision != "ieee":
+                        self._attention_products(self.attention_fp32_precision)
                     if reference is not None:
                         self._check_int8(reference)
                 if self.mode in ("kernel", "auto") and self.fuse_ffn:

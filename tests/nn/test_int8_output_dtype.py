@@ -105,8 +105,9 @@ def projection_dtypes(model):
             if type(m) is QuantizedSparseLinear and m.out_dtype is not None}
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("family", ["bert", "qwen2"])
-def test_int8_attention_projections(family, tmp_path):
+def test_int8_attention_projections(family, precision, tmp_path):
     """bert: every attention's q / k / v write bf16 and o float32, recorded, kept by save /
     load (same output bit for bit), undone by set_fp32_precision_("ieee"); within about
     bf16's rounding of the model without it. qwen2 (rotary embeddings, a cache): untouched."""
@@ -118,7 +119,7 @@ def test_int8_attention_projections(family, tmp_path):
     model, dummy = build(family)
     masks = block_masks(model, (16, 16), 0.5)
     s = ModelSpeedup(model, dummy, masks, mode="kernel", block_size=(16, 16), dtype="int8",
-                     attention_fp32_precision="bf16")
+                     attention_fp32_precision=precision)
     s.speedup_model()
     found = projection_dtypes(model)
     recorded = {n: c["dtype"] for n, cs in s.structure.items() for c in cs
@@ -137,7 +138,7 @@ def test_int8_attention_projections(family, tmp_path):
     assert projection_dtypes(loaded) == found
     with torch.no_grad():
         assert torch.equal(output_of(loaded, dummy), fast)
-        set_fp32_precision_(model, "bf16")  # the precision alone: fp32 projections
+        set_fp32_precision_(model, precision)  # the precision alone: fp32 projections
         for m in model.modules():
             if type(m) is QuantizedSparseLinear:
                 m.set_output_dtype(None)

@@ -1,6 +1,6 @@
-"""ModelSpeedup(attention_fp32_precision="bf16"): attention that runs sparsekernels' op computes
-its products of fp32 inputs in bf16 (fp32_precision "bf16"); the record keeps it through save /
-load, and a record naming it is checked like every other change. Not implied by int8."""
+"""ModelSpeedup(attention_fp32_precision="bf16" / "int8"): attention that runs sparsekernels' op
+computes its products of fp32 inputs in bf16 (or q k^T in int8); the record keeps it through save
+/ load, and a record naming it is checked like every other change. Not implied by int8."""
 
 import pytest
 import torch
@@ -26,11 +26,12 @@ def precisions(model) -> list:
             if getattr(m, _ATTR, None) is not None]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("family", ["bert", "qwen2"])
-def test_int8_attention_in_bf16_and_reloaded(family, tmp_path):
-    model, dummy, s = sped_up("int8", family, attention_fp32_precision="bf16")
+def test_int8_attention_in_low_precision_and_reloaded(family, precision, tmp_path):
+    model, dummy, s = sped_up("int8", family, attention_fp32_precision=precision)
     found = precisions(model)
-    assert found and set(found) == {"bf16"}
+    assert found and set(found) == {precision}
     assert sum(c["op"] == "attention_precision" for cs in s.structure.values() for c in cs) \
         == len(found)
     with torch.no_grad():
@@ -55,21 +56,27 @@ def test_float_and_int8_modes_keep_fp32_attention_by_default():
                        for c in cs)
 
 
-def test_bf16_attention_error_is_small():
-    """The int8 model with its attention in bf16 against the same model with fp32 attention:
-    different where the CPU has AVX512-BF16, by about bf16's rounding."""
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_attention_error_is_small(precision):
+    """The int8 model with its attention products in bf16 (int8 q k^T) against the same model
+    with fp32 attention: different where the CPU has AVX512-BF16 (and VNNI), by about their
+    rounding; "int8" differs from "bf16" where it runs."""
     from sparsekernels.attention import set_fp32_precision_
 
-    model, dummy, _ = sped_up("int8", attention_fp32_precision="bf16")
+    model, dummy, _ = sped_up("int8", attention_fp32_precision=precision)
     with torch.no_grad():
         fast = output_of(model, dummy)
         set_fp32_precision_(model, "ieee")
         exact = output_of(model, dummy)
+        set_fp32_precision_(model, "bf16")
+        bf16 = output_of(model, dummy)
     err = ((fast - exact).norm() / exact.norm()).item()
     if torch.ops.sparsekernels_C.cpu_has_avx512_bf16():
-        assert 0 < err < 2e-2
+        assert 0 < err < (2e-2 if precision == "bf16" else 4e-2)
     else:
         assert err == 0
+    if precision == "int8":
+        assert torch.equal(fast, bf16) != torch.ops.sparsekernels_C.cpu_has_avx512_vnni_bf16()
 
 
 def test_bad_records_and_values_refused():
