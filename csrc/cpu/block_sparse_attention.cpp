@@ -128,18 +128,19 @@ inline V exp2_poly(V f) {
   }
 }
 
-// 2^x for a vector of floats; exactly 0 below 2^-126 (and for -inf). x = n + f with n an
-// integer and |f| <= 1/2: 2^f by exp2_poly, times 2^n.
+// 2^x for a vector of floats; exactly 0 below 2^-126 (and for -inf), nan for nan (a nan
+// score, from a nan in q or k, makes its row nan as torch's attention does). x = n + f with n
+// an integer and |f| <= 1/2: 2^f by exp2_poly, times 2^n.
 #if defined(__AVX512F__)
 // AVX-512: the rounding and the 2^n scaling are one instruction each (vrndscaleps, vscalefps)
 template <int Deg = 7>
 inline Vec<float>::type vexp2(Vec<float>::type xv) {
   const __m512 x = (__m512)xv;
   const __m512 lo = _mm512_set1_ps(-126.0f);
-  const __m512 xc = _mm512_max_ps(x, lo);
+  const __m512 xc = _mm512_max_ps(lo, x);  // vmaxps returns its second operand for a nan
   const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 p = (__m512)exp2_poly<Deg>((Vec<float>::type)_mm512_sub_ps(xc, n));
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= lo, or nan
   return (Vec<float>::type)_mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
 #else
@@ -808,9 +809,13 @@ SPARSEKERNELS_AVX512VNNI void quantize_rows_i8(const E* x, int64_t ld, int64_t r
       for (int64_t d = 0; d < D; d += 64 / int64_t(sizeof(E)))
         __builtin_prefetch(x + (r + 8) * ld + d, 0, 3);
     __m512 mx = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16)
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(load16_ps(x + r * ld + d)));
-    scale[r] = _mm512_reduce_max_ps(mx);
+    __mmask16 nan = 0;  // (vmaxps drops a nan operand)
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 v = load16_ps(x + r * ld + d);
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    scale[r] = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(mx);
   }
   const __m128i flip = _mm_set1_epi8(offset ? char(0x80) : 0);
   for (int64_t r = 0; r < rows; ++r) {
@@ -917,13 +922,9 @@ SPARSEKERNELS_AVX512VNNI void int8_scores_rows(const uint8_t* q, int64_t ldq,
   __m512 acc[R][BK / 16];
   float qs[R];
   int8_qk<BK, R>(q, ldq, K, D, acc, qs);
-  // a query row with an inf or nan (scale nan): scores of +inf, which the softmax turns into
-  // a nan row as it does for such a row's products in the other tiles
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < BK / 16; ++j)
-      _mm512_storeu_ps(S + r * BK + j * 16,
-                       std::isnan(qs[r]) ? _mm512_set1_ps(std::numeric_limits<float>::infinity())
-                                         : _mm512_mul_ps(acc[r][j], _mm512_set1_ps(qs[r])));
+      _mm512_storeu_ps(S + r * BK + j * 16, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(qs[r])));
 }
 
 template <int BK, int R>
@@ -937,10 +938,6 @@ SPARSEKERNELS_AVX512VNNI void int8_scores_softmax_rows(const uint8_t* q, int64_t
   int8_qk<BK, R>(q, ldq, K, D, acc, scales);
   for (int r = 0; r < R; ++r) scales[r] *= scale;
   softmax_registers<BK, R>(acc, scales, m, l, alpha, p, ldp);
-  // a query row with an inf or nan (scale nan): its statistics and O turn nan, so does its
-  // output (the max and exp2 above would drop the nan scores)
-  for (int r = 0; r < R; ++r)
-    if (std::isnan(scales[r])) m[r] = l[r] = alpha[r] = std::numeric_limits<float>::quiet_NaN();
 }
 
 // Q K^T in int8, then the base tile (Bf16Tile for bf16 inputs, F32Bf16Tile for fp32 ones) for

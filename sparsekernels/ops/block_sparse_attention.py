@@ -445,7 +445,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     without causal also when j - p < window); applied per element inside the kernels, and
     key blocks entirely outside it are skipped.
     scale: defaults to 1/sqrt(D). dropout_p: attention-probability dropout (training).
-    Rows with no allowed key (Lk = 0 included) return zeros, with zero gradients.
+    Rows with no allowed key (Lk = 0 included) return zeros, with zero gradients. Non-finite
+    q, k, v give the CPU kernel's output nan where SDPA's is (with fp32_precision "int8", a q
+    or k row holding an inf cannot be quantized: every output row that sees it is nan).
     The output is [B, H, Lq, D]; on the CPU it is a view of [B, Lq, H, D] memory, as SDPA's
     CPU kernel returns it (out.transpose(1, 2) is contiguous).
     backend: auto (on CPU an all-true layout with more than 16 queries runs as dense SDPA),

@@ -958,6 +958,31 @@ def test_cpu_many_heads_query_blocks_in_a_row(dtype, masked):
     check(out, None, truth, base)
 
 
+@pytest.mark.parametrize("precision", ["ieee", "bf16", "int8"])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cpu_non_finite_inputs_make_nan_rows(dtype, masked, precision):
+    """An inf in a query row, a nan in a key row or in a value row: the output rows that see
+    it are nan, exactly those torch's SDPA makes nan -- never a finite row (the exponential
+    once sent a nan score to 0), on the fused (plain) and the masked paths of every tile."""
+    need("cpu")
+    dt = DTYPES[dtype]
+    q, k, v = make_qkv(2, 4, 64, 96, 64, dt, kv_heads=2)
+    q[0, 0, 5, 7] = float("inf")
+    k[0, 1, 9, 0] = float("nan")  # key / value head 1: query heads 2 and 3
+    v[1, 0, 40, 3] = float("nan")  # batch 1, query heads 0 and 1
+    layout = torch.ones(4, 1, 2, dtype=torch.bool)
+    mask = torch.rand(2, 1, 64, 96) > 0.1 if masked else None
+    if mask is not None:
+        mask[..., 9] = mask[..., 40] = True
+    out = block_sparse_attention(q, k, v, layout, (64, 64), attn_mask=mask, backend="cpu",
+                                 fp32_precision=precision)
+    expect = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(2, 1),
+                                            v.float().repeat_interleave(2, 1), attn_mask=mask)
+    assert torch.equal(out.isnan().any(-1), expect.isnan().any(-1))
+    assert 0 < int(out.isnan().any(-1).sum()) < out.shape[0] * out.shape[1] * out.shape[2]
+
+
 def test_fp32_precision_elsewhere_and_with_gradients():
     """"bf16" changes nothing for other dtypes; a forward that records gradients (the op's
     dispatcher path) gives the same output as plain inference, and its backward, computed in
