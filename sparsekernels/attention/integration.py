@@ -317,10 +317,9 @@ def _int8_projections(model: torch.nn.Module, names: set):
 def bf16_projections_(model: torch.nn.Module) -> dict[str, torch.dtype]:
     """On a float32 model whose attention runs sparsekernels' op with bf16 or int8 products
     (set_fp32_precision_(model, "bf16" / "int8")), let each attention's int8 projections carry
-    that
-    rounding: q, k and v (QuantizedSparseLinear) write bf16 -- the products would round
-    them to bf16 anyway, so the attention reads half the bytes and writes its output in
-    bf16 -- and o reads the bf16 output and writes float32 (the residual stream's dtype).
+    that rounding: q, k and v (QuantizedSparseLinear) write bf16 -- the products would round
+    them to bf16 (or int8) anyway, so the attention reads half the bytes and writes its output
+    in bf16 -- and o reads the bf16 output and writes float32 (the residual stream's dtype).
     Left alone: sites whose q / k pass through other float ops before attention (rotary
     embeddings, query / key norms), decoders and cross-attention (a cache keeps k / v in the
     model's dtype), attention modules transformers 4.x runs through a patched forward, and
@@ -330,10 +329,10 @@ def bf16_projections_(model: torch.nn.Module) -> dict[str, torch.dtype]:
     if next((p.dtype for p in model.parameters() if p.is_floating_point()),
             None) is not torch.float32:
         return {}
-    bf16_sites = {n for n, m in model.named_modules()
-                  if getattr(getattr(m, _ATTR, None), "fp32_precision", None) in LOW_PRECISIONS}
+    low_sites = {n for n, m in model.named_modules()
+                 if getattr(getattr(m, _ATTR, None), "fp32_precision", None) in LOW_PRECISIONS}
     chosen: dict[str, torch.dtype] = {}
-    for site, layers in _int8_projections(model, bf16_sites):
+    for site, layers in _int8_projections(model, low_sites):
         module = model.get_submodule(site.name)
         if (site.rotary_dims or site.qk_norm or site.cross or getattr(module, "is_causal", False)
                 or not _calls_attention_interface(module)):

@@ -458,9 +458,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     AVX512-BF16 dot products. "int8" (ours, SageAttention's split) runs q k^T in int8 for fp32
     and bf16 inputs: each query and key row quantized on the fly with its own scale (max |x| /
     127, symmetric), int8 products on AVX512-VNNI with exact int32 sums, then the softmax in
-    fp32 and P V in bf16 as "bf16" runs them; where the CPU lacks VNNI or the head dim is not a
-    multiple of 16 (up to 256) it runs as "bf16". Its error is about int8's (a few times
-    bf16's; bounds in tests/ops/test_attention_int8_qk.py). Neither changes anything
+    fp32 and P V in bf16 as "bf16" runs them; where the CPU lacks VNNI it runs as "bf16". Its
+    error is about int8's (a few times bf16's; bounds in tests/ops/test_attention_int8_qk.py). Neither changes anything
     elsewhere: fp64 inputs, other backends, a CPU without AVX512-BF16, calls that run dense
     SDPA (see `backend`), and backwards (computed in the inputs' precision).
     """
