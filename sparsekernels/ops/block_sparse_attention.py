@@ -459,9 +459,10 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
     and bf16 inputs: each query and key row quantized on the fly with its own scale (max |x| /
     127, symmetric), int8 products on AVX512-VNNI with exact int32 sums, then the softmax in
     fp32 and P V in bf16 as "bf16" runs them; where the CPU lacks VNNI it runs as "bf16". Its
-    error is about int8's (a few times bf16's; bounds in tests/ops/test_attention_int8_qk.py). Neither changes anything
-    elsewhere: fp64 inputs, other backends, a CPU without AVX512-BF16, calls that run dense
-    SDPA (see `backend`), and backwards (computed in the inputs' precision).
+    error is about int8's (a few times bf16's; bounds in tests/ops/test_attention_int8_qk.py).
+    Neither changes anything elsewhere: fp64 inputs, other backends, a CPU without
+    AVX512-BF16, calls that run dense SDPA (see `backend`), and backwards (computed in the
+    inputs' precision).
     """
     bq, bk = check_inputs(q, k, v, layout, block_size, attn_mask)
     if fp32_precision.__class__ is not str or fp32_precision not in FP32_PRECISIONS:
