@@ -490,14 +490,16 @@ SPARSEKERNELS_AVX512BF16 void bf16_scores_rows(const c10::BFloat16* q, int64_t l
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(S + r * BK + j * 16, acc[r][j]);
 }
 
-template <int BK>
-void bf16_scores(const c10::BFloat16* q, int64_t ldq, int64_t qr, const uint32_t* kp, int64_t D,
-                 float* S) {
-  constexpr int MR = bf16_tile_rows<BK / 16>();
-  for (int64_t r0 = 0; r0 < qr; r0 += MR)
-    dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
-      bf16_scores_rows<BK, decltype(rows)::value>(q + r0 * ldq, ldq, kp, D, S + r0 * BK);
-    });
+// f(BK, R, r0) (BK, R as std::integral_constant) over the row tiles of qr rows, for a key
+// block of bk: the register tiles of every Q K^T product (bf16, int8, with the fused step).
+template <typename F>
+void over_row_tiles(int64_t bk, int64_t qr, F&& f) {
+  dispatch_block(bk, [&](auto w) {
+    constexpr int MR = bf16_tile_rows<decltype(w)::value / 16>();
+    for (int64_t r0 = 0; r0 < qr; r0 += MR)
+      dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)),
+                        [&](auto rows) { f(w, rows, r0); });
+  }, "attention key block");
 }
 
 // The online-softmax step of R rows of a tile whose scores are all kept (no mask, every key
@@ -543,18 +545,6 @@ SPARSEKERNELS_AVX512BF16 void bf16_scores_softmax_rows(const c10::BFloat16* q, i
   float scales[R];
   for (int r = 0; r < R; ++r) scales[r] = scale;
   softmax_registers<BK, R>(acc, scales, m, l, alpha, p, ldp);
-}
-
-// f(BK, R, r0) (BK, R as std::integral_constant) over the row tiles of qr rows, for a key
-// block of bk: the register tiles of the fused step and of the int8 scores.
-template <typename F>
-void over_row_tiles(int64_t bk, int64_t qr, F&& f) {
-  dispatch_block(bk, [&](auto w) {
-    constexpr int MR = bf16_tile_rows<decltype(w)::value / 16>();
-    for (int64_t r0 = 0; r0 < qr; r0 += MR)
-      dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)),
-                        [&](auto rows) { f(w, rows, r0); });
-  }, "attention key block");
 }
 
 // bf16_scores_softmax_rows over qr rows and a key block of bk (both bf16 tiles' fused step)
@@ -685,8 +675,10 @@ struct Bf16Tile {
   static void scores(const E* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D, int64_t bk,
                      A* S) {
     const auto* kp = reinterpret_cast<const uint32_t*>(kbuf);
-    dispatch_block(bk, [&](auto w) { bf16_scores<decltype(w)::value>(q, ldq, qr, kp, D, S); },
-                   "attention key block");
+    over_row_tiles(bk, qr, [&](auto w, auto rows, int64_t r0) {
+      bf16_scores_rows<decltype(w)::value, decltype(rows)::value>(q + r0 * ldq, ldq, kp, D,
+                                                                  S + r0 * bk);
+    });
   }
   // the scores and their softmax step at once (plain tiles); P to pbuf, rows of bk
   static void scores_softmax(const QE* q, int64_t ldq, int64_t qr, const E* kbuf, int64_t D,
@@ -798,12 +790,12 @@ SPARSEKERNELS_AVX512VNNI inline __m512 load16_ps(const E* x) {
 
 // Rows of D (a multiple of 16) values to int8: row r's out[d] = round(x[d] / scale) (+ 128
 // with `offset`; rows ldo bytes apart), scale[r] = max |x| / 127 (0 for a zero row, nan for
-// a row with an inf or nan: its scores are nan), sum[r] (when given) the signed values' sum.
+// a row with an inf or nan: its scores are nan).
 // All maxima first: the rows' loads (the projections left them in L3) overlap.
 template <typename E>
 SPARSEKERNELS_AVX512VNNI void quantize_rows_i8(const E* x, int64_t ld, int64_t rows, int64_t D,
                                                bool offset, uint8_t* out, int64_t ldo,
-                                               float* scale, int32_t* sum) {
+                                               float* scale) {
   for (int64_t r = 0; r < rows; ++r) {
     if (r + 8 < rows)
       for (int64_t d = 0; d < D; d += 64 / int64_t(sizeof(E)))
@@ -823,19 +815,15 @@ SPARSEKERNELS_AVX512VNNI void quantize_rows_i8(const E* x, int64_t ld, int64_t r
     uint8_t* o = out + r * ldo;
     if (!std::isfinite(amax)) {
       std::fill(o, o + D, uint8_t(offset ? 128 : 0));
-      if (sum) sum[r] = 0;
       scale[r] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
     const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-    __m512i total = _mm512_setzero_si512();
     for (int64_t d = 0; d < D; d += 16) {
       const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16_ps(x + r * ld + d), inv));
-      total = _mm512_add_epi32(total, v);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o + d),
                        _mm_xor_si128(_mm512_cvtsepi32_epi8(v), flip));
     }
-    if (sum) sum[r] = _mm512_reduce_add_epi32(total);
     scale[r] = amax / 127.f;
   }
 }
@@ -859,7 +847,7 @@ SPARSEKERNELS_AVX512VNNI void int8_pack_k(const E* k, int64_t ld, int64_t kr, in
   auto* scale = reinterpret_cast<float*>(static_cast<char*>(buf) + D * bk);
   auto* corr = reinterpret_cast<int32_t*>(static_cast<char*>(buf) + D * bk + 4 * bk);
   alignas(64) uint8_t rows[128 * 256];  // kr <= 128 rows of D <= 256
-  quantize_rows_i8(k, ld, kr, D, false, rows, D, scale, nullptr);
+  quantize_rows_i8(k, ld, kr, D, false, rows, D, scale);
   for (int64_t j = kr; j < bk; ++j) scale[j] = 0.f;
   const int64_t units = D / 4;
   if (units % 16 == 0) {  // rows of whole 16-unit vectors: transposed in registers
@@ -955,7 +943,7 @@ struct Int8QkTile : Base {
     float scale[kMaxRows];
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
       const int64_t n = std::min(kMaxRows, rows - r0);
-      quantize_rows_i8(q + r0 * ldq, ldq, n, D, true, buf + r0 * (D + 4), D + 4, scale, nullptr);
+      quantize_rows_i8(q + r0 * ldq, ldq, n, D, true, buf + r0 * (D + 4), D + 4, scale);
       for (int64_t r = 0; r < n; ++r) std::memcpy(buf + (r0 + r) * (D + 4) + D, &scale[r], 4);
     }
     ldq = D + 4;
