@@ -190,6 +190,8 @@ def block_masks(model, block=(16, 16), density=0.5):
         if out_f % block[0] or in_f % block[1]:
             continue
         grid = torch.rand(out_f // block[0], in_f // block[1]) < density
+        if not grid.any():  # a wholly pruned layer can zero the output (no relative error)
+            grid.view(-1)[torch.randint(grid.numel(), ())] = True
         mask = grid.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1).float()
         masks[name] = {"weight": layers.from_canonical(module, mask)}
     return masks
