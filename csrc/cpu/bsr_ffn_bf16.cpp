@@ -73,7 +73,8 @@ Layer16 layer16(const at::Tensor& values, const at::Tensor& crow, const at::Tens
 // `pairs`: where the stored blocks go in the pair layout for the calling thread's later row
 // chunks (each column paired into it at its blocks' own offset, then multiplied from there);
 // nullptr: paired per column into a scratch of their own (column_pairs).
-template <int BO, typename OutT>
+// `Act`: applied to the fp32 sums before they are stored (see block_bf16_avx512).
+template <int BO, typename OutT, Activation Act = Activation::kNone>
 void columns(const Layer16& w, const uint16_t* A, int64_t rows, int64_t lda, int64_t o0,
              int64_t o1, OutT* out, int64_t ldo, bool fma, uint16_t* pairs = nullptr) {
   const int64_t per = w.bk * BO;
@@ -81,13 +82,13 @@ void columns(const Layer16& w, const uint16_t* A, int64_t rows, int64_t lda, int
     if (w.wt && !fma && pairs != nullptr) {
       const int64_t e0 = w.s.ptr[o];
       to_pairs<BO>(w.b + e0 * per, w.s.ptr[o + 1] - e0, w.bk, pairs + e0 * per);
-      block_bf16_avx512<BO, OutT>(A, rows, lda, pairs, w.s, o, w.bias, out, ldo);
+      block_bf16_avx512<BO, OutT, false, Act>(A, rows, lda, pairs, w.s, o, w.bias, out, ldo);
     } else if (w.wt && fma)
-      block_bf16_avx512<BO, OutT, true>(A, rows, lda, w.b, w.s, o, w.bias, out, ldo);
+      block_bf16_avx512<BO, OutT, true, Act>(A, rows, lda, w.b, w.s, o, w.bias, out, ldo);
     else if (w.wt)
-      block_bf16_wt_avx512<BO, OutT>(A, rows, lda, w.b, w.s, o, w.bias, out, ldo);
+      block_bf16_wt_avx512<BO, OutT, Act>(A, rows, lda, w.b, w.s, o, w.bias, out, ldo);
     else
-      block_bf16_avx512<BO, OutT>(A, rows, lda, w.b, w.s, o, w.bias, out, ldo);
+      block_bf16_avx512<BO, OutT, false, Act>(A, rows, lda, w.b, w.s, o, w.bias, out, ldo);
   }
 }
 
@@ -99,6 +100,15 @@ void hidden(const Layer16& w1, const Layer16* up, Activation act, const uint16_t
             int64_t n1, bool fma, uint16_t* pairs1 = nullptr, uint16_t* pairs_up = nullptr) {
   if (o1 <= o0 || rows == 0) return;
   const int64_t c0 = o0 * BO1, width = (o1 - o0) * BO1;
+  if (!up && has_act16(act)) {  // bias, activation and rounding on the tiles' registers
+    if (act == Activation::kGelu)
+      columns<BO1, uint16_t, Activation::kGelu>(w1, X, rows, ldx, o0, o1, hb, n1, fma, pairs1);
+    else if (act == Activation::kRelu)
+      columns<BO1, uint16_t, Activation::kRelu>(w1, X, rows, ldx, o0, o1, hb, n1, fma, pairs1);
+    else
+      columns<BO1, uint16_t>(w1, X, rows, ldx, o0, o1, hb, n1, fma, pairs1);
+    return;
+  }
   columns<BO1, float>(w1, X, rows, ldx, o0, o1, h, n1, fma, pairs1);
   cpu::activate(h + c0, rows, width, n1, act, at::kFloat);
   if (up) columns<BO1, float>(*up, X, rows, ldx, o0, o1, u, n1, fma, pairs_up);

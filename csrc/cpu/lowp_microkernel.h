@@ -29,53 +29,11 @@
 #include <vector>
 
 #include "activation.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define SK_LOWP_X86 1
-#define SK_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#define SK_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
-#define SK_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#endif
+#include "cpu_features.h"
 
 namespace sparsekernels {
 namespace cpu {
 namespace lowp {
-
-// ---- what this CPU runs ------------------------------------------------------------------
-struct Features {
-  bool avx512 = false;  // F, BW, VL, DQ: what every AVX-512 path here needs
-  bool bf16 = false;
-  bool vnni = false;
-};
-
-inline Features detect_features() {
-  Features f;
-#ifdef SK_LOWP_X86
-  __builtin_cpu_init();
-  const bool base = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  f.avx512 = base;
-  f.bf16 = base && __builtin_cpu_supports("avx512bf16");
-  f.vnni = base && __builtin_cpu_supports("avx512vnni");
-#endif
-  return f;
-}
-
-inline const Features& features() {
-  static const Features f = detect_features();
-  return f;
-}
-
-// SPARSEKERNELS_CPU_ISA=generic forces the portable paths (tests; a CPU that misreports).
-// Read per call, so a test can switch it; getenv costs far less than a kernel call.
-inline bool forced_generic() {
-  const char* v = std::getenv("SPARSEKERNELS_CPU_ISA");
-  return v != nullptr && std::strcmp(v, "generic") == 0;
-}
-inline bool use_avx512() { return features().avx512 && !forced_generic(); }
-inline bool use_bf16() { return features().bf16 && !forced_generic(); }
-inline bool use_vnni() { return features().vnni && !forced_generic(); }
 
 // ---- scalar helpers ----------------------------------------------------------------------
 inline float bf16_to_float(uint16_t h) {
@@ -175,7 +133,8 @@ SK_TARGET_BF16 inline void store16(uint16_t* p, __m512 v) {
 // the W.T blocks as SparseLinear keeps them on the CPU ([bk][BO], one bf16 each), each weight
 // widened to fp32 for an FMA: at decode the call is memory-bound, and reading the stored
 // bf16 (half of fp32's bytes) with nothing packed per call is what counts.
-template <int BO, int MR, bool FULL, bool STORED, typename OutT>
+template <int BO, int MR, bool FULL, bool STORED, typename OutT,
+          Activation Act = Activation::kNone>
 SK_TARGET_BF16 inline void tile_bf16(int mr, const uint16_t* A, int64_t lda,
                                      const uint16_t* blocks, const Rows& s, int64_t o,
                                      const float* bias, OutT* c, int64_t ldo, int64_t first) {
@@ -221,7 +180,7 @@ SK_TARGET_BF16 inline void tile_bf16(int mr, const uint16_t* A, int64_t lda,
     }
   }
   for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < NV; ++j) store16(c + r * ldo + j * 16, acc[r][j]);
+    for (int j = 0; j < NV; ++j) store16(c + r * ldo + j * 16, act16<Act>(acc[r][j]));
 }
 
 // Rows of the STORED tile: 16 accumulators whatever the block width (the FMA path needs no
@@ -231,10 +190,11 @@ constexpr int stored_tile_rows() {
   return 16 / (BO / 16) > 0 ? 16 / (BO / 16) : 1;
 }
 
-// out[0:rows, o*BO : +BO] = A[0:rows] @ S[:, o*BO : +BO] + bias, fp32 accumulation over every
-// stored block in registers (the output is rounded once, as torch's bf16 matmul does).
+// out[0:rows, o*BO : +BO] = act(A[0:rows] @ S[:, o*BO : +BO] + bias), fp32 accumulation over
+// every stored block in registers (the output is rounded once, as torch's bf16 matmul does;
+// the activation, when there is one, on the fp32 sums before that rounding).
 // `blocks` starts at block `first` (0: the whole tensor; a column's own copy: its first block).
-template <int BO, typename OutT, bool STORED = false>
+template <int BO, typename OutT, bool STORED = false, Activation Act = Activation::kNone>
 SK_TARGET_BF16 void block_bf16_avx512(const uint16_t* A, int64_t rows, int64_t lda,
                                       const uint16_t* blocks, const Rows& s, int64_t o,
                                       const float* bias, OutT* out, int64_t ldo,
@@ -242,11 +202,12 @@ SK_TARGET_BF16 void block_bf16_avx512(const uint16_t* A, int64_t rows, int64_t l
   constexpr int MR = STORED ? stored_tile_rows<BO>() : tile_rows<BO>();
   int64_t t = 0;
   for (; t + MR <= rows; t += MR)
-    tile_bf16<BO, MR, true, STORED, OutT>(MR, A + t * lda, lda, blocks, s, o, bias,
-                                          out + t * ldo + o * BO, ldo, first);
+    tile_bf16<BO, MR, true, STORED, OutT, Act>(MR, A + t * lda, lda, blocks, s, o, bias,
+                                             out + t * ldo + o * BO, ldo, first);
   if (t < rows)
-    tile_bf16<BO, MR, false, STORED, OutT>(static_cast<int>(rows - t), A + t * lda, lda, blocks,
-                                           s, o, bias, out + t * ldo + o * BO, ldo, first);
+    tile_bf16<BO, MR, false, STORED, OutT, Act>(static_cast<int>(rows - t), A + t * lda, lda,
+                                              blocks, s, o, bias, out + t * ldo + o * BO, ldo,
+                                              first);
 }
 
 // Blocks [0, n) as SparseLinear stores them on the CPU (W.T, [bk][BO] each) rewritten in the
@@ -295,13 +256,13 @@ SK_TARGET_BF16 inline const uint16_t* column_pairs(const uint16_t* wt, const Row
 }
 
 // block_bf16_avx512 on the W.T blocks as stored (see column_pairs): nothing packed per call.
-template <int BO, typename OutT>
+template <int BO, typename OutT, Activation Act = Activation::kNone>
 SK_TARGET_BF16 void block_bf16_wt_avx512(const uint16_t* A, int64_t rows, int64_t lda,
                                          const uint16_t* wt, const Rows& s, int64_t o,
                                          const float* bias, OutT* out, int64_t ldo) {
   if (rows == 0) return;
   const uint16_t* pairs = column_pairs<BO>(wt, s, o);
-  block_bf16_avx512<BO, OutT>(A, rows, lda, pairs, s, o, bias, out, ldo, s.ptr[o]);
+  block_bf16_avx512<BO, OutT, false, Act>(A, rows, lda, pairs, s, o, bias, out, ldo, s.ptr[o]);
 }
 
 // One row against the blocks as stored ([bm, bk], no packing): a dot product per output.
@@ -621,9 +582,11 @@ inline void block_w8(const float* A, int64_t rows, int64_t lda, const int8_t* bl
   block_w8_generic<BO, OutT>(A, rows, lda, blocks, s, o, ep, out, ldo);
 }
 
-// ---- the FFN's activation (activation.h), in place on an fp32 [rows, n] buffer ----------
+// ---- the int8 FFN's activation, in place on an fp32 [rows, n] buffer -----------------------
+// ATen's (activation.h): the intermediate is quantized next, where an ulp can move a code, and
+// the fused int8 FFN gives exactly what bsr_linear_int8 -> F.gelu -> bsr_linear_int8 gives.
 inline void activate(float* h, int64_t rows, int64_t n, Activation act) {
-  cpu::activate(h, rows, n, n, act, at::kFloat);
+  cpu::activate_aten(h, rows, n, n, act, at::kFloat);
 }
 
 // Fused FFN row split: each thread takes an equal contiguous range of rows in chunks of
