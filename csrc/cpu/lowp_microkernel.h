@@ -582,11 +582,9 @@ inline void block_w8(const float* A, int64_t rows, int64_t lda, const int8_t* bl
   block_w8_generic<BO, OutT>(A, rows, lda, blocks, s, o, ep, out, ldo);
 }
 
-// ---- the int8 FFN's activation, in place on an fp32 [rows, n] buffer -----------------------
-// ATen's (activation.h): the intermediate is quantized next, where an ulp can move a code, and
-// the fused int8 FFN gives exactly what bsr_linear_int8 -> F.gelu -> bsr_linear_int8 gives.
+// ---- the int8 FFN's activation (activation.h), in place on an fp32 [rows, n] buffer ------
 inline void activate(float* h, int64_t rows, int64_t n, Activation act) {
-  cpu::activate_aten(h, rows, n, n, act, at::kFloat);
+  cpu::activate(h, rows, n, n, act, at::kFloat);
 }
 
 // Fused FFN row split: each thread takes an equal contiguous range of rows in chunks of

@@ -48,10 +48,22 @@ def composed(x, l1, l2, activation, scheme):
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "none"])
 def test_fused_is_the_composition_row_for_row(isa, tokens, density, activation):
-    (_, l1), (_, l2) = layers(density)
+    (_, l1), (w2, l2) = layers(density)
     x = torch.randn(tokens, K)
     y = bsr_ffn_int8(x, l1, l2, activation, scheme="w8a8", backend="cpu")
-    assert torch.equal(y, composed(x, l1, l2, activation, "w8a8"))
+    want = composed(x, l1, l2, activation, "w8a8")
+    if isa == "generic" or activation != "gelu":
+        assert torch.equal(y, want)
+        return
+    # On AVX-512 the kernel's GELU (activation.h) is within an ulp or two of F.gelu, not equal:
+    # a row's intermediate scale may move by an ulp, and rarely a code by one step, which moves
+    # that row by the scale times a column of W2
+    h = activate(torch.ops.sparsekernels.bsr_linear_int8(x, *l1, "w8a8", "cpu"), activation)
+    _, h_scale = ref.quantize_rows(h)
+    step = h_scale.double()[:, None] * w2.to_dense().abs().max().item()
+    diff = (y.double() - want.double()).abs()
+    assert (diff <= 2 * step + 1e-5 * want.abs().max().item()).all()
+    assert diff.median() <= 1e-6 * want.abs().max().item()  # most outputs agree to rounding
 
 
 @pytest.mark.parametrize("scheme", ["auto", "w8", "w8a8"])
