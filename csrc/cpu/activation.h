@@ -27,7 +27,7 @@ inline Activation parse_activation(const std::string& name) {
 // GELU(x) = x / 2 * (1 + erf(x / sqrt(2))) on 16 lanes. erf is the odd / even rational
 // approximation Eigen and XLA use for float (absolute error below 1e-7; the argument clamped
 // to [-4, 4], where erf is +-1 in fp32): no exp, so far fewer instructions than ATen's erf,
-// which with the matmul's own cost makes the activation a visible part of a fused FFN.
+// whose cost was a visible part of a fused low-precision FFN's time.
 // A nan stays nan (min / max return their second operand when one is nan).
 SK_TARGET_AVX512 inline __m512 gelu16(__m512 x) {
   const __m512 z = _mm512_max_ps(_mm512_set1_ps(-4.f),
