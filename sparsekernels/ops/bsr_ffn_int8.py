@@ -4,9 +4,11 @@ act(x @ W1.T + b1) @ W2.T + b2, each W = scale * q as in bsr_linear_int8.
 With the w8a8 scheme on the CPU this is one fused kernel (csrc/cpu/bsr_ffn_int8.cpp): each
 thread quantizes its rows, keeps their fp32 intermediate in its own buffer (bias and
 activation applied there), re-quantizes it per row and multiplies by W2, so the [T, N1]
-intermediate never reaches memory; per row it computes exactly bsr_linear_int8(w8a8) ->
-activation in fp32 -> bsr_linear_int8(w8a8). With w8 (few rows) or off the CPU it runs the
-two layers with bsr_linear_int8 around the activation.
+intermediate never reaches memory; per row it computes bsr_linear_int8(w8a8) -> activation
+in fp32 -> bsr_linear_int8(w8a8), exactly, except that on AVX-512 its GELU is the kernel's
+own (csrc/cpu/activation.h, within an ulp or two of F.gelu), which can move a code of the
+re-quantized intermediate. With w8 (few rows) or off the CPU it runs the two layers with
+bsr_linear_int8 around the activation.
 The gated form is ops.bsr_gated_ffn_int8.
 """
 
