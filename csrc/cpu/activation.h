@@ -64,14 +64,9 @@ inline bool has_act16(Activation act) {
          lowp::use_avx512();
 }
 
-// The lanes of a row's last, partial piece of 16 (0: none)
-inline __mmask16 tail_lanes(int64_t width) {
-  return static_cast<__mmask16>((1u << (width % 16)) - 1);
-}
-
 template <Activation A>
 SK_TARGET_AVX512 void activate16(float* h, int64_t rows, int64_t width, int64_t ld) {
-  const __mmask16 tail = tail_lanes(width);
+  const __mmask16 tail = lowp::tail_lanes(width);
   for (int64_t t = 0; t < rows; ++t) {
     float* r = h + t * ld;
     int64_t j = 0;

@@ -65,7 +65,7 @@ void ffn_int8(const InT* X, int64_t rows, int64_t k, const Layer& l1, const Laye
     e2.xzero = hz.data();
     for (int64_t o = 0; o < l1.s.n_out; ++o)
       block_u8s8<BO1, float>(xq.data(), rc, k, l1.packed, l1.s, o, e1, h.data(), n1);
-    activate(h.data(), rc, n1, act);
+    cpu::activate(h.data(), rc, n1, n1, act, at::kFloat);
     if (up) {
       Int8Epilogue eu = up->ep;
       eu.xscale = xs.data();

@@ -4,6 +4,7 @@
 // features still compiles.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -52,6 +53,13 @@ inline bool forced_generic() {
 inline bool use_avx512() { return features().avx512 && !forced_generic(); }
 inline bool use_bf16() { return features().bf16 && !forced_generic(); }
 inline bool use_vnni() { return features().vnni && !forced_generic(); }
+
+#ifdef SK_LOWP_X86
+// The lanes of a row's last, partial piece of 16 (0: none), for masked loads and stores
+inline __mmask16 tail_lanes(int64_t width) {
+  return static_cast<__mmask16>((1u << (width % 16)) - 1u);
+}
+#endif
 
 }  // namespace lowp
 }  // namespace cpu

@@ -582,11 +582,6 @@ inline void block_w8(const float* A, int64_t rows, int64_t lda, const int8_t* bl
   block_w8_generic<BO, OutT>(A, rows, lda, blocks, s, o, ep, out, ldo);
 }
 
-// ---- the int8 FFN's activation (activation.h), in place on an fp32 [rows, n] buffer ------
-inline void activate(float* h, int64_t rows, int64_t n, Activation act) {
-  cpu::activate(h, rows, n, n, act, at::kFloat);
-}
-
 // Fused FFN row split: each thread takes an equal contiguous range of rows in chunks of
 // about `wanted` rows (whole tiles of q rows but the last); body(t0, rc, mc) runs one chunk
 // of rc rows, mc the chunk size its buffers need. The ranges are not rounded to whole tiles:

@@ -58,7 +58,7 @@ SK_TARGET_AVX512 void rows_avx512(const T* x, int64_t n, int64_t r0, int64_t r1,
                                   const RmsArgs& a, T* y) {
   constexpr __mmask16 all = 0xffff;
   const int64_t body = n / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - body)) - 1u);
+  const __mmask16 tail = lowp::tail_lanes(n);
   for (int64_t i = r0; i < r1; ++i) {
     const T* xi = x + i * n;
     __m512 acc = _mm512_setzero_ps();
