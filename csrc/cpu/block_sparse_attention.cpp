@@ -107,10 +107,12 @@ typedef int32_t VInt __attribute__((vector_size(64)));
 
 // 2^f for |f| <= 1/2 by a polynomial of degree Deg (Horner): 7 for fp32 results (relative
 // error far below fp32's), 5 where the result is rounded to bf16 next (about 1e-7 relative,
-// still below fp32's own rounding; two FMAs fewer per 16 values).
+// still below fp32's own rounding; two FMAs fewer per 16 values), 4 for an attention tile's
+// probabilities (2.9e-6 relative, measured in float32 over [-1/2, 1/2]: a seven-hundredth of
+// the bf16 rounding they get for P V; the fp32 sum inherits it).
 template <int Deg, typename V>
 inline V exp2_poly(V f) {
-  static_assert(Deg == 5 || Deg == 7, "exp2_poly: degree 5 or 7");
+  static_assert(Deg == 4 || Deg == 5 || Deg == 7, "exp2_poly: degree 4, 5 or 7");
   if constexpr (Deg == 7) {
     V p = f * 1.525273380405984e-05f + 1.5403530393381608e-04f;
     p = p * f + 1.3333558146428443e-03f;
@@ -118,6 +120,11 @@ inline V exp2_poly(V f) {
     p = p * f + 5.550410866482158e-02f;
     p = p * f + 2.402265069591007e-01f;
     p = p * f + 6.931471805599453e-01f;
+    return p * f + 1.0f;
+  } else if constexpr (Deg == 4) {
+    V p = f * 9.582847349584115e-03f + 5.590643896020627e-02f;
+    p = p * f + 2.4024098819859213e-01f;
+    p = p * f + 6.931241911147928e-01f;
     return p * f + 1.0f;
   } else {
     V p = f * 1.3264726899094232e-03f + 9.67151266056224e-03f;
@@ -401,12 +408,13 @@ void pack_transposed(const T* src, int64_t ld, int64_t kr, int64_t D, int64_t bk
     for (int64_t j = kr; j < bk; ++j) dst[d * bk + j] = T(0);
 }
 
-// Ask for the rows of a [rows, D] block ahead of use (the next stored key block).
-template <typename T>
+// Ask for the rows of a [rows, D] block ahead of use (the next stored key block); Write: to
+// be written (an output row's lines owned before the store, which else waits for them).
+template <typename T, bool Write = false>
 inline void prefetch_rows(const T* src, int64_t ld, int64_t rows, int64_t D) {
   constexpr int64_t per_line = 64 / sizeof(T);
   for (int64_t j = 0; j < rows; ++j)
-    for (int64_t d = 0; d < D; d += per_line) __builtin_prefetch(src + j * ld + d, 0, 2);
+    for (int64_t d = 0; d < D; d += per_line) __builtin_prefetch(src + j * ld + d, Write, 2);
 }
 
 // --- tiles: how one (query block, key block) pair is multiplied -------------------------------
@@ -502,34 +510,115 @@ void over_row_tiles(int64_t bk, int64_t qr, F&& f) {
   }, "attention key block");
 }
 
+// Lane i = op over the 16 lanes of v[i], for N <= 16 vectors: four halving stages that each
+// combine two vectors (shuffle both ways, one op), so rows share the shuffles a reduction per
+// row would repeat (22 instructions for 6 rows, against 48 and a blend per row). After the
+// stages lane 4q + t holds row q + 4t; one permute puts row i in lane i.
+template <int N, typename Op>
+SPARSEKERNELS_AVX512BF16 inline __m512 reduce_lanes(const __m512 (&v)[N], Op op) {
+  static_assert(N >= 1 && N <= 16, "reduce_lanes: 1 to 16 vectors");
+  constexpr int N1 = (N + 1) / 2, N2 = (N1 + 1) / 2, N3 = (N2 + 1) / 2;
+  __m512 a[N1], b[N2], c[N3];
+#pragma GCC unroll 8
+  for (int i = 0; i < N1; ++i) {  // 256-bit halves: row 2i in quarters 0-1, 2i + 1 in 2-3
+    const __m512 x = v[2 * i], y = v[std::min(2 * i + 1, N - 1)];
+    a[i] = op(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < N2; ++i) {  // 128-bit quarters: quarter q holds row 4i + q
+    const __m512 x = a[2 * i], y = a[std::min(2 * i + 1, N1 - 1)];
+    b[i] = op(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < N3; ++i) {  // lane pairs: quarter q holds rows 8i + q and 8i + 4 + q
+    const __m512 x = b[2 * i], y = b[std::min(2 * i + 1, N2 - 1)];
+    c[i] = op(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xEE));
+  }
+  const __m512 x = c[0], y = c[N3 - 1];
+  const __m512 d = op(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xDD));
+  return _mm512_permutexvar_ps(
+      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), d);
+}
+
+// 2^x for the probabilities of a tile (x = score * scale - max <= 0): vexp2 without its mask
+// for exact zeros, the clamp at -150 instead, where 2^n's scaling rounds to 0; between 2^-149
+// and 2^-126 a denormal stays (rounding to bf16 flushes it to 0; the fp32 sum cannot see it).
+// -inf gives 0, nan stays nan, as in vexp2.
+template <int Deg>
+SPARSEKERNELS_AVX512BF16 inline __m512 vexp2_tile(__m512 x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);  // nan: its second operand
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 p = (__m512)exp2_poly<Deg>((Vec<float>::type)_mm512_sub_ps(xc, n));
+  return _mm512_scalef_ps(p, n);
+}
+
 // The online-softmax step of R rows of a tile whose scores are all kept (no mask, every key
 // visible, scale > 0), on the product's registers: no pass over a stored S. acc holds the
 // scores; row r's are multiplied by scale[r] (log2 units). The tile's probabilities
 // 2^(s * scale - max) go to p (bf16, row r at p + r * ldp); the running max m and sum l are
 // updated, and alpha[r] is the factor O's row must be rescaled by (0 when nothing was kept
-// yet, 1 when the max did not change), applied by bf16_pv_rows.
+// yet, 1 when the max did not change), applied by bf16_pv_rows. The rows' statistics are the
+// lanes of one vector: no scalar exp2 call (the accumulators were spilled around it) and no
+// branch on the data (whether a row's max moved is a coin toss a branch mispredicts).
+// softmax_lanes: rows G0 to G0 + N (N <= 16) of it.
+template <int BK, int R, int G0, int N>
+SPARSEKERNELS_AVX512BF16 inline void softmax_lanes(const __m512 (&acc)[R][BK / 16],
+                                                   const float* scale, float* m, float* l,
+                                                   float* alpha, c10::BFloat16* p,
+                                                   int64_t ldp) {
+  using V = Vec<float>::type;
+  constexpr int NV = BK / 16;
+  constexpr int kInf = 0x08 | 0x10;  // vfpclassps: +inf, -inf
+  constexpr __mmask16 rows = static_cast<__mmask16>((1u << N) - 1);
+  const auto vmax = [](__m512 x, __m512 y) { return _mm512_max_ps(x, y); };
+  const auto vadd = [](__m512 x, __m512 y) { return _mm512_add_ps(x, y); };
+  __m512 part[N];
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) {
+    part[i] = acc[G0 + i][0];
+#pragma GCC unroll 8
+    for (int j = 1; j < NV; ++j) part[i] = _mm512_max_ps(part[i], acc[G0 + i][j]);
+  }
+  const __m512 mx = reduce_lanes<N>(part, vmax);
+  const __m512 vscale = _mm512_maskz_loadu_ps(rows, scale + G0);
+  const __m512 old = _mm512_maskz_loadu_ps(rows, m + G0);
+  // std::max(old, x): old where x is nan (vmaxps returns its second operand for a nan)
+  const __m512 now = _mm512_max_ps(_mm512_mul_ps(mx, vscale), old);
+  const __m512 shift = _mm512_maskz_mov_ps(~_mm512_fpclass_ps_mask(now, kInf), now);
+  // 0 where nothing was kept yet (old = -inf); 2^0 = 1 exactly where the max did not move
+  const __m512 a = _mm512_maskz_mov_ps(~_mm512_fpclass_ps_mask(old, kInf),
+                                       (__m512)vexp2((V)_mm512_sub_ps(old, shift)));
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) {
+    const __m512i lane = _mm512_set1_epi32(i);
+    const __m512 rs = _mm512_permutexvar_ps(lane, vscale);
+    const __m512 rh = _mm512_permutexvar_ps(lane, shift);
+    part[i] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      const __m512 e = vexp2_tile<4>(_mm512_fmsub_ps(acc[G0 + i][j], rs, rh));
+      part[i] = _mm512_add_ps(part[i], e);
+      _mm256_storeu_si256((__m256i*)(p + (G0 + i) * ldp + j * 16),
+                          (__m256i)_mm512_cvtneps_pbh(e));
+    }
+  }
+  const __m512 sums = reduce_lanes<N>(part, vadd);
+  _mm512_mask_storeu_ps(l + G0, rows,
+                        _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, l + G0), a, sums));
+  _mm512_mask_storeu_ps(m + G0, rows, now);
+  _mm512_mask_storeu_ps(alpha + G0, rows, a);
+}
+
 template <int BK, int R>
 SPARSEKERNELS_AVX512BF16 inline void softmax_registers(const __m512 (&acc)[R][BK / 16],
                                                        const float* scale, float* m, float* l,
                                                        float* alpha, c10::BFloat16* p,
                                                        int64_t ldp) {
-  constexpr int NV = BK / 16;
-  for (int r = 0; r < R; ++r) {
-    __m512 mx = acc[r][0];
-    for (int j = 1; j < NV; ++j) mx = _mm512_max_ps(mx, acc[r][j]);
-    const float old = m[r], now = std::max(old, hmax((Vec<float>::type)mx) * scale[r]);
-    const float shift = std::isinf(now) ? 0.f : now;
-    alpha[r] = std::isinf(old) ? 0.f : old == now ? 1.f : std::exp2(old - shift);
-    const __m512 vscale = _mm512_set1_ps(scale[r]), vshift = _mm512_set1_ps(shift);
-    __m512 sum = _mm512_setzero_ps();
-    for (int j = 0; j < NV; ++j) {
-      const __m512 e =
-          (__m512)vexp2<5>((Vec<float>::type)_mm512_fmsub_ps(acc[r][j], vscale, vshift));
-      sum = _mm512_add_ps(sum, e);
-      _mm256_storeu_si256((__m256i*)(p + r * ldp + j * 16), (__m256i)_mm512_cvtneps_pbh(e));
-    }
-    l[r] = l[r] * alpha[r] + hsum((Vec<float>::type)sum);
-    m[r] = now;
+  if constexpr (R <= 16) {
+    softmax_lanes<BK, R, 0, R>(acc, scale, m, l, alpha, p, ldp);
+  } else {  // narrow key blocks: up to 24 rows
+    softmax_lanes<BK, R, 0, 16>(acc, scale, m, l, alpha, p, ldp);
+    softmax_lanes<BK, R, 16, R - 16>(acc, scale, m, l, alpha, p, ldp);
   }
 }
 
@@ -1229,6 +1318,10 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
         const int64_t next = u % chunk != chunk - 1 ? u + 1 : u + 1 + (threads - 1) * chunk;
         if (next < units) prefetch_item(P, kv, next);
       }
+      if (splits == 1)  // the item's output rows, written after it computes
+        for (int64_t g = 0; g < G; ++g)
+          prefetch_rows<typename Tile::E, true>(
+              out + b * so[0] + (hk * G + g) * so[1] + q0 * so[2], so[2], qr, D);
       forward_item<Tile>(P, b, hk, qb, kv.idx.data() + kv.ptr[item], cnt * part / splits,
                          cnt * (part + 1) / splits, rows, w);
       for (int64_t g = 0; g < G; ++g) {
