@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -1179,6 +1180,20 @@ struct ForwardScratch {
         l(G * rows), alpha(Tile::kFusedSoftmax ? G * rows : 0), stores(G), packed(slots) {}
 };
 
+// Rows of the bf16 / int8 register tiles (bf16_tile_rows) for a width known at run time: a key
+// block for Q K^T, the head dim for P V.
+inline int64_t tile_rows(int64_t width) {
+  const int64_t nv = std::max<int64_t>(1, width / 16);
+  return nv >= 8 ? 3 : 24 / nv;
+}
+
+// Rows per step of the fused tiles: whole register tiles of Q K^T (a key block of bk) and of
+// P V (head dim D), at least 12.
+inline int64_t fused_step(int64_t bk, int64_t D) {
+  const int64_t both = std::lcm(tile_rows(bk), tile_rows(D));
+  return both * ((12 + both - 1) / both);
+}
+
 template <typename Tile>
 void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t b, int64_t hk,
                   int64_t qb, const int32_t* idx, int64_t e0, int64_t e1, int64_t rows,
@@ -1235,10 +1250,17 @@ void forward_item(const Problem<typename Tile::E, typename Tile::A>& P, int64_t 
       E* pbuf = Tile::kPacksV ? w.Pb.data() + off * bk : nullptr;
       if constexpr (Tile::kFusedSoftmax) {
         if (plain) {  // the softmax step on the products' registers, O's rescale in P V's
-          Tile::scores_softmax(Qs + off * ldq, ldq, m_rows, kbuf, D, bk, P.qk_scale,
-                               w.m.data() + off, w.l.data() + off, w.alpha.data() + off, pbuf);
-          Tile::accumulate(nullptr, m_rows, bk, kr, vbase + k0 * P.sv[2], P.sv[2], vbuf,
-                           pbuf, D, w.alpha.data() + off, w.O.data() + off * D);
+          // a few rows at a time through both products, whole register tiles of each: their
+          // P and O rows stay in L1 from one to the other (all the rows' P and O at once, with
+          // the packed K and V, outgrew it)
+          const int64_t step = fused_step(bk, D);
+          for (int64_t c = 0; c < m_rows; c += step) {
+            const int64_t n = std::min(step, m_rows - c), o = off + c;
+            Tile::scores_softmax(Qs + o * ldq, ldq, n, kbuf, D, bk, P.qk_scale, w.m.data() + o,
+                                 w.l.data() + o, w.alpha.data() + o, pbuf + c * bk);
+            Tile::accumulate(nullptr, n, bk, kr, vbase + k0 * P.sv[2], P.sv[2], vbuf,
+                             pbuf + c * bk, D, w.alpha.data() + o, w.O.data() + o * D);
+          }
           return;
         }
       }
