@@ -56,30 +56,25 @@ void ffn_int8(const InT* X, int64_t rows, int64_t k, const Layer& l1, const Laye
       xz.resize(mc);
       hz.resize(mc);
     }
-    for (int64_t r = 0; r < rc; ++r)
-      quantize_row<InT>(X + (t0 + r) * k, k, xq.data() + r * k, &xs[r], &xz[r]);
+    quantize_rows<InT>(X + t0 * k, k, rc, k, xq.data(), xs.data(), xz.data());
     Int8Epilogue e1 = l1.ep, e2 = l2.ep;
     e1.xscale = xs.data();
     e1.xzero = xz.data();
     e2.xscale = hs.data();
     e2.xzero = hz.data();
-    for (int64_t o = 0; o < l1.s.n_out; ++o)
-      block_u8s8<BO1, float>(xq.data(), rc, k, l1.packed, l1.s, o, e1, h.data(), n1);
+    blocks_u8s8<BO1, float>(xq.data(), rc, k, l1.packed, l1.s, e1, h.data(), n1);
     cpu::activate(h.data(), rc, n1, n1, act, at::kFloat);
     if (up) {
       Int8Epilogue eu = up->ep;
       eu.xscale = xs.data();
       eu.xzero = xz.data();
-      for (int64_t o = 0; o < up->s.n_out; ++o)
-        block_u8s8<BO1, float>(xq.data(), rc, k, up->packed, up->s, o, eu, hu.data(), n1);
+      blocks_u8s8<BO1, float>(xq.data(), rc, k, up->packed, up->s, eu, hu.data(), n1);
       float* hp = h.data();
       const float* up_h = hu.data();
       for (int64_t i = 0; i < rc * n1; ++i) hp[i] *= up_h[i];
     }
-    for (int64_t r = 0; r < rc; ++r)
-      quantize_row<float>(h.data() + r * n1, n1, hq.data() + r * n1, &hs[r], &hz[r]);
-    for (int64_t o = 0; o < l2.s.n_out; ++o)
-      block_u8s8<BO2, OutT>(hq.data(), rc, n1, l2.packed, l2.s, o, e2, out + t0 * n2, n2);
+    quantize_rows<float>(h.data(), n1, rc, n1, hq.data(), hs.data(), hz.data());
+    blocks_u8s8<BO2, OutT>(hq.data(), rc, n1, l2.packed, l2.s, e2, out + t0 * n2, n2);
     if (an) apply_add_norm<OutT>(*an, out, n2, t0, t0 + rc);
   });
 }

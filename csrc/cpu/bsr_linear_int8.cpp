@@ -125,13 +125,13 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
     float* sp = xs.data_ptr<float>();
     int32_t* zp = xz.data_ptr<int32_t>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        if (bf16) {
-          quantize_row<uint16_t>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + r * k,
-                                 k, qp + r * k, sp + r, zp + r);
-        } else {
-          quantize_row<float>(xc.data_ptr<float>() + r * k, k, qp + r * k, sp + r, zp + r);
-        }
+      if (bf16) {
+        quantize_rows<uint16_t>(
+            reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + r0 * k, k,
+            r1 - r0, k, qp + r0 * k, sp + r0, zp + r0);
+      } else {
+        quantize_rows<float>(xc.data_ptr<float>() + r0 * k, k, r1 - r0, k, qp + r0 * k, sp + r0,
+                             zp + r0);
       }
     });
     dispatch_block(bm, [&](auto bo) {

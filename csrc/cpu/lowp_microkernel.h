@@ -377,6 +377,22 @@ inline void quantize_row(const T* x, int64_t k, uint8_t* q, float* scale, int32_
   quantize_row_generic<T>(x, k, q, scale, zero);
 }
 
+// quantize_row over rows of x (ld apart) into rows of q (k apart); the ISA asked once for all
+// of them (SPARSEKERNELS_CPU_ISA is an environment read: per row it was a visible cost)
+template <typename T>
+inline void quantize_rows(const T* x, int64_t ld, int64_t rows, int64_t k, uint8_t* q,
+                          float* scale, int32_t* zero) {
+#ifdef SK_LOWP_X86
+  if (use_vnni()) {
+    for (int64_t r = 0; r < rows; ++r)
+      quantize_row_avx512<T>(x + r * ld, k, q + r * k, scale + r, zero + r);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r)
+    quantize_row_generic<T>(x + r * ld, k, q + r * k, scale + r, zero + r);
+}
+
 // What the int8 epilogue needs per output column and per row.
 struct Int8Epilogue {
   const int32_t* wsum;   // [N] sum_k w (W8A8 only)
@@ -571,6 +587,21 @@ inline void block_u8s8(const uint8_t* A, int64_t rows, int64_t lda, const int8_t
   if (use_vnni()) return block_u8s8_avx512<BO, OutT>(A, rows, lda, blocks, s, o, ep, out, ldo);
 #endif
   block_u8s8_generic<BO, OutT>(A, rows, lda, blocks, s, o, ep, out, ldo);
+}
+
+// block_u8s8 for every output block of the layer (o = 0 .. s.n_out), the ISA asked once
+template <int BO, typename OutT>
+inline void blocks_u8s8(const uint8_t* A, int64_t rows, int64_t lda, const int8_t* blocks,
+                        const Rows& s, const Int8Epilogue& ep, OutT* out, int64_t ldo) {
+#ifdef SK_LOWP_X86
+  if (use_vnni()) {
+    for (int64_t o = 0; o < s.n_out; ++o)
+      block_u8s8_avx512<BO, OutT>(A, rows, lda, blocks, s, o, ep, out, ldo);
+    return;
+  }
+#endif
+  for (int64_t o = 0; o < s.n_out; ++o)
+    block_u8s8_generic<BO, OutT>(A, rows, lda, blocks, s, o, ep, out, ldo);
 }
 
 template <int BO, typename OutT>
