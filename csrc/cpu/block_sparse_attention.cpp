@@ -452,6 +452,12 @@ struct FloatTile {
   }
 };
 
+// Rows of the bf16 / int8 register tiles for a width (a key block for Q K^T, the head dim for
+// P V) of 16-float accumulator vectors per row: about 24 accumulators.
+constexpr int bf16_tile_rows(int64_t width) {
+  return width / 16 >= 8 ? 3 : static_cast<int>(24 / (width / 16 > 0 ? width / 16 : 1));
+}
+
 #ifdef SPARSEKERNELS_BF16_DOT
 #define SPARSEKERNELS_AVX512BF16 \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
@@ -462,12 +468,6 @@ inline uint32_t load_pair(const c10::BFloat16* p) {
   uint32_t u;
   std::memcpy(&u, p, 4);
   return u;
-}
-
-// Rows of the register tile for NV accumulator vectors per row: about 24 accumulators.
-template <int NV>
-constexpr int bf16_tile_rows() {
-  return NV >= 8 ? 3 : 24 / NV;
 }
 
 // acc[R][BK/16] = Q[R, D] K^T; kp: K as pairs along D, [D/2][BK] 32-bit units.
@@ -504,7 +504,7 @@ SPARSEKERNELS_AVX512BF16 void bf16_scores_rows(const c10::BFloat16* q, int64_t l
 template <typename F>
 void over_row_tiles(int64_t bk, int64_t qr, F&& f) {
   dispatch_block(bk, [&](auto w) {
-    constexpr int MR = bf16_tile_rows<decltype(w)::value / 16>();
+    constexpr int MR = bf16_tile_rows(decltype(w)::value);
     for (int64_t r0 = 0; r0 < qr; r0 += MR)
       dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)),
                         [&](auto rows) { f(w, rows, r0); });
@@ -674,7 +674,7 @@ SPARSEKERNELS_AVX512BF16 void bf16_pv_rows(const uint32_t* pp, int64_t ldp, int6
 template <int DV>
 void bf16_pv(const uint32_t* pp, int64_t ldp, int64_t qr, int64_t npairs, const uint32_t* vp,
              const float* alpha, float* O) {
-  constexpr int MR = bf16_tile_rows<DV / 16>();
+  constexpr int MR = bf16_tile_rows(DV);
   for (int64_t r0 = 0; r0 < qr; r0 += MR)
     dispatch_rows<MR>(static_cast<int>(std::min<int64_t>(MR, qr - r0)), [&](auto rows) {
       bf16_pv_rows<DV, decltype(rows)::value>(pp + r0 * ldp, ldp, npairs, vp,
@@ -1180,17 +1180,10 @@ struct ForwardScratch {
         l(G * rows), alpha(Tile::kFusedSoftmax ? G * rows : 0), stores(G), packed(slots) {}
 };
 
-// Rows of the bf16 / int8 register tiles (bf16_tile_rows) for a width known at run time: a key
-// block for Q K^T, the head dim for P V.
-inline int64_t tile_rows(int64_t width) {
-  const int64_t nv = std::max<int64_t>(1, width / 16);
-  return nv >= 8 ? 3 : 24 / nv;
-}
-
 // Rows per step of the fused tiles: whole register tiles of Q K^T (a key block of bk) and of
 // P V (head dim D), at least 12.
 inline int64_t fused_step(int64_t bk, int64_t D) {
-  const int64_t both = std::lcm(tile_rows(bk), tile_rows(D));
+  const int64_t both = std::lcm(bf16_tile_rows(bk), bf16_tile_rows(D));
   return both * ((12 + both - 1) / both);
 }
 

@@ -369,16 +369,8 @@ SK_TARGET_VNNI void quantize_row_avx512(const T* x, int64_t k, uint8_t* q, float
 }
 #endif
 
-template <typename T>
-inline void quantize_row(const T* x, int64_t k, uint8_t* q, float* scale, int32_t* zero) {
-#ifdef SK_LOWP_X86
-  if (use_vnni()) return quantize_row_avx512<T>(x, k, q, scale, zero);
-#endif
-  quantize_row_generic<T>(x, k, q, scale, zero);
-}
-
-// quantize_row over rows of x (ld apart) into rows of q (k apart); the ISA asked once for all
-// of them (SPARSEKERNELS_CPU_ISA is an environment read: per row it was a visible cost)
+// Rows of x (ld apart) quantized into rows of q (k apart), the ISA asked once for all of them
+// (SPARSEKERNELS_CPU_ISA is an environment read: per row it was a visible cost)
 template <typename T>
 inline void quantize_rows(const T* x, int64_t ld, int64_t rows, int64_t k, uint8_t* q,
                           float* scale, int32_t* zero) {
