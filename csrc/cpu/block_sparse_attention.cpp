@@ -739,8 +739,12 @@ inline void bf16_pack_k(const c10::BFloat16* k, int64_t ld, int64_t kr, int64_t 
 SPARSEKERNELS_AVX512BF16 void bf16_store_row(const float* o, float inv, int64_t D,
                                              c10::BFloat16* dst) {
   const __m512 s = _mm512_set1_ps(inv);
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : (__mmask16(1) << (D - d)) - 1;
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16)  // whole vectors without a mask
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(o + d), s)));
+  if (d < D) {
+    const __mmask16 m = (__mmask16(1) << (D - d)) - 1;
     const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, o + d), s);
     _mm256_mask_storeu_epi16(dst + d, m, (__m256i)_mm512_cvtneps_pbh(x));
   }
@@ -1141,6 +1145,23 @@ void softmax_step(typename Tile::A* S, int64_t qr, int64_t bk, int64_t D, typena
   }
 }
 
+// Rows [0, qr) of O / l in E, row r at dst + r * ld (zeros where no key was allowed), for a
+// forward that keeps no statistics: the reciprocals first, in a loop the compiler vectorizes,
+// so that no row's stores wait on its own division.
+template <typename Tile>
+void finish_rows(const typename Tile::A* O, const typename Tile::A* l, int64_t qr, int64_t D,
+                 typename Tile::E* dst, int64_t ld) {
+  using A = typename Tile::A;
+  constexpr int64_t kChunk = 64;
+  A inv[kChunk];
+  for (int64_t r0 = 0; r0 < qr; r0 += kChunk) {
+    const int64_t n = std::min(kChunk, qr - r0);
+    for (int64_t r = 0; r < n; ++r) inv[r] = l[r0 + r] > A(0) ? A(1) / l[r0 + r] : A(0);
+    for (int64_t r = 0; r < n; ++r)
+      Tile::store_row(O + (r0 + r) * D, inv[r], D, dst + (r0 + r) * ld);
+  }
+}
+
 // out row = O / l in E (zeros where no key was allowed); stats (when kept for a backward):
 // max (+inf there), log2(l).
 template <typename Tile>
@@ -1340,6 +1361,11 @@ void forward(const Problem<typename Tile::E, typename Tile::A>& P, const BlockLi
       forward_item<Tile>(P, b, hk, qb, kv.idx.data() + kv.ptr[item], cnt * part / splits,
                          cnt * (part + 1) / splits, rows, w);
       for (int64_t g = 0; g < G; ++g) {
+        if (splits == 1 && stats == nullptr) {
+          finish_rows<Tile>(w.O.data() + g * rows * D, w.l.data() + g * rows, qr, D,
+                            out + b * so[0] + (hk * G + g) * so[1] + q0 * so[2], so[2]);
+          continue;
+        }
         const int64_t bh = b * P.H + hk * G + g;
         for (int64_t r = 0; r < qr; ++r) {
           const A* o = w.O.data() + (g * rows + r) * D;
