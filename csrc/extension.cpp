@@ -40,6 +40,19 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("bias"),
         pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("w8_max_rows"),
         pybind11::arg("out_dtype") = pybind11::none());
+  m.def("int8_quantize_rows", &sparsekernels::cpu::int8_quantize_rows,
+        "x's rows quantized as the w8a8 int8 kernels quantize them: [codes (uint8), scales "
+        "(float32), zero points (int32)]; empty for an x that is not [..., in_features] float32 "
+        "or bfloat16 on the CPU",
+        pybind11::arg("x"), pybind11::arg("in_features"));
+  m.def("int8_linear_quantized_inference",
+        &sparsekernels::cpu::int8_linear_quantized_inference,
+        "int8_linear_inference (scheme w8a8) on rows int8_quantize_rows made from x; None for an "
+        "x it does not take",
+        pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("xs"), pybind11::arg("xz"),
+        pybind11::arg("packed"), pybind11::arg("comp"), pybind11::arg("scale"),
+        pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("bias"),
+        pybind11::arg("in_features"), pybind11::arg("out_dtype") = pybind11::none());
   // the same with a post-norm block's epilogue: layer_norm(out + residual) (cpu/direct.h)
   m.def("linear_add_norm_inference", &sparsekernels::cpu::linear_add_norm_inference,
         "linear_inference, then layer_norm(out + residual) on each finished chunk of rows (bf16 "

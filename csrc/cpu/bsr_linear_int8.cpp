@@ -90,6 +90,96 @@ void check_int8_layer(const at::Tensor& packed, const at::Tensor& comp, const at
                 " bias must have ", n, " elements, got ", bias->sizes());
 }
 
+// The w8a8 path's dynamic quantization of x [rows, k] (contiguous, float32 or bfloat16): u8
+// codes [rows, k], one scale (float32) and zero point (int32) per row. It depends on x alone,
+// so layers that read one input (an attention's q, k and v) can share it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Tensor& xc) {
+  const int64_t rows = xc.size(0), k = xc.size(1);
+  at::Tensor q = at::empty({rows, k}, xc.options().dtype(at::kByte));
+  at::Tensor xs = at::empty({rows}, xc.options().dtype(at::kFloat));
+  at::Tensor xz = at::empty({rows}, xc.options().dtype(at::kInt));
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* sp = xs.data_ptr<float>();
+  int32_t* zp = xz.data_ptr<int32_t>();
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    if (bf16) {
+      quantize_rows<uint16_t>(
+          reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + r0 * k, k, r1 - r0,
+          k, qp + r0 * k, sp + r0, zp + r0);
+    } else {
+      quantize_rows<float>(xc.data_ptr<float>() + r0 * k, k, r1 - r0, k, qp + r0 * k, sp + r0,
+                           zp + r0);
+    }
+  });
+  return {q, xs, xz};
+}
+
+namespace {
+
+// The w8a8 product on quantized rows (q [rows, k] u8 contiguous, xs / xz [rows]) with the
+// layer's operands checked by the caller.
+at::Tensor run_w8a8(const at::Tensor& q, const at::Tensor& xs, const at::Tensor& xz,
+                    const at::Tensor& packed, const Int8Epilogue& ep, const Rows& s,
+                    const AddNorm* an, at::ScalarType out_type) {
+  const int64_t rows = q.size(0), k = q.size(1), bm = packed.size(2), n = s.n_out * bm;
+  at::Tensor out = at::empty({rows, n}, q.options().dtype(out_type));
+  if (rows == 0 || n == 0) return out;
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = xs.data_ptr<float>();
+  const int32_t* zp = xz.data_ptr<int32_t>();
+  const int8_t* pp = packed.data_ptr<int8_t>();
+  dispatch_block(bm, [&](auto bo) {
+    constexpr int BO = decltype(bo)::value;
+    const int64_t mc = chunk_rows(s, BO, tile_rows<BO>(), 8e6, rows);
+    auto run = [&](auto out_tag) {
+      using OutT = decltype(out_tag);
+      OutT* op = out_ptr<OutT>(out);
+      for_items_add_norm(rows, mc, s.n_out, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
+        Int8Epilogue e = ep;
+        e.xscale = sp + t0;
+        e.xzero = zp + t0;
+        block_u8s8<BO, OutT>(qp + t0 * k, t1 - t0, k, pp, s, o, e, op + t0 * n, n);
+      });
+    };
+    if (out_type == at::kBFloat16) run(uint16_t{});
+    else run(float{});
+  });
+  return out;
+}
+
+}  // namespace
+
+// The layer of linear_int8 (below) on rows quantize_activations made: q [rows, k] u8, xs and
+// xz [rows], checked here (they may come from a caller's cache).
+at::Tensor linear_w8a8(const at::Tensor& q, const at::Tensor& xs, const at::Tensor& xz,
+                       const at::Tensor& packed, const at::Tensor& comp, const at::Tensor& scale,
+                       const at::Tensor& crow, const at::Tensor& col,
+                       const std::optional<at::Tensor>& bias, at::ScalarType out_type) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() &&
+                  q.device().is_cpu(),
+              "sparsekernels: quantized rows must be a contiguous uint8 CPU tensor [rows, k] "
+              "(from int8_quantize_rows), got ", q.scalar_type(), " ", q.sizes());
+  const int64_t rows = q.size(0);
+  for (const at::Tensor* t : {&xs, &xz})
+    TORCH_CHECK(t->dim() == 1 && t->numel() == rows && t->is_contiguous() &&
+                    t->device().is_cpu() &&
+                    t->scalar_type() == (t == &xs ? at::kFloat : at::kInt),
+                "sparsekernels: quantized rows need ", rows, " ", t == &xs ? "float32 scales"
+                : "int32 zero points", " (from int8_quantize_rows), got ", t->scalar_type(), " ",
+                t->sizes());
+  TORCH_CHECK(out_type == at::kFloat || out_type == at::kBFloat16,
+              "sparsekernels: int8 layers write float32 or bfloat16 outputs, not ", out_type);
+  check_int8_layer(packed, comp, scale, crow, col, bias, q.size(1), "W");
+  at::Tensor b;
+  if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
+  const Rows s{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), crow.numel() - 1,
+               packed.size(1) * 4};
+  const Int8Epilogue ep{comp.data_ptr<int32_t>(), scale.data_ptr<float>(), nullptr,
+                        b.defined() ? b.data_ptr<float>() : nullptr, nullptr};
+  return run_w8a8(q, xs, xz, packed, ep, s, nullptr, out_type);
+}
+
 // bsr_linear_int8_cpu with its output in out_type (float32 or bfloat16, either input dtype),
 // and out = layer_norm(out + residual) as its epilogue when `an` is given (its residual:
 // [rows, n] in out_type, checked by the caller).
@@ -109,49 +199,17 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t nbr = crow.numel() - 1, n = nbr * bm;
   at::Tensor b;
   if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
+  const Rows s{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nbr, bk};
+  const Int8Epilogue ep{comp.data_ptr<int32_t>(), scale.data_ptr<float>(), nullptr,
+                        b.defined() ? b.data_ptr<float>() : nullptr, nullptr};
+  if (scheme == "w8a8") {
+    const auto [q, xs, xz] = quantize_activations(x.contiguous());
+    return run_w8a8(q, xs, xz, packed, ep, s, an, out_type);
+  }
   at::Tensor out = at::empty({rows, n}, x.options().dtype(out_type));
   if (rows == 0 || n == 0) return out;
-  const Rows s{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nbr, bk};
   const int8_t* pp = packed.data_ptr<int8_t>();
   const bool bf16 = x.scalar_type() == at::kBFloat16, out_bf16 = out_type == at::kBFloat16;
-  Int8Epilogue ep{comp.data_ptr<int32_t>(), scale.data_ptr<float>(), nullptr,
-                  b.defined() ? b.data_ptr<float>() : nullptr, nullptr};
-  if (scheme == "w8a8") {
-    const at::Tensor xc = x.contiguous();
-    at::Tensor q = at::empty({rows, k}, x.options().dtype(at::kByte));
-    at::Tensor xs = at::empty({rows}, x.options().dtype(at::kFloat));
-    at::Tensor xz = at::empty({rows}, x.options().dtype(at::kInt));
-    uint8_t* qp = q.data_ptr<uint8_t>();
-    float* sp = xs.data_ptr<float>();
-    int32_t* zp = xz.data_ptr<int32_t>();
-    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      if (bf16) {
-        quantize_rows<uint16_t>(
-            reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + r0 * k, k,
-            r1 - r0, k, qp + r0 * k, sp + r0, zp + r0);
-      } else {
-        quantize_rows<float>(xc.data_ptr<float>() + r0 * k, k, r1 - r0, k, qp + r0 * k, sp + r0,
-                             zp + r0);
-      }
-    });
-    dispatch_block(bm, [&](auto bo) {
-      constexpr int BO = decltype(bo)::value;
-      const int64_t mc = chunk_rows(s, BO, tile_rows<BO>(), 8e6, rows);
-      auto run = [&](auto out_tag) {
-        using OutT = decltype(out_tag);
-        OutT* op = out_ptr<OutT>(out);
-        for_items_add_norm(rows, mc, nbr, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
-          Int8Epilogue e = ep;
-          e.xscale = sp + t0;
-          e.xzero = zp + t0;
-          block_u8s8<BO, OutT>(qp + t0 * k, t1 - t0, k, pp, s, o, e, op + t0 * n, n);
-        });
-      };
-      if (out_bf16) run(uint16_t{});
-      else run(float{});
-    });
-    return out;
-  }
   // w8: float rows (bf16 rows are widened once: a few rows, the weights dominate)
   const at::Tensor xf = bf16 ? x.to(at::kFloat).contiguous() : x;
   const int64_t lda = rows > 1 ? xf.stride(0) : k;
@@ -195,6 +253,31 @@ at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
   const std::string chosen = scheme == "auto" ? (x2.size(0) <= w8_max_rows ? "w8" : "w8a8") : scheme;
   return with_leading_dims(x, lowp::linear_int8(x2, packed, comp, scale, crow_indices,
                                                 col_indices, bias, chosen, nullptr,
+                                                out_dtype.value_or(x.scalar_type())));
+}
+
+std::vector<at::Tensor> int8_quantize_rows(const at::Tensor& x, int64_t in_features) {
+  if (x.dim() < 1 || x.size(-1) != in_features || in_features <= 0 || !x.device().is_cpu() ||
+      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
+    return {};
+  const auto [q, xs, xz] = lowp::quantize_activations(x.reshape({-1, in_features}).contiguous());
+  return {q, xs, xz};
+}
+
+at::Tensor int8_linear_quantized_inference(
+    const at::Tensor& x, const at::Tensor& q, const at::Tensor& xs, const at::Tensor& xz,
+    const at::Tensor& packed, const at::Tensor& comp, const at::Tensor& scale,
+    const at::Tensor& crow_indices, const at::Tensor& col_indices,
+    const std::optional<at::Tensor>& bias, int64_t in_features,
+    std::optional<at::ScalarType> out_dtype) {
+  if (x.dim() < 1 || x.size(-1) != in_features || in_features <= 0 || !x.device().is_cpu() ||
+      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
+    return at::Tensor();
+  TORCH_CHECK(q.dim() == 2 && q.size(0) == x.numel() / in_features && q.size(1) == in_features,
+              "sparsekernels: quantized rows [", q.sizes(), "] are not x's rows [",
+              x.numel() / in_features, ", ", in_features, "]");
+  return with_leading_dims(x, lowp::linear_w8a8(q, xs, xz, packed, comp, scale, crow_indices,
+                                                col_indices, bias,
                                                 out_dtype.value_or(x.scalar_type())));
 }
 

@@ -70,6 +70,21 @@ at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
                                  int64_t in_features, int64_t w8_max_rows,
                                  std::optional<at::ScalarType> out_dtype);
 
+// The w8a8 path in two steps, so that layers reading one input quantize it once (an
+// attention's q, k and v projections): int8_quantize_rows gives x's rows as that path
+// quantizes them ({codes u8 [rows, in_features], scales f32 [rows], zero points i32 [rows]};
+// empty for an x it does not take), int8_linear_quantized_inference runs a layer on them
+// (x gives the leading dims and the default out_dtype; the rows are checked against it, an
+// undefined tensor for an x the entry does not take). The result is int8_linear_inference's
+// with scheme w8a8, bit for bit.
+std::vector<at::Tensor> int8_quantize_rows(const at::Tensor& x, int64_t in_features);
+at::Tensor int8_linear_quantized_inference(
+    const at::Tensor& x, const at::Tensor& q, const at::Tensor& xs, const at::Tensor& xz,
+    const at::Tensor& packed, const at::Tensor& comp, const at::Tensor& scale,
+    const at::Tensor& crow_indices, const at::Tensor& col_indices,
+    const std::optional<at::Tensor>& bias, int64_t in_features,
+    std::optional<at::ScalarType> out_dtype);
+
 // The same entries with the epilogue out = layer_norm(out + residual) (a post-norm block's
 // residual add and LayerNorm, on each chunk of rows the kernel finishes): residual has the
 // output's shape and x's dtype; weight / bias the norm's (optional), eps its epsilon. The

@@ -39,7 +39,9 @@ from sparsekernels.ops.bsr_ffn import activate
 from sparsekernels.ops.bsr_ffn_int8 import ffn_int8_eager
 from sparsekernels.ops.bsr_gated_ffn_int8 import gated_ffn_int8_eager
 from sparsekernels.ops.bsr_linear_int8 import (check_int8_inputs, choose_backend,
-                                               direct_int8_linear, pack)
+                                               direct_int8_linear,
+                                               direct_int8_linear_quantized, pack,
+                                               shared_quantized_rows)
 from sparsekernels.ops.eager import plain_inference
 from sparsekernels.ops.precision import INT8, W8_MAX_ROWS, int8_scheme, parse_dtype
 from sparsekernels.ops.reference.bsr_linear_int8 import dequantize_blocks, quantize_blocks
@@ -233,6 +235,17 @@ class QuantizedSparseLinear(nn.Module):
             direct = direct_int8_linear()
             packed, comp = self.packed(x) if direct is not None else (None, None)
             if packed is not None:
+                if self.scheme == "w8a8" or (self.scheme == "auto"
+                                             and x.numel() > W8_MAX_ROWS * self.in_features):
+                    # int8 activations: quantized once for the layers that read this x
+                    rows = shared_quantized_rows(x, self.in_features)
+                    on_rows = direct_int8_linear_quantized() if rows is not None else None
+                    if on_rows is not None:
+                        y = on_rows(x, *rows, packed, comp, b["scale"], b["crow_indices"],
+                                    b["col_indices"], b["bias"], self.in_features,
+                                    self.out_dtype)
+                        if y is not None:
+                            return y
                 y = direct(x, packed, comp, b["scale"], b["crow_indices"], b["col_indices"],
                            b["bias"], self.scheme, self.in_features, W8_MAX_ROWS,
                            self.out_dtype)

@@ -11,10 +11,13 @@ sums that the zero points need, `comp`); callers cache `pack(...)`, or the op pa
 Quantization rules and the worst-case error bound: ops/reference/bsr_linear_int8.py and
 tests/ops/test_bsr_linear_int8.py. Off the CPU (or without the extension) the reference runs the same math in torch.
 The output has x's dtype; there is no autograd formula (quantized layers do not train).
+The w8a8 quantization depends on x alone: eager QuantizedSparseLinear calls on one tensor (an
+attention's q, k and v) share it (shared_quantized_rows).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -45,6 +48,46 @@ def direct_int8_linear():
     it returns None for an x it does not take. None when the extension lacks it. The caller
     checks plain_inference first (sparsekernels.ops.eager)."""
     return _ext.direct("int8_linear_inference")
+
+
+def direct_int8_linear_quantized():
+    """The direct CPU entry for a QuantizedSparseLinear call on rows shared_quantized_rows
+    gave: `f(x, q, xs, xz, packed, comp, scale, crow, col, bias, in_features, out_dtype)`
+    (scheme w8a8; bit for bit direct_int8_linear's result); None when the extension lacks it."""
+    return _ext.direct("int8_linear_quantized_inference")
+
+
+# The last input the w8a8 kernels quantized, with its codes: (weak reference to the tensor, its
+# version counter, data pointer and shape, in_features, (codes, scales, zero points)).
+_last_quantized: list = [None]
+
+
+def shared_quantized_rows(x: Tensor, in_features: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """x's rows quantized as the w8a8 kernels quantize them (per row, so every int8 layer
+    gets the same codes from one x), computed once for consecutive layers that read this very
+    tensor: an attention's q, k and v projections quantize their input once, not three times.
+
+    The codes are reused only for the same tensor object at the same version counter (an
+    in-place write bumps it), data pointer and shape; inference tensors keep no version
+    counter, so for them this returns None (the caller quantizes per call). One entry is
+    kept, until another tensor is quantized. None where the extension lacks the entry or does
+    not take x (the caller's path then decides)."""
+    if x.is_inference():
+        return None
+    last = _last_quantized[0]
+    version, ptr, shape = x._version, x.data_ptr(), x.shape
+    if (last is not None and last[0]() is x and last[1] == version and last[2] == ptr
+            and last[3] == shape and last[4] == in_features):
+        return last[5]
+    entry = _ext.direct("int8_quantize_rows")
+    if entry is None:
+        return None
+    rows = entry(x, in_features)
+    if not rows:
+        return None
+    rows = tuple(rows)
+    _last_quantized[0] = (weakref.ref(x), version, ptr, shape, in_features, rows)
+    return rows
 
 
 def choose_backend(backend: str, device: torch.device) -> Backend:

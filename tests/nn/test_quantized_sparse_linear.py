@@ -280,9 +280,10 @@ class Passthrough(torch.overrides.TorchFunctionMode):
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_eager_inference_skips_the_dispatcher_with_the_same_result(monkeypatch, shape, dtype):
-    """An eager call that needs no gradient runs the direct C++ entry on the cached packed
-    blocks (the op's dispatch costs as much as a decode kernel); its result is the op's,
-    bit for bit, and under a torch function mode (which must see the op) the op runs."""
+    """An eager call that needs no gradient runs a direct C++ entry on the cached packed
+    blocks (the op's dispatch costs as much as a decode kernel): the plain one, or above
+    W8_MAX_ROWS rows the one on shared quantized rows; its result is the op's, bit for bit,
+    and under a torch function mode (which must see the op) the op runs."""
     import sparsekernels.nn.quantized_sparse_linear as qsl
 
     ql = QuantizedSparseLinear.from_sparse_linear(sparse_layer())
@@ -290,16 +291,22 @@ def test_eager_inference_skips_the_dispatcher_with_the_same_result(monkeypatch, 
     with torch.no_grad():
         want = torch.ops.sparsekernels.bsr_linear_int8(x, *ql.op_args(x), ql.scheme,
                                                        ql.backend.value)
-    entry, calls = qsl.direct_int8_linear(), []
-    assert entry is not None
+    calls = []
 
-    def spy():
-        def call(*args):
-            calls.append(args[0].shape)
-            return entry(*args)
-        return call
+    def spy(factory):
+        entry = factory()
+        assert entry is not None
 
-    monkeypatch.setattr(qsl, "direct_int8_linear", spy)
+        def make():
+            def call(*args):
+                calls.append(args[0].shape)
+                return entry(*args)
+            return call
+        return make
+
+    monkeypatch.setattr(qsl, "direct_int8_linear", spy(qsl.direct_int8_linear))
+    monkeypatch.setattr(qsl, "direct_int8_linear_quantized",
+                        spy(qsl.direct_int8_linear_quantized))
     with torch.no_grad():
         got = ql(x)
         assert calls == [x.shape] and torch.equal(got, want)
@@ -308,3 +315,85 @@ def test_eager_inference_skips_the_dispatcher_with_the_same_result(monkeypatch, 
     assert len(calls) == 1
     with torch.inference_mode():
         assert torch.equal(ql(x), want) and len(calls) == 2
+
+
+def qkv_layers(k=256, n=128, density=0.4):
+    """Three int8 layers reading one input, as an attention's q, k and v projections do."""
+    return [QuantizedSparseLinear.from_sparse_linear(sparse_layer(n, k, density)) for _ in range(3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layers_reading_one_input_share_its_quantization(dtype):
+    """Above W8_MAX_ROWS rows (int8 activations) the layers that read the very same tensor
+    one after another quantize it once; each result is what the op gives on its own, bit for
+    bit, and the shared codes and scales are the reference's rule's, bit for bit."""
+    import sparsekernels.ops.bsr_linear_int8 as bli
+
+    layers = qkv_layers()
+    x = torch.randn(3, 40, 256).to(dtype)
+    with torch.no_grad():
+        got = [layer(x) for layer in layers]
+        entry = bli._last_quantized[0]
+        assert entry is not None and entry[0]() is x  # quantized once, kept for this x
+        for layer, y in zip(layers, got):
+            want = torch.ops.sparsekernels.bsr_linear_int8(x, *layer.op_args(x), "w8a8", "auto")
+            assert torch.equal(y, want)
+        q, xs, xz = entry[5]  # u8 codes, scales, zero points
+        codes, scale = ref.quantize_rows(x.reshape(-1, 256))  # codes minus zero points
+        assert torch.equal((q.to(torch.int32) - xz[:, None]).float(), codes)
+        assert torch.equal(xs, scale)
+
+
+def test_shared_quantization_never_serves_stale_codes():
+    """The codes are reused only for the same tensor, unchanged: an in-place write, another
+    tensor with the same shape, a view of the same memory and inference tensors (no version
+    counter) are quantized afresh; every result equals a call on a fresh copy."""
+    layers = qkv_layers()
+    x = torch.randn(2, 30, 256)
+
+    def fresh(layer, t):
+        return layer(t.detach().clone())
+
+    with torch.no_grad():
+        layers[0](x)
+        x.mul_(-3.0)  # in place, between two layers that read it
+        assert torch.equal(layers[1](x), fresh(layers[1], x))
+        x2 = torch.randn(2, 30, 256)
+        assert torch.equal(layers[2](x2), fresh(layers[2], x2))
+        view = x.view(60, 256)  # the same memory, another tensor
+        layers[0](x)
+        x[0, 0, 0] = 1e3  # through the view's base: the version counter is shared
+        assert torch.equal(layers[1](view), fresh(layers[1], view))
+        assert torch.equal(layers[2](x), fresh(layers[2], x))
+    with torch.inference_mode():
+        xi = torch.randn(2, 30, 256)
+        assert torch.equal(layers[0](xi), fresh(layers[0], xi))
+        xi.add_(1.0)
+        assert torch.equal(layers[1](xi), fresh(layers[1], xi))
+
+
+def test_quantized_rows_entry_refuses_rows_that_are_not_xs():
+    """The entry that runs a layer on quantized rows checks them against x before any kernel
+    reads them (they may come from a cache): wrong row count, width, dtype or layout."""
+    import sparsekernels.ops.bsr_linear_int8 as bli
+
+    layer = qkv_layers()[0]
+    x = torch.randn(20, 256)
+    q, xs, xz = _ext.direct("int8_quantize_rows")(x, 256)
+    packed, comp = layer.packed(x)
+    b = layer._buffers
+    run = bli.direct_int8_linear_quantized()
+
+    def call(*rows, t=x):
+        return run(t, *rows, packed, comp, b["scale"], b["crow_indices"], b["col_indices"],
+                   b["bias"], 256, None)
+
+    assert torch.equal(call(q, xs, xz), layer(x.clone()))
+    for bad, match in (((q[:19], xs, xz), "not x's rows"),
+                       ((q.to(torch.int8), xs, xz), "uint8"),
+                       ((q.t().contiguous().t(), xs, xz), "contiguous"),
+                       ((q, xs[:19], xz), "float32 scales"),
+                       ((q, xs, xz.float()), "int32 zero points")):
+        with pytest.raises(RuntimeError, match=match):
+            call(*bad)
+    assert call(q, xs, xz, t=torch.randn(20, 128)) is None  # an x of another width: not taken
