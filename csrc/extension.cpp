@@ -40,6 +40,13 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("bias"),
         pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("w8_max_rows"),
         pybind11::arg("out_dtype") = pybind11::none());
+  m.def("attention_inference", &sparsekernels::cpu::attention_inference,
+        "block_sparse_attention on the CPU for an eager call that needs no gradient: the op's "
+        "checks and kernel without the softmax statistics; the output [B, H, Lq, D]",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("layout"),
+        pybind11::arg("mask"), pybind11::arg("causal"), pybind11::arg("window"),
+        pybind11::arg("scale"), pybind11::arg("block_q"), pybind11::arg("block_k"),
+        pybind11::arg("bf16_products"), pybind11::arg("int8_qk"));
   m.def("int8_quantize_rows", &sparsekernels::cpu::int8_quantize_rows,
         "x's rows quantized as the w8a8 int8 kernels quantize them: [codes (uint8), scales "
         "(float32), zero points (int32)]; empty for an x that is not [..., in_features] float32 "

@@ -44,6 +44,7 @@
 #define SPARSEKERNELS_BF16_DOT 1
 #endif
 
+#include "direct.h"
 #include "glue.h"
 #include "microkernel.h"
 
@@ -1745,6 +1746,15 @@ bool cpu_has_avx512_bf16() { return cpu_has_bf16_dot(); }
 bool cpu_has_avx512_vnni_bf16() { return cpu_has_int8_dot(); }
 
 }  // namespace
+
+at::Tensor attention_inference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& layout, const std::optional<at::Tensor>& mask,
+                               bool causal, int64_t window, double scale, int64_t block_q,
+                               int64_t block_k, bool bf16_products, bool int8_qk) {
+  return std::get<0>(block_sparse_attention_cpu(q, k, v, layout, mask, causal, window, scale,
+                                                block_q, block_k, true, false, bf16_products,
+                                                int8_qk));
+}
 
 TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   m.def(

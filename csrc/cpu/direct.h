@@ -70,6 +70,13 @@ at::Tensor int8_linear_inference(const at::Tensor& x, const at::Tensor& packed,
                                  int64_t in_features, int64_t w8_max_rows,
                                  std::optional<at::ScalarType> out_dtype);
 
+// block_sparse_attention_cpu for an eager call that needs no gradient: the same checks and
+// kernel, without the softmax statistics (only a backward reads them); the output only.
+at::Tensor attention_inference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& layout, const std::optional<at::Tensor>& mask,
+                               bool causal, int64_t window, double scale, int64_t block_q,
+                               int64_t block_k, bool bf16_products, bool int8_qk);
+
 // The w8a8 path in two steps, so that layers reading one input quantize it once (an
 // attention's q, k and v projections): int8_quantize_rows gives x's rows as that path
 // quantizes them ({codes u8 [rows, in_features], scales f32 [rows], zero points i32 [rows]};

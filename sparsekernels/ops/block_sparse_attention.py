@@ -197,12 +197,19 @@ def _run(chosen: Backend, q: Tensor, k: Tensor, v: Tensor, layout: Tensor,
          need_stats: bool = True, fp32_precision: str = "ieee") -> tuple[Tensor, Tensor]:
     """The forward on the backend the router chose (eager inference calls it directly with
     the public entry's choice, see sparsekernels.ops.eager: one route a call, not two).
-    need_stats=False: the CPU kernel skips the softmax statistics (only a backward reads
-    them) and returns an empty tensor in their place. fp32_precision "bf16" / "int8": the CPU
+    need_stats=False (eager inference): the CPU kernel skips the softmax statistics (only a
+    backward reads them), runs through its direct entry (no dispatcher) and returns None in
+    their place. fp32_precision "bf16" / "int8": the CPU
     kernel's lower-precision products (see block_sparse_attention)."""
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     mask = _mask4(attn_mask)
     if chosen is Backend.CPU:  # builds its block lists (positions included) in C++
+        if not need_stats:  # eager inference: the kernel without the dispatcher's cost
+            direct = _ext.direct("attention_inference")
+            if direct is not None:
+                return direct(q, k, v, _layout4(layout), mask, causal, window, scale, block_q,
+                              block_k, fp32_precision == "bf16",
+                              fp32_precision == "int8"), None
         return _ext.op(OP, "cpu")(q, k, v, _layout4(layout), mask, causal, window, scale,
                                   block_q, block_k, True, need_stats,
                                   fp32_precision == "bf16", fp32_precision == "int8")

@@ -857,8 +857,11 @@ def test_layout_index_is_built_once_per_layout_until_it_changes():
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_inference_without_statistics_gives_the_same_output(dtype, kv_heads):
     """An eager call that needs no gradient skips the softmax statistics (and reads the query
-    rows of a one-head group in place): the output is the op's, bit for bit."""
+    rows of a one-head group in place) and runs the kernel's direct entry (no dispatcher),
+    with the op's checks: the output is the op's, bit for bit, and bad operands are refused
+    there as the op refuses them."""
     need("cpu", dtype)
+    from sparsekernels.ops import _ext
     from sparsekernels.ops import block_sparse_attention as op_module
 
     q, k, v = make_qkv(2, 4, 70, 70, 32, dtype, kv_heads=kv_heads)
@@ -867,8 +870,14 @@ def test_inference_without_statistics_gives_the_same_output(dtype, kv_heads):
     args = (q, k, v, layout, mask, True, 0, 0.3, 32, 32, 0.0, 0)
     out, stats = op_module._run(op_module.Backend.CPU, *args)
     lean, none = op_module._run(op_module.Backend.CPU, *args, need_stats=False)
-    assert stats.shape == (2, 4, 2, 70) and none.numel() == 0
+    assert stats.shape == (2, 4, 2, 70) and none is None
     assert torch.equal(lean, out)
+    direct = _ext.direct("attention_inference")
+    assert direct is not None
+    with pytest.raises(RuntimeError, match="unsupported key block"):
+        direct(q, k, v, layout[None], mask, True, 0, 0.3, 32, 48, False, False)
+    with pytest.raises(RuntimeError, match="Hkv dividing H"):
+        direct(q, k[:, :, :69], v, layout[None], mask, True, 0, 0.3, 32, 32, False, False)
     assert torch.equal(block_sparse_attention(q, k, v, layout, (32, 32), attn_mask=mask,
                                               causal=True, scale=0.3, backend="cpu"), out)
 
