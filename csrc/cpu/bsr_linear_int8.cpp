@@ -117,6 +117,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Te
 
 namespace {
 
+// One quantized layer's operands, checked (check_int8_layer, for inputs k wide, and the output
+// dtype), as the kernels read them; bias holds the float32 copy ep points into.
+struct CheckedLayer {
+  at::Tensor bias;
+  Rows s;
+  Int8Epilogue ep;
+};
+
+CheckedLayer checked_layer(const at::Tensor& packed, const at::Tensor& comp,
+                           const at::Tensor& scale, const at::Tensor& crow, const at::Tensor& col,
+                           const std::optional<at::Tensor>& bias, int64_t k,
+                           at::ScalarType out_type) {
+  TORCH_CHECK(out_type == at::kFloat || out_type == at::kBFloat16,
+              "sparsekernels: int8 layers write float32 or bfloat16 outputs, not ", out_type);
+  check_int8_layer(packed, comp, scale, crow, col, bias, k, "W");
+  CheckedLayer l;
+  if (bias.has_value()) l.bias = bias->to(at::kFloat).contiguous();
+  l.s = Rows{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), crow.numel() - 1,
+             packed.size(1) * 4};
+  l.ep = Int8Epilogue{comp.data_ptr<int32_t>(), scale.data_ptr<float>(), nullptr,
+                      l.bias.defined() ? l.bias.data_ptr<float>() : nullptr, nullptr};
+  return l;
+}
+
 // The w8a8 product on quantized rows (q [rows, k] u8 contiguous, xs / xz [rows]) with the
 // layer's operands checked by the caller.
 at::Tensor run_w8a8(const at::Tensor& q, const at::Tensor& xs, const at::Tensor& xz,
@@ -168,16 +192,8 @@ at::Tensor linear_w8a8(const at::Tensor& q, const at::Tensor& xs, const at::Tens
                 "sparsekernels: quantized rows need ", rows, " ", t == &xs ? "float32 scales"
                 : "int32 zero points", " (from int8_quantize_rows), got ", t->scalar_type(), " ",
                 t->sizes());
-  TORCH_CHECK(out_type == at::kFloat || out_type == at::kBFloat16,
-              "sparsekernels: int8 layers write float32 or bfloat16 outputs, not ", out_type);
-  check_int8_layer(packed, comp, scale, crow, col, bias, q.size(1), "W");
-  at::Tensor b;
-  if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
-  const Rows s{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), crow.numel() - 1,
-               packed.size(1) * 4};
-  const Int8Epilogue ep{comp.data_ptr<int32_t>(), scale.data_ptr<float>(), nullptr,
-                        b.defined() ? b.data_ptr<float>() : nullptr, nullptr};
-  return run_w8a8(q, xs, xz, packed, ep, s, nullptr, out_type);
+  const CheckedLayer l = checked_layer(packed, comp, scale, crow, col, bias, q.size(1), out_type);
+  return run_w8a8(q, xs, xz, packed, l.ep, l.s, nullptr, out_type);
 }
 
 // bsr_linear_int8_cpu with its output in out_type (float32 or bfloat16, either input dtype),
@@ -192,16 +208,10 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
               "sparsekernels: int8 layers take float32 or bfloat16 inputs, got ", x.scalar_type());
   TORCH_CHECK(scheme == "w8" || scheme == "w8a8", "sparsekernels: unknown int8 scheme '", scheme,
               "'; use w8 (weight-only) or w8a8 (dynamic int8 activations)");
-  TORCH_CHECK(out_type == at::kFloat || out_type == at::kBFloat16,
-              "sparsekernels: int8 layers write float32 or bfloat16 outputs, not ", out_type);
-  check_int8_layer(packed, comp, scale, crow, col, bias, x.size(1), "W");
-  const int64_t rows = x.size(0), k = x.size(1), bm = packed.size(2), bk = packed.size(1) * 4;
-  const int64_t nbr = crow.numel() - 1, n = nbr * bm;
-  at::Tensor b;
-  if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
-  const Rows s{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nbr, bk};
-  const Int8Epilogue ep{comp.data_ptr<int32_t>(), scale.data_ptr<float>(), nullptr,
-                        b.defined() ? b.data_ptr<float>() : nullptr, nullptr};
+  const CheckedLayer l = checked_layer(packed, comp, scale, crow, col, bias, x.size(1), out_type);
+  const Rows& s = l.s;
+  const Int8Epilogue& ep = l.ep;
+  const int64_t rows = x.size(0), k = x.size(1), bm = packed.size(2), n = s.n_out * bm;
   if (scheme == "w8a8") {
     const auto [q, xs, xz] = quantize_activations(x.contiguous());
     return run_w8a8(q, xs, xz, packed, ep, s, an, out_type);
@@ -220,7 +230,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
     auto run = [&](auto out_tag) {
       using OutT = decltype(out_tag);
       OutT* op = out_ptr<OutT>(out);
-      for_items_add_norm(rows, mc, nbr, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
+      for_items_add_norm(rows, mc, s.n_out, an, op, n, [&](int64_t t0, int64_t t1, int64_t o) {
         block_w8<BO, OutT>(xp + t0 * lda, t1 - t0, lda, pp, s, o, ep, op + t0 * n, n);
       });
     };

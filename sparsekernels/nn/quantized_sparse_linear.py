@@ -235,8 +235,7 @@ class QuantizedSparseLinear(nn.Module):
             direct = direct_int8_linear()
             packed, comp = self.packed(x) if direct is not None else (None, None)
             if packed is not None:
-                if self.scheme == "w8a8" or (self.scheme == "auto"
-                                             and x.numel() > W8_MAX_ROWS * self.in_features):
+                if int8_scheme(x.numel() // max(self.in_features, 1), self.scheme) == "w8a8":
                     # int8 activations: quantized once for the layers that read this x
                     rows = shared_quantized_rows(x, self.in_features)
                     on_rows = direct_int8_linear_quantized() if rows is not None else None
